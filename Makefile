@@ -1,0 +1,33 @@
+# make demo : set up .venv, analyse the shipped sample runs, print the tensorboard command
+# make test : set up .venv, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: it is the CPU wheel on this machine's disk; a bare `torch`
+# requirement would pull a multi-GB CUDA build. BackPACK (benchmarks only) is installed
+# without its dependencies because it would otherwise drag in torchvision and a newer torch.
+$(STAMP): pyproject.toml plugins/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]' -e ./plugins
+	$(PY) -m pip install -q --no-deps backpack-for-pytorch einops unfoldnd
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m trajscope.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_recorder.py
+	$(PY) benchmarks/bench_analysis.py
+
+clean:
+	rm -rf $(VENV) demo_runs .pytest_cache

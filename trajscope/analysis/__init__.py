@@ -1,0 +1,1 @@
+"""Offline analysis of a recorded trajectory (SPEC §3–§9)."""

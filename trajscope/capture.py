@@ -1,0 +1,174 @@
+"""How the model and the loss are described for offline replay, and rebuilt from that description.
+
+Model, in order of preference at replay time:
+1. an override given to ``analyze``/``open_run`` (``--model package.module:factory`` + JSON kwargs);
+2. the import spec recorded by the Recorder (``model_spec=``), e.g. ``"trajscope.zoo:mlp"``;
+3. the ``torch.export`` program saved in the store (``extra/model.pt2``). Loading a ``.pt2`` file can
+   unpickle, i.e. run code, so it needs an explicit ``trust=True`` (``--trust``).
+
+Loss: a ``torch.nn`` loss module is recorded as its class and constructor arguments; a plain
+function as ``module:qualname``; anything else needs ``--loss`` at replay time.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from trajscope.errors import TrajscopeError
+
+
+def resolve(spec: str) -> Any:
+    """Import ``package.module:attr.path``."""
+    if ":" not in spec:
+        raise TrajscopeError(f"import spec {spec!r} must look like 'package.module:factory'")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise TrajscopeError(f"cannot import {mod_name!r} for spec {spec!r} ({e}); install it or fix the spec") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise TrajscopeError(f"{mod_name!r} has no attribute {attr!r} (spec {spec!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_kwargs(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    if isinstance(text, Mapping):
+        return dict(text)
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TrajscopeError(f"model/loss arguments must be a JSON object, got {text!r} ({e.msg})") from None
+    if not isinstance(out, dict):
+        raise TrajscopeError(f"model/loss arguments must be a JSON object, got {text!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- loss
+def describe_loss(loss_fn: Any) -> dict[str, Any] | None:
+    """A JSON description of ``loss_fn`` that :func:`build_loss` turns back into a callable."""
+    if isinstance(loss_fn, nn.Module):
+        cls = type(loss_fn)
+        kwargs: dict[str, Any] = {}
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if name in ("self", "size_average", "reduce") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if hasattr(loss_fn, name):
+                v = getattr(loss_fn, name)
+                if isinstance(v, torch.Tensor):
+                    v = v.tolist()
+                if v is None or isinstance(v, (bool, int, float, str, list)):
+                    kwargs[name] = v
+        return {"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": kwargs}
+    mod, qual = getattr(loss_fn, "__module__", None), getattr(loss_fn, "__qualname__", None)
+    if mod and qual and "<" not in qual:
+        return {"function": f"{mod}:{qual}"}
+    return None
+
+
+def build_loss(desc: Mapping[str, Any] | None, override: str | None = None,
+               override_kwargs: str | Mapping[str, Any] | None = None) -> Callable:
+    if override:
+        obj = resolve(override)
+        kwargs = parse_kwargs(override_kwargs)
+        return obj(**kwargs) if isinstance(obj, type) else obj
+    if desc is None:
+        raise TrajscopeError("the run does not say how its loss is computed: pass --loss package.module:LossClass")
+    if "class" in desc:
+        cls = resolve(desc["class"])
+        kwargs = dict(desc.get("kwargs", {}))
+        if isinstance(kwargs.get("weight"), list):
+            kwargs["weight"] = torch.tensor(kwargs["weight"])
+        if isinstance(kwargs.get("pos_weight"), list):
+            kwargs["pos_weight"] = torch.tensor(kwargs["pos_weight"])
+        return cls(**kwargs)
+    return resolve(desc["function"])
+
+
+# --------------------------------------------------------------------------- model
+def describe_node_layers(model: nn.Module) -> list[dict[str, Any]]:
+    """The node-carrying modules of the live model (needed to find them in an exported program)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            out.append({"name": name, "kind": "linear"})
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            out.append({"name": name, "kind": "conv", "dims": len(m.kernel_size), "kernel_size": list(m.kernel_size),
+                        "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+                        "dilation": list(m.dilation), "groups": m.groups})
+    return out
+
+
+def export_model(model: nn.Module, inputs: Any, path: str) -> None:
+    """Save ``torch.export`` of ``model`` (eval mode) with a dynamic batch dimension to ``path``."""
+    from torch.export import Dim, export, save
+
+    batch = Dim("batch")
+    if isinstance(inputs, torch.Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+    else:
+        args, kwargs = tuple(inputs), {}
+
+    def dyn(t: Any) -> Any:
+        return {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+
+    dynamic = {"args": tuple(dyn(a) for a in args), "kwargs": {k: dyn(v) for k, v in kwargs.items()}}
+    sig = inspect.signature(model.forward)
+    # torch.export wants dynamic_shapes keyed like forward's parameters.
+    names = list(sig.parameters)
+    shapes: dict[str, Any] = {}
+    for i, a in enumerate(args):
+        shapes[names[i]] = dynamic["args"][i]
+    shapes.update(dynamic["kwargs"])
+    ep = export(model, args, kwargs, dynamic_shapes=shapes)
+    save(ep, path)
+
+
+def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    factory = resolve(spec)
+    try:
+        model = factory(**dict(kwargs or {}))
+    except TypeError as e:
+        raise TrajscopeError(f"model factory {spec!r} rejected its arguments {dict(kwargs or {})}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise TrajscopeError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_exported(path: str) -> nn.Module:
+    """Load the exported program as a module tree whose submodules keep their qualified names."""
+    from torch.export import load, unflatten
+
+    ep = load(path)
+    try:
+        return unflatten(ep)
+    except Exception:
+        return ep.module()
+
+
+def call_model(model: Callable, inputs: Any) -> Any:
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a dict."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def functional_forward(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: Any) -> Any:
+    """Evaluate ``model`` with parameters/buffers ``state`` substituted (``torch.func.functional_call``)."""
+    if isinstance(inputs, Mapping):
+        return torch.func.functional_call(model, dict(state), (), dict(inputs))
+    if isinstance(inputs, (tuple, list)):
+        return torch.func.functional_call(model, dict(state), tuple(inputs))
+    return torch.func.functional_call(model, dict(state), (inputs,))

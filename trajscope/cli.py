@@ -1,0 +1,86 @@
+"""The ``trajscope`` command (also ``python -m trajscope``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from trajscope import __version__
+from trajscope.errors import TrajscopeError
+
+DESCRIPTION = """\
+Record a PyTorch training trajectory with trajscope.Recorder, then replay it offline:
+per-node (neuron) curvature blocks, update-map spectra, decay ratio and drift, node labels
+(healthy sink, degenerate sink, plateau, source) and global sharpness, written to
+RUN/analysis.zarr and TensorBoard event files in RUN/.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trajscope", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"trajscope {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pi = sub.add_parser("info", help="summarise a recorded run", description="Summarise a recorded run: steps and "
+                        "cadence, skipped steps, parameters and nodes per layer, batches, optimizer, loss, model capture, size.")
+    pi.add_argument("run", help="run folder (the folder holding trajectory.zarr)")
+
+    pa = sub.add_parser("analyze", help="analyse recorded runs (per-node curvature, spectra, labels, sharpness)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Replay recorded checkpoints and write RUN/analysis.zarr and TensorBoard events in RUN/.\n"
+                                    "Re-running on a run that grew analyses only the new checkpoints.",
+                        epilog="example:\n  trajscope analyze runs/            # every run under runs/\n"
+                               "  tensorboard --logdir runs/")
+    pa.add_argument("paths", nargs="+", metavar="PATH", help="run folders, or folders of run folders (like a TensorBoard logdir)")
+    g = pa.add_argument_group("what to analyse")
+    g.add_argument("--modules", nargs="+", metavar="NAME", help="node layers to analyse (module names or glob patterns; default: every Linear/Conv)")
+    g.add_argument("--steps", metavar="A:B", help="step range, e.g. 100:500 (inclusive start, exclusive end)")
+    g.add_argument("--stride", type=int, default=1, help="analyse every N-th eligible checkpoint (default 1)")
+    g.add_argument("--all-steps", action="store_true", help="also analyse checkpoints whose successor is not the next step (kinematics then span k steps)")
+    g.add_argument("--batch", choices=("step", "probe"), default="step", help="curvature on each step's mini-batch (default) or the fixed probe batch")
+    g.add_argument("--curvature", choices=("ggn", "exact"), default="ggn", help="node blocks: Gauss-Newton (default) or exact Hessian")
+    g.add_argument("--no-sharpness", action="store_true", help="skip the global sharpness (Lanczos) computation")
+    lab = pa.add_argument_group("labels")
+    lab.add_argument("--preset", choices=("acted", "seed"), default="acted", help="label rules: directions the step acts on (default) or the seed's literal rules")
+    lab.add_argument("--delta", type=float, help="neutral band around |mu|=1 (default 1/T, T = recorded training steps)")
+    lab.add_argument("--collapse-ratio", type=float, default=0.1, help="degenerate sink when ||theta_i|| <= ratio * reference (default 0.1)")
+    lab.add_argument("--collapse-reference", choices=("first", "layer_median"), default="first", help="reference norm for collapse (default: the node's first analysed norm)")
+    lab.add_argument("--stable-window", type=int, default=3, help="checkpoints a label must persist to become the stable label (default 3)")
+    ex = pa.add_argument_group("execution")
+    ex.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ex.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="analysis precision (default float32)")
+    ex.add_argument("--model", metavar="MODULE:FACTORY", help="rebuild the model with this factory instead of the recorded spec")
+    ex.add_argument("--model-args", metavar="JSON", help="JSON keyword arguments for --model")
+    ex.add_argument("--loss", metavar="MODULE:CLASS", help="loss class or function instead of the recorded one")
+    ex.add_argument("--loss-args", metavar="JSON", help="JSON keyword arguments for --loss")
+    ex.add_argument("--trust", action="store_true", help="allow loading the recorded torch.export program (it can execute code)")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "info":
+            from trajscope.info import info
+            info(args.run)
+            return 0
+        if args.command == "analyze":
+            from trajscope.analysis.pipeline import analyze_cli
+            return analyze_cli(args)
+    except TrajscopeError as e:
+        print(f"trajscope: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("trajscope: interrupted; analysed checkpoints so far are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""``trajscope.Recorder``: record a training trajectory from any PyTorch loop (SPEC §2).
+
+The contract loop::
+
+    with trajscope.Recorder("runs/exp1", model, opt, loss_fn, every=1) as rec:
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            rec.batch(x, y)
+            opt.step()
+
+θ_t is taken in an optimizer *step pre-hook*, i.e. immediately before the update, so the batch,
+the gradient, the optimizer state and the parameters of a record belong together. The training
+thread only makes private copies (one ``torch.cat`` per dtype); a background thread writes them.
+Any failure inside the recorder warns once, stops recording and leaves the committed part of the
+store readable; it never raises into the training loop.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import logging
+import math
+import queue
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+import trajscope
+from trajscope import capture
+from trajscope.errors import TrajscopeError
+from trajscope.store import (Snapshot, TrajectoryWriter, flatten_batch, is_run, make_layout, numeric_hparams,
+                             pack)
+
+log = logging.getLogger("trajscope")
+_STOP = object()
+
+
+class Recorder:
+    """Records parameters, batches, losses, hyperparameters and optimizer state to ``RUN/trajectory.zarr``.
+
+    Args:
+        path: the run folder (created).
+        model, optimizer: the module being trained and its ``torch.optim`` optimizer.
+        loss_fn: the loss; a ``torch.nn`` loss module is recorded by class and arguments (and its
+            value is captured through a forward hook), a function by import path.
+        every, window: record steps ``t`` with ``t % every < window``. The default window is 1 when
+            ``every == 1`` and 2 otherwise, so θ_{t+1} is on disk for every analysed θ_t.
+        model_spec, model_kwargs: ``"package.module:factory"`` and JSON-able keyword arguments that
+            rebuild the model offline (preferred: no code is unpickled at analysis time).
+        export: also save a ``torch.export`` program (dynamic batch) from the first batch, on the
+            writer thread from a copy of the model.
+        probe: an optional fixed ``(inputs, targets)`` batch stored once, for curvature comparable
+            across checkpoints.
+        memory_budget: bytes of snapshots allowed in flight before ``when_behind`` applies.
+        when_behind: ``"wait"`` (block the step until the writer catches up) or ``"skip"`` (drop
+            the step's record and note it in the store as skipped).
+        resume: continue an existing run after its last committed step (or at ``step``).
+        step: the training step of the next ``optimizer.step()``. When it is at or before the last
+            recorded step (training restarted from a checkpoint), later records are truncated and
+            the restart is noted.
+        overwrite: replace an existing run instead of refusing.
+    """
+
+    def __init__(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any = None, *,
+                 every: int = 1, window: int | None = None, model_spec: str | None = None,
+                 model_kwargs: Mapping[str, Any] | None = None, export: bool = True, probe: Any = None,
+                 memory_budget: int = 512 * 2**20, when_behind: str = "wait", resume: bool = False,
+                 step: int | None = None, overwrite: bool = False) -> None:
+        if every < 1:
+            raise ValueError("every must be >= 1")
+        if when_behind not in ("wait", "skip"):
+            raise ValueError("when_behind must be 'wait' or 'skip'")
+        self.path = Path(path)
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.every = int(every)
+        self.window = int(window if window is not None else (1 if every == 1 else 2))
+        self.export = export
+        self.memory_budget = int(memory_budget)
+        self.when_behind = when_behind
+        self.n_recorded = 0
+        self.n_skipped = 0
+        self.failed: str | None = None
+        self._closed = False
+        self._pending_batch: tuple[Any, list[tuple[str, torch.Tensor]]] | None = None
+        self._batch_step = -1
+        self._loss_value: torch.Tensor | float | None = None
+        self._explicit_loss: torch.Tensor | float | None = None
+        self._export_queued = not export
+        self._inflight = 0
+        self._cv = threading.Condition()
+        self._queue: queue.Queue = queue.Queue()
+        self._hooks: list[Any] = []
+
+        if is_run(self.path) and not (resume or overwrite):
+            raise TrajscopeError(f"{self.path} already holds a recorded run: pass resume=True to continue it "
+                                 f"or overwrite=True to replace it")
+        self._names = self._param_names()
+        self._param_items = list(model.named_parameters())
+        self._buffer_items = [(n, b) for n, b in model.named_buffers() if b is not None]
+        self._param_layout = make_layout(self._param_items)
+        self._buffer_layout = make_layout(self._buffer_items)
+        self._hparam_names, self._hparam_bools = self._hparam_schema()
+        meta = self._meta(model_spec, model_kwargs)
+
+        writer_resume = bool(resume and is_run(self.path))
+        self.writer = TrajectoryWriter(self.path, None if writer_resume else meta, resume=writer_resume,
+                                       restart_step=step if writer_resume else None)
+        if writer_resume:
+            self._check_resumable(self.writer.attrs, meta)
+        last = self.writer.last_step
+        self._step = int(step) if step is not None else (last + 1 if last is not None else 0)
+        self.start_step = self._step
+
+        self._thread = threading.Thread(target=self._write_loop, name="trajscope-writer", daemon=True)
+        self._thread.start()
+        if probe is not None:
+            self._queue.put(("probe", _detached_copy(probe)))
+        self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
+        if isinstance(loss_fn, nn.Module):
+            self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
+        atexit.register(self.close)
+
+    # ------------------------------------------------------------------ description of the run
+    def _param_names(self) -> dict[int, str]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for g, group in enumerate(self.optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                names.setdefault(id(p), f"optimizer.group{g}.param{i}")
+        return names
+
+    def _hparam_schema(self) -> tuple[list[str], list[str]]:
+        names: list[str] = []
+        bools: list[str] = []
+        for group in self.optimizer.param_groups:
+            for k, v in numeric_hparams(group).items():
+                if k not in names:
+                    names.append(k)
+            bools += [k for k, v in group.items() if isinstance(v, bool) and k not in bools]
+        return names, bools
+
+    def _meta(self, model_spec: str | None, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+        opt = self.optimizer
+        groups = [{"params": [self._names[id(p)] for p in g["params"]],
+                   "static": {k: v for k, v in g.items() if k != "params" and not isinstance(v, (int, float, bool, tuple, list))}}
+                  for g in opt.param_groups]
+        return {
+            "trajscope_version": trajscope.__version__,
+            "torch_version": torch.__version__,
+            "cadence": {"every": self.every, "window": self.window},
+            "params": [s.to_json() for s in self._param_layout],
+            "trainable": [n for n, p in self._param_items if p.requires_grad],
+            "buffers": [s.to_json() for s in self._buffer_layout],
+            "optimizer": {"class": f"{type(opt).__module__}.{type(opt).__qualname__}", "name": type(opt).__name__,
+                          "groups": groups},
+            "hparam_names": self._hparam_names,
+            "hparam_bools": self._hparam_bools,
+            "model": {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                      "spec": model_spec, "kwargs": dict(model_kwargs or {}), "exported": None,
+                      "export_error": None if self.export else "export disabled",
+                      "node_layers": capture.describe_node_layers(self.model)},
+            "loss": capture.describe_loss(self.loss_fn) if self.loss_fn is not None else None,
+        }
+
+    def _check_resumable(self, attrs: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        stored = [tuple(s[:3]) for s in attrs["params"]]
+        now = [tuple(s[:3]) for s in meta["params"]]
+        if stored != now:
+            diff = next((a for a, b in zip(now, stored) if a != b), None) or "parameter count"
+            raise TrajscopeError(f"cannot resume {self.path}: the model's parameters differ from the recorded ones "
+                                 f"(first difference: {diff}); record to a new folder")
+
+    # ------------------------------------------------------------------ training-thread side
+    def records(self, step: int) -> bool:
+        """Whether ``step`` is recorded under the cadence."""
+        return step % self.every < self.window
+
+    @property
+    def step(self) -> int:
+        """The training step the next ``optimizer.step()`` performs."""
+        return self._step
+
+    def batch(self, inputs: Any, targets: Any = None, *, loss: torch.Tensor | float | None = None) -> None:
+        """Give the mini-batch of this step: ``inputs`` as the model takes them (tensor, tuple or
+        dict), ``targets`` as the loss takes them. Call between ``backward()`` and ``step()``."""
+        if self.failed or self._closed:
+            return
+        try:
+            self._explicit_loss = loss
+            if not self.records(self._step):
+                return
+            spec, leaves = flatten_batch((inputs, targets))
+            self._pending_batch = (spec, [(k, t.detach().to("cpu", copy=True)) for k, t in leaves])
+            self._batch_step = self._step
+            if not self._export_queued:
+                self._export_queued = True
+                self._queue_export(inputs)
+        except Exception as e:  # never break training
+            self._fail(e)
+
+    def _queue_export(self, inputs: Any) -> None:
+        try:
+            twin = copy.deepcopy(self.model).to("cpu").eval()
+            self._queue.put(("export", (twin, _detached_copy(inputs))))
+        except Exception as e:  # an un-copyable model: replay will need model_spec
+            self._queue.put(("export_error", f"{type(e).__name__}: {e}"))
+
+    def _on_loss(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.numel() == 1:
+            self._loss_value = output.detach()
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        step = self._step
+        self._step += 1
+        if self.failed or self._closed or not self.records(step):
+            return
+        try:
+            snap = self._snapshot(step)
+            self._enqueue(snap)
+        except Exception as e:
+            self._fail(e)
+
+    def _snapshot(self, step: int) -> Snapshot:
+        params = pack(self._param_layout, [p for _, p in self._param_items])
+        buffers = pack(self._buffer_layout, [b for _, b in self._buffer_items]) if self._buffer_items else {}
+        state_items: list[tuple[str, torch.Tensor]] = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for key, v in self.optimizer.state.get(p, {}).items():
+                    if not isinstance(v, torch.Tensor):
+                        if not isinstance(v, (int, float, bool)):
+                            continue
+                        v = torch.tensor(float(v), dtype=torch.float64)
+                    state_items.append((f"{self._names[id(p)]}/{key}", v))
+        layout = make_layout(state_items) if state_items else None
+        state = pack(layout, [t for _, t in state_items]) if layout else {}
+        hp = np.full((len(self.optimizer.param_groups), len(self._hparam_names)), np.nan)
+        for g, group in enumerate(self.optimizer.param_groups):
+            for k, v in numeric_hparams(group).items():
+                if k in self._hparam_names:
+                    hp[g, self._hparam_names.index(k)] = v
+        loss = self._explicit_loss if self._explicit_loss is not None else self._loss_value
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().to("cpu", non_blocking=False)
+        spec, leaves = (self._pending_batch if self._batch_step == step and self._pending_batch else (None, []))
+        self._pending_batch, self._loss_value, self._explicit_loss = None, None, None
+        return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
+                        hparams=hp, state_layout=layout, state=state, batch_spec=spec, batch=leaves)
+
+    def _enqueue(self, snap: Snapshot) -> None:
+        size = snap.nbytes
+        with self._cv:
+            if self._inflight and self._inflight + size > self.memory_budget:
+                if self.when_behind == "skip":
+                    self.n_skipped += 1
+                    self._queue.put(("skip", snap.step))
+                    return
+                while self._inflight and self._inflight + size > self.memory_budget and not self.failed:
+                    self._cv.wait(timeout=1.0)
+                if self.failed:
+                    return
+            self._inflight += size
+        self._queue.put(("record", snap))
+
+    # ------------------------------------------------------------------ writer thread
+    def _write_loop(self) -> None:
+        while True:
+            kind, item = self._queue.get()
+            if kind is _STOP:
+                self._queue.task_done()
+                return
+            try:
+                if self.failed:
+                    continue
+                if kind == "record":
+                    if isinstance(item.loss, torch.Tensor):
+                        item.loss = float(item.loss)
+                    self.writer.append(item)
+                    self.n_recorded += 1
+                elif kind == "skip":
+                    self.writer.skip(item)
+                elif kind == "probe":
+                    self.writer.write_probe(item)
+                elif kind == "export":
+                    self._export(*item)
+                elif kind == "export_error":
+                    self.writer.set_attrs(model={**self.writer.attrs["model"], "export_error": item})
+            except Exception as e:
+                self._fail(e)
+            finally:
+                if kind == "record":
+                    with self._cv:
+                        self._inflight -= item.nbytes
+                        self._cv.notify_all()
+                self._queue.task_done()
+
+    def _export(self, twin: nn.Module, inputs: Any) -> None:
+        model_meta = dict(self.writer.attrs["model"])
+        try:
+            path = self.writer.extra_path("model.pt2")
+            capture.export_model(twin, inputs, str(path))
+            model_meta.update(exported="extra/model.pt2", export_error=None)
+        except Exception as e:  # export is best effort: replay can use the import spec
+            model_meta.update(exported=None, export_error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            log.info("trajscope: torch.export failed (%s); replay will need model_spec or --model", e)
+        self.writer.set_attrs(model=model_meta)
+
+    def _fail(self, e: BaseException) -> None:
+        if self.failed:
+            return
+        self.failed = f"{type(e).__name__}: {e}"
+        last = self.writer.last_step if hasattr(self, "writer") else None
+        warnings.warn(f"trajscope: recording stopped ({self.failed}). Training continues; the steps committed so far "
+                      f"(last: {last}) stay readable in {self.path}.", RuntimeWarning, stacklevel=2)
+        with self._cv:
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ lifecycle
+    def flush(self) -> None:
+        """Wait until everything queued so far is written (or dropped after a failure)."""
+        if self._thread.is_alive():
+            self._queue.join()
+
+    def close(self, timeout: float | None = 600.0) -> None:
+        """Remove the hooks, write what is queued and stop the writer thread."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._hooks:
+            h.remove()
+        self._queue.put((_STOP, None))
+        self._thread.join(timeout)
+        try:
+            atexit.unregister(self.close)
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _detached_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, tuple):
+        return tuple(_detached_copy(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detached_copy(o) for o in obj]
+    if isinstance(obj, Mapping):
+        return {k: _detached_copy(v) for k, v in obj.items()}
+    return obj
+
+
+__all__ = ["Recorder"]

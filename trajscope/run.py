@@ -1,0 +1,179 @@
+"""Reading a recorded run: ``trajscope.open_run(path)`` → :class:`Run` → :class:`Checkpoint`.
+
+A checkpoint of step t holds θ_t (parameters immediately before the update of step t), the
+buffers, the mini-batch of that update, the loss, the hyperparameters per parameter group, and
+the optimizer state before the update. :meth:`Run.model` and :meth:`Run.loss_fn` rebuild a
+callable model and loss for offline replay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from trajscope import capture
+from trajscope.errors import TrajscopeError
+from trajscope.store import TrajectoryReader
+
+
+@dataclass
+class Checkpoint:
+    """Everything recorded for one training step."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    batch: Any | None                       # (inputs, targets) as given to Recorder.batch, or None
+    loss: float
+    hparams: list[dict[str, Any]]           # per parameter group
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # param name -> state
+
+    @property
+    def inputs(self) -> Any:
+        return None if self.batch is None else self.batch[0]
+
+    @property
+    def targets(self) -> Any:
+        return None if self.batch is None else self.batch[1]
+
+
+class Run:
+    """A recorded run folder (see :func:`open_run`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.reader = TrajectoryReader(self.path)
+        self.attrs = self.reader.attrs
+
+    # -- description -------------------------------------------------------------------------------
+    @property
+    def steps(self) -> np.ndarray:
+        """Committed, recorded training steps in record order."""
+        return self.reader.steps
+
+    @property
+    def skipped_steps(self) -> np.ndarray:
+        return self.reader.skipped
+
+    @property
+    def restarts(self) -> list[dict[str, Any]]:
+        return self.reader.restarts
+
+    @property
+    def every(self) -> int:
+        return int(self.attrs["cadence"]["every"])
+
+    @property
+    def window(self) -> int:
+        return int(self.attrs["cadence"]["window"])
+
+    @property
+    def optimizer_class(self) -> str:
+        return self.attrs["optimizer"]["class"]
+
+    @property
+    def param_groups(self) -> list[list[str]]:
+        """Parameter names of each optimizer group."""
+        return [g["params"] for g in self.attrs["optimizer"]["groups"]]
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {s.name: s.shape for s in self.reader.param_layout}
+
+    @property
+    def param_dtypes(self) -> dict[str, str]:
+        return {s.name: s.dtype for s in self.reader.param_layout}
+
+    @property
+    def has_batches(self) -> bool:
+        return "batch" in self.attrs
+
+    @property
+    def losses(self) -> np.ndarray:
+        return self.reader.losses
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, {len(self)} steps)"
+
+    # -- data --------------------------------------------------------------------------------------
+    def checkpoint(self, step: int) -> Checkpoint:
+        r = self.reader.row_of(step)
+        return Checkpoint(step=int(step), params=self.reader.params(r), buffers=self.reader.buffers(r),
+                          batch=self.reader.batch(r), loss=float(self.reader.losses[r]),
+                          hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r))
+
+    def params(self, step: int) -> dict[str, torch.Tensor]:
+        return self.reader.params(self.reader.row_of(step))
+
+    def __iter__(self):
+        for s in self.steps:
+            yield self.checkpoint(int(s))
+
+    @cached_property
+    def probe(self) -> Any | None:
+        """The fixed probe batch ``(inputs, targets)``, if one was recorded."""
+        return self.reader.probe()
+
+    # -- replay ------------------------------------------------------------------------------------
+    def model(self, spec: str | None = None, kwargs: str | Mapping[str, Any] | None = None, *,
+              trust: bool = False) -> nn.Module:
+        """A module with the recorded architecture (eval mode), checked against the recorded parameters.
+
+        ``spec``/``kwargs`` override the recorded import spec. Without either, an exported program is
+        loaded only with ``trust=True`` because loading it can execute code.
+        """
+        meta = self.attrs["model"]
+        if spec is not None:
+            model = capture.build_model(spec, capture.parse_kwargs(kwargs))
+        elif meta.get("spec"):
+            model = capture.build_model(meta["spec"], meta.get("kwargs"))
+        elif meta.get("exported"):
+            path = self.reader.path / meta["exported"]
+            if not trust:
+                raise TrajscopeError(f"{self.path} holds only an exported program ({path.name}), which can execute code "
+                                     f"when loaded: pass --trust (trust=True) if you trust it, or --model package.module:factory")
+            if not path.exists():
+                raise TrajscopeError(f"{path} is missing: pass --model package.module:factory")
+            model = capture.load_exported(str(path))
+        else:
+            why = meta.get("export_error") or "no model_spec was given to the Recorder"
+            raise TrajscopeError(f"{self.path} does not say how to rebuild its model ({why}): pass --model package.module:factory")
+        self._check_model(model)
+        return model.eval()
+
+    def _check_model(self, model: nn.Module) -> None:
+        have = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        want = self.param_shapes
+        for name, shape in want.items():
+            if name not in have:
+                raise TrajscopeError(f"the model has no parameter {name!r} that the run recorded (shape {list(shape)}): "
+                                     f"pass the --model that was trained")
+            if have[name] != tuple(shape):
+                raise TrajscopeError(f"parameter {name!r} has shape {list(have[name])} in the model but {list(shape)} "
+                                     f"in the run: pass the --model that was trained")
+        extra = sorted(set(have) - set(want))
+        if extra:
+            raise TrajscopeError(f"the model has parameter {extra[0]!r} that the run did not record: pass the --model that was trained")
+
+    def loss_fn(self, spec: str | None = None, kwargs: str | Mapping[str, Any] | None = None) -> Callable:
+        return capture.build_loss(self.attrs.get("loss"), spec, kwargs)
+
+    def replay_loss(self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None) -> torch.Tensor:
+        """L(θ_t) on the checkpoint's batch (or ``batch``), parameters substituted functionally."""
+        inputs, targets = batch if batch is not None else ckpt.batch
+        state = {**ckpt.params, **ckpt.buffers}
+        with torch.no_grad():
+            return loss_fn(capture.functional_forward(model, state, inputs), targets)
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a recorded run folder (the folder that holds ``trajectory.zarr``)."""
+    return Run(path)
