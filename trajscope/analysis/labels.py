@@ -1,0 +1,209 @@
+"""Node labels, reason codes, stable labels and presets (SPEC §7).
+
+Labels (codes used everywhere): 0 ``healthy_sink``, 1 ``degenerate_sink``, 2 ``plateau``
+(non-hyperbolic), 3 ``source``. Precedence: source > plateau > sink.
+
+Preset ``"acted"`` (default) looks only at the directions the step acts on (the |μ| in
+:class:`~trajscope.analysis.updatemap.NodeSpectra` ``mu_abs``); with r = max acted |μ|:
+
+1. ``source``  if r > 1 + δ                                           (reason ``expanding``);
+2. ``plateau`` if no parameter direction is acted on, i.e. null_dims = p (a dead node:
+   zero effective curvature; under momentum only the buffer's own μ = β remain)
+   (reason ``dead`` when the gradient is 0 as well, ``drifting`` when it is not: the node
+   moves at constant velocity on a flat piece, e.g. L1/hinge losses), or if some acted
+   | |μ| − 1 | ≤ δ                                                     (``neutral_direction``);
+3. ``degenerate_sink`` if ‖θ_i‖ ≤ collapse_ratio · reference          (``collapsed``);
+4. ``healthy_sink`` otherwise (every acted |μ| < 1 − δ)                (``contracting``).
+
+δ (``resolve_delta``): with T recorded training steps, δ = 1/T: a direction with
+|μ| ∈ [1−δ, 1+δ] changes by less than a factor e^{±1} over the whole run
+((1 ± 1/T)^T ≈ e^{±1}), so within this run it neither contracts nor grows: neutral. δ is
+capped at the seed's own band 0.01 so that short runs are never labelled more loosely
+than the seed does.
+
+Preset ``"seed"``: the recipe of the seed document literally, over ALL directions of the
+map (null ones included, μ = 1) with its constants:
+
+1. ``source`` if some |μ| > 1 + eps_contract (outside the seed's "≈1" band) (``expanding``);
+2. ``plateau`` if (‖g_i‖ < eps_grad and loss > eps_loss)          (``seed_flat_gradient``),
+   or σ_min(H_i) < eps_curv                                       (``seed_zero_curvature``),
+   or some |μ| ∈ [1 − eps_contract, 1 + eps_contract]           (``seed_unit_eigenvalue``)
+   (the first that holds names the reason);
+3. sink: every |μ| < 1 − eps_contract; ``degenerate_sink`` if ‖θ_i‖ < eps_param (absolute)
+   (``collapsed``), else ``healthy_sink`` (``contracting``).
+σ_min(H_i) is 0 when H_i has an exact zero eigenvalue (``spectra.zero_eig_dims`` > 0, e.g.
+r < p), else taken from ``hess_min`` (the smallest eigenvalue of H_i: equal to σ_min for
+the seed's positive semi-definite Gauss-Newton block; a negative one counts as < eps_curv).
+The seed gives no value for eps_loss; 1e-4 is used.
+
+Non-finite input (any NaN among the acted |μ| or the radius, or a non-finite ‖θ_i‖): label
+``source`` with reason ``nonfinite`` under both presets — NaN/Inf come from a diverged
+trajectory, which is not a fixed point of any kind, and the label must never be missing.
+
+``neutral_dims`` (both presets): acted-on directions with | |μ| − 1 | ≤ δ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from trajscope.analysis.updatemap import NodeSpectra
+from trajscope.errors import TrajscopeError
+
+__all__ = [
+    "LABELS", "REASONS", "REASON_DOCS", "PRESETS", "LabelConfig", "resolve_delta",
+    "collapse_reference_norm", "classify", "stable_labels",
+]
+
+LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")
+HEALTHY_SINK, DEGENERATE_SINK, PLATEAU, SOURCE = range(4)
+PRESETS = ("acted", "seed")
+
+REASON_DOCS: dict[str, str] = {
+    "contracting": "healthy sink: every acted-on |mu| < 1 - delta, norm not collapsed",
+    "collapsed": "degenerate sink: contracting and the norm collapsed (acted: <= collapse_ratio x reference; seed: < eps_param)",
+    "neutral_direction": "plateau: some acted-on |mu| within delta of 1",
+    "dead": "plateau: no parameter direction acted on (zero effective curvature) and zero gradient",
+    "drifting": "plateau: no parameter direction acted on but a nonzero gradient (constant-velocity motion on a flat piece)",
+    "expanding": "source: some |mu| > 1 + delta (seed: > 1 + eps_contract)",
+    "nonfinite": "source: NaN/Inf spectrum or parameter norm (diverged trajectory)",
+    "seed_flat_gradient": "seed plateau: gradient norm < eps_grad while loss > eps_loss",
+    "seed_zero_curvature": "seed plateau: sigma_min(H_i) < eps_curv",
+    "seed_unit_eigenvalue": "seed plateau: some |mu| (all directions) within eps_contract of 1",
+}
+REASONS: tuple[str, ...] = tuple(REASON_DOCS)
+_R = {name: i for i, name in enumerate(REASONS)}
+
+
+@dataclass
+class LabelConfig:
+    """How nodes are labelled (see the module docstring for the rules).
+
+    ``preset`` "acted" | "seed"; ``delta`` δ (None: derived, :func:`resolve_delta`);
+    ``collapse_ratio`` / ``collapse_reference`` ("first": the node's own first analysed
+    norm, "layer_median": the median node norm of its layer at this step) for the acted
+    preset's degenerate sinks; ``stable_window`` checkpoints a label must persist to become
+    the stable label; ``eps_*``: the seed preset's literal constants.
+    """
+
+    preset: str = "acted"
+    delta: float | None = None
+    collapse_ratio: float = 0.1
+    collapse_reference: str = "first"
+    stable_window: int = 3
+    eps_contract: float = 0.01
+    eps_param: float = 1e-4
+    eps_grad: float = 1e-6
+    eps_loss: float = 1e-4
+    eps_curv: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise TrajscopeError(f"unknown label preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+        if self.collapse_reference not in ("first", "layer_median"):
+            raise TrajscopeError(f"unknown collapse reference {self.collapse_reference!r}: use 'first' or 'layer_median'")
+        if self.delta is not None and not (self.delta >= 0 and math.isfinite(self.delta)):
+            raise TrajscopeError(f"label delta must be a finite number >= 0, got {self.delta}")
+        if self.stable_window < 1:
+            raise TrajscopeError(f"stable_window must be >= 1, got {self.stable_window}")
+
+
+def resolve_delta(config: LabelConfig, total_steps: int) -> float:
+    """δ: ``config.delta`` if set; seed preset: eps_contract; else min(1/T, eps_contract).
+
+    T = ``total_steps``, the number of training steps the run recorded (≥ 1 assumed).
+    """
+    if config.delta is not None:
+        return float(config.delta)
+    if config.preset == "seed":
+        return float(config.eps_contract)
+    return min(1.0 / max(int(total_steps), 1), float(config.eps_contract))
+
+
+def collapse_reference_norm(config: LabelConfig, param_norm: Tensor, first_norm: Tensor | None = None) -> Tensor:
+    """The collapse reference per node: its first analysed norm, or the layer median now.
+
+    ``first_norm`` defaults to ``param_norm`` (the first checkpoint is its own reference).
+    """
+    if config.collapse_reference == "layer_median":
+        pn = param_norm.to(torch.float64)
+        med = torch.nanmedian(pn) if pn.numel() else torch.tensor(math.nan, dtype=torch.float64)
+        return med.expand(pn.shape).clone()
+    return (param_norm if first_norm is None else first_norm).to(torch.float64)
+
+
+def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, grad_norm: Tensor,
+             hess_min: Tensor, loss: float, config: LabelConfig, delta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(label uint8 (N,), reason uint8 (N,), neutral_dims int32 (N,))`` for one layer.
+
+    ``param_norm`` ‖θ_i‖, ``reference_norm`` the collapse reference (:func:`collapse_reference_norm`),
+    ``grad_norm`` ‖∇_{θ_i}L‖, ``hess_min`` the smallest eigenvalue of H_i over all p
+    directions (seed preset only), ``loss`` the checkpoint's loss (seed preset only).
+    Vectorised; never raises on non-finite values.
+    """
+    mu = spectra.mu_abs.to(torch.float64)
+    n = mu.shape[0]
+    acted = spectra.acted.to(torch.int64)
+    null = spectra.null_dims.to(torch.int64)
+    valid = torch.arange(mu.shape[1], device=mu.device)[None, :] < acted[:, None]
+    pn = param_norm.to(torch.float64).reshape(n)
+    gn = grad_norm.to(torch.float64).reshape(n)
+    dev1 = (mu - 1.0).abs()
+
+    neutral_dims = (valid & (dev1 <= delta)).sum(dim=1, dtype=torch.int32)
+    nonfinite = (valid & torch.isnan(mu)).any(dim=1) | torch.isnan(spectra.radius.to(torch.float64)) | ~torch.isfinite(pn)
+    acted_max = torch.where(valid, mu, torch.full_like(mu, -math.inf)).amax(dim=1) if mu.shape[1] \
+        else torch.full((n,), -math.inf, dtype=torch.float64)
+
+    label = torch.full((n,), HEALTHY_SINK, dtype=torch.uint8)
+    reason = torch.full((n,), _R["contracting"], dtype=torch.uint8)
+
+    def put(mask: Tensor, lab: int, why: str) -> None:
+        # later calls override earlier ones: call in reverse precedence order
+        label.masked_fill_(mask, lab)
+        reason.masked_fill_(mask, _R[why])
+
+    if config.preset == "acted":
+        put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
+        put(neutral_dims > 0, PLATEAU, "neutral_direction")
+        no_dir = null >= spectra.p if spectra.p else acted == 0
+        put(no_dir & (gn > 0), PLATEAU, "drifting")
+        put(no_dir & ~(gn > 0), PLATEAU, "dead")
+        put(acted_max > 1.0 + delta, SOURCE, "expanding")
+    else:
+        eps = float(config.eps_contract)
+        put(pn < config.eps_param, DEGENERATE_SINK, "collapsed")
+        unit = (valid & (dev1 <= eps)).any(dim=1) | (null > 0)  # null directions have μ = 1
+        put(unit, PLATEAU, "seed_unit_eigenvalue")
+        zero_eig = spectra.zero_eig_dims
+        zero_curv = hess_min.to(torch.float64).reshape(n) < config.eps_curv
+        if zero_eig is not None:
+            zero_curv = zero_curv | (zero_eig > 0)
+        put(zero_curv, PLATEAU, "seed_zero_curvature")
+        loss_v = math.nan if loss is None else float(loss)
+        put((gn < config.eps_grad) & (loss_v > config.eps_loss), PLATEAU, "seed_flat_gradient")
+        put(spectra.radius.to(torch.float64) > 1.0 + eps, SOURCE, "expanding")
+    put(nonfinite, SOURCE, "nonfinite")
+    return label, reason, neutral_dims
+
+
+def stable_labels(history: Tensor | None, previous_stable: Tensor | None, label: Tensor, window: int) -> Tensor:
+    """Hysteresis: the stable label takes the current label once it held ``window`` checkpoints.
+
+    ``history`` (k, N): earlier instantaneous labels, most recent last (None: none).
+    The label has held when it equals each of the last ``window − 1`` rows of ``history``;
+    otherwise the stable label stays ``previous_stable`` (None, i.e. the first checkpoint:
+    the label itself). window ≤ 1 returns the label. uint8 (N,).
+    """
+    label = label.to(torch.uint8)
+    if window <= 1 or previous_stable is None:
+        return label.clone()
+    prev = previous_stable.to(torch.uint8)
+    need = window - 1
+    if history is None or history.shape[0] < need:
+        return prev.clone()
+    held = (history[-need:].to(torch.uint8) == label[None, :]).all(dim=0)
+    return torch.where(held, label, prev)

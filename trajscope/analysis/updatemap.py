@@ -1,0 +1,391 @@
+"""Per-node update-map spectra of one optimizer step, and stability thresholds (SPEC §5).
+
+One real optimizer step, linearised at θ_t with the recorded hyperparameters and state
+frozen and restricted to one node θ_i (p parameters), is a linear map on the node's
+optimizer state. Because every supported rule is a polynomial in one symmetric matrix
+(H_i + wd·I, or its preconditioned form), the map splits into independent 1×1 or 2×2
+blocks, one per eigen-direction of that matrix, and its eigenvalues μ follow in closed
+form from the curvature eigenvalues. With λ' the *effective* curvature of a direction:
+
+=============  =================  ================================================
+kind           state per dir.     μ
+=============  =================  ================================================
+sgd            θ                  μ = 1 − α λ'
+sgd_momentum   (θ, buf)           μ² − (1 + β − α(1−d)λ')μ + β = 0
+nesterov       (θ, buf)           μ² − (1 + β − α(1 + β(1−d))λ')μ + β(1 − αλ') = 0
+adam           (θ, m)             μ² − (1 + β1 − a(1−β1)λ̃)μ + β1 = 0
+adamw          (θ, m)             μ² − (c + β1 − a(1−β1)λ̃)μ + β1·c = 0,  c = 1 − α·wd
+gd_fallback    θ                  μ = 1 − α λ
+=============  =================  ================================================
+
+λ' = s·λ + wd for the SGD family (s = −1 with ``maximize=True``, else 1); a = α/(1 − β1^t)
+with t = step + 1 the step count the update uses. For Adam/AdamW, λ̃ are the eigenvalues
+of D^{1/2}(s·H_i + coupled_shift·I)D^{1/2} with D = :func:`adam_preconditioner` (the
+caller forms that block; it already contains the shift). Without a momentum buffer
+(the optimizer's first step) the state is θ alone: SGD-with-momentum steps with
+μ = 1 − αλ', Nesterov with μ = 1 − α(1+β)λ', Adam/AdamW with μ = c − a(1−β1)λ̃.
+
+Derivations (δθ, δbuf: perturbations; g' = λ'θ is the linearised, decayed gradient):
+
+* heavy ball: buf' = β buf + (1−d)λ'θ, θ' = θ − α buf'. Block
+  [[1 − α(1−d)λ', −αβ], [(1−d)λ', β]]: trace 1 + β − α(1−d)λ', det β.
+* Nesterov: buf' as above, θ' = θ − α(λ'θ + β buf'). Block
+  [[1 − αλ'(1 + β(1−d)), −αβ²], [(1−d)λ', β]]: trace 1 + β − αλ'(1 + β(1−d)),
+  det β(1 − αλ'(1 + β(1−d))) + αβ²(1−d)λ' = β(1 − αλ').
+* Adam/AdamW with v (hence D) frozen: m' = β1 m + (1−β1)g', θ' = cθ − a D m' (AdamW
+  decays θ by c before the step; the gradient is taken at the undecayed θ). In the
+  coordinates x = D^{-1/2}θ, y = D^{1/2}m the block per eigenvalue λ̃ of
+  K = D^{1/2}(H [+ wd])D^{1/2} is [[c − a(1−β1)λ̃, −aβ1], [(1−β1)λ̃, β1]]:
+  trace c + β1 − a(1−β1)λ̃, det β1·c. The real step also carries v as state; with v
+  frozen its directions have μ = β2 exactly (∂v'/∂v = β2·I), and they decouple when
+  the gradient and m are small (the couplings are 2(1−β2)·g·H and m'·∂D/∂v).
+
+A direction the step does not act on ("null") is one whose effective step on θ is exactly
+zero (e.g. λ' = 0 under SGD): it contributes μ = 1 exactly and is kept out of ``mu_abs``.
+In a 2×2 block such a direction gives μ = 1 (null) and μ = β (SGD family) or β1 (Adam),
+the momentum buffer decaying on its own, which *is* acted on. Under AdamW with wd > 0 a
+zero-curvature direction gives μ = c < 1: decay acts on it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "UpdateRule",
+    "update_rule",
+    "adam_preconditioner",
+    "NodeSpectra",
+    "node_update_spectra",
+    "update_map_eigenvalues",
+    "stability_threshold",
+    "KINDS",
+]
+
+KINDS = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "gd_fallback")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """The linearised update rule of one parameter group at one step.
+
+    Fields: ``kind`` (one of :data:`KINDS`); ``lr`` α; ``weight_decay`` wd; SGD:
+    ``momentum`` β, ``dampening`` d, ``has_buffer`` (a momentum buffer exists before the
+    step; for Adam: ``exp_avg`` exists), Adam: ``beta1``, ``beta2``, ``eps``, ``step``
+    (the recorded state step BEFORE the update; the update uses t = step + 1),
+    ``amsgrad``; ``maximize`` (the optimizer ascends: the curvature enters mirrored,
+    s = −1); ``optimizer`` (class name as recorded) and ``note`` (why a map was chosen,
+    e.g. a fallback). Added beyond the brief: ``maximize``.
+    """
+
+    kind: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    has_buffer: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    step: int = 0
+    amsgrad: bool = False
+    maximize: bool = False
+    optimizer: str = ""
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown update rule kind {self.kind!r}; expected one of {KINDS}")
+
+    @property
+    def preconditioned(self) -> bool:
+        """True for Adam/AdamW: the spectra take λ̃ of D^{1/2}(s·H + coupled_shift)D^{1/2}."""
+        return self.kind in ("adam", "adamw")
+
+    @property
+    def coupled_shift(self) -> float:
+        """wd added to the curvature by coupled L2 decay (SGD family, Adam); 0 for AdamW/fallback."""
+        return float(self.weight_decay) if self.kind in ("sgd", "sgd_momentum", "nesterov", "adam") else 0.0
+
+    @property
+    def curvature_sign(self) -> float:
+        """s = −1 when the optimizer maximises (gradient negated before decay), else 1."""
+        return -1.0 if self.maximize else 1.0
+
+    @property
+    def decay_factor(self) -> float:
+        """c: the factor θ is multiplied by before the step (1 − α·wd for AdamW, else 1)."""
+        return 1.0 - float(self.lr) * float(self.weight_decay) if self.kind == "adamw" else 1.0
+
+    @property
+    def bias_corrected_lr(self) -> float:
+        """a = α/(1 − β1^(step+1)), Adam's step size at the update's step count."""
+        return float(self.lr) / (1.0 - float(self.beta1) ** (int(self.step) + 1))
+
+
+def _scalar(value: Any, default: float) -> float:
+    """A float from a recorded hyperparameter or state entry (number, 0-d tensor, None)."""
+    if value is None:
+        return default
+    if isinstance(value, Tensor):
+        return float(value.detach().reshape(-1)[0]) if value.numel() else default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def update_rule(optimizer_class: str, hparams: Mapping[str, Any], state: Mapping[str, Any] | None) -> UpdateRule:
+    """The :class:`UpdateRule` of one parameter group from what the recorder stored.
+
+    ``optimizer_class`` is the class name, bare (``"SGD"``) or qualified
+    (``"torch.optim.sgd.SGD"``); ``hparams`` the group's PyTorch hyperparameters;
+    ``state`` one parameter's optimizer state before the update (may be None/empty).
+    ``torch.optim.Adam`` with ``decoupled_weight_decay=True`` is AdamW (which is how
+    torch implements AdamW). Other optimizers get the plain gradient-descent map
+    μ = 1 − αλ with the group's lr (NaN when the group has no lr) and a note.
+    """
+    name = str(optimizer_class).rsplit(".", 1)[-1]
+    hp = dict(hparams or {})
+    st = dict(state or {})
+    lr = _scalar(hp.get("lr"), math.nan)
+    wd = _scalar(hp.get("weight_decay"), 0.0)
+    maximize = bool(hp.get("maximize", False))
+    notes = []
+    if maximize:
+        notes.append("maximize=True: curvature enters mirrored (λ -> -λ)")
+
+    if name == "SGD":
+        beta = _scalar(hp.get("momentum"), 0.0)
+        damp = _scalar(hp.get("dampening"), 0.0)
+        nesterov = bool(hp.get("nesterov", False))
+        kind = "sgd" if beta == 0.0 else ("nesterov" if nesterov else "sgd_momentum")
+        has_buffer = kind != "sgd" and st.get("momentum_buffer") is not None
+        if kind != "sgd" and not has_buffer:
+            notes.append("no momentum buffer yet (first step): single-step map")
+        return UpdateRule(kind, lr, wd, momentum=beta, dampening=damp if kind != "sgd" else 0.0,
+                          has_buffer=has_buffer, maximize=maximize, optimizer=str(optimizer_class),
+                          note="; ".join(notes))
+    if name in ("Adam", "AdamW"):
+        betas = hp.get("betas", (0.9, 0.999))
+        b1, b2 = _scalar(betas[0], 0.9), _scalar(betas[1], 0.999)
+        decoupled = name == "AdamW" or bool(hp.get("decoupled_weight_decay", False))
+        has_buffer = st.get("exp_avg") is not None
+        step = int(_scalar(st.get("step"), 0.0)) if has_buffer or "step" in st else 0
+        if not has_buffer:
+            notes.append("no exp_avg yet (first step): single-step map")
+        return UpdateRule("adamw" if decoupled else "adam", lr, wd, has_buffer=has_buffer,
+                          beta1=b1, beta2=b2, eps=_scalar(hp.get("eps"), 1e-8), step=step,
+                          amsgrad=bool(hp.get("amsgrad", False)), maximize=maximize,
+                          optimizer=str(optimizer_class), note="; ".join(notes))
+    notes.insert(0, f"unsupported optimizer {name}: plain gradient-descent map with the group's lr")
+    return UpdateRule("gd_fallback", lr, wd, optimizer=str(optimizer_class), note="; ".join(notes))
+
+
+def adam_preconditioner(rule: UpdateRule, exp_avg_sq: Tensor | None, grad: Tensor,
+                        max_exp_avg_sq: Tensor | None = None, param: Tensor | None = None) -> Tensor:
+    """D = 1/(√(v_used/(1 − β2^(step+1))) + ε), the diagonal the real Adam step divides by.
+
+    v_used = β2·v + (1−β2)·g² is the second moment after the step's own update (v = 0
+    before the first step; with amsgrad, v_used = max(max_exp_avg_sq, v_used)), where g is
+    the gradient the step feeds into v: s·grad (+ wd·θ for Adam's coupled L2 decay).
+    ``grad`` is the raw loss gradient; pass ``param`` (θ_t, added beyond the brief) so that
+    the coupled decay enters g as in torch (without it, ``grad`` is used as g).
+    Same shape as the parameter, dtype of ``grad`` promoted with the state.
+    """
+    b2 = float(rule.beta2)
+    g = grad.detach()
+    if rule.maximize:
+        g = -g
+    if rule.kind == "adam" and rule.weight_decay != 0 and param is not None:
+        g = g + float(rule.weight_decay) * param.detach().to(g.dtype)
+    v = torch.zeros_like(g) if exp_avg_sq is None else exp_avg_sq.detach().to(torch.result_type(g, exp_avg_sq))
+    v_used = b2 * v + (1.0 - b2) * g * g
+    if rule.amsgrad and max_exp_avg_sq is not None:
+        v_used = torch.maximum(max_exp_avg_sq.detach().to(v_used.dtype), v_used)
+    bc2 = 1.0 - b2 ** (int(rule.step) + 1)
+    return 1.0 / (torch.sqrt(v_used / bc2) + float(rule.eps))
+
+
+@dataclass
+class NodeSpectra:
+    """|μ| of each node's update map (one row per node).
+
+    ``mu_abs`` (N, M) float64: |μ| of the acted-on directions; row i holds ``acted[i]``
+    valid entries first, then NaN padding (M = max acted, possibly 0).
+    ``null_dims`` (N,) int32: directions with μ = 1 exactly that the step does not act on.
+    ``radius`` (N,) float64: max |μ| over all directions (null ones count as 1).
+    ``acted`` (N,) int32: valid entries of ``mu_abs``; acted + null_dims = p (single-state
+    maps) or 2p (momentum / Adam maps with a buffer).
+    Added beyond the brief: ``p`` (parameters per node) and ``zero_eig_dims`` (N,) int32,
+    the number of the p eigenvalues passed in that are exactly 0 (the p − r implicit
+    zeros plus explicit ones): the seed preset's σ_min(H) = 0 test uses it.
+    """
+
+    mu_abs: Tensor
+    null_dims: Tensor
+    radius: Tensor
+    acted: Tensor
+    p: int = 0
+    zero_eig_dims: Tensor | None = None
+
+
+def _char_poly(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float, float]:
+    """Per direction (N, p): T and Dt of μ² − Tμ + Dt (Dt None: single-state map μ = T).
+
+    Also returns the mask of directions with zero effective step (x = 0), the full
+    eigenvalue tensor (N, p), and the two μ such a direction has (c, other root).
+    """
+    eig = torch.as_tensor(eig).to(torch.float64)
+    if eig.dim() == 1:
+        eig = eig[None, :]
+    n, r = eig.shape
+    if r > p:
+        raise ValueError(f"{r} eigenvalues for a node of {p} parameters")
+    lam = torch.zeros((n, p), dtype=torch.float64, device=eig.device)
+    lam[:, :r] = eig
+    s = rule.curvature_sign
+    alpha = float(rule.lr)
+    if rule.preconditioned:
+        lam_eff = lam  # λ̃ already holds the sign and the coupled shift
+    elif rule.kind == "gd_fallback":
+        lam_eff = lam
+    else:
+        lam_eff = s * lam + rule.coupled_shift
+    kind = rule.kind
+    if kind in ("sgd", "gd_fallback") or (kind in ("sgd_momentum", "nesterov") and not rule.has_buffer):
+        coef = alpha * (1.0 + rule.momentum) if kind == "nesterov" else alpha
+        x = coef * lam_eff
+        return 1.0 - x, None, x == 0, lam, 1.0, 1.0
+    if kind == "sgd_momentum":
+        beta, d = float(rule.momentum), float(rule.dampening)
+        x = alpha * (1.0 - d) * lam_eff
+        return 1.0 + beta - x, torch.full_like(x, beta), x == 0, lam, 1.0, beta
+    if kind == "nesterov":
+        beta, d = float(rule.momentum), float(rule.dampening)
+        x = alpha * lam_eff
+        return (1.0 + beta - x * (1.0 + beta * (1.0 - d)), beta * (1.0 - x), x == 0, lam, 1.0, beta)
+    # adam / adamw
+    b1, c, a = float(rule.beta1), rule.decay_factor, rule.bias_corrected_lr
+    x = a * (1.0 - b1) * lam_eff
+    if not rule.has_buffer:
+        return c - x, None, x == 0, lam, c, c
+    return c + b1 - x, torch.full_like(x, b1 * c), x == 0, lam, c, b1
+
+
+def _roots(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor]:
+    """Roots of every direction's block: (re1, re2, im, null, lam), each (N, p).
+
+    Single-state maps: μ = re1 (re2, im None). 2×2 blocks: μ = re1 + i·im and re2 − i·im
+    (im > 0 only for a complex pair, then re1 = re2 = T/2). Real roots use
+    q = (T + sign(T)√disc)/2, μ1 = q, μ2 = Dt/q (no cancellation). Directions with a zero
+    effective step get their exact roots (c, β or β1) so that null ones are exactly 1;
+    ``null`` marks them (first root only).
+    """
+    t, dt, zero, lam, c0, c1 = _char_poly(eig, p, rule)
+    null = zero & (c0 == 1.0)
+    if dt is None:
+        return torch.where(zero, torch.full_like(t, c0), t), None, None, null, lam
+    disc = t * t - 4.0 * dt
+    real = disc >= 0
+    sign = torch.where(t >= 0, 1.0, -1.0).to(t.dtype)
+    q = 0.5 * (t + sign * torch.sqrt(torch.clamp(disc, min=0.0)))
+    q_safe = torch.where(q == 0, torch.ones_like(q), q)
+    mu1 = torch.where(real, q, 0.5 * t)
+    mu2 = torch.where(real, torch.where(q == 0, torch.zeros_like(q), dt / q_safe), 0.5 * t)
+    im = torch.where(real, torch.zeros_like(t), 0.5 * torch.sqrt(torch.clamp(-disc, min=0.0)))
+    mu1 = torch.where(zero, torch.full_like(t, c0), mu1)
+    mu2 = torch.where(zero, torch.full_like(t, c1), mu2)
+    im = torch.where(zero, torch.zeros_like(im), im)
+    return mu1, mu2, im, null, lam
+
+
+def update_map_eigenvalues(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor]:
+    """All eigenvalues μ of each node's linearised step, complex128 (N, K), and the null mask.
+
+    K = p for single-state maps, 2p with a buffer (columns [first root of every direction |
+    second root of every direction]). The null mask marks μ = 1 directions the step does
+    not act on. Meant for inspection and tests; :func:`node_update_spectra` is the
+    lean (real-valued) path.
+    """
+    mu1, mu2, im, null, _lam = _roots(eig, p, rule)
+    if mu2 is None:
+        return torch.complex(mu1, torch.zeros_like(mu1)), null
+    mu = torch.cat([torch.complex(mu1, im), torch.complex(mu2, -im)], dim=1)
+    return mu, torch.cat([null, torch.zeros_like(null)], dim=1)
+
+
+def node_update_spectra(eig: Tensor, p: int, rule: UpdateRule) -> NodeSpectra:
+    """Spectra of each node's update map from its curvature eigenvalues (SPEC §5).
+
+    ``eig`` (N, r) eigenvalues (descending; the other p − r are exactly 0): of H_i for the
+    SGD family and the fallback, of D^{1/2}(s·H_i + coupled_shift·I)D^{1/2} for Adam/AdamW.
+    μ per direction as in the module docstring; |μ| = hypot(Re μ, Im μ) (√Dt for a
+    complex pair). Vectorised over nodes; NaN/Inf eigenvalues give NaN/Inf |μ|, never an
+    exception.
+    """
+    mu1, mu2, im, null, lam = _roots(eig, p, rule)
+    n = mu1.shape[0]
+    if mu2 is None:
+        mags = mu1.abs()
+    else:
+        mags = torch.cat([torch.hypot(mu1, im), torch.hypot(mu2, im)], dim=1)
+        null = torch.cat([null, torch.zeros_like(null)], dim=1)
+    radius = mags.amax(dim=1) if mags.shape[1] else torch.full((n,), math.nan, dtype=torch.float64)
+    null_dims = null.sum(dim=1, dtype=torch.int32)
+    acted = (mags.shape[1] - null_dims).to(torch.int32)
+    # compact: acted-on entries first (stable, keeps direction order), NaN padding after
+    m = int(acted.max()) if n else 0
+    if bool((null_dims > 0).any()):
+        keep = ~null
+        pos = keep.cumsum(dim=1) - 1  # target column of each acted-on entry (O(NK), no sort)
+        rows = torch.arange(n, device=mags.device)[:, None].expand_as(keep)
+        mu_abs = torch.full((n, m), math.nan, dtype=mags.dtype, device=mags.device)
+        mu_abs[rows[keep], pos[keep]] = mags[keep]
+    else:
+        mu_abs = mags
+    zero_eig = (lam == 0).sum(dim=1, dtype=torch.int32)
+    return NodeSpectra(mu_abs=mu_abs, null_dims=null_dims, radius=radius, acted=acted, p=int(p),
+                       zero_eig_dims=zero_eig)
+
+
+def stability_threshold(rule: UpdateRule) -> float:
+    """The effective curvature at which the map loses stability (|μ| reaches 1 via μ = −1).
+
+    On λ' = s·λ + coupled_shift for the SGD family (subtract ``rule.coupled_shift`` for a
+    threshold on the loss Hessian's λ), on λ̃ for Adam/AdamW; it matches the map that
+    :func:`node_update_spectra` uses for the same rule (first-step maps included):
+
+    * GD (and any first SGD step with momentum): 2/α; first Nesterov step: 2/(α(1+β));
+    * heavy ball: 2(1+β)/(α(1−d));
+    * Nesterov: 2(1+β)/(α(1 + 2β − βd))  (μ = −1 in its characteristic polynomial);
+    * Adam/AdamW: (1+c)(1+β1)/(a(1−β1)), = (2+2β1)/(a(1−β1)) for Adam (≈ 38/α at
+      β1 = 0.9, large t); first step (1+c)/(a(1−β1));
+    * fallback: 2/α.
+    Returns +inf when the step never destabilises (α = 0, or d = 1 for heavy ball).
+    """
+    alpha = float(rule.lr)
+    beta, d = float(rule.momentum), float(rule.dampening)
+
+    def div(num: float, den: float) -> float:
+        if den == 0.0:
+            return math.inf if num > 0 else (math.nan if num == 0 else -math.inf)
+        return num / den
+
+    kind = rule.kind
+    if kind in ("sgd", "gd_fallback") or (kind == "sgd_momentum" and not rule.has_buffer):
+        return div(2.0, alpha)
+    if kind == "nesterov" and not rule.has_buffer:
+        return div(2.0, alpha * (1.0 + beta))
+    if kind == "sgd_momentum":
+        return div(2.0 * (1.0 + beta), alpha * (1.0 - d))
+    if kind == "nesterov":
+        return div(2.0 * (1.0 + beta), alpha * (1.0 + 2.0 * beta - beta * d))
+    b1, c, a = float(rule.beta1), rule.decay_factor, rule.bias_corrected_lr
+    if not rule.has_buffer:
+        return div(1.0 + c, a * (1.0 - b1))
+    return div((1.0 + c) * (1.0 + b1), a * (1.0 - b1))
