@@ -95,16 +95,12 @@ def build_loss(desc: Mapping[str, Any] | None, override: str | None = None,
 
 # --------------------------------------------------------------------------- model
 def describe_node_layers(model: nn.Module) -> list[dict[str, Any]]:
-    """The node-carrying modules of the live model (needed to find them in an exported program)."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            out.append({"name": name, "kind": "linear"})
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            out.append({"name": name, "kind": "conv", "dims": len(m.kernel_size), "kernel_size": list(m.kernel_size),
-                        "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
-                        "dilation": list(m.dilation), "groups": m.groups})
-    return out
+    """The node-carrying modules of the live model, as JSON (an exported program has no module types)."""
+    from dataclasses import asdict
+
+    from trajscope.analysis.nodes import find_node_layers
+
+    return [asdict(layer) for layer in find_node_layers(model)]
 
 
 def export_model(model: nn.Module, inputs: Any, path: str) -> None:

@@ -1,0 +1,458 @@
+"""``trajscope analyze``: replay each recorded checkpoint and compute SPEC §3–§8, write SPEC §9.
+
+For every analysed checkpoint t (θ_t, its mini-batch, its optimizer state):
+
+1. replay the model (eval mode) with θ_t substituted functionally on the step's batch (or the probe);
+2. per node layer: curvature blocks H_i (GGN or exact) and their spectra, node gradients;
+3. per node: update-map spectrum for the recorded optimizer and hyperparameters (Adam: second
+   moment frozen), kinematics against θ_{t+k}, label, stable label;
+4. global: loss, sharpness (Lanczos), the optimizer's stability threshold;
+5. append one row to ``RUN/analysis.zarr`` and one step to the TensorBoard events in ``RUN/``.
+
+Train/eval-only layers: replay runs the model in eval mode (dropout off; batch norm uses the running
+statistics recorded with the checkpoint), so curvature is that of a deterministic function of θ.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import trajscope
+from trajscope.analysis.curvature import node_curvature, node_hessian_extremes, preconditioned_eigvals
+from trajscope.analysis.kinematics import node_kinematics
+from trajscope.analysis.labels import LABELS, REASONS, LabelConfig, classify, resolve_delta, stable_labels
+from trajscope.analysis.nodes import NodeLayer, node_matrix
+from trajscope.analysis.sharpness import sharpness as compute_sharpness
+from trajscope.analysis.tbevents import EventWriter
+from trajscope.analysis.updatemap import (UpdateRule, adam_preconditioner, node_update_spectra, stability_threshold,
+                                          update_rule)
+from trajscope.errors import TrajscopeError
+from trajscope.results import ResultsWriter, open_results
+from trajscope.run import Checkpoint, Run, open_run
+from trajscope.store import find_runs
+
+NOT_COMPUTED = 255  # label code written when a run has no batches (kinematics only)
+
+
+@dataclass
+class AnalysisOptions:
+    """Options of ``trajscope analyze`` (see ``trajscope analyze --help``)."""
+
+    modules: Sequence[str] | None = None
+    steps: tuple[int | None, int | None] | None = None
+    stride: int = 1
+    all_steps: bool = False
+    batch: str = "step"                 # "step" | "probe"
+    curvature: str = "ggn"              # "ggn" | "exact"
+    sharpness: bool = True
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    device: str = "cpu"
+    dtype: str = "float32"
+    model: str | None = None
+    model_args: str | Mapping[str, Any] | None = None
+    loss: str | None = None
+    loss_args: str | Mapping[str, Any] | None = None
+    trust: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    run: Path
+    analysed: list[int]
+    results: Any
+    kinematics_only: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- node layers
+def recorded_node_layers(run: Run, include: Sequence[str] | None = None) -> list[NodeLayer]:
+    """Node layers from the table the Recorder wrote (works for import-spec and exported models)."""
+    import fnmatch
+
+    table = run.attrs["model"].get("node_layers", [])
+    out = [NodeLayer(**{**d, "conv": _tuples(d["conv"])}) for d in table
+           if not include or any(d["name"] == pat or fnmatch.fnmatchcase(d["name"], pat) for pat in include)]
+    if include and not out:
+        names = [d["name"] for d in table]
+        raise TrajscopeError(f"--modules {' '.join(include)} matches no Linear/Conv module of the run "
+                             f"(it has: {', '.join(names) or 'none'})")
+    return out
+
+
+def _tuples(obj: Any) -> Any:
+    """JSON turned the conv geometry's tuples into lists; NodeLayer wants them back."""
+    if isinstance(obj, list):
+        return tuple(_tuples(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _tuples(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------- step selection
+def eligible_steps(run: Run, opts: AnalysisOptions, done: Sequence[int]) -> list[tuple[int, int | None]]:
+    """(step, successor step) pairs to analyse, in order, after the steps already analysed.
+
+    By default a checkpoint is analysed when θ_{t+1} is recorded too (the window's leading steps), so
+    ρ and drift are exact one-step quantities; with ``all_steps`` (or when no such pair exists) every
+    checkpoint is analysed and kinematics span the gap to the next recorded step.
+    """
+    steps = [int(s) for s in run.steps]
+    nxt = {s: (steps[i + 1] if i + 1 < len(steps) else None) for i, s in enumerate(steps)}
+    pairs = [(s, nxt[s]) for s in steps if nxt[s] == s + 1]
+    if opts.all_steps or not pairs:
+        pairs = [(s, nxt[s]) for s in steps]
+    if opts.steps:
+        lo, hi = opts.steps
+        pairs = [(s, n) for s, n in pairs if (lo is None or s >= lo) and (hi is None or s < hi)]
+    pairs = pairs[:: max(1, opts.stride)]
+    last = max(done) if done else None
+    return [(s, n) for s, n in pairs if last is None or s > last]
+
+
+# --------------------------------------------------------------------------- one checkpoint
+def _to(x: Any, device: str, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.to(device)
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, tuple):
+        return tuple(_to(v, device, dtype) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device, dtype) for v in x]
+    if isinstance(x, Mapping):
+        return {k: _to(v, device, dtype) for k, v in x.items()}
+    return x
+
+
+def _finite(tensors: Iterable[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+class _Analyser:
+    """Analyses the checkpoints of one run; holds what is shared between them."""
+
+    def __init__(self, run: Run, opts: AnalysisOptions) -> None:
+        self.run, self.opts = run, opts
+        self.dtype = getattr(torch, opts.dtype)
+        self.layers = recorded_node_layers(run, opts.modules)
+        if not self.layers:
+            raise TrajscopeError(f"{run.path}: the model has no Linear/Conv layer, so there are no nodes to analyse")
+        self.kinematics_only = not run.has_batches and not (opts.batch == "probe" and run.probe is not None)
+        if opts.batch == "probe" and run.probe is None:
+            raise TrajscopeError(f"{run.path} has no probe batch: record one with Recorder(probe=...) or use --batch step")
+        self.model = None
+        self.loss_fn: Callable | None = None
+        if not self.kinematics_only:
+            self.model = run.model(opts.model, opts.model_args, trust=opts.trust).to(opts.device).to(self.dtype)
+            self.loss_fn = run.loss_fn(opts.loss, opts.loss_args)
+            if isinstance(self.loss_fn, torch.nn.Module):
+                self.loss_fn = self.loss_fn.to(opts.device)
+        self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
+        self.total_steps = int(run.steps[-1]) + 1 if len(run.steps) else 1
+
+    def rules(self, ck: Checkpoint) -> list[UpdateRule]:
+        out = []
+        for g, names in enumerate(self.run.param_groups):
+            state = next((ck.optimizer_state.get(n) for n in names if ck.optimizer_state.get(n)), None)
+            out.append(update_rule(self.run.optimizer_class, ck.hparams[g], state))
+        return out
+
+    def checkpoint(self, step: int, succ: int | None, first_norms: dict[str, torch.Tensor] | None) -> tuple[dict, dict, list[UpdateRule]]:
+        run, opts = self.run, self.opts
+        ck = run.checkpoint(step)
+        dev, dt = opts.device, self.dtype
+        params = {k: _to(v, dev, dt) for k, v in ck.params.items()}
+        buffers = {k: _to(v, dev, dt) for k, v in ck.buffers.items()}
+        nxt = {k: _to(v, dev, dt) for k, v in run.params(succ).items()} if succ is not None else None
+        rules = self.rules(ck)
+        threshold = min((_threshold(r) for r in rules), default=math.nan)
+        finite = _finite(params.values())
+        glob: dict[str, float] = {"loss": ck.loss, "sharpness": math.nan, "threshold": threshold}
+        cr = None
+        if not self.kinematics_only and finite:
+            batch = run.probe if opts.batch == "probe" else ck.batch
+            inputs, targets = _to(batch[0], dev, dt), _to(batch[1], dev, dt)
+            try:
+                cr = node_curvature(self.model, params, buffers, inputs, targets, self.loss_fn, self.layers,
+                                    kind=opts.curvature)
+                glob["loss"] = float(cr.loss)
+            except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. non-finite activations from huge weights
+                warnings.warn(f"step {step}: curvature failed ({type(e).__name__}: {str(e).splitlines()[0]}); nodes get NaN")
+                cr = None
+            if opts.sharpness:
+                glob.update(self._sharpness(params, buffers, inputs, targets, rules, ck, cr))
+        nodes = {}
+        for layer in self.layers:
+            nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, ck, glob["loss"], first_norms)
+        return glob, nodes, rules
+
+    def _sharpness(self, params, buffers, inputs, targets, rules, ck, cr) -> dict[str, float]:
+        out: dict[str, float] = {}
+        res = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn)
+        out["sharpness"], out["n_hvp"] = res.value, float(res.n_hvp)
+        if any(r.preconditioned for r in rules) and cr is not None:
+            precond = {}
+            for name, p in params.items():
+                g = self.group_of.get(name, 0)
+                precond[name] = _precond(rules[g], ck.optimizer_state.get(name, {}), cr.grads[name], p)
+            out["precond_sharpness"] = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn,
+                                                         precond=precond).value
+        return out
+
+    def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, ck, loss, first_norms) -> dict[str, np.ndarray]:
+        n, p = layer.n_nodes, layer.node_dim
+        theta = node_matrix(params, layer)
+        theta_next = node_matrix(nxt, layer) if nxt is not None else None
+        k = (succ - step) if succ is not None else 1
+        kin = node_kinematics(theta, theta_next, k)
+        nan = np.full(n, np.nan, np.float32)
+        out: dict[str, np.ndarray] = {"param_norm": _np32(kin["param_norm"]), "rho": _np32(kin["rho"]),
+                                      "drift": _np32(kin["drift"])}
+        if self.kinematics_only:
+            out.update(hess_max=nan, hess_min=nan, spectral_radius=nan, grad_norm=nan,
+                       null_dims=np.zeros(n, np.int32), neutral_dims=np.zeros(n, np.int32),
+                       label=np.full(n, NOT_COMPUTED, np.uint8), reason=np.full(n, NOT_COMPUTED, np.uint8))
+            return out
+        rule = rules[self.group_of.get(layer.weight, 0)]
+        if cr is not None:
+            eig = cr.eigvals[layer.name]
+            hmax, hmin = node_hessian_extremes(eig, p)
+            grad_norm = node_matrix(cr.grads, layer).norm(dim=1)
+            if rule.preconditioned:
+                d = {name: _precond(rule, ck.optimizer_state.get(name, {}), cr.grads[name], params[name])
+                     for name in (layer.weight, layer.bias) if name}
+                factor, dm = cr.factors[layer.name], node_matrix(d, layer)
+                # the update map wants eig of D^{1/2}(s·H + wd)D^{1/2}; s = -1 when maximising
+                eig = (preconditioned_eigvals(factor, dm, shift=rule.coupled_shift) if rule.curvature_sign > 0 else
+                       -preconditioned_eigvals(factor, dm, shift=-rule.coupled_shift).flip(1))
+            spectra = node_update_spectra(eig, p, rule)
+        else:
+            fill = torch.full((n,), float("nan"), dtype=torch.float64)
+            hmax, hmin, grad_norm = fill, fill, fill
+            spectra = node_update_spectra(torch.full((n, 1), float("nan"), dtype=torch.float64), p, rule)
+        norms = kin["param_norm"].to(torch.float64)
+        if self.opts.labels.collapse_reference == "layer_median":
+            ref = torch.full_like(norms, float(torch.nanmedian(norms)))
+        else:
+            ref = first_norms[layer.name].to(norms) if first_norms and layer.name in first_norms else norms
+        label, reason, neutral = classify(spectra, norms, ref, grad_norm.to(torch.float64), hmin.to(torch.float64),
+                                          float(loss), self.opts.labels, self.delta)
+        out.update(hess_max=_np32(hmax), hess_min=_np32(hmin), spectral_radius=_np32(spectra.radius),
+                   grad_norm=_np32(grad_norm), null_dims=spectra.null_dims.cpu().numpy().astype(np.int32),
+                   neutral_dims=neutral.cpu().numpy().astype(np.int32), label=label.cpu().numpy().astype(np.uint8),
+                   reason=reason.cpu().numpy().astype(np.uint8))
+        return out
+
+
+def _threshold(rule: UpdateRule) -> float:
+    """The stability threshold as a bound on the loss curvature λ (SGD's coupled decay shifts λ' = λ + wd)."""
+    th = stability_threshold(rule)
+    return th if rule.preconditioned else th - rule.coupled_shift
+
+
+def _precond(rule: UpdateRule, state: Mapping[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Adam's frozen diagonal preconditioner D for one parameter (see updatemap.adam_preconditioner)."""
+    return adam_preconditioner(rule, _opt(state.get("exp_avg_sq"), param), grad, _opt(state.get("max_exp_avg_sq"), param),
+                               param=param).to(param.dtype)
+
+
+def _opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.to(device=like.device, dtype=like.dtype)
+
+
+def _np32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+# --------------------------------------------------------------------------- one run
+def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None = None) -> RunSummary:
+    """Analyse the new checkpoints of one run; returns what was done."""
+    console = console or Console(stderr=True)
+    run = open_run(path)
+    if not len(run.steps):
+        raise TrajscopeError(f"{run.path} has no committed checkpoint yet: nothing to analyse")
+    an = _Analyser(run, opts)
+    layers = {l.name: l.n_nodes for l in an.layers}
+    try:
+        prev = open_results(run.path)
+        done = [int(s) for s in prev.steps]
+        attrs = prev.attrs
+    except (TrajscopeError, FileNotFoundError, KeyError):
+        prev, done, attrs = None, [], {}
+    # δ is fixed at the first analysis of a run so that appended labels stay comparable.
+    an.delta = float(attrs.get("delta", resolve_delta(opts.labels, an.total_steps)))
+    todo = eligible_steps(run, opts, done)
+    summary = RunSummary(run=run.path, analysed=[], results=None, kinematics_only=an.kinematics_only)
+    if an.kinematics_only:
+        summary.notes.append("the run has no recorded batches: kinematics only (no curvature, spectra or labels)")
+    if not todo:
+        summary.notes.append("nothing new to analyse" if done else "no checkpoint matches the selection")
+        summary.results = prev
+        return summary
+    # first norms (collapse reference) and label history for stable labels, from earlier analyses
+    first_norms: dict[str, torch.Tensor] = {}
+    history: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+    prev_stable: dict[str, np.ndarray | None] = {l: None for l in layers}
+    window = max(1, opts.labels.stable_window)
+    if prev is not None and len(done):
+        for l in layers:
+            first_norms[l] = torch.from_numpy(np.asarray(prev.node(l, "param_norm", 0), np.float64))
+            lab = prev.node(l, "label")
+            history[l] = [row for row in lab[-(window - 1):]] if window > 1 else []
+            prev_stable[l] = prev.node(l, "stable_label", len(done) - 1)
+    rules0 = an.rules(run.checkpoint(todo[0][0]))
+    result_attrs = {
+        "trajscope_version": trajscope.__version__,
+        "labels": list(LABELS), "reasons": list(REASONS), "not_computed_code": NOT_COMPUTED,
+        "curvature": opts.curvature, "batch": opts.batch, "dtype": opts.dtype,
+        "delta": an.delta, "total_steps_at_first_analysis": an.total_steps,
+        "label_config": {k: v for k, v in vars(opts.labels).items()},
+        "optimizer": run.optimizer_class,
+        "optimizer_map": [{"kind": r.kind, "note": r.note} for r in rules0],
+        "kinematics_only": an.kinematics_only,
+        "semantics": {
+            "step": "training step t of the checkpoint; theta_t is the parameters just before update t",
+            "hess_max/hess_min": "extreme eigenvalues of the node curvature block H_i (GGN or exact, see 'curvature')",
+            "spectral_radius": "max |mu| of the node's linearised update map (all directions)",
+            "rho": "per-step decay ratio (||theta_{t+k}|| / ||theta_t||)^(1/k)",
+            "drift": "||u_{t+k} - u_t||, u = theta/||theta|| (a k-step drift when checkpoints are k apart)",
+            "null_dims": "directions the step does not act on (mu exactly 1)",
+            "neutral_dims": "acted-on directions with ||mu| - 1| <= delta",
+            "threshold": "curvature at which the optimizer's map loses stability (min over param groups); "
+                         "for Adam compare with precond_sharpness",
+        },
+        "layer_info": {l.name: {"kind": l.kind, "n_nodes": l.n_nodes, "node_dim": l.node_dim} for l in an.layers},
+    }
+    writer = ResultsWriter(run.path, result_attrs, layers)
+    events = EventWriter(run.path, list(layers))
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, disable=not opts.progress, transient=False)
+    try:
+        with progress:
+            task = progress.add_task(f"{run.path.name}", total=len(todo))
+            for step, succ in todo:
+                glob, nodes, _ = an.checkpoint(step, succ, first_norms)
+                if not first_norms:  # the first analysed row is the collapse reference of the run
+                    first_norms = {l: torch.from_numpy(nodes[l]["param_norm"].astype(np.float64)) for l in layers}
+                for l in layers:
+                    lab = nodes[l]["label"]
+                    if an.kinematics_only:
+                        stable = lab
+                    else:
+                        hist = torch.from_numpy(np.stack(history[l])) if history[l] else None
+                        ps = torch.from_numpy(prev_stable[l]) if prev_stable[l] is not None else None
+                        stable = stable_labels(hist, ps, torch.from_numpy(lab), window).numpy().astype(np.uint8)
+                    nodes[l]["stable_label"] = stable
+                    history[l] = (history[l] + [lab])[-(window - 1):] if window > 1 else []
+                    prev_stable[l] = stable
+                writer.append(step, glob, nodes)
+                events.write(step, glob, nodes)
+                summary.analysed.append(step)
+                progress.advance(task)
+    finally:
+        writer.close()
+        events.close()
+    summary.results = open_results(run.path)
+    return summary
+
+
+# --------------------------------------------------------------------------- many runs, API and CLI
+def analyze(paths: str | Path | Sequence[str | Path], *, console: Console | None = None, **options: Any) -> dict[Path, Any]:
+    """Analyse run folders (or folders of runs). Returns ``{run folder: trajscope.results.Results}``.
+
+    Keyword options are the fields of :class:`AnalysisOptions`; label options may be given either as
+    ``labels=LabelConfig(...)`` or flat (``preset=``, ``delta=``, ``collapse_ratio=``, ...).
+    """
+    opts = _options(**options)
+    return {s.run: s.results for s in _analyze_many(paths, opts, console)}
+
+
+def _options(**options: Any) -> AnalysisOptions:
+    label_keys = set(LabelConfig.__dataclass_fields__)
+    label_kw = {k: options.pop(k) for k in list(options) if k in label_keys}
+    if label_kw:
+        options["labels"] = LabelConfig(**label_kw)
+    options.setdefault("progress", False)
+    return AnalysisOptions(**options)
+
+
+def _analyze_many(paths: str | Path | Sequence[str | Path], opts: AnalysisOptions, console: Console | None) -> list[RunSummary]:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    for p in map(Path, paths):
+        if not p.exists():
+            raise TrajscopeError(f"{p} does not exist: give a run folder or a folder of runs")
+    runs = find_runs(paths)
+    if not runs:
+        raise TrajscopeError(f"no trajscope run under {', '.join(map(str, paths))}: a run folder holds trajectory.zarr (written by trajscope.Recorder)")
+    return [analyze_run(r, opts, console) for r in runs]
+
+
+def _summary_table(s: RunSummary) -> Table:
+    res = s.results
+    t = Table(title=f"{escape(str(s.run))}  ({len(s.analysed)} new checkpoint{'s' if len(s.analysed) != 1 else ''}, "
+                    f"{len(res.steps) if res is not None else 0} in all)", title_justify="left")
+    t.add_column("layer")
+    for name in LABELS:
+        t.add_column(name.replace("_", " "), justify="right")
+    t.add_column("max radius", justify="right")
+    if res is None or not len(res.steps):
+        return t
+    for layer in res.layers:
+        lab = res.node(layer, "label", len(res.steps) - 1)
+        rad = res.node(layer, "spectral_radius", len(res.steps) - 1)
+        counts = [str(int((lab == c).sum())) for c in range(len(LABELS))]
+        t.add_row(layer, *counts, f"{np.nanmax(rad):.4g}" if np.isfinite(rad).any() else "-")
+    return t
+
+
+def analyze_cli(args: Any) -> int:
+    """Entry point for ``trajscope analyze`` (argparse namespace from :mod:`trajscope.cli`)."""
+    steps = None
+    if args.steps:
+        lo, _, hi = args.steps.partition(":")
+        try:
+            steps = (int(lo) if lo else None, int(hi) if hi else None)
+        except ValueError:
+            raise TrajscopeError(f"--steps {args.steps!r} must look like A:B, e.g. 100:500") from None
+    labels = LabelConfig(preset=args.preset, delta=args.delta, collapse_ratio=args.collapse_ratio,
+                         collapse_reference=args.collapse_reference, stable_window=args.stable_window)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrajscopeError("--device cuda was asked for but torch sees no CUDA device: use --device cpu")
+    opts = AnalysisOptions(modules=args.modules, steps=steps, stride=args.stride, all_steps=args.all_steps,
+                           batch=args.batch, curvature=args.curvature, sharpness=not args.no_sharpness, labels=labels,
+                           device=args.device, dtype=args.dtype, model=args.model, model_args=args.model_args,
+                           loss=args.loss, loss_args=args.loss_args, trust=args.trust, progress=not args.no_progress)
+    console = Console()
+    t0 = time.perf_counter()
+    summaries = _analyze_many(args.paths, opts, Console(stderr=True))
+    for s in summaries:
+        console.print(_summary_table(s))
+        res = s.results
+        if res is not None and len(res.steps):
+            sh, th = res.global_series("sharpness")[-1], res.global_series("threshold")[-1]
+            line = f"  last step {int(res.steps[-1])}: loss {res.global_series('loss')[-1]:.4g}, sharpness {sh:.4g} vs threshold {th:.4g}"
+            if "precond_sharpness" in res.global_names:
+                line += f" (preconditioned sharpness {res.global_series('precond_sharpness')[-1]:.4g})"
+            print(line)
+        for note in s.notes:
+            print(f"  note: {note}")
+    # Plain print, not rich: the command must survive pipes (no wrapping) and odd folder names (no markup).
+    logdir = os.path.commonpath([str(s.run.parent.resolve()) for s in summaries])
+    print(f"analysed {sum(len(s.analysed) for s in summaries)} checkpoints of {len(summaries)} run(s) in "
+          f"{time.perf_counter() - t0:.1f} s; results: RUN/analysis.zarr and RUN/events.out.tfevents.* in each run folder")
+    print(f"view them with:  tensorboard --logdir {shlex.quote(logdir)}")
+    return 0
