@@ -41,6 +41,7 @@ def _readme(run: Path, text: str) -> None:
 
 
 DIGITS_SIZES = [64, 32, 16, 10]
+LR, WD, SPIKE_LR, SPIKE_STEPS = 0.5, 0.05, 3.0, 8
 
 
 def digits_mlp(out: Path, steps: int = 300) -> Path:
@@ -52,18 +53,18 @@ def digits_mlp(out: Path, steps: int = 300) -> Path:
     with torch.no_grad():
         model[0].bias[:6] = -30.0      # six first-layer ReLUs dead on all data -> plateaus
         model[2].bias[:4] = -30.0      # four second-layer units dead -> weight decay collapses them
-    groups = [{"params": list(model[0].parameters()) + list(model[4].parameters()), "weight_decay": 0.0},
-              {"params": list(model[2].parameters()), "weight_decay": 0.3}]
-    opt = torch.optim.SGD(groups, lr=0.1)
+    groups = [{"params": list(model[0].parameters()), "weight_decay": 0.0},
+              {"params": list(model[2].parameters()) + list(model[4].parameters()), "weight_decay": WD}]
+    opt = torch.optim.SGD(groups, lr=LR)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)
-    spike = range(int(steps * 0.8), int(steps * 0.8) + 6)  # a short phase far above 2/lambda_max -> sources
+    spike = range(steps - SPIKE_STEPS, steps)  # a last phase far above the stability threshold -> sources
     with trajscope.Recorder(run, model, opt, loss_fn, every=1, overwrite=True, export=False,
                             model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": DIGITS_SIZES},
                             probe=(x[:128], y[:128])) as rec:
         for t in range(steps):
             for group in opt.param_groups:
-                group["lr"] = 2.5 if t in spike else 0.1
+                group["lr"] = SPIKE_LR if t in spike else LR
             idx = torch.randint(0, len(x), (64,), generator=g)
             loss = loss_fn(model(x[idx]), y[idx])
             opt.zero_grad()
@@ -74,10 +75,11 @@ def digits_mlp(out: Path, steps: int = 300) -> Path:
 # digits_mlp
 
 Made by `python examples/make_sample_data.py` (seed 0): `trajscope.zoo.mlp({DIGITS_SIZES})` (ReLU) on
-scikit-learn's digits (pixels / 16), mini-batches of 64, SGD lr 0.1, {steps} steps recorded every step.
+scikit-learn's digits (pixels / 16), mini-batches of 64, SGD lr {LR}, {steps} steps recorded every step.
 - first-layer units 0-5 and second-layer units 0-3 start with bias -30: dead on all data;
-- the second hidden layer is its own parameter group with weight decay 0.3 (others 0);
-- steps {spike.start}-{spike.stop - 1} use lr 2.5, far above the stability threshold.
+- the second hidden layer and the output layer form a parameter group with weight decay {WD}
+  (the first layer has none);
+- the last steps {spike.start}-{spike.stop - 1} use lr {SPIKE_LR}, far above the stability threshold.
 Expected labels: plateaus (dead first-layer units), degenerate sinks (dead second-layer units
 collapsing under weight decay), sources (lr phase), healthy sinks (second layer, live units).
 """)
@@ -87,7 +89,7 @@ collapsing under weight decay), sources (lr phase), healthy sinks (second layer,
 EOS_SIZES = [4, 32, 32, 1]
 
 
-def eos_regression(out: Path, steps: int = 400, lr: float = 0.08) -> Path:
+def eos_regression(out: Path, steps: int = 1000, lr: float = 0.2, wd: float = 0.007) -> Path:
     """Full-batch GD on a tanh MLP regression: progressive sharpening up to 2/lr (edge of stability)."""
     run = out / "eos_regression"
     torch.manual_seed(0)
@@ -96,7 +98,7 @@ def eos_regression(out: Path, steps: int = 400, lr: float = 0.08) -> Path:
     with torch.no_grad():
         y = teacher(x) * 3.0
     model = zoo.mlp(EOS_SIZES, activation="tanh")
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
     loss_fn = nn.MSELoss()
     with trajscope.Recorder(run, model, opt, loss_fn, every=10, window=2, overwrite=True, export=False,
                             model_spec="trajscope.zoo:mlp",
@@ -112,7 +114,8 @@ def eos_regression(out: Path, steps: int = 400, lr: float = 0.08) -> Path:
 
 Made by `python examples/make_sample_data.py` (seed 0): `trajscope.zoo.mlp({EOS_SIZES}, activation="tanh")`
 regressing a random tanh teacher (targets × 3) on 128 Gaussian inputs, full-batch gradient descent
-(SGD, lr {lr}, so 2/lr = {2 / lr:g}), {steps} steps recorded every 10 steps with a window of 2.
+(SGD, lr {lr}, so 2/lr = {2 / lr:g}; weight decay {wd}, so every direction of every node is acted on),
+{steps} steps recorded every 10 steps with a window of 2.
 Sharpness rises until it reaches 2/lr and then hovers there (the edge of stability), while every
 node block stays below it (each node's λ_max ≤ sharpness): the nodes stay sinks.
 """)
@@ -155,10 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scale = 0.2 if args.short else 1.0
-    for make, steps in ((digits_mlp, 300), (eos_regression, 400), (cnn_adam, 150)):
-        run = make(out, steps=max(20, int(steps * scale)))
-        print(f"wrote {run}")
+    for make in (digits_mlp, eos_regression, cnn_adam):
+        kwargs = {"steps": 30} if args.short else {}
+        print(f"wrote {make(out, **kwargs)}")
 
 
 if __name__ == "__main__":
