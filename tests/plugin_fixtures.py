@@ -1,5 +1,9 @@
 """Shared builders for the results / event-file / TensorBoard-plugin tests.
 
+``real_logdir(tmp_path_factory)`` is the logdir the plugin's contract tests run on: a small
+training run recorded with :class:`trajscope.Recorder` and analysed with
+:func:`trajscope.analyze` (nothing synthetic), built once per test session.
+
 ``build_logdir(tmp_path)`` writes a TensorBoard logdir of two runs, each with an
 ``analysis.zarr`` and event files written through the real writers
 (:class:`trajscope.results.ResultsWriter`, :class:`trajscope.analysis.tbevents.EventWriter`)
@@ -160,6 +164,96 @@ def build_logdir(tmp_path: Path, runs: tuple[str, ...] = RUNS) -> Path:
     for seed, name in enumerate(runs):
         write_run(logdir / name, synthetic_run(seed))
     return logdir
+
+
+# -- a real run, recorded and analysed ---------------------------------------------------
+
+REAL_RUN = "mlp"
+REAL_SIZES = (8, 16, 12, 3)
+REAL_LAYERS: dict[str, int] = {"0": 16, "2": 12, "4": 3}  # zoo.mlp: Linear, ReLU, Linear, ReLU, Linear
+REAL_STEPS = 25           # training steps recorded; the last has no successor, so K = 24 are analysed
+REAL_LR, REAL_LR_LATE, REAL_LATE = 0.5, 4.0, 4  # the last REAL_LATE steps far above 2/lr: sources
+DEAD_UNIT = 5             # hidden unit of layer "0" with bias -50: never active
+_REAL_CACHE: dict[str, Path] = {}
+
+
+def record_real_run(run_dir: Path, seed: int = 0) -> Path:
+    """SPEC §2's loop: ``zoo.mlp([8, 16, 12, 3])`` (ReLU), SGD, cross-entropy, every step recorded.
+
+    One first-layer unit is dead (bias -50); the last steps use a learning rate far above the
+    stability threshold, so the analysis labels healthy sinks, plateaus and sources.
+    """
+    import torch  # only when building: the plugin tests themselves never need torch
+
+    import trajscope
+    from trajscope.zoo import mlp
+
+    torch.manual_seed(seed)
+    model = mlp(list(REAL_SIZES))
+    with torch.no_grad():
+        model[0].bias[DEAD_UNIT] = -50.0
+    opt = torch.optim.SGD(model.parameters(), lr=REAL_LR)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(seed + 1)
+    b = 32
+    x_all = torch.randn(REAL_STEPS * b, REAL_SIZES[0], generator=g)
+    y_all = (x_all @ torch.randn(REAL_SIZES[0], REAL_SIZES[-1], generator=g)).argmax(dim=1)
+    with trajscope.Recorder(run_dir, model, opt, loss_fn, every=1, export=False, model_spec="trajscope.zoo:mlp",
+                            model_kwargs={"sizes": list(REAL_SIZES)}) as rec:
+        for t in range(REAL_STEPS):
+            if t == REAL_STEPS - REAL_LATE:
+                for group in opt.param_groups:
+                    group["lr"] = REAL_LR_LATE
+            x, y = x_all[t * b:(t + 1) * b], y_all[t * b:(t + 1) * b]
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            rec.batch(x, y)
+            opt.step()
+    assert rec.failed is None, rec.failed
+    return run_dir
+
+
+def build_real_logdir(tmp_path: Path) -> Path:
+    """``tmp_path/logs/mlp``: :func:`record_real_run`, then ``trajscope.analyze`` on it."""
+    import torch
+
+    import trajscope
+
+    logdir = Path(tmp_path) / "logs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend on a shared machine
+    try:
+        run_dir = record_real_run(logdir / REAL_RUN)
+        trajscope.analyze(run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return logdir
+
+
+def real_logdir(tmp_path_factory) -> Path:
+    """The analysed real run's logdir, built once per test session (read it, never modify it)."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _REAL_CACHE:
+        _REAL_CACHE[key] = build_real_logdir(tmp_path_factory.mktemp("real"))
+    return _REAL_CACHE[key]
+
+
+def read_events(run_dir: Path):
+    """Every event of a run folder through TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(run_dir), size_guidance=ea.STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc.Reload()
+    return acc
+
+
+def event_labels(acc, layer: str) -> tuple[list[int], np.ndarray]:
+    """The ``trajscope/<layer>/labels`` tensors of an accumulator: (steps, (K, N) uint8)."""
+    from tensorboard.util import tensor_util
+
+    ev = acc.Tensors(f"trajscope/{layer}/labels")
+    return [e.step for e in ev], np.stack([tensor_util.make_ndarray(e.tensor_proto) for e in ev])
 
 
 # -- a real TensorBoard server -----------------------------------------------------------

@@ -1,4 +1,8 @@
-"""End to end: a real ``tensorboard`` process discovers the plugin through its entry point."""
+"""End to end: a real ``tensorboard`` process discovers the plugin through its entry point.
+
+It serves the logdir of a run recorded with ``trajscope.Recorder`` and analysed with
+``trajscope.analyze`` (``plugin_fixtures.real_logdir``).
+"""
 from __future__ import annotations
 
 import base64
@@ -9,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from plugin_fixtures import LAYERS, N_STEPS, RUNS, build_logdir, tensorboard_server
+from plugin_fixtures import REAL_RUN, event_labels, read_events, real_logdir, tensorboard_server
 from trajscope.results import open_results
 
 pytestmark = pytest.mark.slow
@@ -25,7 +29,7 @@ def fetch(url: str) -> tuple[int, str, bytes]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    logdir = build_logdir(tmp_path_factory.mktemp("server"))
+    logdir = real_logdir(tmp_path_factory)
     with tensorboard_server(logdir) as base:
         yield logdir, base
 
@@ -44,21 +48,29 @@ def test_listing_enables_trajscope(served):
 
 def test_routes_answer_with_every_step(served):
     logdir, base = served
+    res = open_results(logdir / REAL_RUN)
+    events = read_events(logdir / REAL_RUN)
+    k = len(res)
+    assert k > 10  # more than TensorBoard keeps per tag by default: the loader's fix_flags works
     runs = json.loads(fetch(base + "/data/plugin/trajscope/runs")[2])["runs"]
-    assert [r["name"] for r in runs] == list(RUNS)
-    for run in RUNS:
-        res = open_results(logdir / run)
-        for layer, n in LAYERS.items():
-            status, _, body = fetch(f"{base}/data/plugin/trajscope/labels?run={run}&layer={layer}")
-            assert status == 200
-            d = json.loads(body)
-            # 12 steps > TensorBoard's default of 10 tensors per tag: the loader's fix_flags works.
-            assert len(d["steps"]) == N_STEPS and d["source"] == "events"
-            labels = np.frombuffer(base64.b64decode(d["labels"]["data"]), np.uint8).reshape(n, N_STEPS)
-            np.testing.assert_array_equal(labels.T, res.node(layer, "label"))
-    status, _, body = fetch(f"{base}/data/plugin/trajscope/node?run=alpha&layer=net.0&node=3")
-    assert status == 200 and len(json.loads(body)["series"]["rho"]) == N_STEPS
-    status, ctype, body = fetch(f"{base}/data/plugin/trajscope/labels?run=gamma&layer=net.0")
+    assert [r["name"] for r in runs] == [REAL_RUN]
+    assert [(l["name"], l["nodes"]) for l in runs[0]["layers"]] == list(res.layers.items())
+    for layer, n in res.layers.items():
+        status, _, body = fetch(f"{base}/data/plugin/trajscope/labels?run={REAL_RUN}&layer={layer}")
+        assert status == 200
+        d = json.loads(body)
+        assert d["steps"] == res.steps.tolist() and d["source"] == "events"
+        labels = np.frombuffer(base64.b64decode(d["labels"]["data"]), np.uint8).reshape(n, k)
+        np.testing.assert_array_equal(labels.T, res.node(layer, "label"))
+        np.testing.assert_array_equal(labels.T, event_labels(events, layer)[1])
+    status, _, body = fetch(f"{base}/data/plugin/trajscope/node?run={REAL_RUN}&layer=0&node=3")
+    assert status == 200
+    rho = json.loads(body)["series"]["rho"]
+    np.testing.assert_allclose(rho, res.node_series("0", "rho", 3), rtol=1e-6)
+    status, _, body = fetch(f"{base}/data/plugin/trajscope/stability?run={REAL_RUN}")
+    np.testing.assert_allclose(json.loads(body)["global"]["series"]["sharpness"], res.global_series("sharpness"),
+                               rtol=1e-6)
+    status, ctype, body = fetch(f"{base}/data/plugin/trajscope/labels?run=gamma&layer=0")
     assert status == 404 and ctype == "application/json" and "unknown run" in json.loads(body)["error"]
     status, _, _ = fetch(f"{base}/data/plugin/trajscope/static/..%2Fplugin.py")
     assert 400 <= status < 500
@@ -67,9 +79,13 @@ def test_routes_answer_with_every_step(served):
 
 
 def test_stock_dashboards_see_the_tags(served):
-    _, base = served
+    logdir, base = served
+    res = open_results(logdir / REAL_RUN)
     tags = json.loads(fetch(base + "/data/plugin/scalars/tags")[2])
-    assert "trajscope/global/sharpness" in tags["alpha"]
-    assert "trajscope/net.0/frac/source" in tags["alpha"]
-    hist = json.loads(fetch(base + "/data/plugin/histograms/histograms?run=alpha&tag=trajscope/net.0/rho")[2])
-    assert len(hist) == N_STEPS
+    assert "trajscope/global/sharpness" in tags[REAL_RUN]
+    assert {f"trajscope/{m}/frac/source" for m in res.layers} <= set(tags[REAL_RUN])
+    scalars = json.loads(fetch(f"{base}/data/plugin/scalars/scalars?run={REAL_RUN}&tag=trajscope/global/loss")[2])
+    assert [int(p[1]) for p in scalars] == res.steps.tolist()
+    np.testing.assert_allclose([p[2] for p in scalars], res.global_series("loss"), rtol=1e-6)
+    hist = json.loads(fetch(f"{base}/data/plugin/histograms/histograms?run={REAL_RUN}&tag=trajscope/0/rho")[2])
+    assert len(hist) == len(res)

@@ -132,3 +132,43 @@ def test_diverging_values(tmp_path):
 
 def test_all_steps_kept(acc):
     assert len(acc.Tensors("trajscope/net.2/labels")) == N_STEPS
+
+
+def _write_labels(run_dir, steps, code: int) -> None:
+    with EventWriter(run_dir, ["fc"]) as w:
+        for s in steps:
+            w.write(s, {"loss": float(code)}, {"fc": {"label": np.full(3, code, np.uint8)}})
+
+
+def test_reanalysis_event_files_sort_in_creation_order(tmp_path, monkeypatch):
+    """Regression: two analyses of one run in one second, the writer counter going from 9 to 10.
+
+    TensorBoard reads a run's event files in name order and the later value of a step wins. The
+    names differ only in that counter, compared as text ("….10" < "….9"), so the re-analysis
+    (all 3s) sorted first and TensorBoard showed the stale first analysis (all 0s) for steps 0-2.
+    """
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer._global_uid, "_value", 9)
+    _write_labels(tmp_path, [0, 1, 2], code=0)
+    first = {p.name for p in tmp_path.iterdir()}
+    _write_labels(tmp_path, [0, 1, 2, 3], code=3)  # analysis.zarr deleted, the run analysed again
+    second = {p.name for p in tmp_path.iterdir()} - first
+    assert sorted(first | second) == sorted(first) + sorted(second), (first, second)
+    a = ea.EventAccumulator(str(tmp_path), size_guidance=ea.STORE_EVERYTHING_SIZE_GUIDANCE)
+    a.Reload()
+    ev = a.Tensors("trajscope/fc/labels")
+    assert [e.step for e in ev] == [0, 1, 2, 0, 1, 2, 3]  # files read in creation order
+    last = {e.step: tensor_util.make_ndarray(e.tensor_proto).tolist() for e in ev}  # the plugin: last wins
+    assert last == {s: [3, 3, 3] for s in range(4)}
+    assert [(e.step, e.value) for e in a.Scalars("trajscope/global/loss")][-4:] == [(s, 3.0) for s in range(4)]
+
+
+def test_event_file_from_the_future_warns_instead_of_waiting(tmp_path):
+    import time
+
+    (tmp_path / f"events.out.tfevents.{int(time.time()) + 3600:010d}.host.1.0").write_bytes(b"")
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="clock skew"):
+        EventWriter(tmp_path, ["fc"]).close()
+    assert time.monotonic() - t0 < 1.0

@@ -11,11 +11,22 @@ Tags (``<module>`` is the module's qualified name, kept as is):
   data class TENSOR, content JSON ``{"version": 1, "labels": [...], "module": ..., "nodes": N}``)
   for the dashboard in ``plugins/`` (TensorBoard only hands DATA_CLASS_TENSOR series to plugins);
 - a custom-scalars layout (once per writer) overlaying sharpness and threshold.
+
+Every writer (every ``trajscope analyze`` of a run) opens a new event file. TensorBoard reads a
+run's event files in the order of their names, and a later file's events win for a step written
+twice (a re-analysis). The standard name ``events.out.tfevents.<second>.<host>.<pid>.<counter>``
+sorts in creation order only while the seconds differ: within one second the pid and the
+per-process counter compare as text (``….10`` sorts before ``….9``; a suffix cannot help, it
+comes after them). So a writer first waits, when it must, until the clock is past the second of
+every event file already in the run folder (at most about a second, and only for a re-analysis
+started within a second of the previous one).
 """
 from __future__ import annotations
 
 import json
 import re
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,12 +37,42 @@ from torch.utils.tensorboard import SummaryWriter
 
 from trajscope.results import LABELS
 
-__all__ = ["EventWriter", "HIST_METRICS", "PLUGIN_NAME", "LABELS_CONTENT_VERSION", "MAX_BINS", "histogram_bins"]
+__all__ = ["EventWriter", "HIST_METRICS", "PLUGIN_NAME", "LABELS_CONTENT_VERSION", "MAX_BINS", "histogram_bins",
+           "event_file_second"]
 
 PLUGIN_NAME = "trajscope"
 LABELS_CONTENT_VERSION = 1
 HIST_METRICS = ("hess_max", "spectral_radius", "rho", "drift", "grad_norm", "param_norm")
 MAX_BINS = 30
+#: The longest wait for a later second before a new event file (a newer file beyond that: clock skew).
+MAX_ORDER_WAIT_S = 2.0
+_EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+
+
+def event_file_second(name: str) -> int | None:
+    """The creation second in a standard event file name, or None for another name."""
+    m = _EVENT_FILE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _wait_for_a_later_second(run_dir: Path) -> None:
+    """Return once ``time.time()`` is in a later second than every event file in ``run_dir``.
+
+    Then the file the writer opens next sorts after all of them (see the module doc).
+    """
+    try:
+        names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    except OSError:
+        return
+    latest = max((s for s in map(event_file_second, names) if s is not None), default=None)
+    if latest is None:
+        return
+    if latest + 1 - time.time() > MAX_ORDER_WAIT_S:
+        warnings.warn(f"{run_dir} holds an event file from the future (second {latest}; clock skew?): the new "
+                      f"one sorts before it, so TensorBoard may show steps out of order", stacklevel=3)
+        return
+    while int(time.time()) <= latest:
+        time.sleep(max(0.0, latest + 1 - time.time()) + 1e-3)
 
 
 def histogram_bins(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -62,12 +103,16 @@ class EventWriter:
     def __init__(self, run_dir: str | Path, layers: Sequence[str]) -> None:
         """Open a new event file in ``run_dir`` and write the custom-scalars layout.
 
+        The new file sorts after every event file already in ``run_dir`` (see the module doc:
+        it may wait up to about a second for that).
+
         Args:
             run_dir: the run folder (``tensorboard --logdir PARENT`` shows it by folder name).
             layers: node-layer module names, in layer order (used for the layout).
         """
         self.run_dir = Path(run_dir)
         self.layers = list(layers)
+        _wait_for_a_later_second(self.run_dir)
         # flush_secs small: a long analysis shows up in TensorBoard while it runs.
         self._writer = SummaryWriter(log_dir=str(self.run_dir), flush_secs=10)
         self._label_meta: dict[str, bytes] = {}
