@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m trajscope.demo
+	$(PY) examples/demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_recorder.py
