@@ -8,8 +8,7 @@ The tests save their screenshot under pytest's tmp path; they never touch tracke
 README screenshot ``docs/img/dashboard.png`` is made only on request, from the analysed sample
 runs (``make demo`` writes them to ``demo_runs/``)::
 
-    TRAJSCOPE_SCREENSHOT_LOGDIR=demo_runs .venv/bin/python -m pytest tests/test_plugin_browser.py -k readme
-    .venv/bin/python tests/test_plugin_browser.py demo_runs        # the same, without pytest
+    make demo && .venv/bin/python tests/test_plugin_browser.py demo_runs
 
 It shows run ``digits_mlp``: the layer with the most distinct labels, the analysed step with the
 most sources in it (the phase portrait and the marked label-map column), and one of those
@@ -278,18 +277,6 @@ def test_empty_logdir_shows_how_to_start(browser, tmp_path):
             assert not problems, problems
         finally:
             page.close()
-
-
-@pytest.mark.skipif(not os.environ.get(SCREENSHOT_ENV),
-                    reason=f"set {SCREENSHOT_ENV}=demo_runs to remake the README screenshot")
-def test_readme_screenshot(browser):
-    """Opt-in: writes docs/img/dashboard.png from the analysed sample runs (see the module doc)."""
-    browser = _use(browser)
-    logdir = Path(os.environ[SCREENSHOT_ENV])
-    if not (logdir / README_RUN / "analysis.zarr").is_dir():
-        pytest.fail(f"{logdir / README_RUN} is not an analysed run: run `make demo` first")
-    shown = readme_screenshot(browser, logdir)
-    assert README_SCREENSHOT.stat().st_size > 20_000, shown
 
 
 def main(argv: list[str]) -> int:
