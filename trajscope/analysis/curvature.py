@@ -57,6 +57,7 @@ exact, conv    N·T HVPs w.r.t. z (batched); memory      N·B·T²·p + N·p³ (
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -181,6 +182,15 @@ class CurvatureResult:
 # --------------------------------------------------------------------------------------------
 _POOL: ThreadPoolExecutor | None = None
 _POOL_OK: bool | None = None
+
+
+def _forget_pool() -> None:  # a forked child inherits the pool object but not its threads
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _single_threaded_worker() -> None:
@@ -508,7 +518,7 @@ def _tile_bytes(factor: LayerFactor, route: str, precond: bool) -> int:
 
 
 def _shared_gram(factor: LayerFactor, g: int, F: Tensor, sqrt: bool) -> Tensor:
-    """Cached float64 Gram matrix :math:`F F^\top` of group g (or its square root)."""
+    r"""Cached float64 Gram matrix :math:`F F^\top` of group g (or its square root)."""
     key = ("G", g)
     if key not in factor.cache:
         factor.cache[key] = (F @ F.mT).to(torch.float64)

@@ -1,0 +1,120 @@
+"""Global sharpness (SPEC §8) against the dense float64 Hessian of all parameters."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+from trajscope.analysis.curvature import node_curvature
+from trajscope.analysis.nodes import find_node_layers
+from trajscope.analysis.sharpness import hvp_operator, sharpness
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+DT = torch.float64
+
+
+def setup(act=nn.Tanh, loss="ce", seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), act(), nn.Linear(6, 4), act(), nn.Linear(4, 3)).to(DT)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(8, 5, generator=g, dtype=DT)
+    if loss == "ce":
+        y, loss_fn = torch.randint(0, 3, (8,), generator=g), nn.CrossEntropyLoss()
+    else:
+        y, loss_fn = torch.randn(8, 3, generator=g, dtype=DT), nn.MSELoss()
+    return model, params, x, y, loss_fn
+
+
+def dense_hessian(model, params, x, y, loss_fn):
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    sizes = [params[k].numel() for k in names]
+    flat = torch.cat([params[k].reshape(-1) for k in names])
+
+    def f(v):
+        p = {k: t.reshape(s) for k, t, s in zip(names, v.split(sizes), shapes)}
+        return loss_fn(functional_call(model, p, (x,)), y)
+
+    return hessian(f)(flat)
+
+
+def test_hvp_operator_matches_dense_hessian():
+    model, params, x, y, loss_fn = setup()
+    H = dense_hessian(model, params, x, y, loss_fn)
+    mv, dim = hvp_operator(model, params, {}, x, y, loss_fn)
+    assert dim == H.shape[0]
+    v = torch.randn(dim, dtype=DT)
+    assert torch.allclose(mv(v), H @ v, rtol=1e-10, atol=1e-12)
+    vn = np.random.default_rng(1).standard_normal(dim)
+    assert np.allclose(mv(vn), (H @ torch.from_numpy(vn)).numpy(), rtol=1e-10, atol=1e-12)
+    assert mv.count == 2
+    # a subset of the parameters: the principal block of H
+    mv2, d2 = hvp_operator(model, params, {}, x, y, loss_fn, names=["2.weight", "2.bias"])
+    start = params["0.weight"].numel() + params["0.bias"].numel()
+    sl = slice(start, start + d2)
+    u = torch.randn(d2, dtype=DT)
+    assert torch.allclose(mv2(u), H[sl, sl] @ u, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act,loss", [(nn.Tanh, "ce"), (nn.ReLU, "mse")])
+def test_sharpness_matches_dense(act, loss):
+    model, params, x, y, loss_fn = setup(act, loss)
+    H = dense_hessian(model, params, x, y, loss_fn)
+    lam = float(torch.linalg.eigvalsh(H)[-1])
+    res = sharpness(model, params, {}, x, y, loss_fn)
+    assert res.converged and res.n_hvp > 0
+    assert abs(res.value - lam) <= 1e-4 * abs(lam), (res.value, lam)
+
+
+def test_node_blocks_below_sharpness():
+    """Cauchy interlacing: every node block is a principal submatrix of the full Hessian."""
+    model, params, x, y, loss_fn = setup(nn.Tanh, "ce")
+    s = sharpness(model, params, {}, x, y, loss_fn, tol=1e-6).value
+    res = node_curvature(model, params, {}, x, y, loss_fn, find_node_layers(model), kind="exact")
+    for name, ev in res.eigvals.items():
+        assert float(ev.max()) <= s * (1 + 1e-6) + 1e-12, name
+
+
+def test_preconditioned_sharpness():
+    model, params, x, y, loss_fn = setup(nn.Tanh, "ce")
+    H = dense_hessian(model, params, x, y, loss_fn)
+    g = torch.Generator().manual_seed(3)
+    precond = {k: torch.rand(v.shape, generator=g, dtype=DT) * 5 + 0.2 for k, v in params.items()}
+    d = torch.cat([precond[k].reshape(-1) for k in params]).sqrt()
+    lam = float(torch.linalg.eigvalsh(d[:, None] * H * d[None, :])[-1])
+    res = sharpness(model, params, {}, x, y, loss_fn, precond=precond)
+    assert res.converged
+    assert abs(res.value - lam) <= 1e-4 * abs(lam), (res.value, lam)
+
+
+def test_small_model_dense_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).to(DT)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x, y = torch.randn(4, 2, dtype=DT), torch.randn(4, 1, dtype=DT)
+    H = dense_hessian(model, params, x, y, nn.MSELoss())
+    res = sharpness(model, params, {}, x, y, nn.MSELoss())
+    assert res.n_hvp == H.shape[0]
+    assert math.isclose(res.value, float(torch.linalg.eigvalsh(H)[-1]), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_params_give_nan(bad):
+    model, params, x, y, loss_fn = setup()
+    params["2.weight"] = params["2.weight"].clone()
+    params["2.weight"][0, 0] = bad
+    res = sharpness(model, params, {}, x, y, loss_fn)
+    assert math.isnan(res.value) and not res.converged
+
+
+def test_nonfinite_loss_gives_nan():
+    model, params, x, y, loss_fn = setup()
+    x = x.clone()
+    x[0, 0] = math.nan
+    res = sharpness(model, params, {}, x, y, loss_fn)
+    assert math.isnan(res.value)
