@@ -189,6 +189,8 @@ class _Analyser:
                 cr = node_curvature(self.model, params, buffers, inputs, targets, self.loss_fn, self.layers,
                                     kind=opts.curvature)
                 glob["loss"] = float(cr.loss)
+            except ValueError as e:  # e.g. exact conv blocks too large for memory: say what to do
+                raise TrajscopeError(f"step {step}: {str(e).splitlines()[0]}") from None
             except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. non-finite activations from huge weights
                 warnings.warn(f"step {step}: curvature failed ({type(e).__name__}: {str(e).splitlines()[0]}); nodes get NaN")
                 cr = None
