@@ -56,7 +56,7 @@ def summary_tables(run: Run) -> list[Table]:
         overview.add_row("batches", "none recorded: analysis gives kinematics only")
     elif len(run.steps):
         b = run.reader.batch(len(run.steps) - 1)
-        overview.add_row("batch (last)", _describe_batch(b))
+        overview.add_row("batch (last)", _describe_batch(b) if b is not None else "none (batch() was not called for that step)")
     overview.add_row("probe batch", "yes" if "probe" in a else "no")
     overview.add_row("size on disk", _size(run.reader.disk_bytes()))
 
