@@ -41,7 +41,7 @@ def _readme(run: Path, text: str) -> None:
 
 
 DIGITS_SIZES = [64, 32, 16, 10]
-LR, WD, SPIKE_LR, SPIKE_STEPS = 0.5, 0.05, 3.0, 8
+LR, WD, SPIKE_LR, SPIKE_STEPS = 0.5, 0.05, 3.0, 10
 
 
 def digits_mlp(out: Path, steps: int = 300) -> Path:
@@ -59,7 +59,7 @@ def digits_mlp(out: Path, steps: int = 300) -> Path:
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)
     spike = range(steps - SPIKE_STEPS, steps)  # a last phase far above the stability threshold -> sources
-    with trajscope.Recorder(run, model, opt, loss_fn, every=1, overwrite=True, export=False,
+    with trajscope.Recorder(run, model, opt, loss_fn, every=5, window=2, overwrite=True, export=False,
                             model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": DIGITS_SIZES},
                             probe=(x[:128], y[:128])) as rec:
         for t in range(steps):
@@ -75,7 +75,8 @@ def digits_mlp(out: Path, steps: int = 300) -> Path:
 # digits_mlp
 
 Made by `python examples/make_sample_data.py` (seed 0): `trajscope.zoo.mlp({DIGITS_SIZES})` (ReLU) on
-scikit-learn's digits (pixels / 16), mini-batches of 64, SGD lr {LR}, {steps} steps recorded every step.
+scikit-learn's digits (pixels / 16), mini-batches of 64, SGD lr {LR}, {steps} steps recorded every 5 steps with a window of 2
+(so θ_{{t+1}} is on disk for every analysed step t = 0, 5, 10, ...).
 - first-layer units 0-5 and second-layer units 0-3 start with bias -30: dead on all data;
 - the second hidden layer and the output layer form a parameter group with weight decay {WD}
   (the first layer has none);
