@@ -170,7 +170,8 @@ def _exported_layer(mod: nn.Module) -> tuple[str, dict | None] | None:
     return None if geo is None else ("conv", geo)
 
 
-def _matches(name: str, include: Sequence[str]) -> bool:
+def matches(name: str, include: Sequence[str]) -> bool:
+    """Whether module ``name`` equals one of ``include`` or matches it as an fnmatch pattern."""
     return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in include)
 
 
@@ -199,7 +200,7 @@ def find_node_layers(model: nn.Module, include: Sequence[str] | None = None) -> 
             mha_children.add(f"{name}.out_proj" if name else "out_proj")
     layers: list[NodeLayer] = []
     for name, mod in model.named_modules():
-        if name in mha_children or (include is not None and not _matches(name, include)):
+        if name in mha_children or (include is not None and not matches(name, include)):
             continue
         if isinstance(mod, nn.Linear):
             found: tuple[str, dict | None] | None = ("linear", None)

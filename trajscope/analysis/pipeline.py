@@ -34,7 +34,7 @@ import trajscope
 from trajscope.analysis.curvature import node_curvature, node_hessian_extremes, preconditioned_eigvals
 from trajscope.analysis.kinematics import node_kinematics
 from trajscope.analysis.labels import LABELS, REASONS, LabelConfig, classify, resolve_delta, stable_labels
-from trajscope.analysis.nodes import NodeLayer, node_matrix
+from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.sharpness import sharpness as compute_sharpness
 from trajscope.analysis.tbevents import EventWriter
 from trajscope.analysis.updatemap import (UpdateRule, adam_preconditioner, node_update_spectra, stability_threshold,
@@ -81,11 +81,8 @@ class RunSummary:
 # --------------------------------------------------------------------------- node layers
 def recorded_node_layers(run: Run, include: Sequence[str] | None = None) -> list[NodeLayer]:
     """Node layers from the table the Recorder wrote (works for import-spec and exported models)."""
-    import fnmatch
-
     table = run.attrs["model"].get("node_layers", [])
-    out = [NodeLayer(**{**d, "conv": _tuples(d["conv"])}) for d in table
-           if not include or any(d["name"] == pat or fnmatch.fnmatchcase(d["name"], pat) for pat in include)]
+    out = [NodeLayer(**{**d, "conv": _tuples(d["conv"])}) for d in table if not include or matches(d["name"], include)]
     if include and not out:
         names = [d["name"] for d in table]
         raise TrajscopeError(f"--modules {' '.join(include)} matches no Linear/Conv module of the run "
@@ -162,6 +159,7 @@ class _Analyser:
                 self.loss_fn = self.loss_fn.to(opts.device)
         self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
         self.total_steps = int(run.steps[-1]) + 1 if len(run.steps) else 1
+        self.delta = resolve_delta(opts.labels, self.total_steps)
 
     def rules(self, ck: Checkpoint) -> list[UpdateRule]:
         out = []
@@ -170,7 +168,8 @@ class _Analyser:
             out.append(update_rule(self.run.optimizer_class, ck.hparams[g], state))
         return out
 
-    def checkpoint(self, step: int, succ: int | None, first_norms: dict[str, torch.Tensor] | None) -> tuple[dict, dict, list[UpdateRule]]:
+    def checkpoint(self, step: int, succ: int | None, first_norms: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
+        """(global values, per-layer node arrays) of one checkpoint."""
         run, opts = self.run, self.opts
         ck = run.checkpoint(step)
         dev, dt = opts.device, self.dtype
@@ -199,7 +198,7 @@ class _Analyser:
         nodes = {}
         for layer in self.layers:
             nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, ck, glob["loss"], first_norms)
-        return glob, nodes, rules
+        return glob, nodes
 
     def _sharpness(self, params, buffers, inputs, targets, rules, ck, cr) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -295,7 +294,11 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
     except (TrajscopeError, FileNotFoundError, KeyError):
         prev, done, attrs = None, [], {}
     # δ is fixed at the first analysis of a run so that appended labels stay comparable.
-    an.delta = float(attrs.get("delta", resolve_delta(opts.labels, an.total_steps)))
+    if "delta" in attrs:
+        if opts.labels.delta is not None and not math.isclose(opts.labels.delta, attrs["delta"]):
+            raise TrajscopeError(f"{run.path} was analysed with delta {attrs['delta']:g}; appended labels must use the "
+                                 f"same: drop --delta, or delete {run.path / 'analysis.zarr'} to re-analyse from scratch")
+        an.delta = float(attrs["delta"])
     todo = eligible_steps(run, opts, done)
     summary = RunSummary(run=run.path, analysed=[], results=None, kinematics_only=an.kinematics_only)
     if an.kinematics_only:
@@ -346,7 +349,7 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
         with progress:
             task = progress.add_task(f"{run.path.name}", total=len(todo))
             for step, succ in todo:
-                glob, nodes, _ = an.checkpoint(step, succ, first_norms)
+                glob, nodes = an.checkpoint(step, succ, first_norms)
                 if not first_norms:  # the first analysed row is the collapse reference of the run
                     first_norms = {l: torch.from_numpy(nodes[l]["param_norm"].astype(np.float64)) for l in layers}
                 for l in layers:
