@@ -66,9 +66,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from trajscope.analysis.nodes import NodeLayer, node_matrix
+from trajscope.capture import functional_forward
 
 __all__ = [
     "LayerFactor",
@@ -78,7 +78,6 @@ __all__ = [
     "preconditioned_eigvals",
     "dense_blocks",
     "node_gradients",
-    "call_model",
 ]
 
 # Nodes per eigen-bucket on the Gram route: nodes are sorted by their number of live samples
@@ -299,18 +298,6 @@ def _batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tenso
                for g in grad_outputs]
         return [None if res[0][k] is None else torch.stack([r[k] for r in res])
                 for k in range(len(inputs))]
-
-
-def call_model(model: nn.Module, tensors: Mapping[str, Tensor], inputs: Any) -> Any:
-    """Evaluate ``model`` functionally: a tensor → ``model(x)``, a tuple/list → ``model(*x)``,
-    a dict → ``model(**x)``."""
-    if isinstance(inputs, Tensor):
-        return functional_call(model, dict(tensors), (inputs,))
-    if isinstance(inputs, (tuple, list)):
-        return functional_call(model, dict(tensors), tuple(inputs))
-    if isinstance(inputs, Mapping):
-        return functional_call(model, dict(tensors), (), dict(inputs))
-    return functional_call(model, dict(tensors), (inputs,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,7 +674,7 @@ def node_curvature(
     cap = _Capture(model, layers)
     try:
         with torch.enable_grad():
-            f = call_model(model, {**leaves, **buffers}, inputs)
+            f = functional_forward(model, {**leaves, **buffers}, inputs)
             if not isinstance(f, Tensor):
                 raise TypeError("node_curvature needs a model whose output is one tensor")
             cap.remove()  # the hooks are only needed during the forward pass

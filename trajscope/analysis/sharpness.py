@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trajscope.analysis.curvature import call_model
+from trajscope.capture import functional_forward
 
 __all__ = ["SharpnessResult", "hvp_operator", "sharpness"]
 
@@ -92,7 +92,7 @@ def hvp_operator(
     model.eval()
     try:
         with torch.enable_grad():
-            out = call_model(model, {**leaves, **dict(buffers)}, inputs)
+            out = functional_forward(model, {**leaves, **dict(buffers)}, inputs)
             loss = loss_fn(out, targets)
             gs = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
     finally:
