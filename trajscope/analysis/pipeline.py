@@ -193,27 +193,29 @@ class _Analyser:
             except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. non-finite activations from huge weights
                 warnings.warn(f"step {step}: curvature failed ({type(e).__name__}: {str(e).splitlines()[0]}); nodes get NaN")
                 cr = None
-            if opts.sharpness:
-                glob.update(self._sharpness(params, buffers, inputs, targets, rules, ck, cr))
+        # Adam's frozen preconditioner D, once per checkpoint: the node spectra and the
+        # preconditioned sharpness both use it.
+        precond = None
+        if cr is not None and any(r.preconditioned for r in rules):
+            precond = {name: _precond(rules[self.group_of.get(name, 0)], ck.optimizer_state.get(name, {}),
+                                      cr.grads[name], p) for name, p in params.items()}
+        if not self.kinematics_only and finite and opts.sharpness:
+            glob.update(self._sharpness(params, buffers, inputs, targets, precond))
         nodes = {}
         for layer in self.layers:
-            nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, ck, glob["loss"], first_norms)
+            nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, precond, glob["loss"], first_norms)
         return glob, nodes
 
-    def _sharpness(self, params, buffers, inputs, targets, rules, ck, cr) -> dict[str, float]:
+    def _sharpness(self, params, buffers, inputs, targets, precond) -> dict[str, float]:
         out: dict[str, float] = {}
         res = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn)
         out["sharpness"], out["n_hvp"] = res.value, float(res.n_hvp)
-        if any(r.preconditioned for r in rules) and cr is not None:
-            precond = {}
-            for name, p in params.items():
-                g = self.group_of.get(name, 0)
-                precond[name] = _precond(rules[g], ck.optimizer_state.get(name, {}), cr.grads[name], p)
+        if precond is not None:
             out["precond_sharpness"] = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn,
                                                          precond=precond).value
         return out
 
-    def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, ck, loss, first_norms) -> dict[str, np.ndarray]:
+    def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms) -> dict[str, np.ndarray]:
         n, p = layer.n_nodes, layer.node_dim
         theta = node_matrix(params, layer)
         theta_next = node_matrix(nxt, layer) if nxt is not None else None
@@ -233,9 +235,7 @@ class _Analyser:
             hmax, hmin = node_hessian_extremes(eig, p)
             grad_norm = node_matrix(cr.grads, layer).norm(dim=1)
             if rule.preconditioned:
-                d = {name: _precond(rule, ck.optimizer_state.get(name, {}), cr.grads[name], params[name])
-                     for name in (layer.weight, layer.bias) if name}
-                factor, dm = cr.factors[layer.name], node_matrix(d, layer)
+                factor, dm = cr.factors[layer.name], node_matrix(precond, layer)
                 # the update map wants eig of D^{1/2}(s·H + wd)D^{1/2}; s = -1 when maximising
                 eig = (preconditioned_eigvals(factor, dm, shift=rule.coupled_shift) if rule.curvature_sign > 0 else
                        -preconditioned_eigvals(factor, dm, shift=-rule.coupled_shift).flip(1))
