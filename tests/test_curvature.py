@@ -414,3 +414,26 @@ def test_unflattened_export_program():
     for l in layers:
         assert torch.allclose(a.eigvals[l.name], b.eigvals[l.name], rtol=1e-10, atol=1e-14)
     check_layer(a, model, params, x, y, nn.MSELoss(), layers[0], ref_exact, nodes=[0])
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+@pytest.mark.parametrize("kind", ["ggn", "exact"])
+def test_float32_analysis_matches_float64_reference(act, kind):
+    """A float32 run: blocks assembled and solved in float32, spectra within float32 accuracy
+    of the float64 references (Gram and dense routes, PSD and indefinite)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(40, 30), act(), nn.Linear(30, 20), act(), nn.Linear(20, 5))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(24, 40, generator=g)
+    y = torch.randint(0, 5, (24,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    layers = find_node_layers(model)
+    res = node_curvature(model, _params(model), {}, x, y, loss_fn, layers, kind=kind)
+    assert [res.factors[l.name].method for l in layers] == ["gram", "gram", "dense"]
+    m64 = model.to(DT)
+    p64 = _params(m64)
+    ref = ref_exact if (kind == "exact" or act is nn.ReLU) else ref_ggn
+    for l in layers:
+        for i in (0, l.n_nodes // 2, l.n_nodes - 1):
+            H = ref(m64, p64, x.to(DT), y, loss_fn, l, i)
+            spectrum_close(res.eigvals[l.name][i], H, l.node_dim, tol=2e-5)

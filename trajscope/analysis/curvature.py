@@ -222,10 +222,10 @@ def _pool_map(fn: Callable, items: list) -> list:
     return list(_POOL.map(fn, items))
 
 
-def _eigvalsh(K: Tensor) -> Tensor:
-    """Eigenvalues of a batch of symmetric matrices ``(n, m, m)`` in float64; NaN for any
-    matrix with non-finite entries (never raises for bad data)."""
-    K = K.to(torch.float64)
+def _eigvalsh(K: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Eigenvalues (float64) of a batch of symmetric matrices ``(n, m, m)``, solved in ``dtype``;
+    NaN for any matrix with non-finite entries (never raises for bad data)."""
+    K = K.to(dtype)
     n, m = K.shape[0], K.shape[-1]
     out = torch.full((n, m), math.nan, dtype=torch.float64)
     if n == 0 or m == 0:
@@ -239,13 +239,13 @@ def _eigvalsh(K: Tensor) -> Tensor:
             return out
         Kok = K[ok]
     try:
-        ev = torch.linalg.eigvalsh(Kok)
+        ev = torch.linalg.eigvalsh(Kok).to(torch.float64)
     except Exception:  # LAPACK non-convergence: retry one by one, NaN what still fails
         import numpy as np
         ev = torch.full((Kok.shape[0], m), math.nan, dtype=torch.float64)
         for i in range(Kok.shape[0]):
             try:
-                ev[i] = torch.from_numpy(np.linalg.eigvalsh(Kok[i].numpy()))
+                ev[i] = torch.from_numpy(np.linalg.eigvalsh(Kok[i].numpy()).astype(np.float64))
             except Exception:
                 pass
     if ok is None:
@@ -270,18 +270,22 @@ def _psd_sqrt(M: Tensor) -> Tensor:
 
 
 def _finalize(ev: Tensor, r: int, p: int, eps: float) -> Tensor:
-    """Pad/trim eigenvalues ``(n, m)`` to ``r`` (keeping the largest |λ|), zero those under the
-    rank tolerance ``max(p, r) * eps * 10 * max|λ|``, and sort descending."""
+    """Pad/trim ascending eigenvalues ``(n, m)`` to ``r`` (keeping the largest |λ|), zero those
+    under the rank tolerance ``max(p, r) * eps * 10 * max|λ|``, and sort descending."""
     n, m = ev.shape
-    if m > r:
+    trimmed = m > r
+    if trimmed:
         keep = ev.abs().nan_to_num(math.inf).topk(r, dim=1).indices
         ev = ev.gather(1, keep)
-    elif m < r:
-        ev = torch.cat([ev, ev.new_zeros(n, r - m)], dim=1)
+    else:
+        ev = ev.flip(1)
     amax = ev.abs().amax(dim=1, keepdim=True) if r else ev.new_zeros(n, 1)
-    tol = max(p, r) * eps * 10.0 * amax
-    ev = torch.where(ev.abs() <= tol, torch.zeros((), dtype=ev.dtype), ev)
-    return ev.sort(dim=1, descending=True).values
+    ev = ev.masked_fill(ev.abs() <= max(p, r) * eps * 10.0 * amax, 0.0)
+    if m < r:
+        ev = torch.cat([ev, ev.new_zeros(n, r - m)], dim=1)
+    if trimmed or bool((ev < 0).any()):  # else already descending (the PSD case)
+        ev = ev.sort(dim=1, descending=True).values
+    return ev
 
 
 def _batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor) -> list[Tensor | None]:
@@ -464,6 +468,15 @@ class _Job:
     r: int
     p: int
     eps: float
+    solve_dtype: torch.dtype
+
+
+def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the eigensolves: float64 for a float64 analysis, else float32. The blocks
+    are assembled in the analysis dtype, so their entries already carry its rounding error
+    (~p·eps·‖H_i‖); a float32 solve adds ~m·eps·‖H_i‖, well under the rank tolerance of
+    :func:`_finalize`, at about 2/3 of the float64 time."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _run_jobs(jobs: list[_Job]) -> None:
@@ -471,7 +484,7 @@ def _run_jobs(jobs: list[_Job]) -> None:
     jobs = sorted(jobs, key=lambda j: -j.cost)
 
     def solve(j: _Job) -> Tensor:
-        return _finalize(_eigvalsh(j.build()), j.r, j.p, j.eps)
+        return _finalize(_eigvalsh(j.build(), j.solve_dtype), j.r, j.p, j.eps)
 
     for j, ev in zip(jobs, _pool_map(solve, jobs)):
         j.out[j.idx] = ev
@@ -504,17 +517,19 @@ def _tile_bytes(factor: LayerFactor, route: str, precond: bool) -> int:
     return per_node_F + 4 * R * R * 8
 
 
-def _shared_gram(factor: LayerFactor, g: int, F: Tensor, sqrt: bool) -> Tensor:
-    r"""Cached float64 Gram matrix :math:`F F^\top` of group g (or its square root)."""
+def _shared_gram(factor: LayerFactor, g: int, F: Tensor, sqrt: bool,
+                 dtype: torch.dtype = torch.float64) -> Tensor:
+    r"""Cached Gram matrix :math:`F F^\top` of group g (or, in float64, its square root)."""
     key = ("G", g)
     if key not in factor.cache:
         factor.cache[key] = (F @ F.mT).to(torch.float64)
-    if not sqrt:
-        return factor.cache[key]
-    key_r = ("R", g)
-    if key_r not in factor.cache:
-        factor.cache[key_r] = _psd_sqrt(factor.cache[key])
-    return factor.cache[key_r]
+    if sqrt:
+        if ("R", g) not in factor.cache:
+            factor.cache[("R", g)] = _psd_sqrt(factor.cache[key])
+        return factor.cache[("R", g)]
+    if ("G", g, dtype) not in factor.cache:
+        factor.cache[("G", g, dtype)] = factor.cache[key].to(dtype)
+    return factor.cache[("G", g, dtype)]
 
 
 def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_bytes: int,
@@ -528,6 +543,7 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_by
     (FF^\top)^{1/2}` (indefinite or block W)."""
     N, p = factor.n_nodes, factor.p
     eps = torch.finfo(factor.dtype).eps
+    solve = _solve_dtype(factor.dtype)
     if factor.form in ("zero", "nan"):
         r = p if shift != 0 else 1
         if factor.form == "nan":
@@ -549,7 +565,7 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_by
     jobs: list[_Job] = []
 
     def add(idx: Tensor, build: Callable[[], Tensor], m: int) -> None:
-        jobs.append(_Job(idx, build, float(len(idx)) * m ** 3, out, r, p, eps))
+        jobs.append(_Job(idx, build, float(len(idx)) * m ** 3, out, r, p, eps, solve))
 
     def split(idx: Tensor) -> list[Tensor]:  # enough jobs for every worker
         size = max(4, -(-len(idx) // (2 * nw)))
@@ -577,24 +593,24 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_by
                     # W ⪰ 0: eig(A^T W A) = eig(W^{1/2} A A^T W^{1/2}), only samples with w ≠ 0;
                     # buckets of nodes with similar live counts, each padded to its maximum
                     X0 = factor.X[g][:, 0, :]
-                    Gm = _shared_gram(factor, g, X0, sqrt=False) if shared else None
+                    Gm = _shared_gram(factor, g, X0, sqrt=False, dtype=solve) if shared else None
                     counts = (factor.e[idx_g] != 0).sum(1).tolist()
+                    # live samples first in every row (one sort for the whole tile)
+                    live = torch.argsort((factor.e[idx_g] == 0).to(torch.int8), dim=1, stable=True)
+                    sw = factor.e[idx_g].to(solve).sqrt().gather(1, live)
                     for b0, b1 in _buckets(counts):
                         idx = idx_g[b0:b1]
                         k = max(1, int(max(counts[b0:b1])))
 
-                        def build(idx=idx, k=k, Gm=Gm, X0=X0) -> Tensor:
-                            w = factor.e[idx]
+                        def build(idx=idx, k=k, Gm=Gm, X0=X0, o=live[b0:b1, :k], swk=sw[b0:b1, :k]) -> Tensor:
                             n = len(idx)
-                            order_k = torch.argsort((w == 0).to(torch.int8), dim=1, stable=True)[:, :k]
-                            swk = w.to(torch.float64).sqrt().gather(1, order_k)
                             if Gm is not None:  # rows by index_select, columns by gather (fast)
-                                Gk = Gm.index_select(0, order_k.reshape(-1)).view(n, k, -1)
-                                Gk = Gk.gather(2, order_k[:, None, :].expand(-1, k, -1))
+                                Gk = Gm.index_select(0, o.reshape(-1)).view(n, k, -1)
+                                Gk = Gk.gather(2, o[:, None, :].expand(-1, k, -1))
                             else:
-                                Fk = X0[order_k] * sd[idx][:, None, :]
-                                Gk = (Fk @ Fk.mT).to(torch.float64)
-                            return swk[:, :, None] * Gk * swk[:, None, :]
+                                Fk = X0[o] * sd[idx][:, None, :]
+                                Gk = (Fk @ Fk.mT).to(solve)
+                            return Gk.mul_(swk[:, :, None]).mul_(swk[:, None, :])
                         add(idx, build, k)
                     continue
                 if kind == "eye":
