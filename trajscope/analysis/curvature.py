@@ -34,7 +34,8 @@ returned per node. When R < p the *Gram route* is used: the non-zero spectrum of
 layer :math:`F = \tilde A` and the Gram matrix :math:`\tilde A\tilde A^\top` is shared by every
 node of the layer, and only the samples with :math:`e_{ij} \ne 0` enter (dead ReLU samples drop
 out). Otherwise dense p × p blocks are formed with batched matmuls. Big matmuls run in the
-analysis dtype (the parameters'), the eigenproblems in float64.
+analysis dtype (the parameters'), the eigenproblems in that precision too (float32 below
+float64, see :func:`_solve_dtype`); the spectra are returned as float64.
 
 Memory and parallelism: nodes are processed in tiles built lazily by a small pool of worker
 threads (one per torch thread, each running LAPACK single-threaded: batched ``eigvalsh`` on
@@ -457,7 +458,7 @@ def _blockdiag(E: Tensor) -> Tensor:
 
 @dataclass
 class _Job:
-    """One batch of node eigenproblems: ``build()`` gives ``(n, m, m)`` float64 matrices whose
+    """One batch of node eigenproblems: ``build()`` gives ``(n, m, m)`` symmetric matrices whose
     spectra (padded with zeros) are those of the nodes ``idx``; built lazily in a worker so
     that at most one tile per worker is in memory."""
 
