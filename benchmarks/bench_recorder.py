@@ -8,7 +8,9 @@ drift hits them alike; medians of ``--repeats`` runs:
 * ``trajscope.Recorder`` (defaults: export on, model spec given) at every = 1, 10, 100 (window 2;
   every=1 records every step);
 * naive: ``torch.save(model.state_dict(), f"{dir}/step{t}.pt")`` on the same steps;
-* the Recorder at every=100 with ``export=True`` too (by default it exports only without a model spec).
+* the Recorder at every=100 with ``export=True`` too (by default it exports only without a model spec);
+* the Recorder with ``background=True`` at every cadence (the default places the writer on the
+  training thread when torch's threads already use every core, as on a 2-core machine).
 
 Wall time covers the whole loop including the recorder's construction and ``close()`` (every queued
 record is on disk when the clock stops). Between runs, outside the clock, the previous run's files
@@ -49,7 +51,8 @@ def records(t: int, every: int) -> bool:
     return t % every < (1 if every == 1 else WINDOW)
 
 
-def run_once(kind: str, every: int, steps: int, data, out: Path, export: bool | None = None) -> dict:
+def run_once(kind: str, every: int, steps: int, data, out: Path, export: bool | None = None,
+             background: bool | None = None) -> dict:
     """One training run; returns wall seconds, recorded steps and bytes on disk."""
     torch.manual_seed(0)
     model = mlp(SIZES)
@@ -81,7 +84,8 @@ def run_once(kind: str, every: int, steps: int, data, out: Path, export: bool | 
             opt.step()
     else:
         with trajscope.Recorder(out, model, opt, loss_fn, every=every, window=None if every == 1 else WINDOW,
-                                model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": SIZES}, export=export) as rec:
+                                model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": SIZES}, export=export,
+                                background=background) as rec:
             for t in range(steps):
                 x, y = data[t % len(data)]
                 loss = loss_fn(model(x), y)
@@ -122,13 +126,14 @@ def main(argv=None) -> None:
     run_once("none", 1, 20, data, base / "warmup")
 
     configs = [("none", 1)] + [("recorder", e) for e in CADENCES] + [("recorder+export", 100)] + \
-              [("naive", e) for e in CADENCES]
+              [("recorder+thread", e) for e in CADENCES] + [("naive", e) for e in CADENCES]
     results: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
     load_before = os.getloadavg()
     for r in range(args.repeats):
         for kind, every in configs:
             results[(kind, every)].append(run_once(kind.split("+")[0], every, args.steps, data, base / "run",
-                                                   export=True if kind.endswith("+export") else None))
+                                                   export=True if kind.endswith("+export") else None,
+                                                   background=True if kind.endswith("+thread") else None))
     shutil.rmtree(base, ignore_errors=True)
 
     base_wall = statistics.median(x["wall"] for x in results[("none", 1)])
@@ -139,7 +144,9 @@ def main(argv=None) -> None:
           f"load average (1/5/15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"one-off costs in a fresh process, excluded by warm-up runs: first Recorder {warm:.2f} s, "
-          f"first torch.export {warm_export:.2f} s\n")
+          f"first torch.export {warm_export:.2f} s")
+    placement = "background thread" if trajscope.recorder._free_core_for_writer(mlp(SIZES)) else "training thread"
+    print(f"the Recorder's default writer here: {placement}; 'thread' rows force the background thread\n")
     head = f"{'configuration':<30}{'recorded':>9}{'wall s':>9}{'min..max s':>14}{'vs none':>9}{'vs naive':>10}" \
            f"{'MiB/rec step':>14}{'params/raw':>12}{'batch KiB':>11}"
     print(head)
@@ -150,7 +157,8 @@ def main(argv=None) -> None:
         lo, hi = min(x["wall"] for x in rs), max(x["wall"] for x in rs)
         n = rs[0]["n"]
         name = {"none": "no recording", "recorder": f"Recorder every={every}", "naive": f"naive torch.save every={every}",
-                "recorder+export": f"Recorder every={every} +export"}[kind]
+                "recorder+export": f"Recorder every={every} +export",
+                "recorder+thread": f"Recorder every={every} thread"}[kind]
         vs_naive = ""
         if kind.startswith("recorder"):
             naive = statistics.median(x["wall"] for x in results[("naive", every)])

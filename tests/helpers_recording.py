@@ -226,8 +226,9 @@ def copy_state_dict(opt: torch.optim.Optimizer) -> dict:
     return copy.deepcopy(opt.state_dict())
 
 
-def chunk_files(run_dir, array: str, row: int) -> list:
-    """The chunk files of one row of a store array (whatever the chunk key encoding)."""
+def drop_chunks(run_dir, array: str, row: int) -> list:
+    """Make every chunk of one row of a store array missing, as in a truncated store: its entries
+    in the shard index say "never written". Returns the shard files touched."""
     import itertools
     from pathlib import Path
 
@@ -235,6 +236,14 @@ def chunk_files(run_dir, array: str, row: int) -> list:
 
     store = Path(run_dir) / "trajectory.zarr"
     arr = zarr.open_array(str(store / array), mode="r")
+    S = arr.shards[0]
     grid = [range(-(-n // c)) for n, c in zip(arr.shape[1:], arr.chunks[1:])]
-    keys = [arr.metadata.encode_chunk_key((row, *g)) for g in itertools.product(*grid)]
-    return [store / array / k for k in keys if (store / array / k).is_file()]
+    files = []
+    for g in itertools.product(*grid):
+        path = store / array / arr.metadata.encode_chunk_key((row // S, *g))
+        if path.is_file():
+            with open(path, "r+b") as f:
+                f.seek(16 * (row % S))
+                f.write(b"\xff" * 16)
+            files.append(path)
+    return files

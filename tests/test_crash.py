@@ -1,6 +1,7 @@
 """Crash safety (SPEC §2): a recording process killed with SIGKILL at random moments.
 
-Each trial forks a fresh child that records a small MLP (every=1) and is SIGKILLed after a random
+Each trial forks a fresh child that records a small MLP (every=1; half of the trials with the
+background writer thread, half writing on the training thread) and is SIGKILLed after a random
 delay (0 to 1 s, stratified so early kills during store creation and late kills mid-stream both
 happen). To keep the test fast the children are forked from one "zygote" process that has already
 imported torch (~1.3 s per plain interpreter start on this machine). After every kill:
@@ -46,11 +47,11 @@ torch.set_num_threads(1)
 import trajscope, trajscope.recorder, trajscope.store, zarr, numpy
 from helpers_recording import crash_model, crash_optimizer, crash_step
 
-def child(run_dir, steps=5000):
+def child(run_dir, background, steps=5000):
     model = crash_model()
     opt = crash_optimizer(model)
     loss_fn = torch.nn.MSELoss()
-    rec = trajscope.recorder.Recorder(run_dir, model, opt, loss_fn, every=1, export=False)
+    rec = trajscope.recorder.Recorder(run_dir, model, opt, loss_fn, every=1, export=False, background=background)
     for t in range(steps):
         crash_step(model, opt, loss_fn, t, rec)
     rec.close()
@@ -60,14 +61,16 @@ def child(run_dir, steps=5000):
 # in a forked child (os.register_at_fork).
 import tempfile
 with tempfile.TemporaryDirectory() as d:
-    child(os.path.join(d, "warmup"), steps=3)
+    child(os.path.join(d, "warmup"), True, steps=3)
+    child(os.path.join(d, "warmup2"), False, steps=3)
 print("ready", flush=True)
 for line in sys.stdin:
+    run_dir, mode = line.split()
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            child(line.strip())
+            child(run_dir, mode == "thread")
         except BaseException as e:
             print("child error", repr(e), file=sys.stderr, flush=True)
             code = 3
@@ -191,8 +194,9 @@ def test_sigkill_at_random_moments(tmp_path, zygote, one_thread):
     info_checked = False
     for i, delay in enumerate(delays):
         path = tmp_path / f"run{i}"
-        where = f"trial {i} (seed {seed}, kill after {delay:.3f} s)"
-        zygote.stdin.write(f"{path}\n")
+        mode = ("thread", "inline")[i % 2]
+        where = f"trial {i} ({mode} writer, seed {seed}, kill after {delay:.3f} s)"
+        zygote.stdin.write(f"{path} {mode}\n")
         zygote.stdin.flush()
         line = zygote.stdout.readline().split()
         assert line[0] == "pid", line
@@ -211,7 +215,7 @@ def test_sigkill_at_random_moments(tmp_path, zygote, one_thread):
         if len(run) and not info_checked:
             info_checked = True
             assert cli_main(["info", str(path)]) == 0, where
-        if i % 2 == 0 or len(run) == 0:
+        if (i // 2) % 2 == 0 or len(run) == 0:   # resume or restart, with either writer
             resume_and_check(path, ref, None, where + " resume")
         else:
             restart_at = rng.randrange(len(run))           # at or before the last recorded step

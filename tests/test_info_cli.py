@@ -13,7 +13,7 @@ import torch
 from trajscope.cli import main
 from trajscope.recorder import Recorder
 
-from helpers_recording import chunk_files, make_batches, make_model, train
+from helpers_recording import drop_chunks, make_batches, make_model, train
 
 
 def _record(path, batches=True, **kw):
@@ -100,7 +100,7 @@ def _bad_inputs(runs, tmp_path):
     meta["attributes"]["format_version"] = 7
     meta_file.write_text(json.dumps(meta))
     truncated = _copy(runs["good"], tmp_path / "t")
-    chunk_files(truncated, "batch/.0", 3)[0].unlink()       # a chunk of the last committed record
+    drop_chunks(truncated, "batch/.0", 3)                   # a chunk of the last committed record
     garbage = _copy(runs["good"], tmp_path / "g")
     (garbage / "trajectory.zarr" / "zarr.json").write_text("{not json")
     return {

@@ -60,6 +60,7 @@ def check_against(run, ref, steps, opt):
 
 
 # --------------------------------------------------------------------------- the contract loop
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "thread"])
 @pytest.mark.parametrize("opt_name,kind,export", [
     ("sgd", "tensor", False),
     ("sgd_momentum_dampening", "tensor", False),
@@ -71,9 +72,10 @@ def check_against(run, ref, steps, opt):
     ("sgd_momentum_dampening", "dict", True),
     ("adamw", "dict", False),
 ])
-def test_contract_loop_matches_reference(tmp_path, opt_name, kind, export):
+def test_contract_loop_matches_reference(tmp_path, opt_name, kind, export, background):
     ref = reference(kind, opt_name)
-    model, opt, rec = record(tmp_path / "run", kind, opt_name, export=export)
+    model, opt, rec = record(tmp_path / "run", kind, opt_name, export=export, background=background)
+    assert rec.background is background
     assert rec.failed is None
     # recording does not perturb training
     assert_tensors_bitexact(dict(model.named_parameters()), ref.final, "final parameters")
@@ -253,11 +255,11 @@ def test_resume_continues_and_restart_truncates(tmp_path):
 
 
 # --------------------------------------------------------------------------- failure policies
-@pytest.mark.parametrize("where", ["writer", "training_thread"])
+@pytest.mark.parametrize("where", ["writer_thread", "writer_inline", "training_thread"])
 def test_writer_failure_warns_once_and_training_finishes(tmp_path, monkeypatch, where):
     """A failing disk mid-run: training is untouched, one RuntimeWarning, the committed part stays readable."""
     fail_at = 3
-    if where == "writer":
+    if where.startswith("writer"):
         real_array = TrajectoryWriter._array
 
         def failing_array(self, name, *a, **k):
@@ -280,7 +282,8 @@ def test_writer_failure_warns_once_and_training_finishes(tmp_path, monkeypatch, 
     ref = reference("tensor", "sgd_momentum_dampening", n=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, opt, rec = record(tmp_path / "run", "tensor", "sgd_momentum_dampening", n=8)
+        model, opt, rec = record(tmp_path / "run", "tensor", "sgd_momentum_dampening", n=8,
+                                 background=where != "writer_inline")
     runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(runtime) == 1, [str(w.message) for w in runtime]
     assert "No space left on device" in str(runtime[0].message) and "Training continues" in str(runtime[0].message)
@@ -308,7 +311,8 @@ def test_when_behind_skip_notes_skipped_steps(tmp_path, monkeypatch, capsys):
     opt = OPTIMIZERS["sgd"](model.parameters())
     loss_fn = torch.nn.MSELoss()
     batches = make_batches("tensor", 14)
-    with Recorder(tmp_path / "run", model, opt, loss_fn, export=False, when_behind="skip", memory_budget=1) as rec:
+    with Recorder(tmp_path / "run", model, opt, loss_fn, export=False, background=True, when_behind="skip",
+                  memory_budget=1) as rec:
         for t in range(14):
             train(model, opt, loss_fn, batches[t:t + 1], rec=rec)
             if t in (5, 9):
@@ -329,19 +333,21 @@ def test_when_behind_skip_notes_skipped_steps(tmp_path, monkeypatch, capsys):
 def test_when_behind_wait_records_every_step(tmp_path, monkeypatch):
     _slow_writer(monkeypatch, 0.02)
     ref = reference("tensor", "sgd", n=6)
-    _, opt, rec = record(tmp_path / "run", "tensor", "sgd", n=6, memory_budget=1)
+    _, opt, rec = record(tmp_path / "run", "tensor", "sgd", n=6, background=True, memory_budget=1)
     run = trajscope.open_run(tmp_path / "run")
     assert len(run.skipped_steps) == 0 and rec.n_skipped == 0
     check_against(run, ref, range(6), opt)
 
 
-def test_records_become_visible_while_training_runs(tmp_path):
-    """The commit marker advances on its own (within ~0.25 s), and flush() commits at once."""
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "thread"])
+def test_records_become_visible_while_training_runs(tmp_path, background):
+    """The commit marker advances on its own (within ~0.25 s; at once when written on the training
+    thread), and flush() commits at once."""
     model = make_model("tensor")
     opt = OPTIMIZERS["sgd"](model.parameters())
     loss_fn = torch.nn.MSELoss()
     batches = make_batches("tensor", 6)
-    with Recorder(tmp_path / "run", model, opt, loss_fn, export=False) as rec:
+    with Recorder(tmp_path / "run", model, opt, loss_fn, export=False, background=background) as rec:
         train(model, opt, loss_fn, batches[:3], rec=rec)
         deadline = time.monotonic() + 5
         while len(trajscope.open_run(tmp_path / "run")) < 3 and time.monotonic() < deadline:
@@ -350,6 +356,18 @@ def test_records_become_visible_while_training_runs(tmp_path):
         train(model, opt, loss_fn, batches[3:], rec=rec)
         rec.flush()
         assert list(trajscope.open_run(tmp_path / "run").steps) == list(range(6))
+
+
+def test_writer_placement_follows_free_cores(monkeypatch):
+    """Default placement: a writer thread only where it does not preempt torch's own threads."""
+    from trajscope import recorder as recorder_mod
+    model = make_model("tensor")
+    monkeypatch.setattr(recorder_mod.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    for threads, expected in [(4, False), (2, True), (8, False)]:
+        monkeypatch.setattr(recorder_mod.torch, "get_num_threads", lambda n=threads: n)
+        assert recorder_mod._free_core_for_writer(model) is expected, threads
+    meta = torch.nn.Linear(2, 2, device="meta")     # parameters off the CPU: the CPU is free
+    assert recorder_mod._free_core_for_writer(meta) is True
 
 
 def test_bad_arguments_raise_before_training(tmp_path):

@@ -12,8 +12,9 @@ The contract loop::
 
 θ_t is taken in an optimizer *step pre-hook*, i.e. immediately before the update, so the batch,
 the gradient, the optimizer state and the parameters of a record belong together. The training
-thread only makes private copies (one ``torch.cat`` per dtype); a background thread writes them.
-Any failure inside the recorder warns once, stops recording and leaves the committed part of the
+thread makes private copies (one ``torch.cat`` per dtype); a background thread writes them, or,
+when no CPU core is free for such a thread, the training thread writes them itself (see
+``background``). Any failure inside the recorder warns once, stops recording and leaves the committed part of the
 store readable; it never raises into the training loop.
 """
 from __future__ import annotations
@@ -65,9 +66,17 @@ class Recorder:
             for a small model plus ~1 s of one-off imports.
         probe: an optional fixed ``(inputs, targets)`` batch stored once, for curvature comparable
             across checkpoints.
-        memory_budget: bytes of snapshots allowed in flight before ``when_behind`` applies.
+        background: write records on a background thread (True) or on the training thread, inside
+            the step pre-hook, committing each record at once (False). Default: a background thread
+            when the parameters live on an accelerator or the process may use more CPU cores than
+            torch's intra-op threads; otherwise the training thread. Where torch's threads already
+            keep every core busy, a writer thread preempts them and stalls each parallel op at its
+            barrier: on 2 cores a 2.9 MiB record cost training ~6 ms that way, against ~1 ms
+            written in place (``benchmarks/bench_recorder.py``).
+        memory_budget: bytes of snapshots allowed in flight before ``when_behind`` applies
+            (background writer only).
         when_behind: ``"wait"`` (block the step until the writer catches up) or ``"skip"`` (drop
-            the step's record and note it in the store as skipped).
+            the step's record and note it in the store as skipped); background writer only.
         resume: continue an existing run after its last committed step (or at ``step``).
         step: the training step of the next ``optimizer.step()``. When it is at or before the last
             recorded step (training restarted from a checkpoint), later records are truncated and
@@ -78,7 +87,8 @@ class Recorder:
     def __init__(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any = None, *,
                  every: int = 1, window: int | None = None, model_spec: str | None = None,
                  model_kwargs: Mapping[str, Any] | None = None, export: bool | None = None, probe: Any = None,
-                 memory_budget: int = 512 * 2**20, when_behind: str = "wait", resume: bool = False,
+                 background: bool | None = None, memory_budget: int = 512 * 2**20, when_behind: str = "wait",
+                 resume: bool = False,
                  step: int | None = None, overwrite: bool = False) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
@@ -106,6 +116,9 @@ class Recorder:
         self._inflight = 0
         self._cv = threading.Condition()
         self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()                  # training-thread writes vs. the commit timer
+        self._timer: threading.Timer | None = None
+        self._last_commit = -math.inf
         self._hooks: list[Any] = []
         # Snapshot buffers are reused once written: a fresh multi-MB allocation per recorded step
         # costs page faults on the training thread (and unmapping on the writer's), ~1-2 ms per
@@ -135,10 +148,13 @@ class Recorder:
         self._step = int(step) if step is not None else (last + 1 if last is not None else 0)
         self.start_step = self._step
 
-        self._thread = threading.Thread(target=self._write_loop, name="trajscope-writer", daemon=True)
-        self._thread.start()
+        self.background = _free_core_for_writer(model) if background is None else bool(background)
+        self._thread: threading.Thread | None = None
+        if self.background:
+            self._thread = threading.Thread(target=self._write_loop, name="trajscope-writer", daemon=True)
+            self._thread.start()
         if probe is not None:
-            self._queue.put(("probe", _detached_copy(probe)))
+            self._submit("probe", _detached_copy(probe))
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
         if isinstance(loss_fn, nn.Module):
             self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
@@ -247,7 +263,7 @@ class Recorder:
                     tmp.unlink(missing_ok=True)
                 except OSError:
                     pass
-        self._queue.put(("model_meta", update))   # the writer thread owns the store's attributes
+        self._submit("model_meta", update)   # the writer owns the store's attributes
 
     def _on_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.numel() == 1:
@@ -312,6 +328,9 @@ class Recorder:
                         hparams=hp, state_layout=layout, state=state, batch_spec=spec, batch=leaves)
 
     def _enqueue(self, snap: Snapshot) -> None:
+        if not self.background:
+            self._submit("record", snap)
+            return
         size = snap.nbytes
         with self._cv:
             if self._inflight and self._inflight + size > self.memory_budget:
@@ -327,7 +346,62 @@ class Recorder:
             self._inflight += size
         self._queue.put(("record", snap))
 
-    # ------------------------------------------------------------------ writer thread
+    # ------------------------------------------------------------------ writer
+    def _submit(self, kind: str, item: Any) -> None:
+        """Hand one item to the writer: the queue of the background thread, or written right here
+        on the training thread. There the commit marker advances at once when the last commit is
+        _COMMIT_INTERVAL old, else from a timer at the end of the interval (so a pause in training
+        never leaves written records invisible)."""
+        if self.background:
+            self._queue.put((kind, item))
+            return
+        with self._lock:
+            if self.failed:
+                return
+            try:
+                self._write(kind, item)
+                if time.monotonic() - self._last_commit >= _COMMIT_INTERVAL:
+                    self._commit_inline()
+                elif self._timer is None:
+                    self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail)
+                    self._timer.daemon = True
+                    self._timer.start()
+            except Exception as e:
+                self._fail(e)
+                try:
+                    self.writer.commit()        # records complete before the failure stay readable
+                except Exception:
+                    pass
+
+    def _commit_inline(self) -> None:
+        self.writer.commit()
+        self._last_commit = time.monotonic()
+
+    def _commit_tail(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self.failed or self._closed:
+                return
+            try:
+                self._commit_inline()
+            except Exception as e:
+                self._fail(e)
+
+    def _write(self, kind: str, item: Any) -> None:
+        """Write one queued item (uncommitted)."""
+        if kind == "record":
+            if isinstance(item.loss, torch.Tensor):
+                item.loss = float(item.loss)
+            self.writer.append(item, commit=False)
+            self.n_recorded += 1
+            self._recycle(item)
+        elif kind == "skip":
+            self.writer.skip(item, commit=False)
+        elif kind == "probe":
+            self.writer.write_probe(item)
+        elif kind == "model_meta":
+            self.writer.set_attrs(model={**self.writer.attrs["model"], **item})
+
     def _write_loop(self) -> None:
         # Records become visible when the commit marker advances: right away when the writer was
         # idle, otherwise at most every _COMMIT_INTERVAL seconds (the marker costs a file creation
@@ -352,6 +426,7 @@ class Recorder:
                         self.writer.commit()
                 except Exception as e:
                     self._fail(e)
+                self.writer.close()
                 self._queue.task_done()
                 return
             try:
@@ -359,18 +434,7 @@ class Recorder:
                 # training thread, snapshots queued before it are still good and get written.
                 if self._writer_failed:
                     continue
-                if kind == "record":
-                    if isinstance(item.loss, torch.Tensor):
-                        item.loss = float(item.loss)
-                    self.writer.append(item, commit=False)
-                    self.n_recorded += 1
-                    self._recycle(item)
-                elif kind == "skip":
-                    self.writer.skip(item, commit=False)
-                elif kind == "probe":
-                    self.writer.write_probe(item)
-                elif kind == "model_meta":
-                    self.writer.set_attrs(model={**self.writer.attrs["model"], **item})
+                self._write(kind, item)
                 if kind == "commit" or time.monotonic() - last_commit >= _COMMIT_INTERVAL:
                     self.writer.commit()        # before task_done(): flush() returns with it on disk
                     last_commit = time.monotonic()
@@ -401,9 +465,17 @@ class Recorder:
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
         """Wait until everything queued so far is written and committed (or dropped after a failure)."""
-        if self._thread.is_alive():
-            self._queue.put(("commit", None))
-            self._queue.join()
+        if self._thread is not None:
+            if self._thread.is_alive():
+                self._queue.put(("commit", None))
+                self._queue.join()
+            return
+        with self._lock:
+            try:
+                if not self.failed:
+                    self._commit_inline()
+            except Exception as e:
+                self._fail(e)
 
     def close(self, timeout: float | None = 600.0) -> None:
         """Remove the hooks, write what is queued and stop the writer thread."""
@@ -412,8 +484,20 @@ class Recorder:
         self._closed = True
         for h in self._hooks:
             h.remove()
-        self._queue.put((_STOP, None))
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._queue.put((_STOP, None))
+            self._thread.join(timeout)
+        else:
+            with self._lock:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                try:
+                    if not self.failed:
+                        self.writer.commit()
+                except Exception as e:
+                    self._fail(e)
+                self.writer.close()
         try:
             atexit.unregister(self.close)
         except Exception:
@@ -424,6 +508,19 @@ class Recorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _free_core_for_writer(model: nn.Module) -> bool:
+    """Whether a background writer thread would run without preempting training: the model trains
+    on an accelerator (the CPU mostly waits), or the process may use more cores than torch's
+    intra-op threads."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
 
 
 def _detached_copy(obj: Any) -> Any:
