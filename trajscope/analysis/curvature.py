@@ -491,6 +491,16 @@ def _run_jobs(jobs: list[_Job]) -> None:
         j.out[j.idx] = ev
 
 
+def _live_first(mask: Tensor) -> Tensor:
+    """Per row of a boolean ``(n, B)`` mask, the column indices with the True ones first (each
+    group in column order): a stable partition by cumulative counts, cheaper than a sort."""
+    m = mask.to(torch.int64)
+    n_live = m.sum(1, keepdim=True)
+    pos = torch.where(mask, m.cumsum(1) - 1, n_live + (1 - m).cumsum(1) - 1)
+    cols = torch.arange(mask.shape[1]).expand_as(pos)
+    return torch.empty_like(pos).scatter_(1, pos, cols)
+
+
 def _buckets(counts: list[int]) -> list[tuple[int, int]]:
     """Greedy ``[s, t)`` ranges over ascending ``counts`` with ``max <= slack * min + 1``."""
     out, s, n = [], 0, len(counts)
@@ -595,10 +605,10 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_by
                     # buckets of nodes with similar live counts, each padded to its maximum
                     X0 = factor.X[g][:, 0, :]
                     Gm = _shared_gram(factor, g, X0, sqrt=False, dtype=solve) if shared else None
-                    counts = (factor.e[idx_g] != 0).sum(1).tolist()
-                    # live samples first in every row (one sort for the whole tile)
-                    live = torch.argsort((factor.e[idx_g] == 0).to(torch.int8), dim=1, stable=True)
-                    sw = factor.e[idx_g].to(solve).sqrt().gather(1, live)
+                    e_g = factor.e[idx_g]
+                    live = _live_first(e_g != 0)
+                    counts = (e_g != 0).sum(1).tolist()
+                    sw = e_g.to(solve).sqrt().gather(1, live)
                     for b0, b1 in _buckets(counts):
                         idx = idx_g[b0:b1]
                         k = max(1, int(max(counts[b0:b1])))
