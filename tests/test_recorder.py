@@ -232,6 +232,10 @@ def test_resume_continues_and_restart_truncates(tmp_path):
     with pytest.raises(TrajscopeError, match="parameters differ"):
         Recorder(path, other, torch.optim.SGD(other.parameters(), lr=0.1), loss_fn, resume=True, step=2)
     assert list(trajscope.open_run(path).steps) == list(range(10))
+    # ... nor a different optimizer (its hyperparameter columns would be misread)
+    with pytest.raises(TrajscopeError, match="optimizer differs.*Adam.*SGD"):
+        Recorder(path, model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, resume=True, step=2)
+    assert list(trajscope.open_run(path).steps) == list(range(10))
 
     # training restarts from step 7: records 7.. are replaced, the restart is noted
     model2 = make_model("tensor")

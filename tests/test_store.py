@@ -237,6 +237,61 @@ def test_batches_growing_and_shrinking(tmp_path):
     assert arr.chunks == (1, 3, 4) and arr[1, :5].tobytes() == given[1][0].numpy().tobytes()
 
 
+class _SeqModel(torch.nn.Module):
+    """(B, T, 4) sequences with a (T,) mask -> (B, 3): T may change from step to step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x, mask):
+        return (self.lin(x) * mask[None, :, None]).mean(1)
+
+
+def test_batch_leaves_whose_other_dims_vary(tmp_path):
+    """Sequence length varying per step, and a leaf whose dim 0 is not the batch: every record's
+    leaves read back with their own shapes, bit-exact (not padded to the largest ones)."""
+    torch.manual_seed(0)
+    model = _SeqModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = torch.nn.MSELoss()
+    g = torch.Generator().manual_seed(1)
+    given = [({"x": torch.randn(b, T, 4, generator=g), "mask": (torch.rand(T, generator=g) > 0.3).float()},
+              torch.randn(b, 3, generator=g)) for b, T in [(3, 5), (2, 7), (4, 2), (3, 7)]]
+    with Recorder(tmp_path / "run", model, opt, loss_fn, export=False) as rec:
+        for x, y in given:
+            loss = loss_fn(model(**x), y)
+            opt.zero_grad()
+            loss.backward()
+            rec.batch(x, y)
+            opt.step()
+    assert rec.failed is None
+    run = trajscope.open_run(tmp_path / "run")
+    for t, want in enumerate(given):
+        assert_batch_equal(run.checkpoint(t).batch, want, f"batch_{t}")
+
+
+def test_batch_structure_change_stops_recording(tmp_path):
+    """A batch whose leaves change mid-run cannot share the run's batch arrays: one warning,
+    recording stops, training goes on, earlier records stay readable."""
+    model = make_model("tensor")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = torch.nn.MSELoss()
+    batches = make_batches("tensor", 4)
+    with pytest.warns(RuntimeWarning, match="batch structure changed"):
+        with Recorder(tmp_path / "run", model, opt, loss_fn, export=False) as rec:
+            for t, (x, y) in enumerate(batches):
+                loss = loss_fn(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                rec.batch({"x": x} if t == 2 else x, y)
+                opt.step()
+    assert rec.failed and "batch structure" in rec.failed
+    run = trajscope.open_run(tmp_path / "run")
+    assert list(run.steps) == [0, 1]
+    assert_batch_equal(run.checkpoint(1).batch, batches[1])
+
+
 def test_record_without_batch_call_has_no_batch(tmp_path):
     """A step whose loop did not call rec.batch() is recorded without a batch (None), not as damage."""
     model = make_model("tensor")

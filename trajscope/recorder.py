@@ -208,6 +208,14 @@ class Recorder:
             diff = next((a for a, b in zip(now, stored) if a != b), None) or "parameter count"
             raise TrajscopeError(f"cannot resume {self.path}: the model's parameters differ from the recorded ones "
                                  f"(first difference: {diff}); record to a new folder")
+        # the hparams columns and groups are described once, in the root attributes
+        was, now = attrs["optimizer"], meta["optimizer"]
+        if (was["class"], len(was["groups"]), attrs["hparam_names"]) != \
+                (now["class"], len(now["groups"]), meta["hparam_names"]):
+            raise TrajscopeError(f"cannot resume {self.path}: the optimizer differs from the recorded one (recorded "
+                                 f"{was['name']} with {len(was['groups'])} group(s) and hyperparameters "
+                                 f"{attrs['hparam_names']}, now {now['name']} with {len(now['groups'])} and "
+                                 f"{meta['hparam_names']}); record to a new folder")
 
     # ------------------------------------------------------------------ training-thread side
     def records(self, step: int) -> bool:

@@ -12,7 +12,8 @@ Layout (Zarr v3, root group attributes hold the static description)::
       params/<pack> (R, n)            every parameter, flattened and packed per storage dtype
       buffers/<pack>(R, n)            every buffer, likewise
       state/<id>/<pack> (R, n)        optimizer state (momentum, exp_avg, exp_avg_sq, step, ...)
-      batch/<leaf>  (R, Bmax, ...)    the mini-batch leaves; the batch size column says how many rows count
+      batch/<leaf>  (R, Bmax, ...)    the mini-batch leaves, padded to the largest shape seen
+      batch_shape/<leaf> (R, ndim) int64  each record's own shape of the leaf
       skipped       (S,)    int64     steps the recorder had to skip (writer behind, policy "skip")
       probe/<leaf>                    optional fixed probe batch (stored once)
       extra/model.pt2                 optional ``torch.export`` program (loading it needs trust)
@@ -537,8 +538,16 @@ class TrajectoryWriter:
                 self._write_row(f"{prefix}/{pname}", r, _to_numpy(flat))
         for pname, flat in snap.state.items():
             self._write_row(f"state/{layout_id}/{pname}", r, _to_numpy(flat))
+        if snap.batch_spec is not None and "batch" in self.attrs:
+            now = {"spec": _jsonable(snap.batch_spec), "dtypes": {k: storage_dtype(t.dtype)[0] for k, t in snap.batch}}
+            if now != self.attrs["batch"]:
+                raise TrajscopeError("the batch structure changed during the run (leaves or dtypes); "
+                                     "record it to a new folder")
         for key, t in snap.batch:
-            self._write_row(f"batch/{key}", r, _to_numpy(t.contiguous()))
+            leaf = _to_numpy(t.contiguous())
+            self._write_row(f"batch/{key}", r, leaf)
+            if leaf.ndim:   # leaves are stored padded to the largest shape seen: keep each one's own
+                self._write_row(f"batch_shape/{key}", r, np.array(leaf.shape, dtype=np.int64))
         self._write_row("hparams", r, np.asarray(snap.hparams, dtype=np.float64))
         self._write_row("records", r, np.array([snap.step, snap.loss, batch_size, layout_id], dtype=np.float64))
         if snap.batch_spec is not None and "batch" not in self.attrs:
@@ -637,8 +646,14 @@ class TrajectoryReader:
         except Exception as e:  # a chunk file that cannot be decoded
             raise TrajscopeError(f"{self.path}/{name}: cannot read ({type(e).__name__}: {e}); the store is damaged") from None
 
-    def _check_chunks(self, name: str, rows: range, extent1: int | None = None) -> None:
-        """Raise if a chunk covering ``rows`` (and, along axis 1, ``[0, extent1)``) is missing.
+    def _array_ndim(self, name: str) -> int:
+        try:
+            return self.root[name].ndim
+        except KeyError:
+            raise TrajscopeError(f"{self.path} is missing array {name!r}: the store is truncated or damaged") from None
+
+    def _check_chunks(self, name: str, rows: range, extents: Sequence[int] | None = None) -> None:
+        """Raise if a chunk covering ``rows`` (and, along the other axes, ``[0, extents)``) is missing.
 
         A missing chunk would silently read back as the fill value. Every chunk of a committed row
         is written, so a missing shard file, an empty index entry or a shard file cut short means a
@@ -649,9 +664,8 @@ class TrajectoryReader:
         except KeyError:
             raise TrajscopeError(f"{self.path} is missing array {name!r}: the store is truncated or damaged") from None
         lay = _row_shards(arr.metadata, self.path / name)
-        extents = list(arr.shape[1:])
-        if extents and extent1 is not None:
-            extents[0] = min(extent1, extents[0])
+        extents = [min(int(e), n) for e, n in zip(extents, arr.shape[1:])] if extents is not None \
+            else list(arr.shape[1:])
         S = lay.rows
         for shard in range(rows.start // S, (rows.stop - 1) // S + 1) if rows else ():
             first = max(rows.start, shard * S)
@@ -683,10 +697,11 @@ class TrajectoryReader:
         except OSError:
             return False
 
-    def _read_row(self, name: str, r: int, extent1: int | None = None) -> np.ndarray:
-        """One committed row, after checking that every chunk file it needs is on disk."""
-        self._check_chunks(name, range(r, r + 1), extent1)
-        return self._read(name, r)
+    def _read_row(self, name: str, r: int, shape: Sequence[int] | None = None) -> np.ndarray:
+        """One committed row (its leading ``shape`` only, if given), after checking that every
+        chunk it needs is on disk."""
+        self._check_chunks(name, range(r, r + 1), shape)
+        return self._read(name, r if shape is None else (r, *[slice(0, int(n)) for n in shape]))
 
     @property
     def steps(self) -> np.ndarray:
@@ -737,9 +752,9 @@ class TrajectoryReader:
             return None      # Recorder.batch() was not called for this step: the record has no batch
         leaves = {}
         for key, dt in meta["dtypes"].items():
-            row = self._read_row(f"batch/{key}", r, extent1=b)
-            row = row[:b] if row.ndim else row
-            leaves[key] = _from_numpy(row, dt)
+            leaf_ndim = self._array_ndim(f"batch/{key}") - 1
+            shape = self._read_row(f"batch_shape/{key}", r) if leaf_ndim else None
+            leaves[key] = _from_numpy(self._read_row(f"batch/{key}", r, shape), dt)
         return unflatten_batch(meta["spec"], leaves)
 
     def probe(self) -> Any | None:
