@@ -23,8 +23,9 @@ Every per-record array is sharded along its rows (Zarr v3 ``sharding_indexed``):
 after a 16-byte-per-row index at the start of the file), so a record writes into files that are
 already open instead of creating one file per array and row. Row r is valid iff
 ``r < commit.records``: the commit marker is replaced atomically only after every chunk of the
-row and its index entry are written. Capacity grows in blocks so metadata is rarely rewritten. Small tensors are packed into one flat array per storage dtype so a
-small model costs a handful of chunk writes per step. bfloat16 has no Zarr dtype: it is stored as
+row and its index entry are written. Capacity grows in blocks so metadata is rarely rewritten.
+Small tensors are packed into one flat array per storage dtype so a small model costs a handful
+of chunk writes per step. bfloat16 has no Zarr dtype: it is stored as
 its uint16 bit pattern (pack name ``bfloat16``) and viewed back, so it round-trips bit-exactly.
 """
 from __future__ import annotations
