@@ -364,12 +364,13 @@ class Recorder:
             self._queue.put((kind, item))
             return
         with self._lock:
-            if self.failed:
+            if self.failed or self._closed:
                 return
             try:
                 self._write(kind, item)
                 if time.monotonic() - self._last_commit >= _COMMIT_INTERVAL:
-                    self._commit_inline()
+                    self.writer.commit()
+                    self._last_commit = time.monotonic()
                 elif self._timer is None:
                     self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail)
                     self._timer.daemon = True
@@ -382,18 +383,19 @@ class Recorder:
                     pass
 
     def _commit_inline(self) -> None:
-        self.writer.commit()
+        """Commit what the training thread wrote: every record counted by the writer is complete,
+        also after a failure (a failed append is never counted)."""
+        try:
+            self.writer.commit()
+        except Exception as e:
+            self._fail(e)
         self._last_commit = time.monotonic()
 
     def _commit_tail(self) -> None:
         with self._lock:
             self._timer = None
-            if self.failed or self._closed:
-                return
-            try:
+            if not self._closed:
                 self._commit_inline()
-            except Exception as e:
-                self._fail(e)
 
     def _write(self, kind: str, item: Any) -> None:
         """Write one queued item (uncommitted)."""
@@ -479,11 +481,7 @@ class Recorder:
                 self._queue.join()
             return
         with self._lock:
-            try:
-                if not self.failed:
-                    self._commit_inline()
-            except Exception as e:
-                self._fail(e)
+            self._commit_inline()
 
     def close(self, timeout: float | None = 600.0) -> None:
         """Remove the hooks, write what is queued and stop the writer thread."""
@@ -500,11 +498,7 @@ class Recorder:
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
-                try:
-                    if not self.failed:
-                        self.writer.commit()
-                except Exception as e:
-                    self._fail(e)
+                self._commit_inline()
                 self.writer.close()
         try:
             atexit.unregister(self.close)

@@ -7,7 +7,7 @@ Layout (Zarr v3, root group attributes hold the static description)::
                                 optimizer class and groups, hparam names, batch structure,
                                 model and loss capture, optimizer-state layouts
       commit/zarr.json          attrs: records (valid rows), last_step, skipped, restarts  <- commit marker
-      records       (R, 4)  float64   step, loss, batch size, optimizer-state layout id (-1: none)
+      records       (R, 4)  float64   step, loss, batch size (-1: no batch), optimizer-state layout id (-1: none)
       hparams       (R, G, H) float64 per-group numeric hyperparameters in force for the update
       params/<pack> (R, n)            every parameter, flattened and packed per storage dtype
       buffers/<pack>(R, n)            every buffer, likewise
@@ -70,6 +70,7 @@ _EMPTY = 2**64 - 1          # shard index entry of a chunk that was never writte
 # (one directory per row and array).
 _CHUNK_KEYS = {"name": "default", "configuration": {"separator": "."}}
 _WRITE_PIECE = 1 << 20
+_MAX_OPEN = 32   # shard files kept open by a writer (least recently used closed first)
 RECORD_COLUMNS = ("step", "loss", "batch_size", "state_layout")
 
 
@@ -437,17 +438,24 @@ class TrajectoryWriter:
     def _shard_file(self, name: str, md: ArrayV3Metadata, lay: _RowShards, r: int, g: tuple[int, ...]) -> int:
         """The descriptor of the open shard file holding row ``r`` of chunk column ``g`` (the file
         is created with an empty index)."""
-        held = self._files.get((name, g))
+        held = self._files.pop((name, g), None)
         if held is not None and held[0] == r // lay.rows:
+            self._files[(name, g)] = held            # most recently used last
             return held[1].fileno()
         if held is not None:
             held[1].close()
+        while len(self._files) >= _MAX_OPEN:         # e.g. a batch array grown to many chunk columns
+            self._files.pop(next(iter(self._files)))[1].close()
         path = _shard_path(self.path / name, md, lay, r, g)
         if not path.exists():
             # a complete index before the file has its name: every shard file on disk is decodable
             _atomic_write(path, b"\xff" * lay.index_bytes)
         f = open(path, "r+b", buffering=0)
-        idx = lay.index(f)
+        try:
+            idx = lay.index(f)
+        except OSError:
+            f.close()
+            raise
         local = np.arange(lay.rows, dtype=np.uint64)
         expected = lay.index_bytes + local * np.uint64(lay.chunk_bytes)
         if not bool(np.all((idx[:, 0] == _EMPTY) | ((idx[:, 0] == expected) & (idx[:, 1] == lay.chunk_bytes)))):
@@ -533,7 +541,8 @@ class TrajectoryWriter:
         r = self.records
         rows = r + 1
         layout_id = self._state_layout_id(snap.state_layout)
-        batch_size = snap.batch[0][1].shape[0] if snap.batch and snap.batch[0][1].dim() > 0 else 0
+        # -1: the record has no batch (Recorder.batch() was not called for its step)
+        batch_size = (snap.batch[0][1].shape[0] if snap.batch[0][1].dim() > 0 else 0) if snap.batch else -1
         for prefix, packs in (("params", snap.params), ("buffers", snap.buffers)):
             for pname, flat in packs.items():
                 self._write_row(f"{prefix}/{pname}", r, _to_numpy(flat))
@@ -617,11 +626,13 @@ class TrajectoryReader:
             raise TrajscopeError(f"{self.run_dir} is not a trajscope run: no {STORE_NAME} inside; record one with trajscope.Recorder")
         self.root = _open_root(self.path, mode="r")
         _check_version(self.root, self.path)
-        self.attrs = dict(self.root.attrs)
         try:
             c = dict(self.root["commit"].attrs)
         except KeyError:
             raise TrajscopeError(f"{self.path} has no commit marker: the store is damaged (re-record the run)") from None
+        # The writer describes new batch structures and state layouts before it commits the rows that
+        # use them: attributes read after the marker describe every row it validates.
+        self.attrs = _read_group_attrs(self.path)
         self.n_records = int(c["records"])
         self.restarts = list(c.get("restarts", []))
         self.param_layout = [Slot.from_json(s) for s in self.attrs["params"]]
@@ -684,20 +695,6 @@ class TrajectoryReader:
                         raise TrajscopeError(f"{self.path}/{name}: a chunk of record {r} is missing; the store is "
                                              f"truncated (re-record, or analyse fewer steps)")
 
-    def _has_chunk(self, name: str, r: int) -> bool:
-        try:
-            arr = self.root[name]
-        except KeyError:
-            return False
-        if arr.shape[0] <= r:
-            return False
-        lay = _row_shards(arr.metadata, self.path / name)
-        try:
-            with open(_shard_path(self.path / name, arr.metadata, lay, r, (0,) * (arr.ndim - 1)), "rb") as f:
-                return bool(lay.index(f)[r % lay.rows, 0] != _EMPTY)
-        except OSError:
-            return False
-
     def _read_row(self, name: str, r: int, shape: Sequence[int] | None = None) -> np.ndarray:
         """One committed row (its leading ``shape`` only, if given), after checking that every
         chunk it needs is on disk."""
@@ -748,9 +745,8 @@ class TrajectoryReader:
         meta = self.attrs.get("batch")
         if meta is None:
             return None
-        b = int(self._records[r, 2])
-        if b == 0 and not self._has_chunk(f"batch/{next(iter(meta['dtypes']))}", r):
-            return None      # Recorder.batch() was not called for this step: the record has no batch
+        if self._records[r, 2] < 0:
+            return None      # Recorder.batch() was not called for this step
         leaves = {}
         for key, dt in meta["dtypes"].items():
             leaf_ndim = self._array_ndim(f"batch/{key}") - 1
@@ -802,6 +798,14 @@ def _commit_attrs(root: zarr.Group, path: Path) -> dict[str, Any]:
         return dict(root["commit"].attrs)
     except KeyError:
         raise TrajscopeError(f"{path} has no commit marker: the store is damaged (re-record the run)") from None
+
+
+def _read_group_attrs(folder: Path) -> dict[str, Any]:
+    """The attributes of the group document ``folder/zarr.json``, read from disk now."""
+    try:
+        return dict(json.loads((folder / "zarr.json").read_text())["attributes"])
+    except (OSError, ValueError, KeyError) as e:
+        raise TrajscopeError(f"{folder}: cannot read its attributes ({type(e).__name__}: {e})") from None
 
 
 def _write_group(folder: Path, attrs: Mapping[str, Any]) -> None:
