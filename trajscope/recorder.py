@@ -14,8 +14,8 @@ The contract loop::
 the gradient, the optimizer state and the parameters of a record belong together. The training
 thread makes private copies (one ``torch.cat`` per dtype); a background thread writes them, or,
 when no CPU core is free for such a thread, the training thread writes them itself (see
-``background``). Any failure inside the recorder warns once, stops recording and leaves the committed part of the
-store readable; it never raises into the training loop.
+``background``). Any failure inside the recorder warns once, stops recording and leaves the
+committed part of the store readable; it never raises into the training loop.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class Recorder:
         probe: an optional fixed ``(inputs, targets)`` batch stored once, for curvature comparable
             across checkpoints.
         background: write records on a background thread (True) or on the training thread, inside
-            the step pre-hook, committing each record at once (False). Default: a background thread
+            the step pre-hook (False; a timer commits what was written within 0.25 s). Default: a background thread
             when the parameters live on an accelerator or the process may use more CPU cores than
             torch's intra-op threads; otherwise the training thread. Where torch's threads already
             keep every core busy, a writer thread preempts them and stalls each parallel op at its
@@ -368,19 +368,14 @@ class Recorder:
                 return
             try:
                 self._write(kind, item)
-                if time.monotonic() - self._last_commit >= _COMMIT_INTERVAL:
-                    self.writer.commit()
-                    self._last_commit = time.monotonic()
-                elif self._timer is None:
-                    self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail)
-                    self._timer.daemon = True
-                    self._timer.start()
             except Exception as e:
-                self._fail(e)
-                try:
-                    self.writer.commit()        # records complete before the failure stay readable
-                except Exception:
-                    pass
+                self._fail(e)           # what was complete before it is still committed below
+            if self.failed or time.monotonic() - self._last_commit >= _COMMIT_INTERVAL:
+                self._commit_inline()
+            elif self._timer is None:
+                self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail)
+                self._timer.daemon = True
+                self._timer.start()
 
     def _commit_inline(self) -> None:
         """Commit what the training thread wrote: every record counted by the writer is complete,
