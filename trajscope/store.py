@@ -44,10 +44,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BytesCodec, ShardingCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.metadata.v3 import ArrayV3Metadata
-from zarr.dtype import parse_data_type
 
 from trajscope.errors import TrajscopeError
 
@@ -317,34 +313,47 @@ class _RowShards:
         return np.frombuffer(raw, dtype="<u8").reshape(self.rows, 2)
 
 
-def _row_shards(md: ArrayV3Metadata, where: Path) -> _RowShards:
-    """The row-shard layout of an array (its metadata), or an error if the array is not laid out
-    as this format version writes it."""
-    sh = md.codecs[0] if len(md.codecs) == 1 else None
-    ok = (isinstance(sh, ShardingCodec) and sh.index_location.value == "start"
-          and [type(c) for c in sh.codecs] == [BytesCodec] and [type(c) for c in sh.index_codecs] == [BytesCodec]
-          and sh.chunk_shape[0] == 1 and tuple(md.chunk_grid.chunk_shape[1:]) == tuple(sh.chunk_shape[1:])
-          and not md.fill_value)
+def _row_shards(doc: Mapping[str, Any], where: Path) -> _RowShards:
+    """The row-shard layout of an array from its ``zarr.json`` document, or an error if the array
+    is not laid out as this format version writes it."""
+    try:
+        (codec,) = doc["codecs"]
+        cfg = codec["configuration"]
+        inner_codecs, index_codecs = cfg["codecs"], cfg["index_codecs"]
+        chunk, shard = list(cfg["chunk_shape"]), list(doc["chunk_grid"]["configuration"]["chunk_shape"])
+        ok = (codec["name"] == "sharding_indexed" and cfg.get("index_location") == "start"
+              and [c["name"] for c in inner_codecs + index_codecs] == ["bytes", "bytes"]
+              and all(c.get("configuration", {}).get("endian", "little") == "little" for c in inner_codecs + index_codecs)
+              and chunk[0] == 1 and shard[1:] == chunk[1:] and not np.any(doc["fill_value"]))
+        dtype = np.dtype(doc["data_type"])
+    except (KeyError, TypeError, ValueError):
+        ok = False
     if not ok:
         raise TrajscopeError(f"{where}: not laid out as format version {FORMAT_VERSION} writes it; the store is damaged")
-    dtype = np.dtype(md.data_type.to_native_dtype())
-    return _RowShards(rows=int(md.chunk_grid.chunk_shape[0]), inner=tuple(int(c) for c in sh.chunk_shape[1:]),
+    return _RowShards(rows=int(shard[0]), inner=tuple(int(c) for c in chunk[1:]),
                       dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)
 
 
-def _row_array_metadata(shape: tuple[int, ...], dtype: np.dtype) -> ArrayV3Metadata:
-    """Metadata of a new per-record array: rows sharded by ``_SHARD_ROWS``, index at the start,
-    uncompressed, fill value 0."""
+def _row_array_doc(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    """The ``zarr.json`` of a new per-record array: rows sharded by ``_SHARD_ROWS``, index at the
+    start, uncompressed, fill value 0 (Zarr v3 array metadata; zarr's own classes for it cost
+    ~0.4 ms per array on the training thread, this ~10 us)."""
     chunk = _chunks_for(shape)
-    codec = ShardingCodec(chunk_shape=chunk, codecs=[BytesCodec()], index_codecs=[BytesCodec()], index_location="start")
-    return ArrayV3Metadata(shape=shape, data_type=parse_data_type(dtype, zarr_format=3),
-                           chunk_grid={"name": "regular", "configuration": {"chunk_shape": [_SHARD_ROWS, *chunk[1:]]}},
-                           chunk_key_encoding=_CHUNK_KEYS, fill_value=0, codecs=[codec], attributes={},
-                           dimension_names=None)
+    dtype = np.dtype(dtype)
+    little = {"name": "bytes", "configuration": {"endian": "little"}}
+    fill: Any = False if dtype.kind == "b" else [0.0, 0.0] if dtype.kind == "c" else 0.0 if dtype.kind == "f" else 0
+    return {"shape": list(shape), "data_type": dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [_SHARD_ROWS, *chunk[1:]]}},
+            "chunk_key_encoding": _CHUNK_KEYS, "fill_value": fill,
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": list(chunk), "codecs": [little if dtype.itemsize > 1 else {"name": "bytes"}],
+                "index_codecs": [little], "index_location": "start"}}],
+            "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []}
 
 
-def _shard_path(base: Path, md: ArrayV3Metadata, lay: _RowShards, r: int, g: tuple[int, ...]) -> Path:
-    return base / md.encode_chunk_key((r // lay.rows, *g))
+def _shard_path(base: Path, lay: _RowShards, r: int, g: tuple[int, ...]) -> Path:
+    """Shard file of row r, chunk column g (Zarr's default chunk keys with a "." separator)."""
+    return base / ".".join(map(str, ("c", r // lay.rows, *g)))
 
 
 class TrajectoryWriter:
@@ -356,10 +365,10 @@ class TrajectoryWriter:
         self.path = self.run_dir / STORE_NAME
         exists = (self.path / "zarr.json").exists()
         if exists and resume:
-            self.root = _open_root(self.path, mode="r+")
-            _check_version(self.root, self.path)
+            self._root = _open_root(self.path, mode="r+")
+            _check_version(self._root, self.path)
             _remove_partials(self.path)
-            self._commit = _commit_attrs(self.root, self.path)
+            self._commit = _commit_attrs(self._root, self.path)
             if restart_step is not None:
                 self._truncate_from(restart_step)
         else:
@@ -379,16 +388,22 @@ class TrajectoryWriter:
             if self.path.exists():  # overwrite=True
                 shutil.rmtree(self.path)
             os.rename(tmp, self.path)
-            self.root = _open_root(self.path, mode="r+")
-            self._commit = _commit_attrs(self.root, self.path)
-        self.attrs = dict(self.root.attrs)
+            self._root = None            # opened through zarr only if needed (probe, restart)
+            self._commit = _read_group_attrs(self.path / "commit")
+        self.attrs = _read_group_attrs(self.path)
         self.records = int(self._commit["records"])
         self.n_skipped = int(self._commit["skipped"])
         self._written_last_step = self._commit.get("last_step")
-        self._arrays: dict[str, ArrayV3Metadata] = {}
+        self._arrays: dict[str, dict[str, Any]] = {}       # name -> its zarr.json document
         self._layouts: dict[str, _RowShards] = {}
         self._files: dict[tuple[str, tuple[int, ...]], tuple[int, Any]] = {}   # (shard, file) per column
         self._state_layouts = [[Slot.from_json(s) for s in lay] for lay in self.attrs.get("state_layouts", [])]
+
+    @property
+    def root(self) -> zarr.Group:
+        if self._root is None:
+            self._root = _open_root(self.path, mode="r+")
+        return self._root
 
     @property
     def last_step(self) -> int | None:
@@ -401,43 +416,42 @@ class TrajectoryWriter:
         self._commit = new
 
     # -- arrays --------------------------------------------------------------------------------
-    def _array(self, name: str, inner: tuple[int, ...], dtype: np.dtype, rows: int) -> ArrayV3Metadata:
-        """Metadata of the array ``name``, created or grown to hold ``rows`` rows (capacity grows in
+    def _array(self, name: str, inner: tuple[int, ...], dtype: np.dtype, rows: int) -> _RowShards:
+        """Layout of the array ``name``, created or grown to hold ``rows`` rows (capacity grows in
         blocks) and at least ``inner`` along the other axes.
 
         The ``zarr.json`` documents are written here, atomically, rather than through
-        ``Group.create_array`` / ``Array.resize``: zarr's event-loop round trips cost ~3 ms per array
-        while training kept both cores busy, against ~0.3 ms (the documents are zarr's own
-        serialization of the same metadata)."""
-        md = self._arrays.get(name)
-        if md is None:
-            doc = self.path / name / "zarr.json"
-            if doc.exists():
-                md = ArrayV3Metadata.from_dict(json.loads(doc.read_text()))
+        ``Group.create_array`` / ``Array.resize``: zarr's event-loop round trips cost ~3 ms per
+        array while training kept both cores busy."""
+        doc = self._arrays.get(name)
+        if doc is None:
+            path = self.path / name / "zarr.json"
+            if path.exists():
+                doc = json.loads(path.read_text())
             else:
-                md = _row_array_metadata((max(_CAPACITY_BLOCK, rows), *inner), np.dtype(dtype))
-                self._write_metadata(name, md)
-            self._arrays[name] = md
-            self._layouts[name] = _row_shards(md, self.path / name)
-        if md.shape[0] < rows or any(a < b for a, b in zip(md.shape[1:], inner)):
-            new0 = max(md.shape[0], ((rows + _CAPACITY_BLOCK - 1) // _CAPACITY_BLOCK) * _CAPACITY_BLOCK)
-            md = dataclasses.replace(md, shape=(new0, *[max(a, b) for a, b in zip(md.shape[1:], inner)]))
-            self._write_metadata(name, md)
-            self._arrays[name] = md
-        return md
+                doc = _row_array_doc((max(_CAPACITY_BLOCK, rows), *inner), dtype)
+                self._write_doc(name, doc)
+            self._layouts[name] = _row_shards(doc, self.path / name)
+            self._arrays[name] = doc
+        shape = doc["shape"]
+        if shape[0] < rows or any(a < b for a, b in zip(shape[1:], inner)):
+            new0 = max(shape[0], ((rows + _CAPACITY_BLOCK - 1) // _CAPACITY_BLOCK) * _CAPACITY_BLOCK)
+            doc["shape"] = [new0, *[max(a, b) for a, b in zip(shape[1:], inner)]]
+            self._write_doc(name, doc)
+        return self._layouts[name]
 
-    def _write_metadata(self, name: str, md: ArrayV3Metadata) -> None:
+    def _write_doc(self, name: str, doc: Mapping[str, Any]) -> None:
         """Write an array's ``zarr.json`` atomically (and the group documents above it)."""
         folder = self.path / name
         folder.mkdir(parents=True, exist_ok=True)
         for parent in reversed(folder.relative_to(self.path).parents[:-1]):
             if not (self.path / parent / "zarr.json").exists():
                 _write_group(self.path / parent, {})
-        _atomic_write(folder / "zarr.json", md.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+        _atomic_write(folder / "zarr.json", json.dumps(doc, indent=2).encode())
 
-    def _shard_file(self, name: str, md: ArrayV3Metadata, lay: _RowShards, r: int, g: tuple[int, ...]) -> int:
-        """The descriptor of the open shard file holding row ``r`` of chunk column ``g`` (the file
-        is created with an empty index)."""
+    def _shard_file(self, name: str, lay: _RowShards, r: int, g: tuple[int, ...]) -> int:
+        """The descriptor of the open shard file holding row ``r`` of chunk column ``g`` (created,
+        with an empty index, under a temporary name: every shard file on disk is decodable)."""
         held = self._files.pop((name, g), None)
         if held is not None and held[0] == r // lay.rows:
             self._files[(name, g)] = held            # most recently used last
@@ -446,21 +460,28 @@ class TrajectoryWriter:
             held[1].close()
         while len(self._files) >= _MAX_OPEN:         # e.g. a batch array grown to many chunk columns
             self._files.pop(next(iter(self._files)))[1].close()
-        path = _shard_path(self.path / name, md, lay, r, g)
+        path = _shard_path(self.path / name, lay, r, g)
         if not path.exists():
-            # a complete index before the file has its name: every shard file on disk is decodable
-            _atomic_write(path, b"\xff" * lay.index_bytes)
-        f = open(path, "r+b", buffering=0)
-        try:
-            idx = lay.index(f)
-        except OSError:
-            f.close()
-            raise
-        local = np.arange(lay.rows, dtype=np.uint64)
-        expected = lay.index_bytes + local * np.uint64(lay.chunk_bytes)
-        if not bool(np.all((idx[:, 0] == _EMPTY) | ((idx[:, 0] == expected) & (idx[:, 1] == lay.chunk_bytes)))):
-            f.close()
-            raise TrajscopeError(f"{path}: shard index does not match format version {FORMAT_VERSION}; the store is damaged")
+            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+            f = open(tmp, "w+b", buffering=0)
+            try:
+                f.write(b"\xff" * lay.index_bytes)
+                os.rename(tmp, path)                  # the open file keeps its descriptor
+            except BaseException:
+                f.close()
+                raise
+        else:
+            f = open(path, "r+b", buffering=0)
+            try:
+                idx = lay.index(f)
+                local = np.arange(lay.rows, dtype=np.uint64)
+                expected = lay.index_bytes + local * np.uint64(lay.chunk_bytes)
+                if not bool(np.all((idx[:, 0] == _EMPTY) | ((idx[:, 0] == expected) & (idx[:, 1] == lay.chunk_bytes)))):
+                    raise TrajscopeError(f"{path}: shard index does not match format version {FORMAT_VERSION}; "
+                                         "the store is damaged")
+            except BaseException:
+                f.close()
+                raise
         self._files[(name, g)] = (r // lay.rows, f)
         return f.fileno()
 
@@ -475,8 +496,7 @@ class TrajectoryWriter:
         write is enough for crash safety: only rows below the commit marker are valid, and the
         marker is replaced atomically after every chunk of the row is written.
         """
-        md = self._array(name, data.shape, data.dtype, r + 1)
-        lay = self._layouts[name]
+        lay = self._array(name, data.shape, data.dtype, r + 1)
         data = np.asarray(data, dtype=lay.dtype, order="C")     # (ascontiguousarray would make 0-d rows 1-d)
         for g in lay.columns(data.shape):
             block = data[tuple(slice(j * c, (j + 1) * c) for j, c in zip(g, lay.inner))]
@@ -484,7 +504,7 @@ class TrajectoryWriter:
                 full = np.zeros(lay.inner, dtype=lay.dtype)
                 full[tuple(slice(0, n) for n in block.shape)] = block
                 block = full
-            fd = self._shard_file(name, md, lay, r, g)
+            fd = self._shard_file(name, lay, r, g)
             off = lay.offset(r)
             raw = memoryview(np.ascontiguousarray(block)).cast("B")
             # In pieces: one multi-MiB write() took 3-6x the kernel time of 1 MiB pieces here
@@ -675,7 +695,7 @@ class TrajectoryReader:
             arr = self.root[name]
         except KeyError:
             raise TrajscopeError(f"{self.path} is missing array {name!r}: the store is truncated or damaged") from None
-        lay = _row_shards(arr.metadata, self.path / name)
+        lay = _row_shards(arr.metadata.to_dict(), self.path / name)
         extents = [min(int(e), n) for e, n in zip(extents, arr.shape[1:])] if extents is not None \
             else list(arr.shape[1:])
         S = lay.rows
@@ -683,7 +703,7 @@ class TrajectoryReader:
             first = max(rows.start, shard * S)
             shard_rows = range(first, min(rows.stop, (shard + 1) * S))
             for g in lay.columns(extents):
-                path = _shard_path(self.path / name, arr.metadata, lay, first, g)
+                path = _shard_path(self.path / name, lay, first, g)
                 try:
                     with open(path, "rb") as f:
                         idx, size = lay.index(f), os.fstat(f.fileno()).st_size
