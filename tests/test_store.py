@@ -237,6 +237,39 @@ def test_batches_growing_and_shrinking(tmp_path):
     assert arr.chunks == (1, 3, 4) and arr[1, :5].tobytes() == given[1][0].numpy().tobytes()
 
 
+def test_batch_leaves_of_every_dtype_read_back_by_trajscope_and_plain_zarr(tmp_path):
+    """Integer, bool and complex leaves (the array documents are written by trajscope itself):
+    bit-exact through the reader, and plain zarr decodes the same rows."""
+    import zarr
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, generator=g)
+    extra = {"u8": torch.randint(0, 255, (3, 5), generator=g, dtype=torch.uint8),
+             "b": torch.rand(3, 2, generator=g) > 0.5, "i8": torch.randint(-100, 100, (3,), generator=g, dtype=torch.int8),
+             "i16": torch.randint(-999, 999, (3, 2), generator=g, dtype=torch.int16),
+             "i32": torch.randint(-99999, 99999, (3,), generator=g, dtype=torch.int32),
+             "c64": torch.randn(3, 2, dtype=torch.complex64, generator=g)}
+    model = make_model("tensor")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = torch.nn.MSELoss()
+    y = torch.randn(3, 3, generator=g)
+    with Recorder(tmp_path / "run", model, opt, loss_fn, export=False) as rec:
+        for _ in range(2):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            rec.batch(x, {"y": y, **extra})
+            opt.step()
+    run = trajscope.open_run(tmp_path / "run")
+    for t in range(2):
+        assert_batch_equal(run.checkpoint(t).batch, (x, {"y": y, **extra}), f"batch_{t}")
+    root = zarr.open_group(str(tmp_path / "run" / "trajectory.zarr"), mode="r", use_consolidated=False)
+    for key, want in extra.items():
+        got = root[f"batch/.1.{key}"][1]
+        assert got.dtype == want.numpy().dtype and got.tobytes() == want.numpy().tobytes(), key
+        assert list(root[f"batch_shape/.1.{key}"][1]) == list(want.shape), key
+
+
 class _SeqModel(torch.nn.Module):
     """(B, T, 4) sequences with a (T,) mask -> (B, 3): T may change from step to step."""
 
