@@ -119,6 +119,7 @@ class Recorder:
         self._lock = threading.Lock()                  # training-thread writes vs. the commit timer
         self._timer: threading.Timer | None = None
         self._last_commit = -math.inf
+        self._last_step_time = -math.inf
         self._hooks: list[Any] = []
         # Snapshot buffers are reused once written: a fresh multi-MB allocation per recorded step
         # costs page faults on the training thread (and unmapping on the writer's), ~1-2 ms per
@@ -280,6 +281,9 @@ class Recorder:
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         step = self._step
         self._step += 1
+        self._last_step_time = now = time.monotonic()
+        if self._timer is not None and now - self._last_commit >= _COMMIT_INTERVAL:
+            self._commit_tail()     # on the training thread, between its own parallel ops
         if self.failed or self._closed or not self.records(step):
             return
         try:
@@ -373,7 +377,7 @@ class Recorder:
             if self.failed or time.monotonic() - self._last_commit >= _COMMIT_INTERVAL:
                 self._commit_inline()
             elif self._timer is None:
-                self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail)
+                self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail, (True,))
                 self._timer.daemon = True
                 self._timer.start()
 
@@ -386,9 +390,20 @@ class Recorder:
             self._fail(e)
         self._last_commit = time.monotonic()
 
-    def _commit_tail(self) -> None:
+    def _commit_tail(self, from_timer: bool = False) -> None:
+        """Commit records the training thread left uncommitted. While steps keep coming the next
+        step's pre-hook does it (a commit on the timer thread preempts one of torch's threads and
+        stalls training at the next barrier, like a writer thread would); the timer commits only
+        when training pauses."""
         with self._lock:
-            self._timer = None
+            if from_timer and time.monotonic() - self._last_step_time < _COMMIT_INTERVAL:
+                self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail, (True,))
+                self._timer.daemon = True
+                self._timer.start()
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if not self._closed:
                 self._commit_inline()
 
