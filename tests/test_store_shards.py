@@ -41,7 +41,7 @@ from trajscope.recorder import Recorder
 from trajscope.store import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
 
 from helpers_recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
-                               assert_tensors_bitexact, make_model, train)
+                               assert_tensors_bitexact, drop_chunks, make_model, train)
 
 LOSS = torch.nn.MSELoss()
 EMPTY = 2**64 - 1
@@ -503,9 +503,7 @@ def test_damaged_shard_is_a_one_line_error_naming_the_array(small_run, tmp_path,
     shard = path / store.STORE_NAME / array / arr.metadata.encode_chunk_key((1, *[0] * (arr.ndim - 1)))
     assert shard.is_file()
     if damage == "blank_index_entry":
-        with open(shard, "r+b") as f:
-            f.seek(16 * 1)
-            f.write(b"\xff" * 16)
+        assert drop_chunks(path, array, 5)
         intact = [4, 6]
     elif damage == "cut_short":
         size = shard.stat().st_size
@@ -542,9 +540,7 @@ def test_damaged_records_or_skipped_fail_at_open(tmp_path, monkeypatch, damage):
         assert list(TrajectoryReader(run_dir).skipped) == list(range(100, 106))
         shard = run_dir / store.STORE_NAME / array / ("c.1.0" if array == "records" else "c.1")
         if damage == "blank_index_entry":
-            with open(shard, "r+b") as f:
-                f.seek(16)
-                f.write(b"\xff" * 16)
+            assert drop_chunks(run_dir, array, 5) == [shard]
         else:
             with open(shard, "r+b") as f:
                 f.truncate(16 * 4 + 4)

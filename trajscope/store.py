@@ -368,7 +368,7 @@ class TrajectoryWriter:
             self._root = _open_root(self.path, mode="r+")
             _check_version(self._root, self.path)
             _remove_partials(self.path)
-            self._commit = _commit_attrs(self._root, self.path)
+            self._commit = _commit_attrs(self.path)
             if restart_step is not None:
                 self._truncate_from(restart_step)
         else:
@@ -389,7 +389,7 @@ class TrajectoryWriter:
                 shutil.rmtree(self.path)
             os.rename(tmp, self.path)
             self._root = None            # opened through zarr only if needed (probe, restart)
-            self._commit = _read_group_attrs(self.path / "commit")
+            self._commit = _commit_attrs(self.path)
         self.attrs = _read_group_attrs(self.path)
         self.records = int(self._commit["records"])
         self.n_skipped = int(self._commit["skipped"])
@@ -646,10 +646,7 @@ class TrajectoryReader:
             raise TrajscopeError(f"{self.run_dir} is not a trajscope run: no {STORE_NAME} inside; record one with trajscope.Recorder")
         self.root = _open_root(self.path, mode="r")
         _check_version(self.root, self.path)
-        try:
-            c = dict(self.root["commit"].attrs)
-        except KeyError:
-            raise TrajscopeError(f"{self.path} has no commit marker: the store is damaged (re-record the run)") from None
+        c = _commit_attrs(self.path)
         # The writer describes new batch structures and state layouts before it commits the rows that
         # use them: attributes read after the marker describe every row it validates.
         self.attrs = _read_group_attrs(self.path)
@@ -813,11 +810,11 @@ def _check_version(root: zarr.Group, path: Path) -> None:
                              f"use the trajscope release that recorded it")
 
 
-def _commit_attrs(root: zarr.Group, path: Path) -> dict[str, Any]:
-    try:
-        return dict(root["commit"].attrs)
-    except KeyError:
-        raise TrajscopeError(f"{path} has no commit marker: the store is damaged (re-record the run)") from None
+def _commit_attrs(path: Path) -> dict[str, Any]:
+    """The commit marker's attributes, read from disk now."""
+    if not (path / "commit" / "zarr.json").exists():
+        raise TrajscopeError(f"{path} has no commit marker: the store is damaged (re-record the run)")
+    return _read_group_attrs(path / "commit")
 
 
 def _read_group_attrs(folder: Path) -> dict[str, Any]:
