@@ -35,11 +35,12 @@ layer :math:`F = \tilde A` and the Gram matrix :math:`\tilde A\tilde A^\top` is 
 node of the layer, and only the samples with :math:`e_{ij} \ne 0` enter (dead ReLU samples drop
 out). Otherwise dense p × p blocks are formed with batched matmuls. Big matmuls run in the
 analysis dtype (the parameters'), the eigenproblems in that precision too (float32 below
-float64, see :func:`_solve_dtype`); the spectra are returned as float64.
+float64, see :func:`_solve_dtype`; float32 batches go to the vectorised kernel of
+:mod:`trajscope.analysis.eigen`); the spectra are returned as float64.
 
 Memory and parallelism: nodes are processed in tiles built lazily by a small pool of worker
-threads (one per torch thread, each running LAPACK single-threaded: batched ``eigvalsh`` on
-small matrices does not use several cores), with one tile in flight per worker, so the tiles
+threads (one per torch thread, each solving single-threaded: batched eigensolvers on small
+matrices do not use several cores), with one tile in flight per worker, so the tiles
 in memory together never exceed ``max_tile_bytes``; no path holds all p × p blocks of a layer.
 Largest eigen-batches are scheduled first, across all layers.
 
@@ -68,6 +69,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from trajscope.analysis import eigen
 from trajscope.analysis.nodes import NodeLayer, node_matrix
 from trajscope.capture import functional_forward
 
@@ -240,7 +242,7 @@ def _eigvalsh(K: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
             return out
         Kok = K[ok]
     try:
-        ev = torch.linalg.eigvalsh(Kok).to(torch.float64)
+        ev = eigen.eigvalsh(Kok).to(torch.float64)
     except Exception:  # LAPACK non-convergence: retry one by one, NaN what still fails
         import numpy as np
         ev = torch.full((Kok.shape[0], m), math.nan, dtype=torch.float64)
@@ -476,7 +478,8 @@ def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of the eigensolves: float64 for a float64 analysis, else float32. The blocks
     are assembled in the analysis dtype, so their entries already carry its rounding error
     (~p·eps·‖H_i‖); a float32 solve adds ~m·eps·‖H_i‖, well under the rank tolerance of
-    :func:`_finalize`, at about 2/3 of the float64 time."""
+    :func:`_finalize`, at about 2/3 of the float64 LAPACK time (and 1/4 of it again with the
+    kernel of :mod:`trajscope.analysis.eigen`)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
