@@ -118,3 +118,42 @@ def test_nonfinite_loss_gives_nan():
     x[0, 0] = math.nan
     res = sharpness(model, params, {}, x, y, loss_fn)
     assert math.isnan(res.value)
+
+
+def _sym_op(A):
+    return lambda v: A @ v
+
+
+def test_lanczos_on_explicit_spectra():
+    from trajscope.analysis.sharpness import _lanczos_max
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=DT))
+    v0 = torch.randn(300, generator=g, dtype=DT)
+    cases = {
+        "indefinite, larger |negative| end": torch.cat([torch.linspace(-9, 2, 299, dtype=DT),
+                                                        torch.tensor([3.0], dtype=DT)]),
+        "clustered top": torch.cat([torch.linspace(0, 1, 297, dtype=DT),
+                                    torch.tensor([5.0, 5.0 - 1e-3, 5.0 - 2e-3], dtype=DT)]),
+        "ill-conditioned PSD": torch.logspace(-8, 2, 300, dtype=DT),
+    }
+    for name, lam in cases.items():
+        A = (Q * lam) @ Q.T
+        top = float(lam.max())
+        val, ok = _lanczos_max(_sym_op(A), v0.clone(), 1e-10, 300)
+        assert ok and abs(val - top) <= 1e-8 * abs(top), (name, val, top)
+        val4, ok4 = _lanczos_max(_sym_op(A), v0.clone(), 1e-4, 300)
+        assert ok4 and abs(val4 - top) <= 2e-3 * abs(top), (name, val4, top)  # residual 1e-4
+    # too few products: reported as not converged
+    A = (Q * cases["clustered top"]) @ Q.T
+    assert _lanczos_max(_sym_op(A), v0.clone(), 1e-12, 3)[1] is False
+
+
+def test_lanczos_stops_exactly_on_an_invariant_subspace():
+    from trajscope.analysis.sharpness import _lanczos_max
+
+    A = torch.diag(torch.tensor([4.0, 1.0, -2.0] + [0.5] * 60, dtype=DT))
+    v0 = torch.zeros(63, dtype=DT)
+    v0[:3] = 1.0  # the Krylov space is 3-dimensional: breakdown at step 3, T_3 is exact
+    val, ok = _lanczos_max(_sym_op(A), v0, 1e-14, 50)
+    assert ok and abs(val - 4.0) <= 1e-12
