@@ -328,28 +328,44 @@ def node_update_spectra(eig: Tensor, p: int, rule: UpdateRule) -> NodeSpectra:
     complex pair). Vectorised over nodes; NaN/Inf eigenvalues give NaN/Inf |μ|, never an
     exception.
     """
-    mu1, mu2, im, null, lam = _roots(eig, p, rule)
-    n = mu1.shape[0]
-    if mu2 is None:
-        mags = mu1.abs()
-    else:
-        mags = torch.cat([torch.hypot(mu1, im), torch.hypot(mu2, im)], dim=1)
-        null = torch.cat([null, torch.zeros_like(null)], dim=1)
-    radius = mags.amax(dim=1) if mags.shape[1] else torch.full((n,), math.nan, dtype=torch.float64)
-    null_dims = null.sum(dim=1, dtype=torch.int32)
-    acted = (mags.shape[1] - null_dims).to(torch.int32)
-    # compact: acted-on entries first (stable, keeps direction order), NaN padding after
+    eig = torch.as_tensor(eig).to(torch.float64)
+    if eig.dim() == 1:
+        eig = eig[None, :]
+    n, r = eig.shape
+    if r > p:
+        raise ValueError(f"{r} eigenvalues for a node of {p} parameters")
+    # the p − r implicit zero eigenvalues share one μ: solve them once, with multiplicity p − r
+    extra = p - r
+    ev = torch.cat([eig, eig.new_zeros(n, 1)], dim=1) if extra else eig
+    rc = ev.shape[1]
+    mu1, mu2, im, null, lam = _roots(ev, rc, rule)
+    mult = torch.ones(rc, dtype=torch.int64, device=ev.device)
+    if extra:
+        mult[-1] = extra
+    blocks = [(mu1.abs() if mu2 is None else torch.hypot(mu1, im), null)]
+    if mu2 is not None:
+        blocks.append((torch.hypot(mu2, im), torch.zeros_like(null)))
+    radius = torch.stack([m.amax(dim=1) for m, _ in blocks], dim=1).amax(dim=1)
+    null_dims = (null.to(torch.int64) * mult).sum(dim=1).to(torch.int32)
+    acted = (p * len(blocks) - null_dims).to(torch.int32)
+    zero_eig = ((lam == 0).to(torch.int64) * mult).sum(dim=1).to(torch.int32)
+    # acted-on |μ| first, in direction order (first roots of all p directions, then second
+    # roots), NaN padding after; column M collects the dropped (null) entries
     m = int(acted.max()) if n else 0
-    if bool((null_dims > 0).any()):
-        keep = ~null
-        pos = keep.cumsum(dim=1) - 1  # target column of each acted-on entry (O(NK), no sort)
-        rows = torch.arange(n, device=mags.device)[:, None].expand_as(keep)
-        mu_abs = torch.full((n, m), math.nan, dtype=mags.dtype, device=mags.device)
-        mu_abs[rows[keep], pos[keep]] = mags[keep]
-    else:
-        mu_abs = mags
-    zero_eig = (lam == 0).sum(dim=1, dtype=torch.int32)
-    return NodeSpectra(mu_abs=mu_abs, null_dims=null_dims, radius=radius, acted=acted, p=int(p),
+    mu_abs = torch.full((n, m + 1), math.nan, dtype=torch.float64, device=ev.device)
+    cols = torch.arange(m + 1, device=ev.device)[None, :]
+    offset = torch.zeros(n, dtype=torch.int64, device=ev.device)
+    for mags, nul in blocks:
+        keep = ~nul[:, :r]
+        pos = torch.where(keep, offset[:, None] + keep.cumsum(dim=1) - 1, m)
+        mu_abs.scatter_(1, pos, mags[:, :r])
+        offset = offset + keep.sum(dim=1)
+        if extra:
+            run = (~nul[:, r]).to(torch.int64) * extra
+            inside = (cols >= offset[:, None]) & (cols < (offset + run)[:, None])
+            mu_abs = torch.where(inside, mags[:, r:], mu_abs)
+            offset = offset + run
+    return NodeSpectra(mu_abs=mu_abs[:, :m], null_dims=null_dims, radius=radius, acted=acted, p=int(p),
                        zero_eig_dims=zero_eig)
 
 
