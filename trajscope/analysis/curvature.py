@@ -84,10 +84,13 @@ __all__ = [
 ]
 
 # Nodes per eigen-bucket on the Gram route: nodes are sorted by their number of live samples
-# and each bucket is padded to its own maximum; a bucket closes when its size would grow by more
-# than _BUCKET_SLACK (padding costs ~(k_max/k)^3) or it holds _BUCKET nodes.
+# and each bucket is padded to its own maximum. Buckets are whole groups of _LANES nodes, the
+# eigen kernel's SIMD width (a group costs the same with fewer nodes); a bucket closes when
+# the next group would raise its size above _BUCKET_SLACK times its smallest (padding costs
+# ~(k_max/k)^2) or it holds _BUCKET nodes.
 _BUCKET = 64
 _BUCKET_SLACK = 1.05
+_LANES = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,13 +508,14 @@ def _live_first(mask: Tensor) -> Tensor:
 
 
 def _buckets(counts: list[int]) -> list[tuple[int, int]]:
-    """Greedy ``[s, t)`` ranges over ascending ``counts`` with ``max <= slack * min + 1``."""
+    """Greedy ``[s, t)`` ranges over ascending ``counts``: groups of ``_LANES`` (the last one of
+    all may be short) merged while ``max <= slack * min + 1`` and the range holds ``_BUCKET``."""
     out, s, n = [], 0, len(counts)
     while s < n:
-        t = s + 1
+        t = min(n, s + _LANES)
         lim = _BUCKET_SLACK * counts[s] + 1
-        while t < n and t - s < _BUCKET and counts[t] <= lim:
-            t += 1
+        while t < n and t - s + _LANES <= _BUCKET and counts[min(n, t + _LANES) - 1] <= lim:
+            t = min(n, t + _LANES)
         out.append((s, t))
         s = t
     return out
