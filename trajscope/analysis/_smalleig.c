@@ -13,7 +13,8 @@
  * Both steps are backward stable: the results are the exact eigenvalues of K + E with
  * ||E|| = O(n eps ||K||), the same guarantee as LAPACK's. Bisection stops at an absolute
  * width of 2 eps ||T||, where ||T|| is T's Gershgorin bound. Non-finite input is the
- * caller's business (the result is then meaningless, never a crash).
+ * caller's business: that matrix's values are then meaningless (never a crash or a hang, and
+ * the other matrices of its block are unaffected).
  *
  * Python: _smalleig.eigvalsh(src, dst, batch, n) with src a C-contiguous float32 buffer of
  * batch * n * n (symmetric matrices; the lower triangle is read) and dst a writable float32
@@ -47,26 +48,43 @@ typedef float vec[L];
 #define CLONES
 #endif
 
-#if defined(_MSC_VER)
-#define THREAD_LOCAL __declspec(thread)
+/* Scratch: per thread, grown on demand and kept while the thread lives (POSIX), since a fresh
+   block per call would be mmap'ed and page-faulted each time, which costs as much as solving
+   16 matrices of order 64; elsewhere one block per call. */
+#if defined(_WIN32)
+static float *get_scratch(size_t len) { return (float *)malloc(sizeof(float) * len); }
+static void put_scratch(float *p) { free(p); }
 #else
-#define THREAD_LOCAL __thread
-#endif
-
-/* Per-thread scratch, grown on demand and kept: a fresh block per call would be mmap'ed and
-   page-faulted each time, which costs as much as solving 16 matrices of order 64. */
-static THREAD_LOCAL float *scratch = NULL;
-static THREAD_LOCAL size_t scratch_len = 0;
-
-static float *get_scratch(size_t len) {
-    if (len > scratch_len) {
-        float *p = (float *)realloc(scratch, sizeof(float) * len);
-        if (!p) return NULL;
-        scratch = p;
-        scratch_len = len;
-    }
-    return scratch;
+#include <pthread.h>
+typedef struct { float *p; size_t len; } scratch_t;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static void free_scratch(void *s) {
+    free(((scratch_t *)s)->p);
+    free(s);
 }
+static void make_scratch_key(void) { (void)pthread_key_create(&scratch_key, free_scratch); }
+static float *get_scratch(size_t len) {
+    (void)pthread_once(&scratch_once, make_scratch_key);
+    scratch_t *s = (scratch_t *)pthread_getspecific(scratch_key);
+    if (!s) {
+        s = (scratch_t *)calloc(1, sizeof(scratch_t));
+        if (!s) return NULL;
+        if (pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (len > s->len) {
+        float *p = (float *)realloc(s->p, sizeof(float) * len);
+        if (!p) return NULL;
+        s->p = p;
+        s->len = len;
+    }
+    return s->p;
+}
+static void put_scratch(float *p) { (void)p; }
+#endif
 
 #define AT(A, n, r, c) ((A) + ((size_t)(r) * (n) + (c)) * L)
 
@@ -92,7 +110,9 @@ INLINE void tridiagonalize(float *RESTRICT A, int n, float *RESTRICT d, float *R
         LANES {
             const float nrm = sqrtf(alpha[t] * alpha[t] + s[t]);
             const float beta = alpha[t] >= 0.f ? -nrm : nrm;
-            const int nz = s[t] > 0.f;
+            /* ||x[1:]|| < 2^-51 max|K|: treat it as 0 (a backward error far below eps ||K||);
+               a smaller sum of squares loses precision to underflow */
+            const int nz = s[t] >= FLT_MIN / FLT_EPSILON;
             tau[t] = nz ? (beta - alpha[t]) / (nz ? beta : 1.f) : 0.f;
             scal[t] = nz ? 1.f / (nz ? alpha[t] - beta : 1.f) : 0.f;
             e[i * L + t] = nz ? beta : alpha[t];
@@ -237,6 +257,7 @@ INLINE void bisect(const float *RESTRICT d, const float *RESTRICT e, int n, floa
 
 CLONES static int eigvalsh_batch(const float *K, Py_ssize_t nb, int n, float *out) {
     const size_t nn = (size_t)n * n;
+    if (nb == 0) return 0;
     float *A = get_scratch(L * (nn + 11 * (size_t)n));
     if (!A) return -1;
     float *d = A + nn * L, *e = d + n * L, *v = e + n * L, *w = v + n * L, *e2 = w + n * L,
@@ -256,13 +277,18 @@ CLONES static int eigvalsh_batch(const float *K, Py_ssize_t nb, int n, float *ou
             }
             const float *Kb = K + (size_t)(b0 + t) * nn;
             float mx = 0.f;
+            for (int r = 0; r < n; r++) {
+                const float *row = Kb + (size_t)r * n;
 #pragma omp simd reduction(max : mx)
-            for (size_t i = 0; i < nn; i++) mx = MAXF(mx, fabsf(Kb[i]));
+                for (int c = 0; c <= r; c++) mx = MAXF(mx, fabsf(row[c]));
+            }
             zero[t] = !(mx > 0.f);
             if (!zero[t]) frexpf(mx, &ex[t]);
-            const float sc = ldexpf(1.f, -ex[t]);
+            /* 2^-ex in two exact steps: for subnormal max|K|, 2^-ex alone overflows */
+            const float sc1 = ldexpf(1.f, -ex[t] / 2), sc2 = ldexpf(1.f, -ex[t] - (-ex[t] / 2));
             for (int r = 0; r < n; r++)
-                for (int c = 0; c <= r; c++) a[((size_t)r * n + c) * L] = Kb[(size_t)r * n + c] * sc;
+                for (int c = 0; c <= r; c++)
+                    a[((size_t)r * n + c) * L] = Kb[(size_t)r * n + c] * sc1 * sc2;
         }
         tridiagonalize(A, n, d, e, v, w);
         bisect(d, e, n, ev, e2, lo, hi, x, q, cnt);
@@ -271,17 +297,39 @@ CLONES static int eigvalsh_batch(const float *K, Py_ssize_t nb, int n, float *ou
             for (int l = 0; l < n; l++) o[l] = zero[t] ? 0.f : ldexpf(ev[l * L + t], ex[t]);
         }
     }
+    put_scratch(A);
+    return 0;
+}
+
+static int float32_buffer(PyObject *obj, Py_buffer *view, int writable) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) != 0)
+        return -1;
+    if (view->itemsize != 4 || !view->format || (strcmp(view->format, "f") && strcmp(view->format, "<f")
+                                                 && strcmp(view->format, "=f"))) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_TypeError, "eigvalsh: buffers must hold float32");
+        return -1;
+    }
     return 0;
 }
 
 static PyObject *py_eigvalsh(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *dst_obj;
     Py_buffer src, dst;
     Py_ssize_t nb;
     int n, rc;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*w*ni", &src, &dst, &nb, &n)) return NULL;
-    if (nb < 0 || n < 1 || src.len != (Py_ssize_t)sizeof(float) * nb * n * n
-        || dst.len != (Py_ssize_t)sizeof(float) * nb * n) {
+    if (!PyArg_ParseTuple(args, "OOni", &src_obj, &dst_obj, &nb, &n)) return NULL;
+    if (nb < 0 || n < 1 || n > 46340 || nb > PY_SSIZE_T_MAX / ((Py_ssize_t)sizeof(float) * n * n)) {
+        PyErr_SetString(PyExc_ValueError, "eigvalsh: batch or n out of range");
+        return NULL;
+    }
+    if (float32_buffer(src_obj, &src, 0) != 0) return NULL;
+    if (float32_buffer(dst_obj, &dst, 1) != 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    if (src.len != (Py_ssize_t)sizeof(float) * nb * n * n || dst.len != (Py_ssize_t)sizeof(float) * nb * n) {
         PyBuffer_Release(&src);
         PyBuffer_Release(&dst);
         PyErr_SetString(PyExc_ValueError, "eigvalsh: buffer sizes do not match batch and n");

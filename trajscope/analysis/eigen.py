@@ -35,8 +35,9 @@ def kernel_available() -> bool:
 
 
 def eigvalsh(K: Tensor) -> Tensor:
-    """Ascending eigenvalues ``(b, n)`` of finite symmetric matrices ``K`` ``(b, n, n)``, in K's
-    dtype (only the lower triangle is read). Raises what LAPACK raises on non-convergence."""
+    """Ascending eigenvalues ``(b, n)`` of symmetric matrices ``K`` ``(b, n, n)``, in K's dtype
+    (only the lower triangle is read). K must be finite: a non-finite matrix gives meaningless
+    values on the kernel path (LAPACK may raise instead)."""
     b, n = K.shape[0], K.shape[-1]
     if (K.dtype == torch.float32 and K.device.type == "cpu" and b >= KERNEL_MIN_BATCH
             and 0 < n <= KERNEL_MAX_N and kernel_available()):
