@@ -234,18 +234,24 @@ class NodeSpectra:
     zero_eig_dims: Tensor | None = None
 
 
+def _eig_rows(eig: Tensor, p: int) -> Tensor:
+    """Curvature eigenvalues as float64 rows ``(N, r)``, r <= p (a 1-D input is one node)."""
+    eig = torch.as_tensor(eig).to(torch.float64)
+    if eig.dim() == 1:
+        eig = eig[None, :]
+    if eig.shape[1] > p:
+        raise ValueError(f"{eig.shape[1]} eigenvalues for a node of {p} parameters")
+    return eig
+
+
 def _char_poly(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float, float]:
     """Per direction (N, p): T and Dt of μ² − Tμ + Dt (Dt None: single-state map μ = T).
 
     Also returns the mask of directions with zero effective step (x = 0), the full
     eigenvalue tensor (N, p), and the two μ such a direction has (c, other root).
     """
-    eig = torch.as_tensor(eig).to(torch.float64)
-    if eig.dim() == 1:
-        eig = eig[None, :]
+    eig = _eig_rows(eig, p)
     n, r = eig.shape
-    if r > p:
-        raise ValueError(f"{r} eigenvalues for a node of {p} parameters")
     lam = torch.zeros((n, p), dtype=torch.float64, device=eig.device)
     lam[:, :r] = eig
     s = rule.curvature_sign
@@ -328,12 +334,8 @@ def node_update_spectra(eig: Tensor, p: int, rule: UpdateRule) -> NodeSpectra:
     complex pair). Vectorised over nodes; NaN/Inf eigenvalues give NaN/Inf |μ|, never an
     exception.
     """
-    eig = torch.as_tensor(eig).to(torch.float64)
-    if eig.dim() == 1:
-        eig = eig[None, :]
+    eig = _eig_rows(eig, p)
     n, r = eig.shape
-    if r > p:
-        raise ValueError(f"{r} eigenvalues for a node of {p} parameters")
     # the p − r implicit zero eigenvalues share one μ: solve them once, with multiplicity p − r
     extra = p - r
     ev = torch.cat([eig, eig.new_zeros(n, 1)], dim=1) if extra else eig
