@@ -683,13 +683,7 @@ class TrajectoryReader:
         is written, so a missing shard file, an empty index entry or a shard file cut short means a
         truncated store.
         """
-        try:
-            arr = self.root[name]
-        except KeyError:
-            raise TrajscopeError(f"{self.path} is missing array {name!r}: the store is truncated or damaged") from None
-        lay = _row_shards(arr.metadata.to_dict(), self.path / name)
-        extents = [min(int(e), n) for e, n in zip(extents, arr.shape[1:])] if extents is not None \
-            else list(arr.shape[1:])
+        lay, extents = self._row_extents(name, extents)
         S = lay.rows
         for shard in range(rows.start // S, (rows.stop - 1) // S + 1) if rows else ():
             first = max(rows.start, shard * S)
@@ -704,8 +698,11 @@ class TrajectoryReader:
                 for r in shard_rows:
                     if idx is None or idx[r % lay.rows, 0] == _EMPTY or \
                             int(idx[r % lay.rows, 0]) + int(idx[r % lay.rows, 1]) > size:
-                        raise TrajscopeError(f"{self.path}/{name}: a chunk of record {r} is missing; the store is "
-                                             f"truncated (re-record, or analyse fewer steps)")
+                        raise self._missing_chunk(name, r)
+
+    def _missing_chunk(self, name: str, r: int) -> TrajscopeError:
+        return TrajscopeError(f"{self.path}/{name}: a chunk of record {r} is missing; the store is "
+                              f"truncated (re-record, or analyse fewer steps)")
 
     def _row_layout(self, name: str) -> tuple[_RowShards, tuple[int, ...]]:
         """Row-shard layout and current shape of a per-record array (its document read once)."""
@@ -719,13 +716,17 @@ class TrajectoryReader:
             self._layouts[name] = (_row_shards(doc, self.path / name), tuple(int(n) for n in doc.get("shape", ())))
         return self._layouts[name]
 
+    def _row_extents(self, name: str, shape: Sequence[int] | None) -> tuple[_RowShards, list[int]]:
+        """Layout of a per-record array and the extents of a row (its leading ``shape``, if given)."""
+        lay, full = self._row_layout(name)
+        return lay, [min(int(e), n) for e, n in zip(shape, full[1:])] if shape is not None else list(full[1:])
+
     def _read_row(self, name: str, r: int, shape: Sequence[int] | None = None) -> np.ndarray:
         """One committed row (its leading ``shape`` only, if given), read straight from the shard
         files the writer filled (one ``pread`` of the index entry and one of the chunk per chunk
         column; Zarr's reader costs ~1 ms per call on top). A chunk that was never written or is
         cut short raises: it would otherwise read back as the fill value."""
-        lay, full = self._row_layout(name)
-        extents = [min(int(e), n) for e, n in zip(shape, full[1:])] if shape is not None else list(full[1:])
+        lay, extents = self._row_extents(name, shape)
         out = np.zeros(extents, dtype=lay.dtype.newbyteorder("="))
         for g in lay.columns(extents):
             raw = b""
@@ -737,8 +738,7 @@ class TrajectoryReader:
             except (OSError, struct.error):
                 pass
             if len(raw) != lay.chunk_bytes:
-                raise TrajscopeError(f"{self.path}/{name}: a chunk of record {r} is missing; the store is "
-                                     f"truncated (re-record, or analyse fewer steps)")
+                raise self._missing_chunk(name, r)
             chunk = np.frombuffer(raw, dtype=lay.dtype).reshape(lay.inner)
             dst = tuple(slice(j * c, min((j + 1) * c, e)) for j, c, e in zip(g, lay.inner, extents))
             out[dst] = chunk[tuple(slice(0, d.stop - d.start) for d in dst)]
