@@ -550,10 +550,11 @@ def _shared_gram(factor: LayerFactor, g: int, F: Tensor, sqrt: bool,
     return factor.cache[("G", g, dtype)]
 
 
-def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_bytes: int,
+def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor, max_tile_bytes: int,
           ) -> tuple[Tensor, list[_Job]]:
     r"""Output buffer ``(N, r')`` and the jobs that fill it with the eigenvalues of
-    :math:`D_i^{1/2}(H_i + s I)D_i^{1/2}` (D = I without ``precond``).
+    :math:`D_i^{1/2}(H_i + \mathrm{diag}(s))D_i^{1/2}` (D = I without ``precond``; s a scalar
+    or one value per node coordinate, ``(p,)``).
 
     Routes: ``dense`` forms the p × p blocks; ``gram`` the R × R matrices with the same
     non-zero spectrum: :math:`FF^\top` (W = I), :math:`W^{1/2}FF^\top W^{1/2}` restricted to
@@ -562,16 +563,18 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_by
     N, p = factor.n_nodes, factor.p
     eps = torch.finfo(factor.dtype).eps
     solve = _solve_dtype(factor.dtype)
+    shift = torch.as_tensor(shift, dtype=torch.float64)
+    shifted = bool((shift != 0).any())
     if factor.form in ("zero", "nan"):
-        r = p if shift != 0 else 1
+        r = p if shifted else 1
         if factor.form == "nan":
             return torch.full((N, r), math.nan, dtype=torch.float64), []
-        if shift == 0:
+        if not shifted:
             return torch.zeros(N, 1, dtype=torch.float64), []
         d = precond if precond is not None else torch.ones(N, p)
         return (shift * d.to(torch.float64)).sort(dim=1, descending=True).values, []
-    route = "dense" if shift != 0 else factor.method
-    r = p if shift != 0 else factor.r
+    route = "dense" if shifted else factor.method
+    r = p if shifted else factor.r
     out = torch.empty(N, r, dtype=torch.float64)
     sd = None if precond is None else precond.to(factor.dtype).clamp_min(0).sqrt()
     nw = max(1, torch.get_num_threads())
@@ -598,7 +601,7 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_by
                             sdi = None if sd is None else sd[idx]
                             F, W = _operands(factor, g, idx, sdi)
                             H = _dense(F, W).to(torch.float64)
-                            if shift != 0:
+                            if shifted:
                                 dd = sdi.to(torch.float64) ** 2 if sdi is not None else \
                                     torch.ones(len(idx), p, dtype=torch.float64)
                                 H = H + torch.diag_embed(shift * dd)
@@ -654,8 +657,8 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_by
     return out, jobs
 
 
-def _spectra(factor: LayerFactor, precond: Tensor | None, shift: float, max_tile_bytes: int) -> Tensor:
-    """Eigenvalues ``(N, r')`` of :math:`D_i^{1/2}(H_i + s I)D_i^{1/2}` (D = I if no precond)."""
+def _spectra(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor, max_tile_bytes: int) -> Tensor:
+    r"""Eigenvalues ``(N, r')`` of :math:`D_i^{1/2}(H_i + \mathrm{diag}(s))D_i^{1/2}` (D = I if no precond)."""
     out, jobs = _jobs(factor, precond, shift, max_tile_bytes)
     _run_jobs(jobs)
     return out
@@ -932,18 +935,19 @@ def node_hessian_extremes(eigvals: Tensor, p: int) -> tuple[Tensor, Tensor]:
     return hmax, hmin
 
 
-def preconditioned_eigvals(factor: LayerFactor, precond: Tensor, shift: float = 0.0,
+def preconditioned_eigvals(factor: LayerFactor, precond: Tensor, shift: float | Tensor = 0.0,
                            max_tile_bytes: int = 256 * 2**20) -> Tensor:
-    r"""Eigenvalues of :math:`D_i^{1/2} (H_i + s I) D_i^{1/2}` per node, ``(N, r')`` float64,
-    sorted descending, with the rank tolerance applied.
+    r"""Eigenvalues of :math:`D_i^{1/2} (H_i + \mathrm{diag}(s)) D_i^{1/2}` per node, ``(N, r')``
+    float64, sorted descending, with the rank tolerance applied.
 
     ``precond`` is ``(N, p)``, the positive diagonal :math:`D_i` laid out like ``node_matrix``
-    rows (Adam: :math:`1/(\sqrt{\hat v}+\epsilon)`). With ``shift == 0`` the low-rank form
-    :math:`(F_i D_i^{1/2})^\top W_i (F_i D_i^{1/2})` keeps ``r' = r``; with ``shift != 0`` the
-    matrix has full rank and ``r' = p`` (dense p × p per node, tiled).
+    rows (Adam: :math:`1/(\sqrt{\hat v}+\epsilon)`); ``shift`` a scalar or ``(p,)``, one value
+    per node coordinate (e.g. a bias whose parameter group has another weight decay). With
+    ``shift == 0`` the low-rank form :math:`(F_i D_i^{1/2})^\top W_i (F_i D_i^{1/2})` keeps
+    ``r' = r``; otherwise the matrix has full rank and ``r' = p`` (dense p × p per node, tiled).
     """
     precond = precond.reshape(factor.n_nodes, factor.p)
-    return _spectra(factor, precond, float(shift), max_tile_bytes)
+    return _spectra(factor, precond, shift, max_tile_bytes)
 
 
 def dense_blocks(factor: LayerFactor, nodes: slice | Sequence[int] | None = None) -> Tensor:

@@ -37,8 +37,8 @@ from trajscope.analysis.labels import LABELS, REASONS, LabelConfig, classify, re
 from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.sharpness import sharpness as compute_sharpness
 from trajscope.analysis.tbevents import EventWriter
-from trajscope.analysis.updatemap import (UpdateRule, adam_preconditioner, node_update_spectra, stability_threshold,
-                                          update_rule)
+from trajscope.analysis.updatemap import (NodeMap, UpdateRule, adam_preconditioner, node_map, node_update_spectra,
+                                          stability_threshold, update_rule)
 from trajscope.errors import TrajscopeError
 from trajscope.results import ResultsWriter, open_results
 from trajscope.run import Checkpoint, Run, open_run
@@ -168,6 +168,12 @@ class _Analyser:
             out.append(update_rule(self.run.optimizer_class, ck.hparams[g], state))
         return out
 
+    def node_map(self, layer: NodeLayer, rules: list[UpdateRule]) -> NodeMap:
+        """The update map of the layer's nodes (its bias may sit in another parameter group)."""
+        rw = rules[self.group_of.get(layer.weight, 0)]
+        rb = rules[self.group_of[layer.bias]] if layer.bias in self.group_of else None
+        return node_map(rw, rb, layer.node_dim)
+
     def checkpoint(self, step: int, succ: int | None, first_norms: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
         """(global values, per-layer node arrays) of one checkpoint."""
         run, opts = self.run, self.opts
@@ -229,21 +235,24 @@ class _Analyser:
                        null_dims=np.zeros(n, np.int32), neutral_dims=np.zeros(n, np.int32),
                        label=np.full(n, NOT_COMPUTED, np.uint8), reason=np.full(n, NOT_COMPUTED, np.uint8))
             return out
-        rule = rules[self.group_of.get(layer.weight, 0)]
+        nm = self.node_map(layer, rules)
         if cr is not None:
             eig = cr.eigvals[layer.name]
             hmax, hmin = node_hessian_extremes(eig, p)
             grad_norm = node_matrix(cr.grads, layer).norm(dim=1)
-            if rule.preconditioned:
-                factor, dm = cr.factors[layer.name], node_matrix(precond, layer)
-                # the update map wants eig of D^{1/2}(s·H + wd)D^{1/2}; s = -1 when maximising
-                eig = (preconditioned_eigvals(factor, dm, shift=rule.coupled_shift) if rule.curvature_sign > 0 else
-                       -preconditioned_eigvals(factor, dm, shift=-rule.coupled_shift).flip(1))
-            spectra = node_update_spectra(eig, p, rule)
+            if nm.transformed:
+                factor = cr.factors[layer.name]
+                dm = node_matrix(precond, layer) if nm.rule.preconditioned else torch.ones(n, p, dtype=torch.float64)
+                if nm.lr_scale is not None:
+                    dm = dm * nm.lr_scale.to(dm)
+                # eig of (DA)^{1/2}(s·H + shift)(DA)^{1/2}; s = -1 when maximising
+                eig = (preconditioned_eigvals(factor, dm, shift=nm.shift) if nm.sign > 0 else
+                       -preconditioned_eigvals(factor, dm, shift=-nm.shift).flip(1))
+            spectra = node_update_spectra(eig, p, nm.rule)
         else:
             fill = torch.full((n,), float("nan"), dtype=torch.float64)
             hmax, hmin, grad_norm = fill, fill, fill
-            spectra = node_update_spectra(torch.full((n, 1), float("nan"), dtype=torch.float64), p, rule)
+            spectra = node_update_spectra(torch.full((n, 1), float("nan"), dtype=torch.float64), p, nm.rule)
         norms = kin["param_norm"].to(torch.float64)
         if self.opts.labels.collapse_reference == "layer_median":
             ref = torch.full_like(norms, float(torch.nanmedian(norms)))
@@ -319,6 +328,8 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
             history[l] = [row for row in lab[-(window - 1):]] if window > 1 else []
             prev_stable[l] = prev.node(l, "stable_label", len(done) - 1)
     rules0 = an.rules(run.checkpoint(todo[0][0]))
+    maps0 = {l.name: an.node_map(l, rules0).note for l in an.layers}
+    summary.notes += [f"{name}: {note}" for name, note in maps0.items() if note]
     result_attrs = {
         "trajscope_version": trajscope.__version__,
         "labels": list(LABELS), "reasons": list(REASONS), "not_computed_code": NOT_COMPUTED,
@@ -339,7 +350,8 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
             "threshold": "curvature at which the optimizer's map loses stability (min over param groups); "
                          "for Adam compare with precond_sharpness",
         },
-        "layer_info": {l.name: {"kind": l.kind, "n_nodes": l.n_nodes, "node_dim": l.node_dim} for l in an.layers},
+        "layer_info": {l.name: {"kind": l.kind, "n_nodes": l.n_nodes, "node_dim": l.node_dim,
+                                **({"map_note": maps0[l.name]} if maps0[l.name] else {})} for l in an.layers},
     }
     writer = ResultsWriter(run.path, result_attrs, layers)
     events = EventWriter(run.path, list(layers))

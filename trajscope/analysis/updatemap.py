@@ -45,9 +45,15 @@ zero (e.g. λ' = 0 under SGD): it contributes μ = 1 exactly and is kept out of 
 In a 2×2 block such a direction gives μ = 1 (null) and μ = β (SGD family) or β1 (Adam),
 the momentum buffer decaying on its own, which *is* acted on. Under AdamW with wd > 0 a
 zero-curvature direction gives μ = c < 1: decay acts on it.
+
+A node whose bias sits in another parameter group than its weight row (e.g. no weight decay
+on biases) steps with per-coordinate α_k and wd_k. With the other hyperparameters equal,
+the same blocks hold on the eigenvalues λ̃ of A^{1/2}(s·H_i + diag(wd_k))A^{1/2}, A =
+diag(α_k/α) (times D for Adam), with α the weight group's lr: see :func:`node_map`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -58,6 +64,8 @@ from torch import Tensor
 __all__ = [
     "UpdateRule",
     "update_rule",
+    "NodeMap",
+    "node_map",
     "adam_preconditioner",
     "NodeSpectra",
     "node_update_spectra",
@@ -125,6 +133,53 @@ class UpdateRule:
     def bias_corrected_lr(self) -> float:
         """a = α/(1 − β1^(step+1)), Adam's step size at the update's step count."""
         return float(self.lr) / (1.0 - float(self.beta1) ** (int(self.step) + 1))
+
+
+@dataclass(frozen=True)
+class NodeMap:
+    r"""How to get one node's update-map spectrum: ``rule`` gives μ from curvature eigenvalues.
+    With ``transformed`` those are the λ̃ of :math:`(DA)^{1/2}(s H_i + \mathrm{diag}(shift))(DA)^{1/2}`
+    (s = ``sign``, D = Adam's preconditioner or I, A = diag(``lr_scale``) or I), else of H_i
+    itself. ``note`` says when the map is only approximate."""
+
+    rule: UpdateRule
+    transformed: bool
+    sign: float = 1.0
+    shift: float | Tensor = 0.0
+    lr_scale: Tensor | None = None
+    note: str = ""
+
+
+def node_map(weight_rule: UpdateRule, bias_rule: UpdateRule | None, p: int) -> NodeMap:
+    """The map of a node of p parameters (the last one the bias when ``bias_rule`` is given)
+    whose weight row steps with ``weight_rule`` and bias with ``bias_rule``.
+
+    One group (or equal rules): the group's map. Two groups that differ only in lr and weight
+    decay (for AdamW: with equal decay factors 1 − α·wd): exact, with per-coordinate
+    ``lr_scale`` α_k/α and ``shift`` (coupled wd_k). Otherwise the weight group's map, with a
+    ``note`` saying which hyperparameters differ."""
+    w, b = weight_rule, bias_rule
+    plain = NodeMap(w, w.preconditioned, w.curvature_sign, w.coupled_shift)
+    if b is None or b == w:
+        return plain
+    differ = [f for f in ("kind", "momentum", "dampening", "has_buffer", "beta1", "beta2", "eps", "step",
+                          "amsgrad", "maximize") if getattr(b, f) != getattr(w, f)]
+    if w.kind == "adamw" and not math.isclose(b.decay_factor, w.decay_factor, rel_tol=1e-12, abs_tol=0.0):
+        differ.append("decoupled decay 1 - lr*weight_decay")
+    if not (math.isfinite(w.lr) and w.lr > 0 and math.isfinite(b.lr) and b.lr >= 0):
+        differ.append("lr")
+    if differ:
+        return dataclasses.replace(plain, note=f"bias in a parameter group with another {', '.join(differ)}: "
+                                               "the weight group's map is used for the whole node (approximate)")
+    scale = torch.ones(p, dtype=torch.float64)
+    scale[-1] = b.lr / w.lr
+    if w.kind == "gd_fallback":  # the fallback ignores decay and sign
+        return NodeMap(w, True, 1.0, 0.0, scale)
+    shift = torch.full((p,), w.coupled_shift, dtype=torch.float64)
+    shift[-1] = b.coupled_shift
+    # λ̃ carries the sign and the shift; the SGD family's formulas then take λ' = λ̃
+    rule = w if w.preconditioned else dataclasses.replace(w, weight_decay=0.0, maximize=False)
+    return NodeMap(rule, True, w.curvature_sign, shift, scale)
 
 
 def _scalar(value: Any, default: float) -> float:
