@@ -15,8 +15,9 @@ iteration of similar accuracy.
 It runs without restarts and keeps three vectors: with m steps it builds the tridiagonal
 :math:`T_m = Q_m^\top H Q_m` and stops when the largest Ritz value :math:`\theta` of
 :math:`T_m`, with eigenvector s, has residual :math:`\|H y - \theta y\| = \beta_{m+1}|s_m|
-\le \mathrm{tol}\,|\theta|` (ARPACK's criterion). Without full re-orthogonalisation the basis
-loses orthogonality only as Ritz pairs converge (Paige), which leaves converged Ritz values
+\le \mathrm{tol}\,\max(|\theta|, \varepsilon^{2/3}\|T_m\|)`: ARPACK's criterion, its floor made
+relative to the spectrum's scale so that a top eigenvalue of 0 converges too. Without full
+re-orthogonalisation the basis loses orthogonality only as Ritz pairs converge (Paige), which leaves converged Ritz values
 accurate; keeping the whole basis, as ARPACK does, would stream ``ncv`` vectors of the parameter
 size at every step, which cost 3x the products themselves on a 670k-parameter MLP.
 """
@@ -48,8 +49,9 @@ def _lanczos_max(op: Callable[[Tensor], Tensor], v0: Tensor, tol: float, maxiter
     q_prev = torch.zeros_like(q)
     alphas: list[float] = []
     betas: list[float] = []
-    beta = 0.0
+    beta = tnorm = 0.0
     theta = math.nan
+    floor = np.finfo(np.float64).eps ** (2 / 3)  # ARPACK's: a top eigenvalue of 0 still converges
     for m in range(1, maxiter + 1):
         w = op(q)
         alpha = float(q @ w)
@@ -57,16 +59,17 @@ def _lanczos_max(op: Callable[[Tensor], Tensor], v0: Tensor, tol: float, maxiter
         c = float(q @ w)  # one local re-orthogonalisation pass against q
         w.add_(q, alpha=-c)
         alphas.append(alpha + c)
-        beta = float(w.norm())
+        beta_prev, beta = beta, float(w.norm())
+        if not (math.isfinite(alphas[-1]) and math.isfinite(beta)):
+            raise _NonFinite
+        tnorm = max(tnorm, abs(alphas[-1]) + beta + beta_prev)  # ≥ ‖T_m‖ estimate (Gershgorin)
         if m == 1:
             theta, s_last = alphas[0], 1.0
         else:
             val, vec = eigh_tridiagonal(np.array(alphas), np.array(betas), select="i",
                                         select_range=(m - 1, m - 1))
             theta, s_last = float(val[0]), float(vec[-1, 0])
-        if not math.isfinite(theta):
-            raise _NonFinite
-        if beta * abs(s_last) <= tol * abs(theta) or beta <= 1e-14 * max(abs(theta), 1e-300):
+        if beta * abs(s_last) <= tol * max(abs(theta), floor * tnorm) or beta <= 1e-14 * tnorm:
             return theta, True  # converged, or an invariant subspace (T_m exact there)
         betas.append(beta)
         q_prev, q = q, w.div_(beta)
