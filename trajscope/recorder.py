@@ -136,6 +136,7 @@ class Recorder:
         self._param_layout = make_layout(self._param_items)
         self._buffer_layout = make_layout(self._buffer_items)
         self._hparam_names, self._hparam_bools = self._hparam_schema()
+        self._n_groups = len(optimizer.param_groups)
         meta = self._meta(model_spec, model_kwargs)
 
         writer_resume = bool(resume and is_run(self.path))
@@ -313,6 +314,9 @@ class Recorder:
                 free.append(t)
 
     def _snapshot(self, step: int) -> Snapshot:
+        if len(self.optimizer.param_groups) != self._n_groups:  # the store describes the groups once
+            raise TrajscopeError("the optimizer's parameter groups changed during the run (add_param_group): "
+                                 "recording stops here; record the rest to a new folder")
         params = pack(self._param_layout, [p for _, p in self._param_items], self._alloc)
         buffers = pack(self._buffer_layout, [b for _, b in self._buffer_items], self._alloc) if self._buffer_items else {}
         state_items: list[tuple[str, torch.Tensor]] = []

@@ -735,7 +735,7 @@ class TrajectoryReader:
                     off, nbytes = struct.unpack("<QQ", os.pread(f.fileno(), 16, 16 * (r % lay.rows)))
                     if off != _EMPTY and nbytes == lay.chunk_bytes:
                         raw = os.pread(f.fileno(), nbytes, off)
-            except (OSError, struct.error):
+            except (OSError, OverflowError, struct.error):  # OverflowError: a garbage offset
                 pass
             if len(raw) != lay.chunk_bytes:
                 raise self._missing_chunk(name, r)
