@@ -124,15 +124,15 @@ def resolve_delta(config: LabelConfig, total_steps: int) -> float:
 
 
 def collapse_reference_norm(config: LabelConfig, param_norm: Tensor, first_norm: Tensor | None = None) -> Tensor:
-    """The collapse reference per node: its first analysed norm, or the layer median now.
+    """The collapse reference per node: its first analysed norm, or the layer's median norm now.
 
     ``first_norm`` defaults to ``param_norm`` (the first checkpoint is its own reference).
     """
-    if config.collapse_reference == "layer_median":
-        pn = param_norm.to(torch.float64)
-        med = torch.nanmedian(pn) if pn.numel() else torch.tensor(math.nan, dtype=torch.float64)
+    pn = param_norm.to(torch.float64)
+    if config.collapse_reference == "layer_median":  # the usual median: mean of the middle two
+        med = torch.nanquantile(pn, 0.5) if pn.numel() else torch.tensor(math.nan, dtype=torch.float64)
         return med.expand(pn.shape).clone()
-    return (param_norm if first_norm is None else first_norm).to(torch.float64)
+    return pn if first_norm is None else first_norm.to(pn)
 
 
 def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, grad_norm: Tensor,
@@ -172,7 +172,7 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
         no_dir = null >= spectra.p if spectra.p else acted == 0
         put(no_dir & (gn > 0), PLATEAU, "drifting")
         put(no_dir & ~(gn > 0), PLATEAU, "dead")
-        put(acted_max > 1.0 + delta, SOURCE, "expanding")
+        put(acted_max - 1.0 > delta, SOURCE, "expanding")  # not > fl(1 + δ): the neutral test is |μ| − 1 ≤ δ
     else:
         eps = float(config.eps_contract)
         put(pn < config.eps_param, DEGENERATE_SINK, "collapsed")
@@ -185,7 +185,7 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
         put(zero_curv, PLATEAU, "seed_zero_curvature")
         loss_v = math.nan if loss is None else float(loss)
         put((gn < config.eps_grad) & (loss_v > config.eps_loss), PLATEAU, "seed_flat_gradient")
-        put(spectra.radius.to(torch.float64) > 1.0 + eps, SOURCE, "expanding")
+        put(spectra.radius.to(torch.float64) - 1.0 > eps, SOURCE, "expanding")
     put(nonfinite, SOURCE, "nonfinite")
     return label, reason, neutral_dims
 

@@ -33,7 +33,8 @@ from rich.table import Table
 import trajscope
 from trajscope.analysis.curvature import node_curvature, node_hessian_extremes, preconditioned_eigvals
 from trajscope.analysis.kinematics import node_kinematics
-from trajscope.analysis.labels import LABELS, REASONS, LabelConfig, classify, resolve_delta, stable_labels
+from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta,
+                                      stable_labels)
 from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.sharpness import sharpness as compute_sharpness
 from trajscope.analysis.tbevents import EventWriter
@@ -254,10 +255,7 @@ class _Analyser:
             hmax, hmin, grad_norm = fill, fill, fill
             spectra = node_update_spectra(torch.full((n, 1), float("nan"), dtype=torch.float64), p, nm.rule)
         norms = kin["param_norm"].to(torch.float64)
-        if self.opts.labels.collapse_reference == "layer_median":
-            ref = torch.full_like(norms, float(torch.nanmedian(norms)))
-        else:
-            ref = first_norms[layer.name].to(norms) if first_norms and layer.name in first_norms else norms
+        ref = collapse_reference_norm(self.opts.labels, norms, first_norms.get(layer.name) if first_norms else None)
         label, reason, neutral = classify(spectra, norms, ref, grad_norm.to(torch.float64), hmin.to(torch.float64),
                                           float(loss), self.opts.labels, self.delta)
         out.update(hess_max=_np32(hmax), hess_min=_np32(hmin), spectral_radius=_np32(spectra.radius),

@@ -237,7 +237,9 @@ def update_rule(optimizer_class: str, hparams: Mapping[str, Any], state: Mapping
                           beta1=b1, beta2=b2, eps=_scalar(hp.get("eps"), 1e-8), step=step,
                           amsgrad=bool(hp.get("amsgrad", False)), maximize=maximize,
                           optimizer=str(optimizer_class), note="; ".join(notes))
-    notes.insert(0, f"unsupported optimizer {name}: plain gradient-descent map with the group's lr")
+    notes = [f"unsupported optimizer {name}: plain gradient-descent map with the group's lr"]
+    if maximize:
+        notes.append("maximize=True is not modelled by this map")
     return UpdateRule("gd_fallback", lr, wd, optimizer=str(optimizer_class), note="; ".join(notes))
 
 
@@ -351,14 +353,17 @@ def _roots(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor | None
     null = zero & (c0 == 1.0)
     if dt is None:
         return torch.where(zero, torch.full_like(t, c0), t), None, None, null, lam
-    disc = t * t - 4.0 * dt
+    # disc = t² − 4·dt, formed scaled by sc² so that huge finite curvature does not overflow
+    sc = torch.maximum(t.abs(), (4.0 * dt).abs().sqrt())
+    sc = torch.where((sc == 0) | ~torch.isfinite(sc), torch.ones_like(sc), sc)
+    disc = (t / sc) ** 2 - 4.0 * (dt / sc) / sc
     real = disc >= 0
     sign = torch.where(t >= 0, 1.0, -1.0).to(t.dtype)
-    q = 0.5 * (t + sign * torch.sqrt(torch.clamp(disc, min=0.0)))
+    q = 0.5 * (t + sign * sc * torch.sqrt(torch.clamp(disc, min=0.0)))
     q_safe = torch.where(q == 0, torch.ones_like(q), q)
     mu1 = torch.where(real, q, 0.5 * t)
     mu2 = torch.where(real, torch.where(q == 0, torch.zeros_like(q), dt / q_safe), 0.5 * t)
-    im = torch.where(real, torch.zeros_like(t), 0.5 * torch.sqrt(torch.clamp(-disc, min=0.0)))
+    im = torch.where(real, torch.zeros_like(t), 0.5 * sc * torch.sqrt(torch.clamp(-disc, min=0.0)))
     mu1 = torch.where(zero, torch.full_like(t, c0), mu1)
     mu2 = torch.where(zero, torch.full_like(t, c1), mu2)
     im = torch.where(zero, torch.zeros_like(im), im)
