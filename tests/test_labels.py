@@ -170,7 +170,7 @@ def test_nonfinite_inputs_do_not_crash():
                                          hess_min=torch.tensor([0.5, math.nan, 0.5, 0.5, 0.5]), loss=math.nan)
         assert lab.shape == (5,) and neutral.shape == (5,)
         assert lab[1] == L["source"] and why[1] == R["nonfinite"]
-        assert lab[2] == L["source"]  # infinite curvature: an unbounded |μ| or NaN, a source either way
+        assert lab[2] == L["source"] and why[2] == R["nonfinite"]  # infinite curvature: |μ| = inf
         assert lab[3] == L["source"] and why[3] == R["nonfinite"]
         assert lab[0] != L["source"]
     lab, why, _ = run_classify(sp, LabelConfig(), 0.01, loss=None)

@@ -413,6 +413,9 @@ def test_sparse_cadence_one_step_kinematics(tmp_path):
     np.testing.assert_allclose(res_all.node("0", "rho", 1), ((b.norm(dim=1) / a.norm(dim=1)) ** 0.25).numpy(),
                                rtol=1e-6)
     assert np.isnan(res_all.node("0", "rho", 7)).all()   # the last checkpoint has no successor
+    # each row says over how many steps its ρ and drift were taken (SPEC §6: a K-step drift)
+    np.testing.assert_array_equal(res_all.global_series("step_gap"), [1, 4, 1, 4, 1, 4, 1, np.nan])
+    np.testing.assert_array_equal(res.global_series("step_gap"), [1, 1, 1, 1])
 
 
 # =========================================================================== 8. diverging run (NaN/Inf)

@@ -92,6 +92,22 @@ def test_preconditioned_sharpness():
     assert abs(res.value - lam) <= 1e-4 * abs(lam), (res.value, lam)
 
 
+def test_preconditioned_sharpness_with_coupled_decay():
+    """Adam's coupled L2 decay: the map sees P^{1/2}(H + diag(w))P^{1/2}, w per parameter."""
+    model, params, x, y, loss_fn = setup(nn.Tanh, "ce")
+    H = dense_hessian(model, params, x, y, loss_fn)
+    g = torch.Generator().manual_seed(4)
+    precond = {k: torch.rand(v.shape, generator=g, dtype=DT) * 5 + 0.2 for k, v in params.items()}
+    shift = {"0.weight": 0.5, "2.weight": 0.5, "4.weight": 0.5}  # no decay on biases
+    d = torch.cat([precond[k].reshape(-1) for k in params]).sqrt()
+    w = torch.cat([torch.full((params[k].numel(),), shift.get(k, 0.0), dtype=DT) for k in params])
+    lam = float(torch.linalg.eigvalsh(d[:, None] * (H + torch.diag(w)) * d[None, :])[-1])
+    res = sharpness(model, params, {}, x, y, loss_fn, precond=precond, shift=shift)
+    assert res.converged and abs(res.value - lam) <= 1e-4 * abs(lam), (res.value, lam)
+    plain = sharpness(model, params, {}, x, y, loss_fn, precond=precond).value
+    assert abs(plain - lam) > 1e-2 * abs(lam)  # the decay matters here: the test is not vacuous
+
+
 def test_small_model_dense_path():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).to(DT)

@@ -154,7 +154,8 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
     dev1 = (mu - 1.0).abs()
 
     neutral_dims = (valid & (dev1 <= delta)).sum(dim=1, dtype=torch.int32)
-    nonfinite = (valid & torch.isnan(mu)).any(dim=1) | torch.isnan(spectra.radius.to(torch.float64)) | ~torch.isfinite(pn)
+    nonfinite = (valid & ~torch.isfinite(mu)).any(dim=1) | ~torch.isfinite(spectra.radius.to(torch.float64)) | \
+        ~torch.isfinite(pn)
     acted_max = torch.where(valid, mu, torch.full_like(mu, -math.inf)).amax(dim=1) if mu.shape[1] \
         else torch.full((n,), -math.inf, dtype=torch.float64)
 

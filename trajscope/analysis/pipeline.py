@@ -186,7 +186,8 @@ class _Analyser:
         rules = self.rules(ck)
         threshold = min((_threshold(r) for r in rules), default=math.nan)
         finite = _finite(params.values())
-        glob: dict[str, float] = {"loss": ck.loss, "sharpness": math.nan, "threshold": threshold}
+        glob: dict[str, float] = {"loss": ck.loss, "sharpness": math.nan, "threshold": threshold,
+                                  "step_gap": float(succ - step) if succ is not None else math.nan}
         cr = None
         if not self.kinematics_only and finite:
             batch = run.probe if opts.batch == "probe" else ck.batch
@@ -207,19 +208,21 @@ class _Analyser:
             precond = {name: _precond(rules[self.group_of.get(name, 0)], ck.optimizer_state.get(name, {}),
                                       cr.grads[name], p) for name, p in params.items()}
         if not self.kinematics_only and finite and opts.sharpness:
-            glob.update(self._sharpness(params, buffers, inputs, targets, precond))
+            glob.update(self._sharpness(params, buffers, inputs, targets, precond, rules))
         nodes = {}
         for layer in self.layers:
             nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, precond, glob["loss"], first_norms)
         return glob, nodes
 
-    def _sharpness(self, params, buffers, inputs, targets, precond) -> dict[str, float]:
+    def _sharpness(self, params, buffers, inputs, targets, precond, rules) -> dict[str, float]:
         out: dict[str, float] = {}
         res = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn)
         out["sharpness"], out["n_hvp"] = res.value, float(res.n_hvp)
         if precond is not None:
+            # the curvature Adam's map sees: P^{1/2}(H + coupled wd)P^{1/2}, comparable with the threshold
+            shift = {name: rules[self.group_of.get(name, 0)].coupled_shift for name in params}
             out["precond_sharpness"] = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn,
-                                                         precond=precond).value
+                                                         precond=precond, shift=shift).value
         return out
 
     def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms) -> dict[str, np.ndarray]:
@@ -343,10 +346,12 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
             "spectral_radius": "max |mu| of the node's linearised update map (all directions)",
             "rho": "per-step decay ratio (||theta_{t+k}|| / ||theta_t||)^(1/k)",
             "drift": "||u_{t+k} - u_t||, u = theta/||theta|| (a k-step drift when checkpoints are k apart)",
+            "step_gap": "k, the steps between the checkpoint and the successor that rho and drift use "
+                        "(global/step_gap; NaN without a successor)",
             "null_dims": "directions the step does not act on (mu exactly 1)",
             "neutral_dims": "acted-on directions with ||mu| - 1| <= delta",
             "threshold": "curvature at which the optimizer's map loses stability (min over param groups); "
-                         "for Adam compare with precond_sharpness",
+                         "for Adam compare with precond_sharpness, lambda_max of P^{1/2}(H + coupled wd)P^{1/2}",
         },
         "layer_info": {l.name: {"kind": l.kind, "n_nodes": l.n_nodes, "node_dim": l.node_dim,
                                 **({"map_note": maps0[l.name]} if maps0[l.name] else {})} for l in an.layers},

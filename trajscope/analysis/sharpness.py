@@ -163,12 +163,15 @@ def sharpness(
     loss_fn: Callable[[Any, Any], Tensor],
     *,
     precond: Mapping[str, Tensor] | None = None,
+    shift: Mapping[str, float] | None = None,
     tol: float = 1e-4,
     maxiter: int = 300,
 ) -> SharpnessResult:
     r"""Largest eigenvalue of the full Hessian over all floating-point parameters, or of
-    :math:`P^{1/2} H P^{1/2}` when ``precond`` (a positive diagonal P keyed by parameter name,
-    shaped like the parameters; missing names count as 1) is given.
+    :math:`P^{1/2} (H + W) P^{1/2}` when ``precond`` (a positive diagonal P keyed by parameter
+    name, shaped like the parameters; missing names count as 1) is given; W = 0, or the
+    diagonal of per-parameter ``shift`` values (Adam's coupled L2 decay: the curvature its map
+    sees, SPEC §5).
 
     The Lanczos process on Hessian-vector products (module docstring); ``tol`` is the relative
     residual of the Ritz value (ARPACK's criterion) and ``maxiter`` the limit on products. The
@@ -192,8 +195,16 @@ def sharpness(
              if k in precond else torch.ones(params[k].numel(), dtype=torch.float64))
             for k in mv.names])
 
+    w = None
+    if shift and any(float(shift.get(k, 0.0)) for k in mv.names):
+        w = torch.cat([torch.full((params[k].numel(),), float(shift.get(k, 0.0)), dtype=torch.float64)
+                       for k in mv.names])
+
     def op(v: Tensor) -> Tensor:
-        hv = mv(v * scale if scale is not None else v).to(torch.float64)
+        u = v * scale if scale is not None else v
+        hv = mv(u).to(torch.float64)
+        if w is not None:
+            hv = hv + w * u
         return hv.mul_(scale) if scale is not None else hv
 
     try:
