@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import zarr
 from torch import nn
 
 from trajscope.capture import call_model
@@ -247,3 +249,19 @@ def drop_chunks(run_dir, array: str, row: int) -> list:
                 f.write(b"\xff" * 16)
             files.append(path)
     return files
+
+
+def per_record_arrays(store_path: Path) -> dict[str, zarr.Array]:
+    """Every array of the store but the probe, opened with plain zarr (no trajscope code)."""
+    root = zarr.open_group(str(store_path), mode="r", use_consolidated=False)
+    out: dict[str, zarr.Array] = {}
+
+    def walk(g: zarr.Group, prefix: str) -> None:
+        for k, v in g.members():
+            if isinstance(v, zarr.Group):
+                walk(v, f"{prefix}{k}/")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(root, "")
+    return {k: v for k, v in out.items() if not k.startswith("probe/")}

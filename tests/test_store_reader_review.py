@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 import trajscope
 from trajscope import TrajscopeError, store
 from trajscope.recorder import Recorder
 from trajscope.store import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
 
-from helpers_recording import assert_batch_equal, assert_bitexact, make_model, train
+from helpers_recording import assert_batch_equal, assert_bitexact, make_model, per_record_arrays, train
 
 LOSS = torch.nn.MSELoss()
 EMPTY = 2**64 - 1
@@ -37,22 +36,6 @@ def _meta(layout):
             "loss": None}
 
 
-def _arrays(spath: Path) -> dict[str, zarr.Array]:
-    """Every per-record array, opened by plain zarr (no trajscope code)."""
-    root = zarr.open_group(str(spath), mode="r", use_consolidated=False)
-    out: dict[str, zarr.Array] = {}
-
-    def walk(g, prefix):
-        for k, v in g.members():
-            if isinstance(v, zarr.Group):
-                walk(v, f"{prefix}{k}/")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(root, "")
-    return {k: v for k, v in out.items() if not k.startswith("probe/")}
-
-
 def _same(got: np.ndarray, want: np.ndarray, what: str) -> None:
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
@@ -65,7 +48,7 @@ def _rows_agree_with_zarr(run_dir: Path) -> int:
     per-record array (batch leaves: their own corner, given by batch_shape). Returns rows checked."""
     spath = run_dir / store.STORE_NAME
     r = TrajectoryReader(run_dir)
-    arrays = _arrays(spath)
+    arrays = per_record_arrays(spath)
     checked = 0
     for name, arr in sorted(arrays.items()):
         n = len(r.skipped) if name == "skipped" else r.n_records
@@ -169,7 +152,7 @@ def test_rows_of_every_dtype_and_geometry_match_plain_zarr(tmp_path, monkeypatch
         given.append((tensors, batch))
     w.commit()
     w.close()
-    arrays = _arrays(tmp_path / store.STORE_NAME)
+    arrays = per_record_arrays(tmp_path / store.STORE_NAME)
     # the geometry this test is about is really there
     assert arrays["params/bool"].chunks == (1, 16) and arrays["params/bool"].shape[1] == 40   # 3 columns
     assert arrays["batch/.0.f16"].chunks == (1, 3, 3) and arrays["batch/.0.f16"].shape[1] == 6
@@ -205,7 +188,7 @@ def test_packed_row_longer_than_4mi_elements_real_split(tmp_path):
                           state_layout=None, state={}, batch_spec=None, batch=[]))
         given.append(tensors)
     w.close()
-    arr = _arrays(tmp_path / store.STORE_NAME)["params/bool"]
+    arr = per_record_arrays(tmp_path / store.STORE_NAME)["params/bool"]
     assert arr.chunks == (1, 1 << 22) and arr.shape[1] == n
     assert sorted(p.name for p in (tmp_path / store.STORE_NAME / "params" / "bool").glob("c.*")) == ["c.0.0", "c.0.1"]
     r = TrajectoryReader(tmp_path)
@@ -244,7 +227,7 @@ def test_restarted_and_resumed_run_matches_zarr(tmp_path, monkeypatch):
     run = trajscope.open_run(path)
     assert list(run.steps) == list(range(11))
     assert [(x["at_step"], x["dropped_records"]) for x in run.restarts] == [(5, 4)]
-    assert _arrays(path / store.STORE_NAME)["batch/.0"].chunks == (1, 3, 4)
+    assert per_record_arrays(path / store.STORE_NAME)["batch/.0"].chunks == (1, 3, 4)
     assert _rows_agree_with_zarr(path) > 50
     for t in (0, 4, 5, 7, 10):
         assert_batch_equal(run.checkpoint(t).batch, data[t], f"batch_{t}")
@@ -270,7 +253,7 @@ def test_reader_opened_while_recording_keeps_its_rows_and_layouts(tmp_path):
         rec.flush()
         for t in range(3):
             assert_batch_equal(early.batch(t), data[t], f"early batch_{t}")
-            _same(early._read_row("params/float32", t), _arrays(tmp_path / "run" / store.STORE_NAME)["params/float32"][t],
+            _same(early._read_row("params/float32", t), per_record_arrays(tmp_path / "run" / store.STORE_NAME)["params/float32"][t],
                   f"params[{t}]")
         assert early.n_records == 3 and list(early.steps) == [0, 1, 2]
     finally:
@@ -385,7 +368,7 @@ def test_index_pointing_at_another_row_reads_like_zarr(small_store, tmp_path):
     off4, nb = _entry(shard, 4)
     _set_entry(shard, 3, off4, nb)
     r = TrajectoryReader(path)
-    arr = _arrays(path / store.STORE_NAME)["params/float32"]
+    arr = per_record_arrays(path / store.STORE_NAME)["params/float32"]
     _same(r._read_row("params/float32", 3), arr[3], "row 3")
     _same(r._read_row("params/float32", 3), arr[4], "row 3 is row 4's chunk")
 

@@ -41,7 +41,7 @@ from trajscope.recorder import Recorder
 from trajscope.store import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
 
 from helpers_recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
-                               assert_tensors_bitexact, drop_chunks, make_model, train)
+                               assert_tensors_bitexact, drop_chunks, make_model, per_record_arrays, train)
 
 LOSS = torch.nn.MSELoss()
 EMPTY = 2**64 - 1
@@ -85,22 +85,6 @@ def record(path: Path, data: list, background: bool, **kw) -> Recorder:
 
 
 # --------------------------------------------------------------------------- independent readers
-def per_record_arrays(store_path: Path) -> dict[str, zarr.Array]:
-    """Every array of the store but the probe, opened with plain zarr (no trajscope code)."""
-    root = zarr.open_group(str(store_path), mode="r", use_consolidated=False)
-    out: dict[str, zarr.Array] = {}
-
-    def walk(g: zarr.Group, prefix: str) -> None:
-        for k, v in g.members():
-            if isinstance(v, zarr.Group):
-                walk(v, f"{prefix}{k}/")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(root, "")
-    return {k: v for k, v in out.items() if not k.startswith("probe/")}
-
-
 class RawArray:
     """A per-record array decoded straight from its files' bytes, following docs/format.md (neither
     zarr nor trajscope): ``zarr.json`` for the shape, dtype and shard geometry, then each shard's
