@@ -13,7 +13,7 @@ import torch
 from trajscope.cli import main
 from trajscope.recorder import Recorder
 
-from helpers_recording import drop_chunks, make_batches, make_model, train
+from helpers_recording import drop_chunks, make_batches, make_model
 
 
 def _record(path, batches=True, **kw):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,7 @@ from trajscope import TrajscopeError
 from trajscope.recorder import Recorder
 from trajscope.store import TrajectoryWriter
 
-from helpers_recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
+from helpers_recording import (Ref, assert_batch_equal, assert_state_bitexact,
                                assert_tensors_bitexact, make_batches, make_model, train)
 
 OPTIMIZERS = {
