@@ -165,11 +165,11 @@ def node_map(weight_rule: UpdateRule, bias_rule: UpdateRule | None, p: int) -> N
     differ = [f for f in ("kind", "momentum", "dampening", "has_buffer", "beta1", "beta2", "eps", "step",
                           "amsgrad", "maximize") if getattr(b, f) != getattr(w, f)]
     if w.kind == "adamw" and not math.isclose(b.decay_factor, w.decay_factor, rel_tol=1e-12, abs_tol=0.0):
-        differ.append("decoupled decay 1 - lr*weight_decay")
+        differ.append("decoupled decay factor (1 - lr*weight_decay)")
     if not (math.isfinite(w.lr) and w.lr > 0 and math.isfinite(b.lr) and b.lr >= 0):
         differ.append("lr")
     if differ:
-        return dataclasses.replace(plain, note=f"bias in a parameter group with another {', '.join(differ)}: "
+        return dataclasses.replace(plain, note=f"bias in a parameter group with a different {', '.join(differ)}: "
                                                "the weight group's map is used for the whole node (approximate)")
     scale = torch.ones(p, dtype=torch.float64)
     scale[-1] = b.lr / w.lr
