@@ -56,6 +56,14 @@ def test_random_matrices_match_lapack(n, psd):
         assert bool((ev[:, 1:] >= ev[:, :-1]).all())  # ascending
 
 
+@pytest.mark.parametrize("n", [289, 512])
+def test_large_orders_match_lapack(n):  # conv filters: 32 x 3 x 3 + 1, and the kernel's limit
+    K = sym(16, n, seed=n, psd=True)
+    ev = kernel(K)
+    assert max_err(ev, reference(K)) < 8 * EPS32 * n ** 0.5
+    assert bool((ev[:, 1:] >= ev[:, :-1]).all())
+
+
 def test_accuracy_is_not_vacuous():
     K = sym(16, 64, seed=3)
     ev = kernel(K)
