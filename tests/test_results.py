@@ -107,6 +107,22 @@ def test_append_only_incremental(tmp_path):
     assert root["nodes/fc1/rho"].shape == (41, 3)
 
 
+@pytest.mark.parametrize("expected,appended", [(5, 5), (5, 3), (2, 7)])
+def test_expected_rows_size_the_arrays_once(tmp_path, expected, appended):
+    """Arrays made ``expected`` long at creation (and on reopening) end exactly as long as the
+    committed rows, whether fewer or more checkpoints arrive."""
+    layers = {"fc": 3}
+    for start in (0, appended):  # create, then reopen and append again
+        with ResultsWriter(tmp_path, {}, layers, expected=expected) as w:
+            for k in range(start, start + appended):
+                w.append(k, {"loss": float(k)}, _nodes(layers, k))
+    res = open_results(tmp_path)
+    assert res.steps.tolist() == list(range(2 * appended))
+    np.testing.assert_array_equal(res.global_series("loss"), np.arange(2.0 * appended))
+    root = zarr.open_group(str(tmp_path / "analysis.zarr"), mode="r")
+    assert root["nodes/fc/rho"].shape == (2 * appended, 3) and root["steps"].shape == (2 * appended,)
+
+
 def test_interrupted_write_is_invisible(tmp_path, monkeypatch):
     layers = {"fc": 4}
     w = ResultsWriter(tmp_path, {}, layers)

@@ -129,7 +129,8 @@ def _open_group(path: Path, mode: str) -> zarr.Group:
 class ResultsWriter:
     """Create ``RUN/analysis.zarr`` or open it to append checkpoints after the committed ones."""
 
-    def __init__(self, run_dir: str | Path, attrs: Mapping[str, Any], layers: Mapping[str, int]) -> None:
+    def __init__(self, run_dir: str | Path, attrs: Mapping[str, Any], layers: Mapping[str, int],
+                 expected: int = 0) -> None:
         """Open or create the store.
 
         Args:
@@ -137,6 +138,8 @@ class ResultsWriter:
             attrs: JSON-serialisable root attributes; merged into the existing ones (new values
                 win). The keys ``trajscope_format``, ``layers``, ``committed`` are reserved.
             layers: module name -> number of nodes, in layer order.
+            expected: checkpoints about to be appended: the arrays are made that long at once
+                (each resize rewrites every array's metadata, ~40 files).
 
         Raises:
             TrajscopeError: the existing store has another format version or other layers.
@@ -170,17 +173,18 @@ class ResultsWriter:
                                "layers": want, "committed": 0})
             self._root = root
             self._n = 0
-            root.create_array("steps", shape=(0,), chunks=(BLOCK,), dtype=np.int64, fill_value=-1,
+            rows = max(0, int(expected))
+            root.create_array("steps", shape=(rows,), chunks=(BLOCK,), dtype=np.int64, fill_value=-1,
                               dimension_names=("step",))
             g = root.require_group("global")
             for name in GLOBAL:
-                g.create_array(name, shape=(0,), chunks=(BLOCK,), dtype=np.float64, fill_value=float("nan"),
+                g.create_array(name, shape=(rows,), chunks=(BLOCK,), dtype=np.float64, fill_value=float("nan"),
                                dimension_names=("step",))
             nodes = root.require_group("nodes")
             for layer in want:
                 lg = nodes.require_group(layer["group"])
                 for metric in NODE_METRICS:
-                    self._create_node_array(lg, metric, layer["nodes"], _dtype_of(metric), 0)
+                    self._create_node_array(lg, metric, layer["nodes"], _dtype_of(metric), rows)
         self._layers = {d["name"]: d for d in want}
         # Array handles, opened once: every lookup by path is a metadata read.
         self._steps_arr = self._root["steps"]
@@ -189,6 +193,7 @@ class ResultsWriter:
         self._node_groups = {m: self._root[f"nodes/{d['group']}"] for m, d in self._layers.items()}
         self._node_arrays = {m: dict(g.arrays()) for m, g in self._node_groups.items()}
         self._cap = self._steps_arr.shape[0]
+        self._ensure_capacity(self._n + int(expected), exact=True)
         # Resume after an interruption: rows beyond `committed` are garbage to be overwritten.
         steps = np.asarray(self._steps_arr[: self._n]) if self._n else np.zeros(0, np.int64)
         self._steps = [int(s) for s in steps]
@@ -205,10 +210,10 @@ class ResultsWriter:
         for arrays in self._node_arrays.values():
             yield from arrays.values()
 
-    def _ensure_capacity(self, rows: int) -> None:
+    def _ensure_capacity(self, rows: int, exact: bool = False) -> None:
         if rows <= self._cap:
             return
-        cap = int(math.ceil(rows / BLOCK) * BLOCK)
+        cap = rows if exact else int(math.ceil(rows / BLOCK) * BLOCK)
         for arr in self._arrays():
             arr.resize((cap,) + arr.shape[1:])
         self._cap = cap

@@ -356,7 +356,7 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
         "layer_info": {l.name: {"kind": l.kind, "n_nodes": l.n_nodes, "node_dim": l.node_dim,
                                 **({"map_note": maps0[l.name]} if maps0[l.name] else {})} for l in an.layers},
     }
-    writer = ResultsWriter(run.path, result_attrs, layers)
+    writer = ResultsWriter(run.path, result_attrs, layers, expected=len(todo))
     events = EventWriter(run.path, list(layers))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, disable=not opts.progress, transient=False)
