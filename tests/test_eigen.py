@@ -146,6 +146,9 @@ def test_routing(monkeypatch):
     assert torch.equal(eigen.eigvalsh(K[:2]), torch.linalg.eigvalsh(K[:2]))  # too few for 16 lanes
     big = sym(8, eigen.KERNEL_MAX_N + 1, seed=1)
     assert torch.equal(eigen.eigvalsh(big), torch.linalg.eigvalsh(big))
+    stacked = sym(24, 10, seed=6).reshape(2, 3, 4, 10, 10)  # any leading shape, as torch's
+    assert torch.equal(eigen.eigvalsh(stacked), kernel(stacked.reshape(24, 10, 10)).reshape(2, 3, 4, 10))
+    assert eigen.eigvalsh(torch.eye(8)).shape == (8,)
     monkeypatch.setenv("TRAJSCOPE_EIGENSOLVER", "lapack")
     assert not eigen.kernel_available()
     assert torch.equal(eigen.eigvalsh(K), torch.linalg.eigvalsh(K))

@@ -41,8 +41,9 @@ typedef float vec[L];
 #define INLINE static inline __attribute__((always_inline))
 #endif
 
-/* One compiled clone per x86-64 level, picked at load time (glibc ifunc). */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* One compiled clone per x86-64 level, picked at load time (glibc ifunc; "arch=" clones need
+   GCC 12). Elsewhere one baseline build, still ~1.5x LAPACK. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLONES
@@ -50,10 +51,12 @@ typedef float vec[L];
 
 /* Scratch: per thread, grown on demand and kept while the thread lives (POSIX), since a fresh
    block per call would be mmap'ed and page-faulted each time, which costs as much as solving
-   16 matrices of order 64; elsewhere one block per call. */
+   16 matrices of order 64. Blocks over KEEP_FLOATS (n > ~250) are allocated per call: they are
+   rare and their solve dwarfs the allocation. Elsewhere one block per call. */
+#define KEEP_FLOATS ((size_t)1 << 20)
 #if defined(_WIN32)
 static float *get_scratch(size_t len) { return (float *)malloc(sizeof(float) * len); }
-static void put_scratch(float *p) { free(p); }
+static void put_scratch(float *p, size_t len) { (void)len; free(p); }
 #else
 #include <pthread.h>
 typedef struct { float *p; size_t len; } scratch_t;
@@ -65,6 +68,7 @@ static void free_scratch(void *s) {
 }
 static void make_scratch_key(void) { (void)pthread_key_create(&scratch_key, free_scratch); }
 static float *get_scratch(size_t len) {
+    if (len > KEEP_FLOATS) return (float *)malloc(sizeof(float) * len);
     (void)pthread_once(&scratch_once, make_scratch_key);
     scratch_t *s = (scratch_t *)pthread_getspecific(scratch_key);
     if (!s) {
@@ -83,7 +87,9 @@ static float *get_scratch(size_t len) {
     }
     return s->p;
 }
-static void put_scratch(float *p) { (void)p; }
+static void put_scratch(float *p, size_t len) {
+    if (len > KEEP_FLOATS) free(p);
+}
 #endif
 
 #define AT(A, n, r, c) ((A) + ((size_t)(r) * (n) + (c)) * L)
@@ -258,7 +264,8 @@ INLINE void bisect(const float *RESTRICT d, const float *RESTRICT e, int n, floa
 CLONES static int eigvalsh_batch(const float *K, Py_ssize_t nb, int n, float *out) {
     const size_t nn = (size_t)n * n;
     if (nb == 0) return 0;
-    float *A = get_scratch(L * (nn + 11 * (size_t)n));
+    const size_t len = L * (nn + 11 * (size_t)n);
+    float *A = get_scratch(len);
     if (!A) return -1;
     float *d = A + nn * L, *e = d + n * L, *v = e + n * L, *w = v + n * L, *e2 = w + n * L,
           *ev = e2 + n * L, *lo = ev + n * L, *hi = lo + n * L, *x = hi + n * L, *q = x + n * L,
@@ -297,7 +304,7 @@ CLONES static int eigvalsh_batch(const float *K, Py_ssize_t nb, int n, float *ou
             for (int l = 0; l < n; l++) o[l] = zero[t] ? 0.f : ldexpf(ev[l * L + t], ex[t]);
         }
     }
-    put_scratch(A);
+    put_scratch(A, len);
     return 0;
 }
 
@@ -320,7 +327,7 @@ static PyObject *py_eigvalsh(PyObject *self, PyObject *args) {
     int n, rc;
     (void)self;
     if (!PyArg_ParseTuple(args, "OOni", &src_obj, &dst_obj, &nb, &n)) return NULL;
-    if (nb < 0 || n < 1 || n > 46340 || nb > PY_SSIZE_T_MAX / ((Py_ssize_t)sizeof(float) * n * n)) {
+    if (nb < 0 || n < 1 || (size_t)n > 16384 || (size_t)nb > (size_t)PY_SSIZE_T_MAX / (sizeof(float) * (size_t)n * n)) {
         PyErr_SetString(PyExc_ValueError, "eigvalsh: batch or n out of range");
         return NULL;
     }
@@ -329,7 +336,7 @@ static PyObject *py_eigvalsh(PyObject *self, PyObject *args) {
         PyBuffer_Release(&src);
         return NULL;
     }
-    if (src.len != (Py_ssize_t)sizeof(float) * nb * n * n || dst.len != (Py_ssize_t)sizeof(float) * nb * n) {
+    if ((size_t)src.len != sizeof(float) * (size_t)nb * n * n || (size_t)dst.len != sizeof(float) * (size_t)nb * n) {
         PyBuffer_Release(&src);
         PyBuffer_Release(&dst);
         PyErr_SetString(PyExc_ValueError, "eigvalsh: buffer sizes do not match batch and n");

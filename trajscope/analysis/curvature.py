@@ -507,15 +507,15 @@ def _live_first(mask: Tensor) -> Tensor:
     return torch.empty_like(pos).scatter_(1, pos, cols)
 
 
-def _buckets(counts: list[int]) -> list[tuple[int, int]]:
-    """Greedy ``[s, t)`` ranges over ascending ``counts``: groups of ``_LANES`` (the last one of
+def _buckets(counts: list[int], lanes: int = _LANES) -> list[tuple[int, int]]:
+    """Greedy ``[s, t)`` ranges over ascending ``counts``: groups of ``lanes`` (the last one of
     all may be short) merged while ``max <= slack * min + 1`` and the range holds ``_BUCKET``."""
     out, s, n = [], 0, len(counts)
     while s < n:
-        t = min(n, s + _LANES)
+        t = min(n, s + lanes)
         lim = _BUCKET_SLACK * counts[s] + 1
-        while t < n and t - s + _LANES <= _BUCKET and counts[min(n, t + _LANES) - 1] <= lim:
-            t = min(n, t + _LANES)
+        while t < n and t - s + lanes <= _BUCKET and counts[min(n, t + lanes) - 1] <= lim:
+            t = min(n, t + lanes)
         out.append((s, t))
         s = t
     return out
@@ -619,7 +619,9 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor, ma
                     live = _live_first(e_g != 0)
                     counts = (e_g != 0).sum(1).tolist()
                     sw = e_g.to(solve).sqrt().gather(1, live)
-                    for b0, b1 in _buckets(counts):
+                    # whole SIMD groups where the kernel solves them; LAPACK pays for padding
+                    lanes = _LANES if solve == torch.float32 and eigen.kernel_available() else 1
+                    for b0, b1 in _buckets(counts, lanes):
                         idx = idx_g[b0:b1]
                         k = max(1, int(max(counts[b0:b1])))
 

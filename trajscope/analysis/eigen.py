@@ -35,14 +35,15 @@ def kernel_available() -> bool:
 
 
 def eigvalsh(K: Tensor) -> Tensor:
-    """Ascending eigenvalues ``(b, n)`` of symmetric matrices ``K`` ``(b, n, n)``, in K's dtype
+    """Ascending eigenvalues ``(..., n)`` of symmetric matrices ``K`` ``(..., n, n)``, in K's dtype
     (only the lower triangle is read). K must be finite: a non-finite matrix gives meaningless
     values on the kernel path (LAPACK may raise instead)."""
-    b, n = K.shape[0], K.shape[-1]
-    if (K.dtype == torch.float32 and K.device.type == "cpu" and b >= KERNEL_MIN_BATCH
+    n = K.shape[-1]
+    b = K.numel() // (n * n) if n else 0
+    if (K.dtype == torch.float32 and K.device.type == "cpu" and not K.requires_grad and b >= KERNEL_MIN_BATCH
             and 0 < n <= KERNEL_MAX_N and kernel_available()):
-        src = K.detach().contiguous()
+        src = K.reshape(b, n, n).contiguous()
         out = torch.empty(b, n, dtype=torch.float32)
         _smalleig.eigvalsh(src.numpy(), out.numpy(), b, n)
-        return out
+        return out.reshape(K.shape[:-1])
     return torch.linalg.eigvalsh(K)
