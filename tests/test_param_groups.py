@@ -56,14 +56,15 @@ GROUP_CASES = {
 }
 
 
+@pytest.mark.parametrize("d_in", [3, 12], ids=["p<B", "p>B"])  # dense and Gram routes
 @pytest.mark.parametrize("case", list(GROUP_CASES))
-def test_node_spanning_two_groups_matches_the_real_step(tmp_path, case):
+def test_node_spanning_two_groups_matches_the_real_step(tmp_path, case, d_in):
     hw, hb, _ = GROUP_CASES[case]
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(7, 3, generator=g, dtype=F64), torch.randn(7, 1, generator=g, dtype=F64)
-    model = make_linear(3, 1)
+    x, y = torch.randn(7, d_in, generator=g, dtype=F64), torch.randn(7, 1, generator=g, dtype=F64)
+    model = make_linear(d_in, 1)
     opt = torch.optim.SGD([{"params": [model.weight], **hw}, {"params": [model.bias], **hb}])
-    record(tmp_path / "run", model, opt, nn.MSELoss(), [(x, y)] * 4, **linear_spec(3))
+    record(tmp_path / "run", model, opt, nn.MSELoss(), [(x, y)] * 4, **linear_spec(d_in))
     res = next(iter(trajscope.analyze(tmp_path / "run", dtype="float64", sharpness=False).values()))
     run = trajscope.open_run(tmp_path / "run")
     keys = ["momentum_buffer"] if "momentum" in hw else []
@@ -76,6 +77,34 @@ def test_node_spanning_two_groups_matches_the_real_step(tmp_path, case):
         got = float(res.node("", "spectral_radius")[t, 0])
         assert abs(got - want) <= 1e-5 * max(1.0, want), (case, step, got, want)
     assert "map_note" not in res.attrs["layer_info"][""]
+
+
+@pytest.mark.parametrize("kind", ["ggn", "exact"])
+@pytest.mark.parametrize("batch", [5, 40])  # Gram route (B + 1 < p) and dense route
+def test_bias_group_eigvals_match_the_dense_transform(kind, batch):
+    from trajscope.analysis.curvature import bias_group_eigvals, node_curvature, preconditioned_eigvals
+    from trajscope.analysis.nodes import find_node_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+    x, y = torch.randn(batch, 9, dtype=F64), torch.randint(0, 3, (batch,))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    layers = find_node_layers(model)
+    cr = node_curvature(model, params, {}, x, y, nn.CrossEntropyLoss(), layers, kind=kind)
+    for layer in layers:
+        f, p = cr.factors[layer.name], layer.node_dim
+        for sign, wd, wd_b, a in [(1.0, 0.3, 0.0, 1.0), (1.0, 0.1, 0.5, 2.5), (-1.0, 0.2, 0.0, 0.4)]:
+            scale = torch.ones(layer.n_nodes, p, dtype=F64)
+            scale[:, -1] = a
+            shift = torch.full((p,), wd, dtype=F64)
+            shift[-1] = wd_b
+            want = (preconditioned_eigvals(f, scale, shift=shift) if sign > 0 else
+                    -preconditioned_eigvals(f, scale, shift=-shift).flip(1))
+            fast = bias_group_eigvals(f, sign, wd, wd_b, a)
+            got = torch.cat([fast, torch.zeros(layer.n_nodes, p - fast.shape[1], dtype=F64)], 1) + wd
+            got = got.sort(dim=1, descending=True).values
+            scale_ = want.abs().amax(1, keepdim=True)
+            assert float(((got - want).abs() / scale_).max()) < 1e-9, (kind, layer.name, sign, wd, wd_b, a)
 
 
 def test_node_map_cases():

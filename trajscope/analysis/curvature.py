@@ -79,6 +79,7 @@ __all__ = [
     "node_curvature",
     "node_hessian_extremes",
     "preconditioned_eigvals",
+    "bias_group_eigvals",
     "dense_blocks",
     "node_gradients",
 ]
@@ -950,6 +951,39 @@ def preconditioned_eigvals(factor: LayerFactor, precond: Tensor, shift: float | 
     """
     precond = precond.reshape(factor.n_nodes, factor.p)
     return _spectra(factor, precond, shift, max_tile_bytes)
+
+
+def bias_group_eigvals(factor: LayerFactor, sign: float, wd: float, bias_wd: float, bias_lr_ratio: float,
+                       max_tile_bytes: int = 256 * 2**20) -> Tensor | None:
+    r"""Eigenvalues of :math:`A^{1/2}(sH_i + W)A^{1/2} - \mathrm{wd}\,I` per node, ``(N, r')``
+    float64 (the other p − r' are 0), for nodes whose bias steps in another parameter group:
+    W = diag(wd, …, wd, wd_b), A = diag(1, …, 1, a) with a = ``bias_lr_ratio``.
+
+    With e the bias coordinate, :math:`\mathrm{wd}\,A + (\mathrm{wd}_b - \mathrm{wd})\,a\,ee^	op =
+    \mathrm{wd}\,I + \gamma ee^	op`, :math:`\gamma = \mathrm{wd}(a-1) + (\mathrm{wd}_b-\mathrm{wd})a`, so
+
+    .. math:: A^{1/2}(sH_i + W)A^{1/2} - \mathrm{wd}\,I = G^	op M_i G,\quad
+              G = egin{bmatrix}	ilde A A^{1/2}\ e^	op\end{bmatrix},\ M_i = \mathrm{diag}(s\,e_i, \gamma):
+
+    a rank-(B+1) problem of the same Gram form as H_i (2-D Linear layers), instead of a dense
+    p × p one per node. None for other factor forms (use :func:`preconditioned_eigvals`)."""
+    N, p = factor.n_nodes, factor.p
+    gamma = wd * (bias_lr_ratio - 1.0) + (bias_wd - wd) * bias_lr_ratio
+    if factor.form == "nan":
+        return torch.full((N, 1), math.nan, dtype=torch.float64)
+    if factor.form == "zero":  # H_i = 0: only γ e eᵀ is left
+        return torch.full((N, 1), gamma, dtype=torch.float64)
+    if factor.form != "diag" or factor.groups != 1 or not factor.layer.has_bias:
+        return None
+    X0 = factor.X[0, :, 0, :]
+    Xa = torch.cat([X0[:, :-1], X0[:, -1:] * math.sqrt(bias_lr_ratio)], dim=1)
+    unit = torch.zeros(1, p, dtype=X0.dtype)
+    unit[0, -1] = 1.0
+    e = torch.cat([sign * factor.e, factor.e.new_full((N, 1), gamma)], dim=1)
+    aug = LayerFactor(factor.layer, "diag", factor.kind, X=torch.cat([Xa, unit])[None, :, None, :], e=e,
+                      rank_bound=X0.shape[0] + 1)
+    aug.method = "gram" if aug.rank_bound < p else "dense"
+    return _spectra(aug, None, 0.0, max_tile_bytes)
 
 
 def dense_blocks(factor: LayerFactor, nodes: slice | Sequence[int] | None = None) -> Tensor:

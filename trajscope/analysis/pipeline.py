@@ -19,7 +19,7 @@ import os
 import shlex
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -31,7 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import trajscope
-from trajscope.analysis.curvature import node_curvature, node_hessian_extremes, preconditioned_eigvals
+from trajscope.analysis.curvature import (bias_group_eigvals, node_curvature, node_hessian_extremes,
+                                          preconditioned_eigvals)
 from trajscope.analysis.kinematics import node_kinematics
 from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta,
                                       stable_labels)
@@ -244,15 +245,23 @@ class _Analyser:
             eig = cr.eigvals[layer.name]
             hmax, hmin = node_hessian_extremes(eig, p)
             grad_norm = node_matrix(cr.grads, layer).norm(dim=1)
+            rule = nm.rule
             if nm.transformed:
                 factor = cr.factors[layer.name]
-                dm = node_matrix(precond, layer) if nm.rule.preconditioned else torch.ones(n, p, dtype=torch.float64)
-                if nm.lr_scale is not None:
-                    dm = dm * nm.lr_scale.to(dm)
-                # eig of (DA)^{1/2}(s·H + shift)(DA)^{1/2}; s = -1 when maximising
-                eig = (preconditioned_eigvals(factor, dm, shift=nm.shift) if nm.sign > 0 else
-                       -preconditioned_eigvals(factor, dm, shift=-nm.shift).flip(1))
-            spectra = node_update_spectra(eig, p, nm.rule)
+                fast = None
+                if nm.lr_scale is not None and not rule.preconditioned:  # a bias in another SGD group
+                    w = torch.as_tensor(nm.shift, dtype=torch.float64).reshape(-1)
+                    fast = bias_group_eigvals(factor, nm.sign, float(w[0]), float(w[-1]), float(nm.lr_scale[-1]))
+                if fast is not None:  # the eigenvalues less wd: the rule adds wd to all p of them
+                    eig, rule = fast, replace(rule, weight_decay=float(w[0]))
+                else:
+                    dm = node_matrix(precond, layer) if rule.preconditioned else torch.ones(n, p, dtype=torch.float64)
+                    if nm.lr_scale is not None:
+                        dm = dm * nm.lr_scale.to(dm)
+                    # eig of (DA)^{1/2}(s·H + shift)(DA)^{1/2}; s = -1 when maximising
+                    eig = (preconditioned_eigvals(factor, dm, shift=nm.shift) if nm.sign > 0 else
+                           -preconditioned_eigvals(factor, dm, shift=-nm.shift).flip(1))
+            spectra = node_update_spectra(eig, p, rule)
         else:
             fill = torch.full((n,), float("nan"), dtype=torch.float64)
             hmax, hmin, grad_norm = fill, fill, fill
