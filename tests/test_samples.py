@@ -23,6 +23,13 @@ def _copy(name: str, tmp_path: Path) -> Path:
     return dst
 
 
+def _run_example(script: str, *args: str) -> None:
+    """Run an example script; a failure shows its stderr (a bare exit status hides the cause)."""
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{script} exited with {done.returncode}:\n{done.stderr[-4000:]}"
+
+
 def _counts(res, layer: str) -> np.ndarray:
     lab = res.node(layer, "label")
     return np.stack([(lab == c).sum(axis=1) for c in range(len(LABELS))], axis=1)  # (K, 4)
@@ -94,8 +101,7 @@ EXAMPLES = [
 @pytest.mark.parametrize("script,args", EXAMPLES, ids=[e[0] for e in EXAMPLES])
 def test_example_scripts_record_runs_that_analyse(script, args, tmp_path):
     run = tmp_path / "run"
-    subprocess.run([sys.executable, str(ROOT / "examples" / script), str(run), *args], check=True,
-                   capture_output=True, timeout=300)
+    _run_example(script, str(run), *args)
     trust = script == "record_adam.py"  # its model class lives in the script: the export program rebuilds it
     res = trajscope.analyze(run, trust=trust, sharpness=False)[run]
     assert len(res.steps) > 0
@@ -103,8 +109,7 @@ def test_example_scripts_record_runs_that_analyse(script, args, tmp_path):
 
 
 def test_make_sample_data_short(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "examples" / "make_sample_data.py"), str(tmp_path), "--short"],
-                   check=True, capture_output=True, timeout=300)
+    _run_example("make_sample_data.py", str(tmp_path), "--short")
     for name in ("digits_mlp", "eos_regression", "cnn_adam"):
         run = trajscope.open_run(tmp_path / name)
         assert len(run.steps) > 0 and (tmp_path / name / "README.md").exists()

@@ -662,6 +662,40 @@ def test_inline_commit_timer_against_training_readers_and_flush(tmp_path, monkey
     check_store(tmp_path / "run", ref, data, (3, 4, 39))
 
 
+def _commit_timers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t.is_alive()]
+
+
+def test_close_leaves_no_commit_timer_thread(tmp_path):
+    """A daemon timer thread still waking while the interpreter finalises can abort the process
+    (SIGABRT, seen in CI): close() cancels the timer and waits for its thread."""
+    data = batches(3)
+    model = make_model("buffers")
+    opt = adam(model)
+    rec = Recorder(tmp_path / "run", model, opt, LOSS, export=False, background=False)
+    train(model, opt, LOSS, data, rec=rec)
+    assert _commit_timers()                          # the last records wait for the timer
+    rec.close()
+    assert rec._timer is None and _commit_timers() == []
+    check_store(tmp_path / "run", reference(data), data)
+
+
+def test_timer_firing_after_close_does_not_rearm(tmp_path):
+    """The race behind that abort: the timer fires while close() holds the lock and gets the lock
+    after close() is done. It must not start a new timer (training looked recent, so it used to),
+    because nothing would cancel that one."""
+    data = batches(2)
+    model = make_model("buffers")
+    opt = adam(model)
+    rec = Recorder(tmp_path / "run", model, opt, LOSS, export=False, background=False)
+    train(model, opt, LOSS, data, rec=rec)
+    rec.close()
+    rec._last_step_time = time.monotonic() + 60      # "training is running": the timer would re-arm
+    rec._commit_tail(True)                           # what the timer thread runs once it has the lock
+    assert rec._timer is None and _commit_timers() == []
+    check_store(tmp_path / "run", reference(data), data)
+
+
 def test_default_placement_writes_inline_when_no_core_is_free(tmp_path, monkeypatch):
     monkeypatch.setattr(recorder_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(recorder_mod.torch, "get_num_threads", lambda: 2)

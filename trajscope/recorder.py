@@ -381,9 +381,7 @@ class Recorder:
             if self.failed or time.monotonic() - self._last_commit >= _COMMIT_INTERVAL:
                 self._commit_inline()
             elif self._timer is None:
-                self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail, (True,))
-                self._timer.daemon = True
-                self._timer.start()
+                self._arm_timer()
 
     def _commit_inline(self) -> None:
         """Commit what the training thread wrote: every record counted by the writer is complete,
@@ -400,16 +398,26 @@ class Recorder:
         stalls training at the next barrier, like a writer thread would); the timer commits only
         when training pauses."""
         with self._lock:
+            if from_timer and self._closed:
+                return      # close() ran while this timer waited for the lock: it committed already
             if from_timer and time.monotonic() - self._last_step_time < _COMMIT_INTERVAL:
-                self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail, (True,))
-                self._timer.daemon = True
-                self._timer.start()
+                self._arm_timer()
                 return
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             if not self._closed:
                 self._commit_inline()
+
+    def _arm_timer(self) -> None:
+        """Start the commit timer (caller holds ``_lock``). Never after close(): a daemon thread
+        that wakes while the interpreter shuts down can abort the whole process."""
+        if self._closed:
+            return
+        self._timer = threading.Timer(_COMMIT_INTERVAL, self._commit_tail, (True,))
+        self._timer.name = "trajscope-commit-timer"
+        self._timer.daemon = True
+        self._timer.start()
 
     def _write(self, kind: str, item: Any) -> None:
         """Write one queued item (uncommitted)."""
@@ -509,11 +517,15 @@ class Recorder:
             self._thread.join(timeout)
         else:
             with self._lock:
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
+                timer, self._timer = self._timer, None
+                if timer is not None:
+                    timer.cancel()
                 self._commit_inline()
                 self.writer.close()
+            # Wait for the cancelled timer thread to end: one still waking as the interpreter
+            # finalises can take the process down with "Fatal Python error" (SIGABRT).
+            if timer is not None and timer is not threading.current_thread():
+                timer.join(timeout)
         try:
             atexit.unregister(self.close)
         except Exception:
