@@ -161,6 +161,14 @@ class LayerFactor:
                 return t.dtype
         return torch.get_default_dtype()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the factor's tensors live (the analysis device); spectra come back on the CPU."""
+        for t in (self.X, self.e, self.delta, self.G, self.E):
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
+
 
 @dataclass
 class CurvatureResult:
@@ -170,8 +178,9 @@ class CurvatureResult:
         loss: scalar, :math:`L(\\theta)` on the batch (the loss's own reduction).
         grads: :math:`\\nabla_\\theta L` for every parameter in ``params`` (zeros where unused).
             Node gradients are ``node_matrix(grads, layer)``.
-        eigvals: layer name → ``(N, r)`` float64, the eigenvalues of each :math:`H_i`, sorted
-            descending, ``r = min(p, rank bound)``; values under the rank tolerance are exactly 0.
+        eigvals: layer name → ``(N, r)`` float64 on the CPU (whatever the analysis device), the
+            eigenvalues of each :math:`H_i`, sorted descending, ``r = min(p, rank bound)``;
+            values under the rank tolerance are exactly 0.
         factors: layer name → :class:`LayerFactor`.
         kind: ``"ggn"`` or ``"exact"``.
     """
@@ -230,8 +239,10 @@ def _pool_map(fn: Callable, items: list) -> list:
 
 
 def _eigvalsh(K: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Eigenvalues (float64) of a batch of symmetric matrices ``(n, m, m)``, solved in ``dtype``;
-    NaN for any matrix with non-finite entries (never raises for bad data)."""
+    """Eigenvalues (float64, on the CPU) of a batch of symmetric matrices ``(n, m, m)`` on any
+    device, solved in ``dtype``; NaN for any matrix with non-finite entries (never raises for
+    bad data). The spectra are small (n × m) next to the matrices, and everything downstream
+    of them (update maps, labels) runs on the CPU."""
     K = K.to(dtype)
     n, m = K.shape[0], K.shape[-1]
     out = torch.full((n, m), math.nan, dtype=torch.float64)
@@ -245,14 +256,15 @@ def _eigvalsh(K: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         if not bool(ok.any()):
             return out
         Kok = K[ok]
+        ok = ok.cpu()
     try:
-        ev = eigen.eigvalsh(Kok).to(torch.float64)
+        ev = eigen.eigvalsh(Kok).to("cpu", torch.float64)
     except Exception:  # LAPACK non-convergence: retry one by one, NaN what still fails
         import numpy as np
         ev = torch.full((Kok.shape[0], m), math.nan, dtype=torch.float64)
         for i in range(Kok.shape[0]):
             try:
-                ev[i] = torch.from_numpy(np.linalg.eigvalsh(Kok[i].numpy()).astype(np.float64))
+                ev[i] = torch.from_numpy(np.linalg.eigvalsh(Kok[i].cpu().numpy()).astype(np.float64))
             except Exception:
                 pass
     if ok is None:
@@ -401,7 +413,7 @@ def _node_groups(factor: LayerFactor, idx: Tensor) -> list[tuple[int, Tensor, Te
     """Split node indices into (group, positions-in-idx, node-indices) with one group each."""
     G = factor.groups
     if G == 1:
-        return [(0, torch.arange(len(idx)), idx)]
+        return [(0, torch.arange(len(idx), device=idx.device), idx)]
     per = factor.n_nodes // G
     g = idx // per
     out = []
@@ -457,7 +469,7 @@ def _blockdiag(E: Tensor) -> Tensor:
     """``(n, B, T, T)`` → block-diagonal ``(n, B·T, B·T)``."""
     n, B, T, _ = E.shape
     W = E.new_zeros(n, B, T, B, T)
-    j = torch.arange(B)
+    j = torch.arange(B, device=E.device)
     W[:, j, :, j, :] = E.transpose(0, 1)
     return W.reshape(n, B * T, B * T)
 
@@ -495,7 +507,7 @@ def _run_jobs(jobs: list[_Job]) -> None:
         return _finalize(_eigvalsh(j.build(), j.solve_dtype), j.r, j.p, j.eps)
 
     for j, ev in zip(jobs, _pool_map(solve, jobs)):
-        j.out[j.idx] = ev
+        j.out[j.idx.cpu()] = ev
 
 
 def _live_first(mask: Tensor) -> Tensor:
@@ -504,7 +516,7 @@ def _live_first(mask: Tensor) -> Tensor:
     m = mask.to(torch.int64)
     n_live = m.sum(1, keepdim=True)
     pos = torch.where(mask, m.cumsum(1) - 1, n_live + (1 - m).cumsum(1) - 1)
-    cols = torch.arange(mask.shape[1]).expand_as(pos)
+    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(pos)
     return torch.empty_like(pos).scatter_(1, pos, cols)
 
 
@@ -564,7 +576,8 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor, ma
     N, p = factor.n_nodes, factor.p
     eps = torch.finfo(factor.dtype).eps
     solve = _solve_dtype(factor.dtype)
-    shift = torch.as_tensor(shift, dtype=torch.float64)
+    dev = factor.device
+    shift = torch.as_tensor(shift, dtype=torch.float64).cpu()
     shifted = bool((shift != 0).any())
     if factor.form in ("zero", "nan"):
         r = p if shifted else 1
@@ -572,18 +585,19 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor, ma
             return torch.full((N, r), math.nan, dtype=torch.float64), []
         if not shifted:
             return torch.zeros(N, 1, dtype=torch.float64), []
-        d = precond if precond is not None else torch.ones(N, p)
-        return (shift * d.to(torch.float64)).sort(dim=1, descending=True).values, []
+        d = precond.to("cpu", torch.float64) if precond is not None else torch.ones(N, p, dtype=torch.float64)
+        return (shift * d).sort(dim=1, descending=True).values, []
     route = "dense" if shifted else factor.method
     r = p if shifted else factor.r
-    out = torch.empty(N, r, dtype=torch.float64)
-    sd = None if precond is None else precond.to(factor.dtype).clamp_min(0).sqrt()
+    out = torch.empty(N, r, dtype=torch.float64)  # spectra are gathered on the CPU
+    sd = None if precond is None else precond.to(dev, factor.dtype).clamp_min(0).sqrt()
+    shift_dev = shift.to(dev)
     nw = max(1, torch.get_num_threads())
     budget = max(1, max_tile_bytes // nw)  # one tile in flight per worker
     tile = int(max(1, min(N, budget // max(_tile_bytes(factor, route, sd is not None), 1))))
     # 2-D Linear: process nodes in order of their live-sample count (tight Gram buckets)
     order = torch.argsort((factor.e != 0).sum(1), stable=True) if factor.form == "diag" \
-        else torch.arange(N)
+        else torch.arange(N, device=dev)
     jobs: list[_Job] = []
 
     def add(idx: Tensor, build: Callable[[], Tensor], m: int) -> None:
@@ -604,8 +618,8 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor, ma
                             H = _dense(F, W).to(torch.float64)
                             if shifted:
                                 dd = sdi.to(torch.float64) ** 2 if sdi is not None else \
-                                    torch.ones(len(idx), p, dtype=torch.float64)
-                                H = H + torch.diag_embed(shift * dd)
+                                    torch.ones(len(idx), p, dtype=torch.float64, device=dev)
+                                H = H + torch.diag_embed(shift_dev * dd)
                             return H
                         add(idx, build, p)
                     continue
@@ -842,7 +856,7 @@ def _ggn_deltas(f: Tensor, fd: Tensor, gf: Tensor, dzs: list[Tensor], B: int, C:
     generic route suits outputs of up to a few hundred values per sample."""
     none = ([None] * len(dzs), 0)
     # per-sample loss Hessian from C HVPs w.r.t. f (direction: output c in every sample)
-    eye = torch.eye(C, dtype=f.dtype).reshape(C, 1, *f.shape[1:]).expand(C, *f.shape).contiguous()
+    eye = torch.eye(C, dtype=f.dtype, device=f.device).reshape(C, 1, *f.shape[1:]).expand(C, *f.shape).contiguous()
     Hc = _batched_grad(gf, [fd], eye)[0] if gf.requires_grad else None
     if Hc is None:  # loss linear in f: no curvature at all
         return none
@@ -860,7 +874,7 @@ def _ggn_deltas(f: Tensor, fd: Tensor, gf: Tensor, dzs: list[Tensor], B: int, C:
     if wmax == 0 or not bool(live_c.any()):
         if bool(ok.all()):
             return none
-        live_c = torch.ones(C, dtype=torch.bool)
+        live_c = torch.ones(C, dtype=torch.bool, device=w.device)
     S = (U * w.sqrt().unsqueeze(-2))[:, :, live_c]  # (B, C, C')
     S = torch.where(ok[:, None, None], S, torch.full((), math.nan, dtype=S.dtype))
     n_dir = S.shape[-1]
@@ -898,27 +912,29 @@ def _exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, input_2d: bool, X
     n_dirs = N * (1 if two_d else T)
     chunk = int(max(1, min(n_dirs, 1024, max_tile_bytes // max(6 * act_bytes, 1))))
     if two_d:
-        e = torch.empty(N, B, dtype=dz.dtype)
+        e = dz.new_empty(N, B)
         for s in range(0, N, chunk):
-            ii = torch.arange(s, min(N, s + chunk))
+            ii = torch.arange(s, min(N, s + chunk), device=dz.device)
+            at = torch.arange(len(ii), device=dz.device)
             V = dz.new_zeros(len(ii), B, N)
-            V[torch.arange(len(ii)), :, ii] = 1
+            V[at, :, ii] = 1
             hv = _batched_grad(gz, [dz], V)[0]
             if hv is None:
                 return LayerFactor(l, "zero", "exact")
-            e[ii] = hv[torch.arange(len(ii)), :, ii].detach()
+            e[ii] = hv[at, :, ii].detach()
         return LayerFactor(l, "diag", "exact", X=X, e=e, rank_bound=B)
-    E = torch.empty(N, B, T, T, dtype=dz.dtype)
+    E = dz.new_empty(N, B, T, T)
     for s in range(0, n_dirs, chunk):
-        k = torch.arange(s, min(n_dirs, s + chunk))
+        k = torch.arange(s, min(n_dirs, s + chunk), device=dz.device)
+        at = torch.arange(len(k), device=dz.device)
         ii, tt = k // T, k % T
         V = dz.new_zeros(len(k), B, N, T)
-        V[torch.arange(len(k)), :, ii, tt] = 1
+        V[at, :, ii, tt] = 1
         hv = _batched_grad(gz, [dz], _bnt_to_z(V, l, dz.shape))[0]
         if hv is None:
             return LayerFactor(l, "zero", "exact")
         hv = _z_to_bnt(hv.detach(), l, lead=1)  # (m, B, N, T): [k, j, i', s]
-        E[ii, :, :, tt] = hv[torch.arange(len(k)), :, ii, :]
+        E[ii, :, :, tt] = hv[at, :, ii, :]
     return LayerFactor(l, "block", "exact", X=X, E=E, rank_bound=B * T)
 
 
@@ -977,7 +993,7 @@ def bias_group_eigvals(factor: LayerFactor, sign: float, wd: float, bias_wd: flo
         return None
     X0 = factor.X[0, :, 0, :]
     Xa = torch.cat([X0[:, :-1], X0[:, -1:] * math.sqrt(bias_lr_ratio)], dim=1)
-    unit = torch.zeros(1, p, dtype=X0.dtype)
+    unit = X0.new_zeros(1, p)
     unit[0, -1] = 1.0
     e = torch.cat([sign * factor.e, factor.e.new_full((N, 1), gamma)], dim=1)
     aug = LayerFactor(factor.layer, "diag", factor.kind, X=torch.cat([Xa, unit])[None, :, None, :], e=e,
@@ -991,14 +1007,15 @@ def dense_blocks(factor: LayerFactor, nodes: slice | Sequence[int] | None = None
 
     For tests and debugging: it holds n p² numbers at once."""
     N, p = factor.n_nodes, factor.p
-    idx = torch.arange(N)
+    dev = factor.device
+    idx = torch.arange(N, device=dev)
     if nodes is not None:
-        idx = idx[nodes] if isinstance(nodes, slice) else torch.as_tensor(list(nodes), dtype=torch.long)
+        idx = idx[nodes] if isinstance(nodes, slice) else torch.as_tensor(list(nodes), dtype=torch.long, device=dev)
     if factor.form == "zero":
-        return torch.zeros(len(idx), p, p, dtype=factor.dtype)
+        return torch.zeros(len(idx), p, p, dtype=factor.dtype, device=dev)
     if factor.form == "nan":
-        return torch.full((len(idx), p, p), math.nan, dtype=factor.dtype)
-    out = torch.empty(len(idx), p, p, dtype=factor.dtype)
+        return torch.full((len(idx), p, p), math.nan, dtype=factor.dtype, device=dev)
+    out = torch.empty(len(idx), p, p, dtype=factor.dtype, device=dev)
     with torch.no_grad():
         for g, pos, ii in _node_groups(factor, idx):
             F, W = _operands(factor, g, ii, None)

@@ -7,6 +7,10 @@ for n = 64 the kernel takes ~17 µs per matrix against ~62 µs, for n = 289 (a 3
 conv filter) ~0.8 ms against ~2 ms, for n = 512 ~4.7 ms against ~7.4 ms (2-core AMD EPYC). Both are backward stable: the eigenvalues returned are
 exact for :math:`K + E` with :math:`\|E\| = O(n\,\varepsilon\,\|K\|)`.
 
+A float32 batch on a GPU goes to the same kernel on the host: cuSOLVER, through
+``torch.linalg.eigvalsh``, batches only orders up to 32 and solves larger ones one matrix at a
+time, each a chain of small kernel launches (``benchmarks/gpu_check.py`` measures both).
+
 LAPACK is used for float64 (exactness where the analysis asks for it), for large orders, for
 batches too small to fill the kernel's 16 lanes, when the kernel was not compiled (no C
 compiler at install time), and when ``TRAJSCOPE_EIGENSOLVER=lapack`` is set.
@@ -36,13 +40,14 @@ def kernel_available() -> bool:
 
 def eigvalsh(K: Tensor) -> Tensor:
     """Ascending eigenvalues ``(..., n)`` of symmetric matrices ``K`` ``(..., n, n)``, in K's dtype
-    (only the lower triangle is read). K must be finite: a non-finite matrix gives meaningless
-    values on the kernel path (LAPACK may raise instead)."""
+    (only the lower triangle is read), on K's device, or on the CPU when the kernel solved a GPU
+    batch. K must be finite: a non-finite matrix gives meaningless values on the kernel path
+    (LAPACK may raise instead)."""
     n = K.shape[-1]
     b = K.numel() // (n * n) if n else 0
-    if (K.dtype == torch.float32 and K.device.type == "cpu" and not K.requires_grad and b >= KERNEL_MIN_BATCH
+    if (K.dtype == torch.float32 and not K.requires_grad and b >= KERNEL_MIN_BATCH
             and 0 < n <= KERNEL_MAX_N and kernel_available()):
-        src = K.reshape(b, n, n).contiguous()
+        src = K.reshape(b, n, n).cpu().contiguous()
         out = torch.empty(b, n, dtype=torch.float32)
         _smalleig.eigvalsh(src.numpy(), out.numpy(), b, n)
         return out.reshape(K.shape[:-1])

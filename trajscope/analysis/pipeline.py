@@ -183,7 +183,8 @@ class _Analyser:
         dev, dt = opts.device, self.dtype
         params = {k: _to(v, dev, dt) for k, v in ck.params.items()}
         buffers = {k: _to(v, dev, dt) for k, v in ck.buffers.items()}
-        nxt = {k: _to(v, dev, dt) for k, v in run.params(succ).items()} if succ is not None else None
+        # θ_{t+k} only feeds the kinematics, which run on the CPU
+        nxt = {k: _to(v, "cpu", dt) for k, v in run.params(succ).items()} if succ is not None else None
         rules = self.rules(ck)
         threshold = min((_threshold(r) for r in rules), default=math.nan)
         finite = _finite(params.values())
@@ -228,8 +229,9 @@ class _Analyser:
 
     def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms) -> dict[str, np.ndarray]:
         n, p = layer.n_nodes, layer.node_dim
-        theta = node_matrix(params, layer)
-        theta_next = node_matrix(nxt, layer) if nxt is not None else None
+        # per-node work from here on is small: on the CPU, whatever the analysis device
+        theta = node_matrix(params, layer).cpu()
+        theta_next = node_matrix(nxt, layer).cpu() if nxt is not None else None
         k = (succ - step) if succ is not None else 1
         kin = node_kinematics(theta, theta_next, k)
         nan = np.full(n, np.nan, np.float32)
@@ -244,7 +246,7 @@ class _Analyser:
         if cr is not None:
             eig = cr.eigvals[layer.name]
             hmax, hmin = node_hessian_extremes(eig, p)
-            grad_norm = node_matrix(cr.grads, layer).norm(dim=1)
+            grad_norm = node_matrix(cr.grads, layer).norm(dim=1).cpu()
             rule = nm.rule
             if nm.transformed:
                 factor = cr.factors[layer.name]

@@ -119,6 +119,7 @@ def hvp_operator(
     sizes = [x.numel() for x in xs]
     dim = int(sum(sizes))
     dtype = xs[0].dtype if xs else torch.get_default_dtype()
+    device = xs[0].device if xs else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
@@ -134,7 +135,7 @@ def hvp_operator(
 
     def matvec(v):
         is_np = not isinstance(v, Tensor)
-        vt = torch.as_tensor(np.asarray(v) if is_np else v).reshape(-1).to(dtype)
+        vt = torch.as_tensor(np.asarray(v) if is_np else v).reshape(-1).to(device, dtype)
         matvec.count += 1
         res: list[Tensor | None] = [None] * len(xs)
         if live:
@@ -146,7 +147,7 @@ def hvp_operator(
                 res[i] = h
         out_v = torch.cat([(h.detach() if h is not None else torch.zeros_like(x)).reshape(-1)
                            for h, x in zip(res, xs)]) if xs else vt.new_zeros(0)
-        return out_v.to(torch.float64).numpy() if is_np else out_v
+        return out_v.to("cpu", torch.float64).numpy() if is_np else out_v
 
     matvec.count = 0
     matvec.loss = loss.detach()
@@ -188,16 +189,17 @@ def sharpness(
     mv, dim = hvp_operator(model, params, buffers, inputs, targets, loss_fn)
     if dim == 0 or not bool(torch.isfinite(mv.loss).all()):
         return nan
+    dev = params[mv.names[0]].device  # the Lanczos vectors live with the parameters
     scale = None
     if precond is not None:
         scale = torch.cat([
-            (precond[k].detach().to(torch.float64).clamp_min(0).sqrt().reshape(-1)
-             if k in precond else torch.ones(params[k].numel(), dtype=torch.float64))
+            (precond[k].detach().to(dev, torch.float64).clamp_min(0).sqrt().reshape(-1)
+             if k in precond else torch.ones(params[k].numel(), dtype=torch.float64, device=dev))
             for k in mv.names])
 
     w = None
     if shift and any(float(shift.get(k, 0.0)) for k in mv.names):
-        w = torch.cat([torch.full((params[k].numel(),), float(shift.get(k, 0.0)), dtype=torch.float64)
+        w = torch.cat([torch.full((params[k].numel(),), float(shift.get(k, 0.0)), dtype=torch.float64, device=dev)
                        for k in mv.names])
 
     def op(v: Tensor) -> Tensor:
@@ -209,12 +211,12 @@ def sharpness(
 
     try:
         if dim <= _DENSE_DIM:
-            H = torch.stack([op(e) for e in torch.eye(dim, dtype=torch.float64)], dim=1)
+            H = torch.stack([op(e) for e in torch.eye(dim, dtype=torch.float64, device=dev)], dim=1)
             if not bool(torch.isfinite(H).all()):
                 raise _NonFinite
             val = float(torch.linalg.eigvalsh(0.5 * (H + H.T))[-1])
             return SharpnessResult(val, mv.count, True)
-        v0 = torch.from_numpy(np.random.default_rng(0).standard_normal(dim))
+        v0 = torch.from_numpy(np.random.default_rng(0).standard_normal(dim)).to(dev)
         val, ok = _lanczos_max(op, v0, tol, maxiter)
         return SharpnessResult(val, mv.count, ok)
     except _NonFinite:
