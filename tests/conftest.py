@@ -3,7 +3,8 @@
 ``TRAJSCOPE_TEST_DEVICE=cuda`` runs every analysis that a test starts through
 ``trajscope.analyze`` on that device, while the test's references (dense ``torch.func``
 Hessians, real ``torch.optim`` steps) stay on the CPU: the GPU check of
-``benchmarks/gpu_check.sh``. Unset (CI), nothing changes.
+``benchmarks/gpu_check.sh``. ``lazy`` (torch's lazy-tensor device, executed on the CPU) finds
+tensors left on the wrong device without a GPU. Unset (CI), nothing changes.
 """
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import os
 import pytest
 
 _DEVICE = os.environ.get("TRAJSCOPE_TEST_DEVICE")
+if _DEVICE == "lazy":  # torch's TorchScript lazy-tensor device: a second device on a CPU-only machine
+    import torch
+    import torch._lazy.ts_backend
+
+    torch._lazy.ts_backend.init()
+    torch.set_num_threads(1)  # lazy tensors are not thread-safe: no eigen pool
 
 
 @pytest.fixture(autouse=True)

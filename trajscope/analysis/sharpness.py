@@ -90,6 +90,14 @@ class _NonFinite(Exception):
     pass
 
 
+def _unit(dim: int, i: int, device: torch.device) -> Tensor:
+    """The i-th basis vector, a fresh tensor (rows of ``torch.eye`` are views, which torch's
+    lazy-tensor device, used by the tests to check device handling, mishandles in backward)."""
+    e = torch.zeros(dim, dtype=torch.float64, device=device)
+    e[i] = 1.0
+    return e
+
+
 def hvp_operator(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -211,7 +219,7 @@ def sharpness(
 
     try:
         if dim <= _DENSE_DIM:
-            H = torch.stack([op(e) for e in torch.eye(dim, dtype=torch.float64, device=dev)], dim=1)
+            H = torch.stack([op(_unit(dim, i, dev)) for i in range(dim)], dim=1)
             if not bool(torch.isfinite(H).all()):
                 raise _NonFinite
             val = float(torch.linalg.eigvalsh(0.5 * (H + H.T))[-1])
