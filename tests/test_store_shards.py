@@ -591,9 +591,9 @@ def test_inline_records_visible_without_flush_and_close_releases_files(tmp_path)
         train(model, opt, LOSS, data, rec=rec)
         done = time.monotonic()
         assert rec.writer._files and open_store_files(tmp_path)       # kept open between records
-        while len(trajscope.open_run(tmp_path / "run")) < 5 and time.monotonic() - done < 2:
+        while len(trajscope.open_run(tmp_path / "run")) < 5 and time.monotonic() - done < 5:
             time.sleep(0.02)
-        assert time.monotonic() - done < 0.6
+        assert time.monotonic() - done < 2.0  # the timer's 0.25 s, with room for a loaded CI machine
         assert list(trajscope.open_run(tmp_path / "run").steps) == [0, 1, 2, 3, 4]
     finally:
         rec.close()

@@ -171,4 +171,4 @@ def test_event_file_from_the_future_warns_instead_of_waiting(tmp_path):
     t0 = time.monotonic()
     with pytest.warns(UserWarning, match="clock skew"):
         EventWriter(tmp_path, ["fc"]).close()
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 10.0  # not the hour the file name asks for
