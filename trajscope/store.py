@@ -336,18 +336,32 @@ def _row_shards(doc: Mapping[str, Any], where: Path) -> _RowShards:
 
 def _row_array_doc(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
     """The ``zarr.json`` of a new per-record array: rows sharded by ``_SHARD_ROWS``, index at the
-    start, uncompressed, fill value 0 (Zarr v3 array metadata; zarr's own classes for it cost
-    ~0.4 ms per array on the training thread, this ~10 us)."""
+    start, uncompressed."""
     chunk = _chunks_for(shape)
-    dtype = np.dtype(dtype)
+    return _array_doc(shape, dtype, [_SHARD_ROWS, *chunk[1:]], [{"name": "sharding_indexed", "configuration": {
+        "chunk_shape": list(chunk), "codecs": [_bytes_codec(dtype)],
+        "index_codecs": [_bytes_codec(np.dtype(np.uint64))], "index_location": "start"}}])
+
+
+def _plain_array_doc(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    """The ``zarr.json`` of a small array stored as one uncompressed chunk (the probe batch)."""
+    return _array_doc(shape, dtype, [max(1, n) for n in shape], [_bytes_codec(dtype)])
+
+
+def _bytes_codec(dtype: np.dtype) -> dict[str, Any]:
     little = {"name": "bytes", "configuration": {"endian": "little"}}
+    return little if np.dtype(dtype).itemsize > 1 else {"name": "bytes"}
+
+
+def _array_doc(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: list[int], codecs: list) -> dict[str, Any]:
+    """Zarr v3 array metadata with fill value 0 (zarr's own classes for it cost ~0.4 ms per
+    array on the training thread, and its writes start an event-loop thread and a thread pool
+    in the training process; this ~10 us and no thread)."""
+    dtype = np.dtype(dtype)
     fill: Any = False if dtype.kind == "b" else [0.0, 0.0] if dtype.kind == "c" else 0.0 if dtype.kind == "f" else 0
     return {"shape": list(shape), "data_type": dtype.name,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [_SHARD_ROWS, *chunk[1:]]}},
-            "chunk_key_encoding": _CHUNK_KEYS, "fill_value": fill,
-            "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": list(chunk), "codecs": [little if dtype.itemsize > 1 else {"name": "bytes"}],
-                "index_codecs": [little], "index_location": "start"}}],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+            "chunk_key_encoding": _CHUNK_KEYS, "fill_value": fill, "codecs": codecs,
             "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []}
 
 
@@ -544,9 +558,13 @@ class TrajectoryWriter:
         spec, leaves = flatten_batch(probe, "probe")
         for key, t in leaves:
             data = _to_numpy(t.detach().to("cpu").contiguous())
-            self.root.create_array(f"probe/{key}", shape=data.shape, dtype=data.dtype,
-                                   chunks=data.shape or (1,), fill_value=0, compressors=None, overwrite=True,
-                                   chunk_key_encoding=_CHUNK_KEYS)[...] = data
+            data = data.astype(data.dtype.newbyteorder("<"), copy=False)  # tobytes() is C order
+            name = f"probe/{key}"
+            if (self.path / name).exists():  # a resumed run's new probe
+                shutil.rmtree(self.path / name)
+            self._write_doc(name, _plain_array_doc(data.shape, data.dtype))
+            if data.size:  # an empty array has no chunk
+                _atomic_write(self.path / name / ".".join(["c"] + ["0"] * data.ndim), data.tobytes())
         self.set_attrs(probe={"spec": spec, "dtypes": {k: storage_dtype(t.dtype)[0] for k, t in leaves}})
 
     def extra_path(self, name: str) -> Path:
