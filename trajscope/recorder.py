@@ -398,8 +398,10 @@ class Recorder:
         stalls training at the next barrier, like a writer thread would); the timer commits only
         when training pauses."""
         with self._lock:
-            if from_timer and self._closed:
-                return      # close() ran while this timer waited for the lock: it committed already
+            if from_timer and (self._closed or self._timer is not threading.current_thread()):
+                # close() or the training thread's commit ran while this timer waited for the
+                # lock: they committed, and a newer timer (if any) is the one close() will stop
+                return
             if from_timer and time.monotonic() - self._last_step_time < _COMMIT_INTERVAL:
                 self._arm_timer()
                 return
