@@ -185,13 +185,19 @@ def flatten_batch(obj: Any, prefix: str = "") -> tuple[Any, list[tuple[str, torc
         if isinstance(o, (tuple, list)):
             return {"t": type(o).__name__, "items": [walk(v, f"{key}.{i}") for i, v in enumerate(o)]}
         if isinstance(o, Mapping):
-            return {"t": "dict", "items": {str(k): walk(v, f"{key}.{k}") for k, v in o.items()}}
+            return {"t": "dict", "items": {str(k): walk(v, f"{key}.{_leaf_part(k)}") for k, v in o.items()}}
         if isinstance(o, (int, float, bool)):
             return {"t": "const", "value": o}
         raise TypeError(f"cannot record a batch element of type {type(o).__name__}")
 
     spec = walk(obj, prefix)
     return spec, leaves
+
+
+def _leaf_part(k: Any) -> str:
+    """A dict key as part of a leaf name, which names an array folder: path separators escaped,
+    so that a key like ``"../x"`` cannot write outside the store (the spec keeps the key as is)."""
+    return str(k).replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
 
 
 def unflatten_batch(spec: Any, leaves: Mapping[str, torch.Tensor]) -> Any:
@@ -556,12 +562,11 @@ class TrajectoryWriter:
 
     def write_probe(self, probe: Any) -> None:
         spec, leaves = flatten_batch(probe, "probe")
+        shutil.rmtree(self.path / "probe", ignore_errors=True)  # a resumed run's new probe replaces it
         for key, t in leaves:
             data = _to_numpy(t.detach().to("cpu").contiguous())
             data = data.astype(data.dtype.newbyteorder("<"), copy=False)  # tobytes() is C order
             name = f"probe/{key}"
-            if (self.path / name).exists():  # a resumed run's new probe
-                shutil.rmtree(self.path / name)
             self._write_doc(name, _plain_array_doc(data.shape, data.dtype))
             if data.size:  # an empty array has no chunk
                 _atomic_write(self.path / name / ".".join(["c"] + ["0"] * data.ndim), data.tobytes())
