@@ -769,9 +769,10 @@ def node_curvature(
                               "its node spectra are NaN", RuntimeWarning, stacklevel=2)
 
             factors: dict[str, LayerFactor] = {}
-            if not bool(torch.isfinite(loss).all()):  # a diverged checkpoint is data: NaN spectra
+            finite_params = all(bool(torch.isfinite(leaves[k]).all()) for k in diff_names)
+            if not (finite_params and bool(torch.isfinite(loss).all())):  # a diverged checkpoint is data: NaN spectra
                 for l in live:
-                    factors[l.name] = LayerFactor(l, "nan", kind, note="non-finite loss")
+                    factors[l.name] = LayerFactor(l, "nan", kind, note="non-finite loss or parameters")
                 live = []
             dzs = [cap.dz[l.name] for l in live]
             act_bytes = sum(dz.numel() for dz in dzs) * dzs[0].element_size() if dzs else 1
