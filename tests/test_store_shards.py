@@ -281,6 +281,50 @@ def test_restarts_rewrite_rows_at_real_shard_boundaries(tmp_path):
     assert open_store_files(tmp_path) == []
 
 
+RESUME_CHILD = """
+import sys, threading, torch
+sys.path.insert(0, sys.argv[2])
+from test_store_shards import LOSS, batches, train, trainer_before
+from trajscope.recorder import Recorder
+data = batches(70)
+model, opt = trainer_before(data, 66)
+with Recorder(sys.argv[1], model, opt, LOSS, export=False, background=False, resume=True, step=66) as rec:
+    train(model, opt, LOSS, data[66:], rec=rec)
+print(sorted(t.name for t in threading.enumerate()))
+"""
+
+
+def test_restart_reads_records_without_zarr_threads(tmp_path):
+    """A restart reads the recorded steps straight from the shard files (across a shard boundary):
+    the resumed training process starts no zarr event-loop or pool thread."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "run"
+    data = batches(70)
+    record(path, data, background=False)
+    done = subprocess.run([sys.executable, "-c", RESUME_CHILD, str(path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "['MainThread']"
+    run = trajscope.open_run(path)
+    assert [(x["at_step"], x["dropped_records"]) for x in run.restarts] == [(66, 4)]
+    check_store(path, reference(data), data, (63, 64, 65, 66, 69))
+
+
+def test_restart_on_a_truncated_records_shard_refuses_without_changes(tmp_path):
+    path = tmp_path / "run"
+    data = batches(5)
+    record(path, data, background=False)
+    shard = path / store.STORE_NAME / "records" / "c.0.0"
+    shard.write_bytes(shard.read_bytes()[:-8])             # the last record's chunk cut short
+    before = (path / store.STORE_NAME / "commit" / "zarr.json").read_bytes()
+    model, opt = trainer_before(data, 2)
+    with pytest.raises(TrajscopeError, match="chunk of record 4 is missing"):
+        Recorder(path, model, opt, LOSS, export=False, background=False, resume=True, step=2)
+    assert (path / store.STORE_NAME / "commit" / "zarr.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("background,at", [(False, 3), (False, 4), (False, 5), (True, 8)])
 def test_restart_and_resume_around_small_shards(tmp_path, monkeypatch, background, at):
     """Shards of 4 rows: a restart at ``at`` (right before, at, after a shard boundary) rewrites the

@@ -385,8 +385,7 @@ class TrajectoryWriter:
         self.path = self.run_dir / STORE_NAME
         exists = (self.path / "zarr.json").exists()
         if exists and resume:
-            self._root = _open_root(self.path, mode="r+")
-            _check_version(self._root, self.path)
+            _check_version(_read_group_attrs(self.path), self.path)
             _remove_partials(self.path)
             self._commit = _commit_attrs(self.path)
             if restart_step is not None:
@@ -408,7 +407,6 @@ class TrajectoryWriter:
             if self.path.exists():  # overwrite=True
                 shutil.rmtree(self.path)
             os.rename(tmp, self.path)
-            self._root = None            # opened through zarr only if needed (probe, restart)
             self._commit = _commit_attrs(self.path)
         self.attrs = _read_group_attrs(self.path)
         self.records = int(self._commit["records"])
@@ -418,12 +416,6 @@ class TrajectoryWriter:
         self._layouts: dict[str, _RowShards] = {}
         self._files: dict[tuple[str, tuple[int, ...]], tuple[int, Any]] = {}   # (shard, file) per column
         self._state_layouts = [[Slot.from_json(s) for s in lay] for lay in self.attrs.get("state_layouts", [])]
-
-    @property
-    def root(self) -> zarr.Group:
-        if self._root is None:
-            self._root = _open_root(self.path, mode="r+")
-        return self._root
 
     @property
     def last_step(self) -> int | None:
@@ -640,12 +632,11 @@ class TrajectoryWriter:
 
     def _truncate_from(self, step: int) -> None:
         """Training restarted at ``step``: records at or after it become invalid; note the restart."""
-        rec = self.root["records"] if "records" in self.root else None
         n = int(self._commit["records"])
-        steps = rec[:n, 0].astype(np.int64) if (rec is not None and n) else np.zeros(0, np.int64)
+        steps = _leading_rows(self.path / "records", n)[:, 0].astype(np.int64) if n else np.zeros(0, np.int64)
         keep = int(np.searchsorted(steps, step, side="left"))
         sk_n = int(self._commit["skipped"])
-        sk = self.root["skipped"][:sk_n] if (sk_n and "skipped" in self.root) else np.zeros(0, np.int64)
+        sk = _leading_rows(self.path / "skipped", sk_n).astype(np.int64) if sk_n else np.zeros(0, np.int64)
         keep_sk = int(np.sum(sk < step))
         if keep == n and keep_sk == sk_n:
             return
@@ -668,7 +659,7 @@ class TrajectoryReader:
         if not (self.path / "zarr.json").exists():
             raise TrajscopeError(f"{self.run_dir} is not a trajscope run: no {STORE_NAME} inside; record one with trajscope.Recorder")
         self.root = _open_root(self.path, mode="r")
-        _check_version(self.root, self.path)
+        _check_version(self.root.attrs, self.path)
         self._layouts: dict[str, tuple[_RowShards, tuple[int, ...]]] = {}
         c = _commit_attrs(self.path)
         # The writer describes new batch structures and state layouts before it commits the rows that
@@ -849,14 +840,38 @@ def _open_root(path: Path, mode: str) -> zarr.Group:
         raise TrajscopeError(f"{path} cannot be opened as a Zarr v3 store ({type(e).__name__}: {e})") from None
 
 
-def _check_version(root: zarr.Group, path: Path) -> None:
-    fmt = root.attrs.get("format")
-    ver = root.attrs.get("format_version")
+def _check_version(attrs: Mapping[str, Any], path: Path) -> None:
+    fmt = attrs.get("format")
+    ver = attrs.get("format_version")
     if fmt != FORMAT:
         raise TrajscopeError(f"{path} is not a trajscope trajectory store (format={fmt!r})")
     if ver != FORMAT_VERSION:
         raise TrajscopeError(f"{path} has format version {ver}, this trajscope reads version {FORMAT_VERSION}: "
                              f"use the trajscope release that recorded it")
+
+
+def _leading_rows(array_dir: Path, n: int) -> np.ndarray:
+    """Rows ``0 .. n-1`` of a per-record array whose row is one chunk (``records``, ``skipped``),
+    straight from its shard files, each read once: the writer resuming a run reads them without
+    zarr, whose reads start an event-loop thread and a thread pool in the training process."""
+    try:
+        lay = _row_shards(json.loads((array_dir / "zarr.json").read_bytes()), array_dir)
+    except (OSError, ValueError) as e:
+        raise TrajscopeError(f"{array_dir}: cannot read ({type(e).__name__}: {e}); the store is damaged") from None
+    out = np.empty((n, *lay.inner), lay.dtype.newbyteorder("="))
+    S, g = lay.rows, (0,) * len(lay.inner)
+    for first in range(0, n, S):
+        try:
+            data = _shard_path(array_dir, lay, first, g).read_bytes()
+        except OSError:
+            data = b""
+        idx = np.frombuffer(data[:lay.index_bytes], dtype="<u8").reshape(-1, 2)
+        for r in range(first, min(n, first + S)):
+            off, nbytes = (int(v) for v in idx[r - first]) if len(idx) == S else (_EMPTY, 0)
+            if off == _EMPTY or nbytes != lay.chunk_bytes or off + nbytes > len(data):
+                raise TrajscopeError(f"{array_dir}: the chunk of record {r} is missing; the store is truncated")
+            out[r] = np.frombuffer(data, lay.dtype, count=math.prod(lay.inner), offset=off).reshape(lay.inner)
+    return out
 
 
 def _commit_attrs(path: Path) -> dict[str, Any]:
