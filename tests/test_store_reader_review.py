@@ -373,21 +373,25 @@ def test_index_pointing_at_another_row_reads_like_zarr(small_store, tmp_path):
     _same(r._read_row("params/float32", 3), arr[4], "row 3 is row 4's chunk")
 
 
-def test_check_chunks_and_read_row_agree_on_damage(small_store, tmp_path):
-    """_check_chunks (used at open for records/skipped) and _read_row share the layout: both accept
-    every intact row and both reject a blanked entry."""
+def test_open_and_read_row_agree_on_damage(small_store, tmp_path):
+    """The records read at open (straight from the shard files) and _read_row share the layout:
+    both accept every intact row and both reject a blanked entry."""
     path = tmp_path / "run"
     shutil.copytree(small_store, path)
     r = TrajectoryReader(path)
-    r._check_chunks("params/float32", range(0, 6))
-    r._check_chunks("batch/.0", range(0, 6), [4, 4])
+    arr = per_record_arrays(path / store.STORE_NAME)
+    assert r._records.tobytes() == np.asarray(arr["records"][:6]).tobytes()
+    for t in range(6):
+        r._read_row("params/float32", t)
+        r._read_row("batch/.0", t, [4, 4])
     _set_entry(path / store.STORE_NAME / "params" / "float32" / "c.0.0", 5, EMPTY, EMPTY)
     r2 = TrajectoryReader(path)
     with pytest.raises(TrajscopeError, match="record 5 is missing"):
-        r2._check_chunks("params/float32", range(0, 6))
-    with pytest.raises(TrajscopeError, match="record 5 is missing"):
         r2._read_row("params/float32", 5)
     r2._read_row("params/float32", 4)
+    _set_entry(path / store.STORE_NAME / "records" / "c.0.0", 5, EMPTY, EMPTY)
+    with pytest.raises(TrajscopeError, match="record 5 is missing"):
+        TrajectoryReader(path)
 
 
 def test_missing_or_broken_array_document_is_one_line_error(small_store, tmp_path):

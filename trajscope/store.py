@@ -633,10 +633,10 @@ class TrajectoryWriter:
     def _truncate_from(self, step: int) -> None:
         """Training restarted at ``step``: records at or after it become invalid; note the restart."""
         n = int(self._commit["records"])
-        steps = _leading_rows(self.path / "records", n)[:, 0].astype(np.int64) if n else np.zeros(0, np.int64)
+        steps = _leading_rows(self.path, "records", n)[:, 0].astype(np.int64) if n else np.zeros(0, np.int64)
         keep = int(np.searchsorted(steps, step, side="left"))
         sk_n = int(self._commit["skipped"])
-        sk = _leading_rows(self.path / "skipped", sk_n).astype(np.int64) if sk_n else np.zeros(0, np.int64)
+        sk = _leading_rows(self.path, "skipped", sk_n).astype(np.int64) if sk_n else np.zeros(0, np.int64)
         keep_sk = int(np.sum(sk < step))
         if keep == n and keep_sk == sk_n:
             return
@@ -658,8 +658,8 @@ class TrajectoryReader:
             raise TrajscopeError(f"{self.run_dir} does not exist: give the folder a Recorder wrote (it holds {STORE_NAME})")
         if not (self.path / "zarr.json").exists():
             raise TrajscopeError(f"{self.run_dir} is not a trajscope run: no {STORE_NAME} inside; record one with trajscope.Recorder")
-        self.root = _open_root(self.path, mode="r")
-        _check_version(self.root.attrs, self.path)
+        _check_version(_read_group_attrs(self.path), self.path)
+        self._root: zarr.Group | None = None
         self._layouts: dict[str, tuple[_RowShards, tuple[int, ...]]] = {}
         c = _commit_attrs(self.path)
         # The writer describes new batch structures and state layouts before it commits the rows that
@@ -670,63 +670,22 @@ class TrajectoryReader:
         self.param_layout = [Slot.from_json(s) for s in self.attrs["params"]]
         self.buffer_layout = [Slot.from_json(s) for s in self.attrs.get("buffers", [])]
         self.state_layouts = [[Slot.from_json(s) for s in lay] for lay in self.attrs.get("state_layouts", [])]
-        if self.n_records:
-            self._check_chunks("records", range(self.n_records))
-            self._records = self._read("records", slice(0, self.n_records))
-        else:
-            self._records = np.zeros((0, len(RECORD_COLUMNS)))
+        self._records = (_leading_rows(self.path, "records", self.n_records) if self.n_records
+                         else np.zeros((0, len(RECORD_COLUMNS))))
         n_sk = int(c.get("skipped", 0))
-        if n_sk:
-            self._check_chunks("skipped", range(n_sk))
-        self.skipped = self._read("skipped", slice(0, n_sk)).astype(np.int64) if n_sk else np.zeros(0, np.int64)
+        self.skipped = _leading_rows(self.path, "skipped", n_sk).astype(np.int64) if n_sk else np.zeros(0, np.int64)
 
-    def _read(self, name: str, index: Any) -> np.ndarray:
-        try:
-            arr = self.root[name]
-        except KeyError:
-            raise TrajscopeError(f"{self.path} is missing array {name!r}: the store is truncated or damaged") from None
-        try:
-            return arr[index]
-        except Exception as e:  # a chunk file that cannot be decoded
-            raise TrajscopeError(f"{self.path}/{name}: cannot read ({type(e).__name__}: {e}); the store is damaged") from None
-
-    def _check_chunks(self, name: str, rows: range, extents: Sequence[int] | None = None) -> None:
-        """Raise if a chunk covering ``rows`` (and, along the other axes, ``[0, extents)``) is missing.
-
-        A missing chunk would silently read back as the fill value. Every chunk of a committed row
-        is written, so a missing shard file, an empty index entry or a shard file cut short means a
-        truncated store.
-        """
-        lay, extents = self._row_extents(name, extents)
-        S = lay.rows
-        for shard in range(rows.start // S, (rows.stop - 1) // S + 1) if rows else ():
-            first = max(rows.start, shard * S)
-            shard_rows = range(first, min(rows.stop, (shard + 1) * S))
-            for g in lay.columns(extents):
-                path = _shard_path(self.path / name, lay, first, g)
-                try:
-                    with open(path, "rb") as f:
-                        idx, size = lay.index(f), os.fstat(f.fileno()).st_size
-                except OSError:
-                    idx, size = None, 0
-                for r in shard_rows:
-                    if idx is None or idx[r % lay.rows, 0] == _EMPTY or \
-                            int(idx[r % lay.rows, 0]) + int(idx[r % lay.rows, 1]) > size:
-                        raise self._missing_chunk(name, r)
-
-    def _missing_chunk(self, name: str, r: int) -> TrajscopeError:
-        return TrajscopeError(f"{self.path}/{name}: a chunk of record {r} is missing; the store is "
-                              f"truncated (re-record, or analyse fewer steps)")
+    @property
+    def root(self) -> zarr.Group:
+        """The store through plain zarr, for inspection (the reader's own reads do not use it)."""
+        if self._root is None:
+            self._root = _open_root(self.path, mode="r")
+        return self._root
 
     def _row_layout(self, name: str) -> tuple[_RowShards, tuple[int, ...]]:
         """Row-shard layout and current shape of a per-record array (its document read once)."""
         if name not in self._layouts:
-            try:
-                doc = json.loads((self.path / name / "zarr.json").read_bytes())
-            except FileNotFoundError:
-                raise TrajscopeError(f"{self.path} is missing array {name!r}: the store is truncated or damaged") from None
-            except (OSError, ValueError) as e:
-                raise TrajscopeError(f"{self.path}/{name}: cannot read ({type(e).__name__}: {e}); the store is damaged") from None
+            doc = _array_meta(self.path, name)
             self._layouts[name] = (_row_shards(doc, self.path / name), tuple(int(n) for n in doc.get("shape", ())))
         return self._layouts[name]
 
@@ -752,7 +711,7 @@ class TrajectoryReader:
             except (OSError, OverflowError, struct.error):  # OverflowError: a garbage offset
                 pass
             if len(raw) != lay.chunk_bytes:
-                raise self._missing_chunk(name, r)
+                raise _missing_chunk(self.path, name, r)
             chunk = np.frombuffer(raw, dtype=lay.dtype).reshape(lay.inner)
             dst = tuple(slice(j * c, min((j + 1) * c, e)) for j, c, e in zip(g, lay.inner, extents))
             out[dst] = chunk[tuple(slice(0, d.stop - d.start) for d in dst)]
@@ -815,7 +774,7 @@ class TrajectoryReader:
         meta = self.attrs.get("probe")
         if meta is None:
             return None
-        leaves = {k: _from_numpy(self._read(f"probe/{k}", ...), dt) for k, dt in meta["dtypes"].items()}
+        leaves = {k: _from_numpy(_whole_array(self.path, f"probe/{k}"), dt) for k, dt in meta["dtypes"].items()}
         return unflatten_batch(meta["spec"], leaves)
 
     def extra_path(self, name: str) -> Path:
@@ -850,28 +809,72 @@ def _check_version(attrs: Mapping[str, Any], path: Path) -> None:
                              f"use the trajscope release that recorded it")
 
 
-def _leading_rows(array_dir: Path, n: int) -> np.ndarray:
-    """Rows ``0 .. n-1`` of a per-record array whose row is one chunk (``records``, ``skipped``),
-    straight from its shard files, each read once: the writer resuming a run reads them without
-    zarr, whose reads start an event-loop thread and a thread pool in the training process."""
+def _array_meta(store: Path, name: str) -> dict[str, Any]:
+    """The ``zarr.json`` document of array ``name``, or the one-line error for a damaged store."""
     try:
-        lay = _row_shards(json.loads((array_dir / "zarr.json").read_bytes()), array_dir)
+        return json.loads((store / name / "zarr.json").read_bytes())
+    except FileNotFoundError:
+        raise TrajscopeError(f"{store} is missing array {name!r}: the store is truncated or damaged") from None
     except (OSError, ValueError) as e:
-        raise TrajscopeError(f"{array_dir}: cannot read ({type(e).__name__}: {e}); the store is damaged") from None
+        raise TrajscopeError(f"{store}/{name}: cannot read ({type(e).__name__}: {e}); the store is damaged") from None
+
+
+def _missing_chunk(store: Path, name: str, r: int) -> TrajscopeError:
+    return TrajscopeError(f"{store}/{name}: a chunk of record {r} is missing; the store is "
+                          f"truncated (re-record, or analyse fewer steps)")
+
+
+def _leading_rows(store: Path, name: str, n: int) -> np.ndarray:
+    """Rows ``0 .. n-1`` of a per-record array whose row is one chunk (``records``, ``skipped``),
+    straight from its shard files, each read once (zarr's reads would start an event-loop thread
+    and a thread pool, in the training process when a run resumes). A chunk never written or cut
+    short raises: it would otherwise read back as the fill value."""
+    lay = _row_shards(_array_meta(store, name), store / name)
     out = np.empty((n, *lay.inner), lay.dtype.newbyteorder("="))
     S, g = lay.rows, (0,) * len(lay.inner)
     for first in range(0, n, S):
         try:
-            data = _shard_path(array_dir, lay, first, g).read_bytes()
+            data = _shard_path(store / name, lay, first, g).read_bytes()
         except OSError:
             data = b""
-        idx = np.frombuffer(data[:lay.index_bytes], dtype="<u8").reshape(-1, 2)
+        idx = np.frombuffer(data, "<u8", count=2 * S).reshape(S, 2) if len(data) >= lay.index_bytes else None
         for r in range(first, min(n, first + S)):
-            off, nbytes = (int(v) for v in idx[r - first]) if len(idx) == S else (_EMPTY, 0)
+            off, nbytes = (int(v) for v in idx[r - first]) if idx is not None else (_EMPTY, 0)
             if off == _EMPTY or nbytes != lay.chunk_bytes or off + nbytes > len(data):
-                raise TrajscopeError(f"{array_dir}: the chunk of record {r} is missing; the store is truncated")
+                raise _missing_chunk(store, name, r)
             out[r] = np.frombuffer(data, lay.dtype, count=math.prod(lay.inner), offset=off).reshape(lay.inner)
     return out
+
+
+def _whole_array(store: Path, name: str) -> np.ndarray:
+    """An array stored as one uncompressed chunk (the probe: :func:`_plain_array_doc`, the same
+    layout zarr gave it in earlier versions)."""
+    doc = _array_meta(store, name)
+    try:
+        shape = tuple(int(n) for n in doc["shape"])
+        chunk = tuple(int(c) for c in doc["chunk_grid"]["configuration"]["chunk_shape"])
+        (codec,) = doc["codecs"]
+        dtype = np.dtype(doc["data_type"])
+        big = codec.get("configuration", {}).get("endian", "little") == "big"
+        ok = codec["name"] == "bytes" and chunk in (shape, tuple(max(1, n) for n in shape))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TrajscopeError(f"{store}/{name}: not laid out as this trajscope writes it; the store is damaged")
+    if dtype.itemsize > 1:
+        dtype = dtype.newbyteorder(">" if big else "<")
+    if not math.prod(shape):
+        return np.zeros(shape, dtype.newbyteorder("="))
+    try:
+        raw = (store / name / ".".join(["c"] + ["0"] * len(shape))).read_bytes()
+    except OSError:
+        raw = b""
+    if len(raw) != math.prod(chunk) * dtype.itemsize:
+        raise TrajscopeError(f"{store}/{name}: its chunk is missing or cut short; the store is damaged")
+    a = np.frombuffer(raw, dtype).reshape(chunk)
+    if chunk != shape:
+        a = a[tuple(slice(0, n) for n in shape)]
+    return a.astype(dtype.newbyteorder("="))
 
 
 def _commit_attrs(path: Path) -> dict[str, Any]:
@@ -886,7 +889,8 @@ def _read_group_attrs(folder: Path) -> dict[str, Any]:
     try:
         return dict(json.loads((folder / "zarr.json").read_text())["attributes"])
     except (OSError, ValueError, KeyError) as e:
-        raise TrajscopeError(f"{folder}: cannot read its attributes ({type(e).__name__}: {e})") from None
+        raise TrajscopeError(f"{folder}: cannot be opened, its zarr.json is unreadable ({type(e).__name__}: {e}); "
+                             "the store is damaged") from None
 
 
 def _write_group(folder: Path, attrs: Mapping[str, Any]) -> None:
