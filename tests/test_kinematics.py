@@ -60,3 +60,20 @@ def test_zero_norm_and_nonfinite_give_nan_not_a_crash():
     assert float(none["param_norm"][1]) == 1.0
     with pytest.raises(ValueError):
         node_kinematics(theta, nxt, k=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inputs_are_not_modified(dtype):
+    """The directions are formed in place in private copies: float64 inputs (no copy by .to)
+    and 1-D views must come back untouched."""
+    g = torch.Generator().manual_seed(2)
+    theta = torch.randn(6, 5, generator=g, dtype=dtype)
+    nxt = theta + 0.01 * torch.randn(6, 5, generator=g, dtype=dtype)
+    before = theta.clone(), nxt.clone()
+    out = node_kinematics(theta, nxt)
+    assert torch.equal(theta, before[0]) and torch.equal(nxt, before[1])
+    u0, u1 = theta.double() / theta.double().norm(dim=1, keepdim=True), nxt.double() / nxt.double().norm(dim=1, keepdim=True)
+    assert torch.allclose(out["drift"].double(), (u1 - u0).norm(dim=1), rtol=1e-6)
+    row = theta[2]
+    node_kinematics(row, row * 2)
+    assert torch.equal(theta, before[0])

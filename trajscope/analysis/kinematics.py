@@ -44,8 +44,11 @@ def node_kinematics(theta: Tensor, theta_next: Tensor | None, k: int = 1) -> dic
     ratio = n1 / torch.where(ok0, n0, torch.ones_like(n0))
     rho = torch.where(ok0, ratio if k == 1 else ratio.pow(1.0 / k), nan)
     ok = ok0 & (n1 > 0)
-    # u1 − u0 directly (not √(2 − 2cos)): no cancellation for small drifts
-    u0 = th0 / torch.where(ok0, n0, torch.ones_like(n0))[:, None]
-    u1 = th1 / torch.where(n1 > 0, n1, torch.ones_like(n1))[:, None]
-    drift = torch.where(ok, torch.linalg.vector_norm(u1 - u0, dim=1), nan)
+    # u1 − u0 directly (not √(2 − 2cos)): no cancellation for small drifts. Formed in place in
+    # private float64 copies: wide layers make these (N, p) passes the cost of this function.
+    u0 = th0.clone() if th0.data_ptr() == theta.data_ptr() else th0
+    u1 = th1.clone() if th1.data_ptr() == theta_next.data_ptr() else th1
+    u0.div_(torch.where(ok0, n0, torch.ones_like(n0))[:, None])
+    u1.div_(torch.where(n1 > 0, n1, torch.ones_like(n1))[:, None]).sub_(u0)
+    drift = torch.where(ok, torch.linalg.vector_norm(u1, dim=1), nan)
     return {"param_norm": n0.float(), "rho": rho.float(), "drift": drift.float()}
