@@ -145,18 +145,20 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
     Vectorised; never raises on non-finite values.
     """
     mu = spectra.mu_abs.to(torch.float64)
-    n = mu.shape[0]
+    n, m = mu.shape
     acted = spectra.acted.to(torch.int64)
     null = spectra.null_dims.to(torch.int64)
-    valid = torch.arange(mu.shape[1], device=mu.device)[None, :] < acted[:, None]
     pn = param_norm.to(torch.float64).reshape(n)
     gn = grad_norm.to(torch.float64).reshape(n)
-    dev1 = (mu - 1.0).abs()
+    # Row i holds acted[i] values, then NaN padding. NaN fails every comparison, so the tests
+    # need no validity mask (an (N, M) pass each, and M ~ p for wide layers); a NaN among the
+    # valid values shows as more NaNs than the padding.
+    dev1 = (mu - 1.0).abs_()
 
-    neutral_dims = (valid & (dev1 <= delta)).sum(dim=1, dtype=torch.int32)
-    nonfinite = (valid & ~torch.isfinite(mu)).any(dim=1) | ~torch.isfinite(spectra.radius.to(torch.float64)) | \
-        ~torch.isfinite(pn)
-    acted_max = torch.where(valid, mu, torch.full_like(mu, -math.inf)).amax(dim=1) if mu.shape[1] \
+    neutral_dims = (dev1 <= delta).sum(dim=1, dtype=torch.int32)
+    nonfinite = (torch.isnan(mu).sum(dim=1) > m - acted) | torch.isinf(mu).any(dim=1) | \
+        ~torch.isfinite(spectra.radius.to(torch.float64)) | ~torch.isfinite(pn)
+    acted_max = torch.nan_to_num(mu, nan=-math.inf, posinf=math.inf).amax(dim=1) if m \
         else torch.full((n,), -math.inf, dtype=torch.float64)
 
     label = torch.full((n,), HEALTHY_SINK, dtype=torch.uint8)
@@ -177,7 +179,7 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
     else:
         eps = float(config.eps_contract)
         put(pn < config.eps_param, DEGENERATE_SINK, "collapsed")
-        unit = (valid & (dev1 <= eps)).any(dim=1) | (null > 0)  # null directions have μ = 1
+        unit = (dev1 <= eps).any(dim=1) | (null > 0)  # null directions have μ = 1
         put(unit, PLATEAU, "seed_unit_eigenvalue")
         zero_eig = spectra.zero_eig_dims
         zero_curv = hess_min.to(torch.float64).reshape(n) < config.eps_curv
