@@ -313,10 +313,16 @@ class _RowShards:
 
     def index(self, f: Any) -> np.ndarray:
         """The (S, 2) index of an open shard file."""
-        raw = os.pread(f.fileno(), self.index_bytes, 0)
-        if len(raw) != self.index_bytes:
+        idx = self.decode_index(os.pread(f.fileno(), self.index_bytes, 0))
+        if idx is None:
             raise OSError("shard file shorter than its index")
-        return np.frombuffer(raw, dtype="<u8").reshape(self.rows, 2)
+        return idx
+
+    def decode_index(self, data: bytes) -> np.ndarray | None:
+        """The (S, 2) index at the start of a shard file's bytes; None if they are shorter."""
+        if len(data) < self.index_bytes:
+            return None
+        return np.frombuffer(data, dtype="<u8", count=2 * self.rows).reshape(self.rows, 2)
 
 
 def _row_shards(doc: Mapping[str, Any], where: Path) -> _RowShards:
@@ -837,7 +843,7 @@ def _leading_rows(store: Path, name: str, n: int) -> np.ndarray:
             data = _shard_path(store / name, lay, first, g).read_bytes()
         except OSError:
             data = b""
-        idx = np.frombuffer(data, "<u8", count=2 * S).reshape(S, 2) if len(data) >= lay.index_bytes else None
+        idx = lay.decode_index(data)
         for r in range(first, min(n, first + S)):
             off, nbytes = (int(v) for v in idx[r - first]) if idx is not None else (_EMPTY, 0)
             if off == _EMPTY or nbytes != lay.chunk_bytes or off + nbytes > len(data):
