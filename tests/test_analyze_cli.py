@@ -111,7 +111,7 @@ def test_exported_program_with_trust(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- bad input (SPEC §10)
-def _bad(tmp_path: Path, case: str) -> tuple[list[str], Path | None, str]:
+def _bad(tmp_path: Path, case: str, other_user) -> tuple[list[str], Path | None, str]:
     """argv, the run folder that must stay untouched (None: no run), a word the message must hold."""
     run = tmp_path / "run"
     if case == "missing_path":
@@ -128,7 +128,8 @@ def _bad(tmp_path: Path, case: str) -> tuple[list[str], Path | None, str]:
         simple_run(run, (3, 4, 2), steps=3)
         return [str(run), "--model", "trajscope.zoo:mlp", "--model-args", '{"sizes": [3, 5, 2]}'], run, "0.weight"
     if case == "exported_without_trust":
-        simple_run(run, steps=3, model_spec=None, export=True)
+        with other_user():
+            simple_run(run, steps=3, model_spec=None, export=True)
         return [str(run)], run, "--trust"
     if case == "probe_without_probe":
         simple_run(run, steps=3)
@@ -141,8 +142,8 @@ def _bad(tmp_path: Path, case: str) -> tuple[list[str], Path | None, str]:
 
 @pytest.mark.parametrize("case", ["missing_path", "file_not_a_run", "folder_without_runs", "model_mismatch",
                                   "exported_without_trust", "probe_without_probe", "modules_match_nothing"])
-def test_bad_input_one_line_nonzero_nothing_written(tmp_path, capsys, case):
-    argv, run, word = _bad(tmp_path, case)
+def test_bad_input_one_line_nonzero_nothing_written(tmp_path, capsys, case, other_user):
+    argv, run, word = _bad(tmp_path, case, other_user)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     capsys.readouterr()
     rc = main(["analyze", *argv])

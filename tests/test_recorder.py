@@ -177,11 +177,13 @@ def test_cadence(tmp_path, every, window, expect):
 
 
 # --------------------------------------------------------------------------- replay
-def test_replay_from_import_spec_and_trusted_export(tmp_path):
+def test_replay_from_import_spec_and_trusted_export(tmp_path, other_user):
     sizes = [4, 6, 3]
     model, _, _ = record(tmp_path / "spec", "tensor", "adam", n=5, model_spec="trajscope.zoo:mlp",
                          model_kwargs={"sizes": sizes})
-    record(tmp_path / "exported", "tensor", "adam", n=5, export=True)
+    with other_user():  # a run received from elsewhere: its exported program needs trust
+        record(tmp_path / "exported", "tensor", "adam", n=5, export=True)
+    record(tmp_path / "mine", "tensor", "adam", n=5, export=True)
     run = trajscope.open_run(tmp_path / "spec")
     m, lf = run.model(), run.loss_fn()
     assert isinstance(lf, torch.nn.MSELoss)
@@ -200,6 +202,10 @@ def test_replay_from_import_spec_and_trusted_export(tmp_path):
     for t in (1, 3, 4):
         ck = ex.checkpoint(t)
         assert ex.replay_loss(ck, em, lf).item() == pytest.approx(ck.loss, rel=1e-6, abs=0)
+    # the same kind of run recorded by this user is signed with the program's hash: no flag needed
+    mine = trajscope.open_run(tmp_path / "mine")
+    ck = mine.checkpoint(4)
+    assert mine.replay_loss(ck, mine.model(), lf).item() == pytest.approx(ck.loss, rel=1e-6, abs=0)
     # an import spec given at analysis time overrides the export and needs no trust
     ck = ex.checkpoint(4)
     om = ex.model("trajscope.zoo:mlp", '{"sizes": [4, 6, 3]}')

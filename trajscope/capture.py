@@ -3,8 +3,8 @@
 Model, in order of preference at replay time:
 1. an override given to ``analyze``/``open_run`` (``--model package.module:factory`` + JSON kwargs);
 2. the import spec recorded by the Recorder (``model_spec=``), e.g. ``"trajscope.zoo:mlp"``;
-3. the ``torch.export`` program saved in the store (``extra/model.pt2``). Loading a ``.pt2`` file can
-   unpickle, i.e. run code, so it needs an explicit ``trust=True`` (``--trust``).
+3. the ``torch.export`` program saved in the store (``extra/model.pt2``).
+Code named inside a run (2, 3 and the recorded loss) is used only as :mod:`trajscope.trust` allows.
 
 Loss: a ``torch.nn`` loss module is recorded as its class and constructor arguments; a plain
 function as ``module:qualname``; anything else needs ``--loss`` at replay time.
@@ -23,8 +23,9 @@ from trajscope.errors import TrajscopeError
 
 
 def resolve(spec: str) -> Any:
-    """Import ``package.module:attr.path``."""
-    if ":" not in spec:
+    """Import ``package.module:attr.path``. Callers decide first whether the spec may be imported
+    (:mod:`trajscope.trust`): importing a module runs its code."""
+    if not isinstance(spec, str) or ":" not in spec:
         raise TrajscopeError(f"import spec {spec!r} must look like 'package.module:factory'")
     mod_name, _, attr = spec.partition(":")
     try:

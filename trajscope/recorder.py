@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import trajscope
-from trajscope import capture
+from trajscope import capture, trust
 from trajscope.errors import TrajscopeError
 from trajscope.store import (Snapshot, TrajectoryWriter, flatten_batch, is_run, make_layout, numeric_hparams,
                              pack)
@@ -138,6 +138,7 @@ class Recorder:
         self._hparam_names, self._hparam_bools = self._hparam_schema()
         self._n_groups = len(optimizer.param_groups)
         meta = self._meta(model_spec, model_kwargs)
+        meta["signature"] = _signature(meta["model"], meta["loss"], None)
 
         writer_resume = bool(resume and is_run(self.path))
         self.writer = TrajectoryWriter(self.path, None if writer_resume else meta, resume=writer_resume)
@@ -434,7 +435,10 @@ class Recorder:
         elif kind == "probe":
             self.writer.write_probe(item)
         elif kind == "model_meta":
-            self.writer.set_attrs(model={**self.writer.attrs["model"], **item})
+            model = {**self.writer.attrs["model"], **item}
+            program = self.writer.extra_path("model.pt2") if model.get("exported") else None
+            digest = trust.file_sha256(program) if program is not None else None
+            self.writer.set_attrs(model=model, signature=_signature(model, self.writer.attrs.get("loss"), digest))
 
     def _write_loop(self) -> None:
         # Records become visible when the commit marker advances: right away when the writer was
@@ -538,6 +542,16 @@ class Recorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _signature(model: Mapping[str, Any], loss: Any, exported_sha256: str | None) -> dict[str, Any] | None:
+    """This user's signature over the run's description of its code (:mod:`trajscope.trust`): runs
+    recorded here replay without ``--trust``. Best effort: an unsigned run only asks for a flag."""
+    try:
+        return trust.sign(model, loss, exported_sha256)
+    except Exception as e:
+        log.info("trajscope: the run is not signed (%s); analysing it will need --trust or --model", e)
+        return None
 
 
 def _free_core_for_writer(model: nn.Module) -> bool:

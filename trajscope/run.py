@@ -19,6 +19,7 @@ from torch import nn
 from trajscope import capture
 from trajscope.errors import TrajscopeError
 from trajscope.store import TrajectoryReader
+from trajscope.trust import TrustPolicy
 
 
 @dataclass
@@ -49,6 +50,9 @@ class Run:
         self.path = Path(path)
         self.reader = TrajectoryReader(self.path)
         self.attrs = self.reader.attrs
+        for key in ("model", "optimizer", "cadence"):
+            if not isinstance(self.attrs.get(key), Mapping):
+                raise TrajscopeError(f"{self.path}: the run's '{key}' description is malformed; the store is damaged")
 
     # -- description -------------------------------------------------------------------------------
     @property
@@ -127,21 +131,22 @@ class Run:
               trust: bool = False) -> nn.Module:
         """A module with the recorded architecture (eval mode), checked against the recorded parameters.
 
-        ``spec``/``kwargs`` override the recorded import spec. Without either, an exported program is
-        loaded only with ``trust=True`` because loading it can execute code.
+        ``spec``/``kwargs`` (chosen by the caller) override the recorded import spec. Code named
+        inside the run, the recorded spec or the exported program, is used only under the rules of
+        :mod:`trajscope.trust`: ``trust=True``, an allow-listed spec, or the run signed by this user.
         """
         meta = self.attrs["model"]
+        policy = TrustPolicy(self.path, self.attrs, trust)
         if spec is not None:
             model = capture.build_model(spec, capture.parse_kwargs(kwargs))
         elif meta.get("spec"):
+            policy.require("model", meta["spec"], "--model package.module:factory")
             model = capture.build_model(meta["spec"], meta.get("kwargs"))
         elif meta.get("exported"):
             path = self.reader.path / meta["exported"]
-            if not trust:
-                raise TrajscopeError(f"{self.path} holds only an exported program ({path.name}), which can execute code "
-                                     f"when loaded: pass --trust (trust=True) if you trust it, or --model package.module:factory")
             if not path.exists():
                 raise TrajscopeError(f"{path} is missing: pass --model package.module:factory")
+            policy.require_program(path)
             model = capture.load_exported(str(path))
         else:
             why = meta.get("export_error") or "no model_spec was given to the Recorder"
@@ -163,8 +168,17 @@ class Run:
         if extra:
             raise TrajscopeError(f"the model has parameter {extra[0]!r} that the run did not record: pass the --model that was trained")
 
-    def loss_fn(self, spec: str | None = None, kwargs: str | Mapping[str, Any] | None = None) -> Callable:
-        return capture.build_loss(self.attrs.get("loss"), spec, kwargs)
+    def loss_fn(self, spec: str | None = None, kwargs: str | Mapping[str, Any] | None = None, *,
+                trust: bool = False) -> Callable:
+        """The recorded loss (or ``spec``/``kwargs`` chosen by the caller), under :mod:`trajscope.trust`."""
+        desc = self.attrs.get("loss")
+        if spec is None and desc is not None:
+            named = desc.get("class", desc.get("function")) if isinstance(desc, Mapping) else None
+            if not isinstance(named, str):
+                raise TrajscopeError(f"{self.path}: the run's loss description is malformed ({desc!r}): "
+                                     f"pass --loss package.module:LossClass")
+            TrustPolicy(self.path, self.attrs, trust).require("loss", named, "--loss package.module:LossClass")
+        return capture.build_loss(desc, spec, kwargs)
 
     def replay_loss(self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None) -> torch.Tensor:
         """L(θ_t) on the checkpoint's batch (or ``batch``), parameters substituted functionally."""

@@ -156,7 +156,7 @@ class _Analyser:
         self.loss_fn: Callable | None = None
         if not self.kinematics_only:
             self.model = run.model(opts.model, opts.model_args, trust=opts.trust).to(opts.device).to(self.dtype)
-            self.loss_fn = run.loss_fn(opts.loss, opts.loss_args)
+            self.loss_fn = run.loss_fn(opts.loss, opts.loss_args, trust=opts.trust)
             if isinstance(self.loss_fn, torch.nn.Module):
                 self.loss_fn = self.loss_fn.to(opts.device)
         self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
