@@ -16,15 +16,27 @@ RUN/analysis.zarr and TensorBoard event files in RUN/.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad input answered in one line (SPEC 10), pointing at ``--help``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trajscope", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="trajscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"trajscope {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     pi = sub.add_parser("info", help="summarise a recorded run", description="Summarise a recorded run: steps and "
                         "cadence, skipped steps, parameters and nodes per layer, batches, optimizer, loss, model capture, size.")
     pi.add_argument("run", help="run folder (the folder holding trajectory.zarr)")
+    pi.add_argument("--verify", action="store_true", help="also read every record and check its checksum (as `trajscope verify`)")
+
+    pv = sub.add_parser("verify", help="check every record of a run against its checksum",
+                        description="Read every committed record of RUN/trajectory.zarr and check its CRC32C checksum; "
+                                    "exits non-zero naming the first damaged step.")
+    pv.add_argument("run", help="run folder (the folder holding trajectory.zarr)")
 
     pa = sub.add_parser("analyze", help="analyse recorded runs (per-node curvature, spectra, labels, sharpness)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,26 +47,28 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument("paths", nargs="+", metavar="PATH", help="run folders, or folders of run folders (like a TensorBoard logdir)")
     g = pa.add_argument_group("what to analyse")
     g.add_argument("--modules", nargs="+", metavar="NAME", help="node layers to analyse (module names or glob patterns; default: every Linear/Conv)")
-    g.add_argument("--steps", metavar="A:B", help="step range, e.g. 100:500 (inclusive start, exclusive end)")
+    g.add_argument("--steps", metavar="A:B", help="step range A:B, A: or :B, e.g. 100:500 (inclusive start, exclusive end)")
     g.add_argument("--stride", type=int, default=1, help="analyse every N-th eligible checkpoint (default 1)")
     g.add_argument("--all-steps", action="store_true", help="also analyse checkpoints whose successor is not the next step (kinematics then span k steps)")
     g.add_argument("--batch", choices=("step", "probe"), default="step", help="curvature on each step's mini-batch (default) or the fixed probe batch")
     g.add_argument("--curvature", choices=("ggn", "exact"), default="ggn", help="node blocks: Gauss-Newton (default) or exact Hessian")
     g.add_argument("--no-sharpness", action="store_true", help="skip the global sharpness (Lanczos) computation")
     lab = pa.add_argument_group("labels")
-    lab.add_argument("--preset", choices=("acted", "seed"), default="acted", help="label rules: directions the step acts on (default) or the seed's literal rules")
-    lab.add_argument("--delta", type=float, help="neutral band around |mu|=1 (default 1/T, T = recorded training steps)")
-    lab.add_argument("--collapse-ratio", type=float, default=0.1, help="degenerate sink when ||theta_i|| <= ratio * reference (default 0.1)")
+    lab.add_argument("--preset", choices=("acted", "seed"), default="acted", help="label rules: 'acted' (default) judges only the directions the step acts on; 'seed' applies the "
+                     "source paper's literal rules (all p directions, fixed eps constants; docs/concepts.md)")
+    lab.add_argument("--delta", type=float, help="neutral band around |mu|=1, finite and >= 0 (default derived from the run, docs/concepts.md)")
+    lab.add_argument("--collapse-ratio", type=float, default=0.1, help="degenerate sink when ||theta_i|| <= ratio * reference, ratio in [0, 1) (default 0.1)")
     lab.add_argument("--collapse-reference", choices=("first", "layer_median"), default="first", help="reference norm for collapse (default: the node's first analysed norm)")
     lab.add_argument("--stable-window", type=int, default=3, help="checkpoints a label must persist to become the stable label (default 3)")
     ex = pa.add_argument_group("execution")
-    ex.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ex.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ex.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="analysis precision (default float32)")
     ex.add_argument("--model", metavar="MODULE:FACTORY", help="rebuild the model with this factory instead of the recorded spec")
     ex.add_argument("--model-args", metavar="JSON", help="JSON keyword arguments for --model")
     ex.add_argument("--loss", metavar="MODULE:CLASS", help="loss class or function instead of the recorded one")
     ex.add_argument("--loss-args", metavar="JSON", help="JSON keyword arguments for --loss")
-    ex.add_argument("--trust", action="store_true", help="allow loading the recorded torch.export program (it can execute code)")
+    ex.add_argument("--trust", action="store_true", help="allow the code the run names (model factory, loss, exported program) even when the run is not "
+                    "signed by you: a run is data, trust only runs from people you trust")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -68,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             from trajscope.info import info
-            info(args.run)
+            info(args.run, verify=args.verify)
+            return 0
+        if args.command == "verify":
+            from trajscope.info import verify
+            verify(args.run)
             return 0
         if args.command == "analyze":
             from trajscope.analysis.pipeline import analyze_cli

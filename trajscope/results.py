@@ -34,6 +34,9 @@ This module must not import torch: the TensorBoard plugin imports it.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from trajscope.errors import TrajscopeError
 __all__ = [
     "LABELS", "NODE_FLOAT", "NODE_INT", "NODE_U8", "NODE_METRICS", "GLOBAL",
     "FORMAT_NAME", "FORMAT_VERSION", "STORE_NAME", "UNSET_U8", "UNSET_INT",
-    "ResultsWriter", "Results", "open_results", "group_name",
+    "ResultsWriter", "Results", "open_results", "results_exist", "discard_partial_stores", "group_name",
 ]
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")  # codes 0..3 (SPEC §7)
@@ -111,19 +114,20 @@ def _store_path(run_dir: str | Path) -> Path:
 def _check_format(root: zarr.Group, path: Path) -> None:
     fmt = root.attrs.get("trajscope_format")
     if not isinstance(fmt, Mapping) or fmt.get("name") != FORMAT_NAME:
-        raise TrajscopeError(f"{path} is not a trajscope analysis store: delete it and run `trajscope analyze` again")
+        raise TrajscopeError(f"{path} is not a trajscope analysis store (no trajscope_format attribute): move it "
+                             f"aside and run `trajscope analyze` again")
     if fmt.get("version") != FORMAT_VERSION:
         raise TrajscopeError(
-            f"{path} has analysis format version {fmt.get('version')}, this trajscope reads version "
-            f"{FORMAT_VERSION}: delete it and run `trajscope analyze` again (or use the matching trajscope)")
+            f"{path} holds results of analysis format version {fmt.get('version')}, this trajscope reads version "
+            f"{FORMAT_VERSION}: use the trajscope that wrote them, or move the store aside to re-analyse")
 
 
 def _open_group(path: Path, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode=mode, zarr_format=3)
     except Exception as exc:  # zarr raises various types for missing/garbled metadata
-        raise TrajscopeError(f"cannot open {path} as a Zarr v3 group ({type(exc).__name__}): "
-                             f"delete it and run `trajscope analyze` again") from None
+        raise TrajscopeError(f"cannot open {path} as a Zarr v3 group ({type(exc).__name__}): the analysis store is "
+                             f"damaged; move it aside and run `trajscope analyze` again to rebuild it") from None
 
 
 class ResultsWriter:
@@ -159,20 +163,21 @@ class ResultsWriter:
             if have != want:
                 raise TrajscopeError(
                     f"{self.path} holds layers {_describe(have)}, this analysis has {_describe(want)}: "
-                    f"analyse into a fresh run folder or delete {self.path.name}")
+                    f"analyse into a fresh run folder or move {self.path.name} aside")
             self._root = root
             self._n = int(root.attrs.get("committed", 0))
             root.attrs.update(dict(attrs))
         else:
             if self.path.exists() and any(self.path.iterdir()):
-                raise TrajscopeError(f"{self.path} exists but is not a Zarr store: remove it and try again")
-            root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+                raise TrajscopeError(f"{self.path} exists but is not a Zarr store: move it aside and try again")
+            # Built under a temporary name and renamed into place: a reader (the dashboard, another
+            # process) never sees a half-made store, and a kill during creation leaves none.
+            tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.partial")
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             # The label vocabulary is part of the contract (SPEC §9): default to SPEC §7's.
             root.attrs.update({"labels": list(LABELS), **dict(attrs),
                                "trajscope_format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
                                "layers": want, "committed": 0})
-            self._root = root
-            self._n = 0
             rows = max(0, int(expected))
             root.create_array("steps", shape=(rows,), chunks=(BLOCK,), dtype=np.int64, fill_value=-1,
                               dimension_names=("step",))
@@ -185,6 +190,11 @@ class ResultsWriter:
                 lg = nodes.require_group(layer["group"])
                 for metric in NODE_METRICS:
                     self._create_node_array(lg, metric, layer["nodes"], _dtype_of(metric), rows)
+            if self.path.exists():
+                self.path.rmdir()  # an empty folder (checked above)
+            os.rename(tmp, self.path)
+            self._root = _open_group(self.path, "r+")
+            self._n = 0
         self._layers = {d["name"]: d for d in want}
         # Array handles, opened once: every lookup by path is a metadata read.
         self._steps_arr = self._root["steps"]
@@ -347,8 +357,8 @@ class Results:
         try:
             self.steps = np.asarray(root["steps"][: self._n], dtype=np.int64)
         except Exception as exc:
-            raise TrajscopeError(f"{path}: cannot read 'steps' ({type(exc).__name__}): the store is damaged; "
-                                 f"delete it and run `trajscope analyze` again") from None
+            raise TrajscopeError(f"{path}: cannot read 'steps' ({type(exc).__name__}): the analysis store is damaged; "
+                                 f"move it aside and run `trajscope analyze` again to rebuild it") from None
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -419,6 +429,19 @@ class Results:
         return f"Results({str(self.path)!r}, steps={self._n}, layers={self.layers})"
 
 
+def results_exist(run_dir: str | Path) -> bool:
+    """Whether the run has an analysis store (complete or not): its folder exists and is not empty."""
+    path = _store_path(run_dir)
+    return path.is_dir() and any(path.iterdir())
+
+
+def discard_partial_stores(run_dir: str | Path) -> None:
+    """Remove stores left half-made by a killed :class:`ResultsWriter` (call under the analysis lock)."""
+    path = _store_path(run_dir)
+    for stray in path.parent.glob(f".{path.name}.*.partial"):
+        shutil.rmtree(stray, ignore_errors=True)
+
+
 def open_results(run_dir: str | Path) -> Results:
     """Open ``RUN/analysis.zarr`` (or a path to the store itself) for reading.
 
@@ -427,6 +450,9 @@ def open_results(run_dir: str | Path) -> Results:
     """
     path = _store_path(run_dir)
     if not (path / "zarr.json").exists():
+        if results_exist(run_dir):
+            raise TrajscopeError(f"{path} has no zarr.json: the analysis store is damaged; move it aside and run "
+                                 f"`trajscope analyze` again to rebuild it")
         raise TrajscopeError(f"no {STORE_NAME} in {Path(run_dir)}: run `trajscope analyze {Path(run_dir)}` first")
     root = _open_group(path, "r")
     _check_format(root, path)

@@ -109,6 +109,12 @@ class LabelConfig:
             raise TrajscopeError(f"label delta must be a finite number >= 0, got {self.delta}")
         if self.stable_window < 1:
             raise TrajscopeError(f"stable_window must be >= 1, got {self.stable_window}")
+        if not 0 <= self.collapse_ratio < 1:
+            raise TrajscopeError(f"collapse ratio must be in [0, 1) (a node is collapsed when its norm falls to that "
+                                 f"fraction of its reference), got {self.collapse_ratio}")
+        for name in ("eps_contract", "eps_param", "eps_grad", "eps_loss", "eps_curv"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise TrajscopeError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
 def resolve_delta(config: LabelConfig, total_steps: int) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import trajscope
+from trajscope import capture
 from trajscope.analysis.curvature import (bias_group_eigvals, node_curvature, node_hessian_extremes,
                                           preconditioned_eigvals)
 from trajscope.analysis.kinematics import node_kinematics
@@ -41,9 +43,11 @@ from trajscope.analysis.sharpness import sharpness as compute_sharpness
 from trajscope.analysis.tbevents import EventWriter
 from trajscope.analysis.updatemap import (NodeMap, UpdateRule, adam_preconditioner, node_map, node_update_spectra,
                                           stability_threshold, update_rule)
-from trajscope.errors import TrajscopeError
-from trajscope.results import ResultsWriter, open_results
+from trajscope.errors import DamagedRecordError, TrajscopeError
+from trajscope.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
+                               results_exist)
 from trajscope.run import Checkpoint, Run, open_run
+from trajscope.runlock import analysis_lock
 from trajscope.store import find_runs
 
 NOT_COMPUTED = 255  # label code written when a run has no batches (kinematics only)
@@ -69,6 +73,63 @@ class AnalysisOptions:
     loss_args: str | Mapping[str, Any] | None = None
     trust: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (("batch", self.batch, ("step", "probe")), ("curvature", self.curvature, ("ggn", "exact")),
+                                     ("dtype", self.dtype, ("float32", "float64"))):
+            if value not in choices:
+                raise TrajscopeError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise TrajscopeError(f"stride must be an integer >= 1, got {self.stride!r}")
+        if self.steps is not None:
+            lo, hi = self.steps
+            if lo is None and hi is None:
+                raise TrajscopeError("a step range needs a start, an end or both, e.g. 100:500")
+            if any(v is not None and v < 0 for v in (lo, hi)):
+                raise TrajscopeError(f"steps are >= 0, got {_range_text(self.steps)}")
+            if lo is not None and hi is not None and hi <= lo:
+                raise TrajscopeError(f"step range {_range_text(self.steps)} is empty (the end is exclusive): "
+                                     f"give A:B with B > A")
+        for name, text, spec in (("model", self.model_args, self.model), ("loss", self.loss_args, self.loss)):
+            if text is not None and spec is None:
+                raise TrajscopeError(f"--{name}-args is given without --{name}: name the {name} those arguments are for")
+            if text is not None:
+                capture.parse_kwargs(text)        # one line now for bad JSON, not after the model is built
+        self.device = check_device(self.device)
+
+
+def _range_text(steps: tuple[int | None, int | None]) -> str:
+    return ":".join("" if v is None else str(v) for v in steps)
+
+
+def parse_steps(text: str) -> tuple[int | None, int | None]:
+    """``A:B``, ``A:`` or ``:B`` (inclusive start, exclusive end) as a pair."""
+    lo, colon, hi = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return (int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
+    except ValueError:
+        raise TrajscopeError(f"--steps {text!r} must look like A:B, A: or :B, e.g. 100:500 (step 5 alone: 5:6)") from None
+
+
+def check_device(name: str) -> str:
+    """The analysis device, or one line saying why it cannot be used."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise TrajscopeError(f"--device {name!r} is not a torch device: use cpu or cuda (cuda:N)") from None
+    if dev.type == "meta":
+        raise TrajscopeError("--device meta holds no data, so nothing can be computed on it: use cpu or cuda")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise TrajscopeError("--device cuda was asked for but torch sees no CUDA device: use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise TrajscopeError(f"--device {name} was asked for but torch sees {n} CUDA device(s): use cuda:0 .. cuda:{n - 1}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise TrajscopeError("--device mps was asked for but torch sees no MPS device: use --device cpu")
+    return name
 
 
 @dataclass
@@ -154,9 +215,11 @@ class _Analyser:
             raise TrajscopeError(f"{run.path} has no probe batch: record one with Recorder(probe=...) or use --batch step")
         self.model = None
         self.loss_fn: Callable | None = None
+        self.loss_override: str | None = None
         if not self.kinematics_only:
             self.model = run.model(opts.model, opts.model_args, trust=opts.trust).to(opts.device).to(self.dtype)
             self.loss_fn = run.loss_fn(opts.loss, opts.loss_args, trust=opts.trust)
+            self.loss_override = _loss_override(run, opts.loss, self.loss_fn)
             if isinstance(self.loss_fn, torch.nn.Module):
                 self.loss_fn = self.loss_fn.to(opts.device)
         self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
@@ -279,6 +342,20 @@ class _Analyser:
         return out
 
 
+def _loss_override(run: Run, spec: str | None, loss_fn: Callable) -> str | None:
+    """A note when ``--loss`` names another loss than the recorded one: the replay then differs from training."""
+    desc = run.attrs.get("loss")
+    recorded = (desc.get("class") or desc.get("function")) if isinstance(desc, Mapping) else None
+    if spec is None or recorded is None:
+        return None
+    obj = loss_fn if not isinstance(loss_fn, torch.nn.Module) else type(loss_fn)
+    got = f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', '?')}"
+    if got == recorded:
+        return None
+    return (f"--loss {spec} replaces the recorded loss {recorded}: the analysis replays another function than the "
+            f"one trained (curvature, spectra and labels are of that function)")
+
+
 def _threshold(rule: UpdateRule) -> float:
     """The stability threshold as a bound on the loss curvature λ (SGD's coupled decay shifts λ' = λ + wd)."""
     th = stability_threshold(rule)
@@ -307,21 +384,29 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
     if not len(run.steps):
         raise TrajscopeError(f"{run.path} has no committed checkpoint yet: nothing to analyse")
     an = _Analyser(run, opts)
+    # One analysis of a run at a time: the second waits, then analyses what is still new.
+    with analysis_lock(run.path, on_wait=lambda msg: print(f"trajscope: {msg}", file=sys.stderr, flush=True)):
+        return _analyze_locked(run, an, opts, console)
+
+
+def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Console) -> RunSummary:
     layers = {l.name: l.n_nodes for l in an.layers}
-    try:
-        prev = open_results(run.path)
-        done = [int(s) for s in prev.steps]
-        attrs = prev.attrs
-    except (TrajscopeError, FileNotFoundError, KeyError):
-        prev, done, attrs = None, [], {}
+    discard_partial_stores(run.path)
+    # Only a missing store means "nothing analysed yet": a damaged one is an error, never a fresh start
+    # (appending to it from scratch would duplicate its rows).
+    prev = open_results(run.path) if results_exist(run.path) else None
+    done = [int(s) for s in prev.steps] if prev is not None else []
+    attrs = prev.attrs if prev is not None else {}
     # δ is fixed at the first analysis of a run so that appended labels stay comparable.
     if "delta" in attrs:
         if opts.labels.delta is not None and not math.isclose(opts.labels.delta, attrs["delta"]):
             raise TrajscopeError(f"{run.path} was analysed with delta {attrs['delta']:g}; appended labels must use the "
-                                 f"same: drop --delta, or delete {run.path / 'analysis.zarr'} to re-analyse from scratch")
+                                 f"same: drop --delta, or move {run.path / 'analysis.zarr'} aside to re-analyse from scratch")
         an.delta = float(attrs["delta"])
     todo = eligible_steps(run, opts, done)
     summary = RunSummary(run=run.path, analysed=[], results=None, kinematics_only=an.kinematics_only)
+    if an.loss_override:
+        summary.notes.append(an.loss_override)
     if an.kinematics_only:
         summary.notes.append("the run has no recorded batches: kinematics only (no curvature, spectra or labels)")
     if not todo:
@@ -334,12 +419,15 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
     prev_stable: dict[str, np.ndarray | None] = {l: None for l in layers}
     window = max(1, opts.labels.stable_window)
     if prev is not None and len(done):
+        damaged = prev.global_series("damaged") if "damaged" in prev.global_names else np.zeros(len(done))
+        first = int(np.argmax(damaged != 1)) if (damaged != 1).any() else None
         for l in layers:
-            first_norms[l] = torch.from_numpy(np.asarray(prev.node(l, "param_norm", 0), np.float64))
+            if first is not None:  # the collapse reference: the first row that is not damaged
+                first_norms[l] = torch.from_numpy(np.asarray(prev.node(l, "param_norm", first), np.float64))
             lab = prev.node(l, "label")
             history[l] = [row for row in lab[-(window - 1):]] if window > 1 else []
             prev_stable[l] = prev.node(l, "stable_label", len(done) - 1)
-    rules0 = an.rules(run.checkpoint(todo[0][0]))
+    rules0 = an.rules(_first_readable_checkpoint(run, todo))
     maps0 = {l.name: an.node_map(l, rules0).note for l in an.layers}
     summary.notes += [f"{name}: {note}" for name, note in maps0.items() if note]
     result_attrs = {
@@ -351,6 +439,7 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
         "optimizer": run.optimizer_class,
         "optimizer_map": [{"kind": r.kind, "note": r.note} for r in rules0],
         "kinematics_only": an.kinematics_only,
+        "loss_override": an.loss_override,
         "semantics": {
             "step": "training step t of the checkpoint; theta_t is the parameters just before update t",
             "hess_max/hess_min": "extreme eigenvalues of the node curvature block H_i (GGN or exact, see 'curvature')",
@@ -375,7 +464,16 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
         with progress:
             task = progress.add_task(f"{run.path.name}", total=len(todo))
             for step, succ in todo:
-                glob, nodes = an.checkpoint(step, succ, first_norms)
+                try:
+                    glob, nodes = an.checkpoint(step, succ, first_norms)
+                except DamagedRecordError as e:
+                    # Local damage (SPEC 10): this row is NaN and says so; the other steps go on.
+                    warnings.warn(f"step {step}: {e}; its row is NaN (global/damaged = 1)")
+                    summary.notes.append(f"step {step} not analysed: {e}")
+                    writer.append(step, *_damaged_row(an.layers))
+                    summary.analysed.append(step)
+                    progress.advance(task)
+                    continue
                 if not first_norms:  # the first analysed row is the collapse reference of the run
                     first_norms = {l: torch.from_numpy(nodes[l]["param_norm"].astype(np.float64)) for l in layers}
                 for l in layers:
@@ -398,6 +496,29 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
         events.close()
     summary.results = open_results(run.path)
     return summary
+
+
+def _first_readable_checkpoint(run: Run, todo: Sequence[tuple[int, int | None]]) -> Checkpoint:
+    """The first checkpoint to analyse that reads (its hyperparameters describe the run's maps)."""
+    for i, (step, _) in enumerate(todo):
+        try:
+            return run.checkpoint(step)
+        except DamagedRecordError:
+            if i == len(todo) - 1:
+                raise
+
+
+def _damaged_row(layers: Sequence[NodeLayer]) -> tuple[dict[str, float], dict[str, dict[str, np.ndarray]]]:
+    """The (global, nodes) row of a checkpoint whose record is damaged: NaN, not computed, marked."""
+    glob = {"loss": math.nan, "sharpness": math.nan, "threshold": math.nan, "step_gap": math.nan, "damaged": 1.0}
+    nodes = {}
+    for layer in layers:
+        n = layer.n_nodes
+        row = {m: np.full(n, np.nan, np.float32) for m in NODE_FLOAT}
+        row.update({m: np.full(n, UNSET_INT, np.int32) for m in NODE_INT})
+        row.update({m: np.full(n, NOT_COMPUTED, np.uint8) for m in NODE_U8})
+        nodes[layer.name] = row
+    return glob, nodes
 
 
 # --------------------------------------------------------------------------- many runs, API and CLI
@@ -429,7 +550,22 @@ def _analyze_many(paths: str | Path | Sequence[str | Path], opts: AnalysisOption
     runs = find_runs(paths)
     if not runs:
         raise TrajscopeError(f"no trajscope run under {', '.join(map(str, paths))}: a run folder holds trajectory.zarr (written by trajscope.Recorder)")
+    if opts.steps is not None:
+        _check_selection(runs, opts)
     return [analyze_run(r, opts, console) for r in runs]
+
+
+def _check_selection(runs: Sequence[Path], opts: AnalysisOptions) -> None:
+    """One line, before anything is written, when ``--steps`` selects no checkpoint of any run."""
+    spans = []
+    for path in runs:
+        run = open_run(path)
+        if eligible_steps(run, opts, []):
+            return
+        if len(run.steps):
+            spans.append(f"{run.path.name}: {int(run.steps[0])}..{int(run.steps[-1])}")
+    raise TrajscopeError(f"--steps {_range_text(opts.steps)} selects no recorded checkpoint (recorded steps "
+                         f"{'; '.join(spans) or 'none'})")
 
 
 def _summary_table(s: RunSummary) -> Table:
@@ -452,17 +588,9 @@ def _summary_table(s: RunSummary) -> Table:
 
 def analyze_cli(args: Any) -> int:
     """Entry point for ``trajscope analyze`` (argparse namespace from :mod:`trajscope.cli`)."""
-    steps = None
-    if args.steps:
-        lo, _, hi = args.steps.partition(":")
-        try:
-            steps = (int(lo) if lo else None, int(hi) if hi else None)
-        except ValueError:
-            raise TrajscopeError(f"--steps {args.steps!r} must look like A:B, e.g. 100:500") from None
+    steps = parse_steps(args.steps) if args.steps is not None else None
     labels = LabelConfig(preset=args.preset, delta=args.delta, collapse_ratio=args.collapse_ratio,
                          collapse_reference=args.collapse_reference, stable_window=args.stable_window)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrajscopeError("--device cuda was asked for but torch sees no CUDA device: use --device cpu")
     opts = AnalysisOptions(modules=args.modules, steps=steps, stride=args.stride, all_steps=args.all_steps,
                            batch=args.batch, curvature=args.curvature, sharpness=not args.no_sharpness, labels=labels,
                            device=args.device, dtype=args.dtype, model=args.model, model_args=args.model_args,

@@ -1,0 +1,62 @@
+"""A damaged record is local damage (SPEC 10): its checkpoint's row is NaN and marked, with a
+warning naming the step; the other checkpoints are analysed as if it were not there."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import trajscope
+from trajscope.errors import DamagedRecordError
+from trajscope.results import open_results
+from trajscope.run import Run
+
+from helpers_analysis import simple_run
+
+
+def _damage(monkeypatch, steps: set[int]) -> None:
+    real = Run.checkpoint
+
+    def checkpoint(self, step):
+        if step in steps:
+            raise DamagedRecordError(self.path / "trajectory.zarr", "params/float64", step, "checksum mismatch")
+        return real(self, step)
+
+    monkeypatch.setattr(Run, "checkpoint", checkpoint)
+
+
+@pytest.mark.parametrize("bad", [{2}, {0}, {0, 3}])
+def test_damaged_step_is_a_marked_nan_row_and_the_rest_is_unchanged(tmp_path, monkeypatch, bad):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    simple_run(run, steps=6)
+    shutil.copytree(run, ref)
+    clean = open_results(next(iter(trajscope.analyze(ref, sharpness=False))))
+    _damage(monkeypatch, bad)
+    with pytest.warns(UserWarning, match=r"step \d+: .* is damaged \(checksum mismatch\)"):
+        res = trajscope.analyze(run, sharpness=False)[run]
+    assert list(res.steps) == list(clean.steps)
+    damaged = res.global_series("damaged")
+    for i, step in enumerate(res.steps):
+        if step in bad:
+            assert damaged[i] == 1 and np.isnan(res.global_series("loss")[i])
+            assert np.isnan(res.node("0", "hess_max", i)).all()
+            assert (res.node("0", "label", i) == res.attrs["not_computed_code"]).all()
+        else:
+            assert np.isnan(damaged[i])
+            assert res.global_series("loss")[i] == clean.global_series("loss")[i]
+            for metric in ("hess_max", "spectral_radius", "rho", "label"):
+                np.testing.assert_array_equal(res.node("0", metric, i), clean.node("0", metric, i))
+    # the collapse reference is the first row that is not damaged
+    first = min(set(range(5)) - bad)
+    assert res.node("0", "label", first).dtype == np.uint8
+
+
+def test_every_step_damaged_is_one_line(tmp_path, monkeypatch, capsys):
+    from trajscope.cli import main
+    run = tmp_path / "run"
+    simple_run(run, steps=3)
+    _damage(monkeypatch, {0, 1, 2})
+    assert main(["analyze", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is damaged" in err
