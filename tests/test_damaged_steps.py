@@ -60,3 +60,35 @@ def test_every_step_damaged_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["analyze", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is damaged" in err
+
+
+def test_a_checkpoint_whose_analysis_fails_is_a_failed_row_not_an_abort(tmp_path, monkeypatch):
+    from trajscope.analysis import pipeline
+    run = tmp_path / "run"
+    simple_run(run, steps=5)
+    real = pipeline._Analyser.checkpoint
+
+    def checkpoint(self, step, succ, first_norms):
+        if step == 1:
+            raise RuntimeError("boom\nsecond line")
+        return real(self, step, succ, first_norms)
+
+    monkeypatch.setattr(pipeline._Analyser, "checkpoint", checkpoint)
+    with pytest.warns(UserWarning, match=r"step 1: RuntimeError: boom; its row is NaN \(global/failed = 1\)"):
+        res = trajscope.analyze(run, sharpness=False)[run]
+    assert list(res.steps) == [0, 1, 2, 3]
+    failed = res.global_series("failed")
+    assert failed[1] == 1 and np.isnan(failed[[0, 2, 3]]).all()
+    assert np.isfinite(res.node("0", "hess_max", 2)).all()
+
+
+def test_a_loss_that_cannot_be_replayed_is_one_line_before_anything_is_written(tmp_path, capsys):
+    from trajscope.cli import main
+    run = tmp_path / "run"
+    simple_run(run, steps=3)
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--no-progress", "--loss", "torch.nn:CrossEntropyLoss",
+                 "--loss-args", '{"reduction": "none"}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "replaying the loss on step 0's batch failed" in err, err
+    assert not (run / "analysis.zarr").exists()

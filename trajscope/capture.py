@@ -80,18 +80,27 @@ def build_loss(desc: Mapping[str, Any] | None, override: str | None = None,
     if override:
         obj = resolve(override)
         kwargs = parse_kwargs(override_kwargs)
-        return obj(**kwargs) if isinstance(obj, type) else obj
+        return _construct(obj, kwargs, override) if isinstance(obj, type) else obj
     if desc is None:
         raise TrajscopeError("the run does not say how its loss is computed: pass --loss package.module:LossClass")
     if "class" in desc:
         cls = resolve(desc["class"])
-        kwargs = dict(desc.get("kwargs", {}))
+        kwargs = parse_kwargs(desc.get("kwargs") or {})
         if isinstance(kwargs.get("weight"), list):
             kwargs["weight"] = torch.tensor(kwargs["weight"])
         if isinstance(kwargs.get("pos_weight"), list):
             kwargs["pos_weight"] = torch.tensor(kwargs["pos_weight"])
-        return cls(**kwargs)
+        return _construct(cls, kwargs, desc["class"])
     return resolve(desc["function"])
+
+
+def _construct(factory: Callable, kwargs: Mapping[str, Any], spec: str) -> Any:
+    """``factory(**kwargs)``, with its complaint about the arguments as one line."""
+    try:
+        return factory(**kwargs)
+    except Exception as e:  # user-chosen code: any exception is bad input here
+        raise TrajscopeError(f"{spec!r} rejected its arguments {dict(kwargs)}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 # --------------------------------------------------------------------------- model
@@ -133,10 +142,9 @@ def export_model(model: nn.Module, inputs: Any, path: str) -> None:
 
 def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     factory = resolve(spec)
-    try:
-        model = factory(**dict(kwargs or {}))
-    except TypeError as e:
-        raise TrajscopeError(f"model factory {spec!r} rejected its arguments {dict(kwargs or {})}: {e}") from None
+    if not callable(factory):
+        raise TrajscopeError(f"model factory {spec!r} is not callable: name a function or class that builds the model")
+    model = _construct(factory, parse_kwargs(kwargs or {}), f"model factory {spec}")
     if not isinstance(model, nn.Module):
         raise TrajscopeError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

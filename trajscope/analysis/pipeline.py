@@ -129,6 +129,10 @@ def check_device(name: str) -> str:
             raise TrajscopeError(f"--device {name} was asked for but torch sees {n} CUDA device(s): use cuda:0 .. cuda:{n - 1}")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise TrajscopeError("--device mps was asked for but torch sees no MPS device: use --device cpu")
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:  # a device type torch knows but has no backend for in this process
+        raise TrajscopeError(f"--device {name}: torch cannot place tensors there ({type(e).__name__}): use cpu or cuda") from None
     return name
 
 
@@ -225,6 +229,24 @@ class _Analyser:
         self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
         self.total_steps = int(run.steps[-1]) + 1 if len(run.steps) else 1
         self.delta = resolve_delta(opts.labels, self.total_steps)
+
+    def preflight(self, ck: Checkpoint) -> None:
+        """Replay the loss once before anything is written: a model or loss that cannot be evaluated on
+        the recorded batch is one line for the whole run, not a failed row per checkpoint."""
+        batch = self.run.probe if self.opts.batch == "probe" else ck.batch
+        dev, dt = self.opts.device, self.dtype
+        state = {k: _to(v, dev, dt) for k, v in {**ck.params, **ck.buffers}.items()}
+        try:
+            with torch.no_grad():
+                loss = self.loss_fn(capture.functional_forward(self.model, state, _to(batch[0], dev, dt)),
+                                    _to(batch[1], dev, dt))
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                raise TypeError(f"it returned {type(loss).__name__}"
+                                f"{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}, not a scalar tensor")
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise TrajscopeError(f"{self.run.path}: replaying the loss on step {ck.step}'s batch failed ({type(e).__name__}: "
+                                 f"{msg[:300]}): check the model and loss (--model, --loss)") from None
 
     def rules(self, ck: Checkpoint) -> list[UpdateRule]:
         out = []
@@ -427,7 +449,10 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
             lab = prev.node(l, "label")
             history[l] = [row for row in lab[-(window - 1):]] if window > 1 else []
             prev_stable[l] = prev.node(l, "stable_label", len(done) - 1)
-    rules0 = an.rules(_first_readable_checkpoint(run, todo))
+    ck0 = _first_readable_checkpoint(run, todo)
+    if not an.kinematics_only:
+        an.preflight(ck0)
+    rules0 = an.rules(ck0)
     maps0 = {l.name: an.node_map(l, rules0).note for l in an.layers}
     summary.notes += [f"{name}: {note}" for name, note in maps0.items() if note]
     result_attrs = {
@@ -466,11 +491,15 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
             for step, succ in todo:
                 try:
                     glob, nodes = an.checkpoint(step, succ, first_norms)
-                except DamagedRecordError as e:
-                    # Local damage (SPEC 10): this row is NaN and says so; the other steps go on.
-                    warnings.warn(f"step {step}: {e}; its row is NaN (global/damaged = 1)")
-                    summary.notes.append(f"step {step} not analysed: {e}")
-                    writer.append(step, *_damaged_row(an.layers))
+                except Exception as e:
+                    # Local failure (SPEC 10): this row is NaN and says so; the other steps go on.
+                    if isinstance(e, TrajscopeError) and not isinstance(e, DamagedRecordError):
+                        raise          # bad input that holds for every step: one line, not a row per step
+                    marker = "damaged" if isinstance(e, DamagedRecordError) else "failed"
+                    why = str(e) if marker == "damaged" else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    warnings.warn(f"step {step}: {why}; its row is NaN (global/{marker} = 1)")
+                    summary.notes.append(f"step {step} not analysed: {why}")
+                    writer.append(step, *_nan_row(an.layers, marker))
                     summary.analysed.append(step)
                     progress.advance(task)
                     continue
@@ -508,9 +537,10 @@ def _first_readable_checkpoint(run: Run, todo: Sequence[tuple[int, int | None]])
                 raise
 
 
-def _damaged_row(layers: Sequence[NodeLayer]) -> tuple[dict[str, float], dict[str, dict[str, np.ndarray]]]:
-    """The (global, nodes) row of a checkpoint whose record is damaged: NaN, not computed, marked."""
-    glob = {"loss": math.nan, "sharpness": math.nan, "threshold": math.nan, "step_gap": math.nan, "damaged": 1.0}
+def _nan_row(layers: Sequence[NodeLayer], marker: str) -> tuple[dict[str, float], dict[str, dict[str, np.ndarray]]]:
+    """The (global, nodes) row of a checkpoint that could not be analysed: NaN, not computed, and
+    ``global/<marker>`` = 1 ("damaged": its record; "failed": the analysis of it)."""
+    glob = {"loss": math.nan, "sharpness": math.nan, "threshold": math.nan, "step_gap": math.nan, marker: 1.0}
     nodes = {}
     for layer in layers:
         n = layer.n_nodes
@@ -544,6 +574,8 @@ def _options(**options: Any) -> AnalysisOptions:
 def _analyze_many(paths: str | Path | Sequence[str | Path], opts: AnalysisOptions, console: Console | None) -> list[RunSummary]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    if any(not str(p).strip() for p in paths):
+        raise TrajscopeError("an empty path was given: name a run folder or a folder of runs")
     for p in map(Path, paths):
         if not p.exists():
             raise TrajscopeError(f"{p} does not exist: give a run folder or a folder of runs")
