@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import atexit
 import copy
+import errno
 import logging
 import math
 import os
 import queue
+import shutil
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,8 +41,8 @@ from torch import nn
 import trajscope
 from trajscope import capture, trust
 from trajscope.errors import TrajscopeError
-from trajscope.store import (Snapshot, TrajectoryWriter, flatten_batch, is_run, make_layout, numeric_hparams,
-                             pack)
+from trajscope.store import (STORE_NAME, Snapshot, TrajectoryWriter, flatten_batch, is_run, make_layout,
+                             numeric_hparams, pack)
 
 log = logging.getLogger("trajscope")
 _STOP = object()
@@ -82,6 +85,22 @@ class Recorder:
             recorded step (training restarted from a checkpoint), later records are truncated and
             the restart is noted.
         overwrite: replace an existing run instead of refusing.
+
+    Raises:
+        ValueError, TrajscopeError: usage errors (bad arguments; an existing run without ``resume``
+            or ``overwrite``; a resume whose model or optimizer differs from the recorded one).
+        TrajscopeError: the environment refused the run at construction: any ``OSError`` while
+            the store is created or opened (read-only file system, permission denied, disk full,
+            the path is a file, a name too long, ...). Its message is one line naming the run, the
+            reason and what to do; the ``OSError`` is its ``__cause__``. Nothing half-made is left:
+            no temporary store, no new empty folder, no writer thread or commit timer, no hooks on
+            the optimizer or the loss, no atexit handler. A resumed run is checked for writing
+            too, although nothing else writes to it before the first record.
+
+    Why construction fails while recording later never does: at construction nothing has been
+    trained yet, so failing fast loses nothing, whereas training on without the recording the user
+    asked for would lose the very run they meant to record. Once training runs, the same failures
+    warn once and stop recording (the committed steps stay readable) and training continues.
     """
 
     def __init__(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any = None, *,
@@ -127,41 +146,77 @@ class Recorder:
         # buffer already in memory. (shape, dtype) -> free CPU tensors.
         self._pool: dict[tuple, list[torch.Tensor]] = {}
 
-        if is_run(self.path) and not (resume or overwrite):
-            raise TrajscopeError(f"{self.path} already holds a recorded run: pass resume=True to continue it "
-                                 f"or overwrite=True to replace it")
-        self._names = self._param_names()
-        self._param_items = list(model.named_parameters())
-        self._buffer_items = [(n, b) for n, b in model.named_buffers() if b is not None]
-        self._param_layout = make_layout(self._param_items)
-        self._buffer_layout = make_layout(self._buffer_items)
-        self._hparam_names, self._hparam_bools = self._hparam_schema()
-        self._n_groups = len(optimizer.param_groups)
-        meta = self._meta(model_spec, model_kwargs)
-        meta["signature"] = _signature(meta["model"], meta["loss"], None)
+        self._thread: threading.Thread | None = None
+        # Everything that touches the file system happens here, before any thread, timer, hook or
+        # atexit handler exists: an OSError then leaves nothing behind to undo but files (see the
+        # class docstring, "Raises").
+        made = _missing_folders(self.path)
+        fresh = False
+        try:
+            if is_run(self.path) and not (resume or overwrite):
+                raise TrajscopeError(f"{self.path} already holds a recorded run: pass resume=True to continue it "
+                                     f"or overwrite=True to replace it")
+            self._names = self._param_names()
+            self._param_items = list(model.named_parameters())
+            self._buffer_items = [(n, b) for n, b in model.named_buffers() if b is not None]
+            self._param_layout = make_layout(self._param_items)
+            self._buffer_layout = make_layout(self._buffer_items)
+            self._hparam_names, self._hparam_bools = self._hparam_schema()
+            self._n_groups = len(optimizer.param_groups)
+            meta = self._meta(model_spec, model_kwargs)
+            meta["signature"] = _signature(meta["model"], meta["loss"], None)
 
-        writer_resume = bool(resume and is_run(self.path))
-        self.writer = TrajectoryWriter(self.path, None if writer_resume else meta, resume=writer_resume)
-        if writer_resume:
-            # Check before truncating: a refused resume must not lose recorded steps.
-            self._check_resumable(self.writer.attrs, meta)
-            if step is not None:
-                self.writer._truncate_from(int(step))
+            writer_resume = bool(resume and is_run(self.path))
+            self.writer = TrajectoryWriter(self.path, None if writer_resume else meta, resume=writer_resume)
+            fresh = not writer_resume
+            if writer_resume:
+                # Check before truncating: a refused resume must not lose recorded steps.
+                self._check_resumable(self.writer.attrs, meta)
+                _check_writable(self.writer.path)   # nothing else writes before the first record
+                if step is not None:
+                    self.writer._truncate_from(int(step))
+            if probe is not None:
+                # Written here, on the constructing thread, so that a full disk fails the constructor.
+                try:
+                    self.writer.write_probe(_detached_copy(probe))
+                except Exception as e:
+                    if isinstance(e, OSError):
+                        raise
+                    self._fail(e)        # a probe the store cannot hold: as for any record, warn and stop
+        except OSError as e:
+            self._abandon_construction(made, fresh)
+            raise TrajscopeError(_cannot_record(self.path, e)) from e
         last = self.writer.last_step
         self._step = int(step) if step is not None else (last + 1 if last is not None else 0)
         self.start_step = self._step
 
         self.background = _free_core_for_writer(model) if background is None else bool(background)
-        self._thread: threading.Thread | None = None
         if self.background:
             self._thread = threading.Thread(target=self._write_loop, name="trajscope-writer", daemon=True)
             self._thread.start()
-        if probe is not None:
-            self._submit("probe", _detached_copy(probe))
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
         if isinstance(loss_fn, nn.Module):
             self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
         atexit.register(self.close)
+
+    def _abandon_construction(self, made: list[Path], fresh: bool) -> None:
+        """Undo what a failed construction wrote: the store it created (never a resumed one), the
+        temporary store a failed creation leaves aside, the folders it made. No thread, timer, hook or
+        atexit handler exists yet."""
+        self._closed = True
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()
+            if fresh:
+                shutil.rmtree(writer.path, ignore_errors=True)
+        if os.path.isdir(self.path):
+            for tmp in self.path.glob(f".{STORE_NAME}.*.partial"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:          # deepest first; a folder someone else filled meanwhile stays
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ description of the run
     def _param_names(self) -> dict[int, str]:
@@ -552,6 +607,58 @@ def _signature(model: Mapping[str, Any], loss: Any, exported_sha256: str | None)
     except Exception as e:
         log.info("trajscope: the run is not signed (%s); analysing it will need --trust or --model", e)
         return None
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its ancestors that do not exist yet, deepest first."""
+    out = []
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        out.append(p)
+    return out
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise the OSError that the first record would meet in ``folder`` (read-only, permission denied,
+    full). A ``*.partial`` name: a process killed in between leaves what a resume removes."""
+    probe = folder / f".write-check.{uuid.uuid4().hex}.partial"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+_ADVICE = {
+    errno.EROFS: "choose a writable folder",
+    errno.EACCES: "choose a folder you may write to, or change its permissions",
+    errno.EPERM: "choose a folder you may write to, or change its permissions",
+    errno.ENOSPC: "free some space or choose a folder on another disk",
+    errno.EDQUOT: "free some space (disk quota exceeded) or choose a folder on another disk",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "check the symbolic links on the path",
+    errno.EMFILE: "close files or raise the limit of open files (ulimit -n)",
+    errno.ENFILE: "close files or raise the limit of open files",
+}
+
+
+def _cannot_record(path: Path, e: OSError) -> str:
+    """One line for a construction that failed on the file system: the run, the reason, what to do."""
+    where = str(path)
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        file = next((p for p in (path, *path.parents) if os.path.exists(p) and not os.path.isdir(p)), None)
+        if file is not None:
+            return f"cannot record to {where}: {file} is a file, not a folder; choose another path"
+    if e.errno is not None:
+        reason = f"{os.strerror(e.errno).lower()} (errno {e.errno})"
+    else:
+        reason = f"{type(e).__name__}: {e}"
+    advice = _ADVICE.get(e.errno, "check the folder and its disk, or choose another folder")
+    return f"cannot record to {where}: {reason}; {advice}".replace("\r", " ").replace("\n", " ")
 
 
 def _free_core_for_writer(model: nn.Module) -> bool:
