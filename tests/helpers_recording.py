@@ -228,9 +228,28 @@ def copy_state_dict(opt: torch.optim.Optimizer) -> dict:
     return copy.deepcopy(opt.state_dict())
 
 
+def index_has_crc(arr: zarr.Array) -> bool:
+    """Whether a sharded array's shard index ends with a CRC32C (format version 3)."""
+    (codec,) = arr.metadata.to_dict()["codecs"]
+    return [c["name"] for c in codec["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
+
+
+def reseal_index(path, S: int) -> None:
+    """Recompute the CRC32C after the shard index of ``path`` (S entries): the index then says what
+    its entries say, as a writer that wrote them would have left it."""
+    import struct
+
+    import google_crc32c
+
+    with open(path, "r+b") as f:
+        entries = f.read(16 * S)
+        f.write(struct.pack("<I", google_crc32c.value(entries)))
+
+
 def drop_chunks(run_dir, array: str, row: int) -> list:
     """Make every chunk of one row of a store array missing, as in a truncated store: its entries
-    in the shard index say "never written". Returns the shard files touched."""
+    in the shard index say "never written" (and the index checksum, if any, agrees). Returns the
+    shard files touched."""
     import itertools
     from pathlib import Path
 
@@ -247,6 +266,8 @@ def drop_chunks(run_dir, array: str, row: int) -> list:
             with open(path, "r+b") as f:
                 f.seek(16 * (row % S))
                 f.write(b"\xff" * 16)
+            if index_has_crc(arr):
+                reseal_index(path, S)
             files.append(path)
     return files
 

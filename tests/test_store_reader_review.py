@@ -20,7 +20,7 @@ from trajscope import TrajscopeError, store
 from trajscope.recorder import Recorder
 from trajscope.store import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
 
-from helpers_recording import assert_batch_equal, assert_bitexact, make_model, per_record_arrays, train
+from helpers_recording import assert_batch_equal, assert_bitexact, make_model, per_record_arrays, reseal_index, train
 
 LOSS = torch.nn.MSELoss()
 EMPTY = 2**64 - 1
@@ -286,9 +286,13 @@ def _entry(path: Path, row: int) -> tuple[int, int]:
 
 
 def _set_entry(path: Path, row: int, off: int, nbytes: int) -> None:
+    """Rewrite one index entry and recompute the index CRC: a consistent index with a wrong entry
+    (what a buggy writer would leave), so that what is checked here is the entry itself. Without the
+    new CRC the index checksum catches any such change first (tests/test_integrity.py)."""
     with open(path, "r+b") as f:
         f.seek(16 * row)
         f.write(struct.pack("<QQ", off, nbytes))
+    reseal_index(path, 64)
 
 
 READ = {"params/float32": lambda r, t: r.params(t), "hparams": lambda r, t: r.hparams(t),
@@ -386,11 +390,11 @@ def test_open_and_read_row_agree_on_damage(small_store, tmp_path):
         r._read_row("batch/.0", t, [4, 4])
     _set_entry(path / store.STORE_NAME / "params" / "float32" / "c.0.0", 5, EMPTY, EMPTY)
     r2 = TrajectoryReader(path)
-    with pytest.raises(TrajscopeError, match="record 5 is missing"):
+    with pytest.raises(TrajscopeError, match="step 5 of params/float32 is damaged .its chunk is missing"):
         r2._read_row("params/float32", 5)
     r2._read_row("params/float32", 4)
     _set_entry(path / store.STORE_NAME / "records" / "c.0.0", 5, EMPTY, EMPTY)
-    with pytest.raises(TrajscopeError, match="record 5 is missing"):
+    with pytest.raises(TrajscopeError, match="row 5 of records is damaged .its chunk is missing"):
         TrajectoryReader(path)
 
 
@@ -400,9 +404,9 @@ def test_missing_or_broken_array_document_is_one_line_error(small_store, tmp_pat
     (path / store.STORE_NAME / "hparams" / "zarr.json").write_text("{not json")
     shutil.rmtree(path / store.STORE_NAME / "params" / "float32")
     r = TrajectoryReader(path)
-    with pytest.raises(TrajscopeError, match="missing array 'params/float32'"):
+    with pytest.raises(TrajscopeError, match="step 0 of params/float32 is damaged .its zarr.json is missing"):
         r.params(0)
-    with pytest.raises(TrajscopeError, match="hparams: cannot read"):
+    with pytest.raises(TrajscopeError, match="step 0 of hparams is damaged .its zarr.json is unreadable"):
         r.hparams(0)
 
 

@@ -1,14 +1,17 @@
-"""Format version 2: per-record arrays in row shards (``sharding_indexed``, index first).
+"""Format version 3: per-record arrays in row shards (``sharding_indexed``, index first), a CRC32C
+after every chunk and after every shard index.
 
 Checks that go past the round trips of test_store / test_recorder:
 
 * long runs (several shard files per array) read back bit-exactly three independent ways: through
-  trajscope's reader, through plain ``zarr``, and straight from the shard files' bytes (index at
-  the start, row i at ``16 S + i * chunk_bytes``), for every per-record array;
+  trajscope's reader, through plain ``zarr``, and straight from the shard files' bytes (index and
+  its CRC at the start, row i at ``16 S + 4 + i * (value_bytes + 4)``, each chunk's CRC after its
+  values, every CRC recomputed here), for every per-record array;
 * restarts and resumes whose rewritten rows start right before, at and after a shard boundary;
 * a writer stopped right before one of its writes, or half-way through a data write (what SIGKILL
   leaves on disk: the page cache keeps every completed write), never exposes a half-written row,
-  and the store resumes from there;
+  and the store resumes from there (the index rewrite, one write inside the file's first page, is
+  all or nothing);
 * damage (blank index entry, shard file cut short or deleted) is a one-line TrajscopeError that
   names the array;
 * the training-thread writer: records become visible without flush(), its commit timer does not
@@ -29,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import pytest
 import torch
@@ -36,6 +40,7 @@ import zarr
 
 import trajscope
 from trajscope import TrajscopeError, store
+from trajscope.errors import DamagedRecordError
 from trajscope import recorder as recorder_mod
 from trajscope.recorder import Recorder
 from trajscope.store import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
@@ -85,10 +90,16 @@ def record(path: Path, data: list, background: bool, **kw) -> Recorder:
 
 
 # --------------------------------------------------------------------------- independent readers
+def crc(data: bytes) -> bytes:
+    """CRC32C as Zarr's crc32c codec appends it (4 bytes, little-endian)."""
+    return struct.pack("<I", google_crc32c.value(bytes(data)))
+
+
 class RawArray:
     """A per-record array decoded straight from its files' bytes, following docs/format.md (neither
     zarr nor trajscope): ``zarr.json`` for the shape, dtype and shard geometry, then each shard's
-    index (S pairs of little-endian uint64 offset, nbytes; all ones = never written) at its start."""
+    index (S pairs of little-endian uint64 offset, nbytes; all ones = never written; then the CRC32C
+    of those 16 S bytes) at its start, each chunk its values then their CRC32C. Every CRC is checked."""
 
     def __init__(self, arr_dir: Path) -> None:
         self.dir = arr_dir
@@ -96,14 +107,17 @@ class RawArray:
         (codec,) = md["codecs"]
         cfg = codec["configuration"]
         assert codec["name"] == "sharding_indexed" and cfg["index_location"] == "start"
-        assert [c["name"] for c in cfg["codecs"]] == ["bytes"] and [c["name"] for c in cfg["index_codecs"]] == ["bytes"]
+        assert [c["name"] for c in cfg["codecs"]] == ["bytes", "crc32c"]
+        assert [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
         shard_shape = md["chunk_grid"]["configuration"]["chunk_shape"]
         assert cfg["chunk_shape"][0] == 1 and shard_shape[1:] == cfg["chunk_shape"][1:]
         self.S = shard_shape[0]
         self.inner = cfg["chunk_shape"][1:]
         self.dtype = np.dtype(md["data_type"]).newbyteorder("<")
         self.shape = md["shape"][1:]
-        self.chunk_bytes = math.prod(self.inner) * self.dtype.itemsize
+        self.value_bytes = math.prod(self.inner) * self.dtype.itemsize
+        self.chunk_bytes = self.value_bytes + 4
+        self.index_bytes = 16 * self.S + 4
         self._files: dict[Path, bytes] = {}
 
     def _file(self, f: Path) -> bytes:
@@ -120,15 +134,19 @@ class RawArray:
         for g in itertools.product(*cols):
             required = all(j * c < n for j, c, n in zip(g, self.inner, need))
             data = self._file(self.dir / ".".join(["c", str(r // self.S), *map(str, g)]))
+            if data:
+                assert data[16 * self.S:self.index_bytes] == crc(data[:16 * self.S]), f"{self.dir} row {r}: index CRC"
             off, nb = struct.unpack_from("<QQ", data, 16 * (r % self.S)) if data else (EMPTY, EMPTY)
             if off == EMPTY:
                 assert not required, f"{self.dir.name} row {r} chunk {g}: never written"
                 continue
-            assert (off, nb) == (16 * self.S + (r % self.S) * self.chunk_bytes, self.chunk_bytes), \
+            assert (off, nb) == (self.index_bytes + (r % self.S) * self.chunk_bytes, self.chunk_bytes), \
                 f"{self.dir} row {r}: index entry {(off, nb)}"
             assert len(data) >= off + nb, f"{self.dir} row {r}: shard file too short"
+            values = data[off:off + self.value_bytes]
+            assert data[off + self.value_bytes:off + nb] == crc(values), f"{self.dir} row {r}: chunk CRC"
             out[tuple(slice(j * c, (j + 1) * c) for j, c in zip(g, self.inner))] = \
-                np.frombuffer(data[off:off + nb], self.dtype).reshape(self.inner)
+                np.frombuffer(values, self.dtype).reshape(self.inner)
         return out[tuple(slice(0, n) for n in self.shape)]
 
 
@@ -247,13 +265,18 @@ def test_131_records_read_back_through_zarr_bytes_and_reader(tmp_path, backgroun
     assert sorted(p.name for p in (spath / "params" / "float32").iterdir()) == ["c.0.0", "c.1.0", "c.2.0", "zarr.json"]
     # batch/.0 holds (B=6, 4) rows in chunks of the first batch (3 rows): two chunk columns
     assert {p.name for p in (spath / "batch" / ".0").iterdir()} == {f"c.{s}.{j}.0" for s in range(3) for j in range(2)} | {"zarr.json"}
-    # a partly filled last shard: index, then exactly 3 rows
+    # a partly filled last shard: index and its CRC, then exactly 3 rows, each its values and their CRC
     arr = per_record_arrays(spath)["params/float32"]
-    row_bytes = arr.shape[1] * 4
-    assert (spath / "params" / "float32" / "c.2.0").stat().st_size == 16 * 64 + 3 * row_bytes
-    idx = np.frombuffer((spath / "params" / "float32" / "c.2.0").read_bytes()[:16 * 64], "<u8").reshape(64, 2)
-    assert idx[:3].tolist() == [[16 * 64 + i * row_bytes, row_bytes] for i in range(3)]
+    row_bytes = arr.shape[1] * 4 + 4
+    shard = (spath / "params" / "float32" / "c.2.0").read_bytes()
+    assert len(shard) == 16 * 64 + 4 + 3 * row_bytes
+    idx = np.frombuffer(shard[:16 * 64], "<u8").reshape(64, 2)
+    assert idx[:3].tolist() == [[16 * 64 + 4 + i * row_bytes, row_bytes] for i in range(3)]
     assert (idx[3:] == EMPTY).all()
+    assert shard[16 * 64:16 * 64 + 4] == crc(shard[:16 * 64])
+    for i in range(3):
+        off = 16 * 64 + 4 + i * row_bytes
+        assert shard[off + row_bytes - 4:off + row_bytes] == crc(shard[off:off + row_bytes - 4])
     check_store(tmp_path / "run", ref, data, BOUNDARY_ROWS)
 
 
@@ -320,7 +343,7 @@ def test_restart_on_a_truncated_records_shard_refuses_without_changes(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-8])             # the last record's chunk cut short
     before = (path / store.STORE_NAME / "commit" / "zarr.json").read_bytes()
     model, opt = trainer_before(data, 2)
-    with pytest.raises(TrajscopeError, match="chunk of record 4 is missing"):
+    with pytest.raises(TrajscopeError, match="row 4 of records is damaged .its shard file is cut short"):
         Recorder(path, model, opt, LOSS, export=False, background=False, resume=True, step=2)
     assert (path / store.STORE_NAME / "commit" / "zarr.json").read_bytes() == before
 
@@ -359,8 +382,10 @@ class Killed(BaseException):
 
 class _KillingOs:
     """Stands in for ``os`` inside trajscope.store: dies right before the k-th write-like call
-    (pwrite, replace, rename). With ``partial``, a pwrite longer than one index entry writes half
-    of its bytes first (SIGKILL can stop a long write between pages)."""
+    (pwrite, pwritev, replace, rename). With ``partial``, a data write writes half of its bytes
+    first (SIGKILL can stop a long write between pages; this is pessimistic for short ones). The
+    shard index rewrite (offset 0, inside the first page) is all or nothing, as it is under SIGKILL:
+    the kernel copies a single page whole or not at all."""
 
     def __init__(self, k: int, partial: bool) -> None:
         self.k, self.partial, self.calls = k, partial, 0
@@ -374,10 +399,18 @@ class _KillingOs:
 
     def pwrite(self, fd, data, offset):
         if self._tick():
-            if self.partial and len(data) > 16:
+            if self.partial and len(data) > 16 and not (offset == 0 and len(data) <= 4096):
                 os.pwrite(fd, bytes(data)[:len(data) // 2], offset)
             raise Killed
         return os.pwrite(fd, data, offset)
+
+    def pwritev(self, fd, buffers, offset):
+        if self._tick():
+            if self.partial:
+                joined = b"".join(bytes(b) for b in buffers)
+                os.pwrite(fd, joined[:len(joined) // 2], offset)
+            raise Killed
+        return os.pwritev(fd, buffers, offset)
 
     def replace(self, a, b):
         if self._tick():
@@ -522,32 +555,35 @@ READERS = {
 @pytest.mark.parametrize("damage", ["blank_index_entry", "cut_short", "shard_deleted"])
 @pytest.mark.parametrize("array", sorted(READERS))
 def test_damaged_shard_is_a_one_line_error_naming_the_array(small_run, tmp_path, array, damage):
-    """Row 5 (second row of shard 1) loses its chunk: reading it raises a one-line TrajscopeError
-    naming the array (never zeros); the rows the damage did not reach still read."""
+    """Row 5 (second row of shard 1) loses its chunk: reading it raises a one-line DamagedRecordError
+    naming the array, the step and what is wrong (never zeros); the rows the damage did not reach
+    still read."""
     import shutil
     path = tmp_path / "run"
     shutil.copytree(small_run, path)
     arr = per_record_arrays(path / store.STORE_NAME)[array]
     shard = path / store.STORE_NAME / array / arr.metadata.encode_chunk_key((1, *[0] * (arr.ndim - 1)))
     assert shard.is_file()
+    index = 16 * 4 + 4                                # 4 entries and their CRC
     if damage == "blank_index_entry":
         assert drop_chunks(path, array, 5)
-        intact = [4, 6]
+        intact, problem = [4, 6], "its chunk is missing"
     elif damage == "cut_short":
         size = shard.stat().st_size
-        chunk = (size - 16 * 4) // 4                  # the shard holds all 4 rows (4..7)
+        chunk = (size - index) // 4                   # the shard holds all 4 rows (4..7)
         with open(shard, "r+b") as f:
-            f.truncate(16 * 4 + chunk + chunk // 2)  # half of row 5's chunk
-        intact = [4]
+            f.truncate(index + chunk + chunk // 2)   # half of row 5's chunk
+        intact, problem = [4], "its shard file is cut short"
     else:
         shard.unlink()
-        intact = []
+        intact, problem = [], f"shard file {shard.name} is missing"
     fresh = TrajectoryReader(path)
     read = READERS[array]
-    with pytest.raises(TrajscopeError) as e:
+    with pytest.raises(DamagedRecordError) as e:
         read(fresh, 5)
     msg = str(e.value)
-    assert "\n" not in msg and array in msg and "missing" in msg, msg
+    assert "\n" not in msg and f"step 5 of {array} is damaged ({problem}, the store was truncated)" in msg, msg
+    assert (e.value.step, e.value.array) == (5, array)
     for t in intact + [3, 8]:
         read(fresh, t)
 
@@ -569,12 +605,16 @@ def test_damaged_records_or_skipped_fail_at_open(tmp_path, monkeypatch, damage):
         shard = run_dir / store.STORE_NAME / array / ("c.1.0" if array == "records" else "c.1")
         if damage == "blank_index_entry":
             assert drop_chunks(run_dir, array, 5) == [shard]
+            row = 5
         else:
             with open(shard, "r+b") as f:
-                f.truncate(16 * 4 + 4)
+                f.truncate(16 * 4 + 4 + 4)         # the index and its CRC, then 4 bytes of row 4
+            row = 4
         with pytest.raises(TrajscopeError) as e:
             TrajectoryReader(run_dir)
-        assert "\n" not in str(e.value) and array in str(e.value), str(e.value)
+        msg = str(e.value)
+        assert "\n" not in msg and f"row {row} of {array} is damaged" in msg and "cannot be opened" in msg, msg
+        assert not isinstance(e.value, DamagedRecordError)     # every record needs it: the store is unreadable
 
 
 # --------------------------------------------------------------------------- 0-d and empty rows
