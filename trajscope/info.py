@@ -1,11 +1,24 @@
-"""``trajscope info RUN``: a readable summary of a recorded run."""
+"""``trajscope info RUN``: a readable summary of a recorded run; ``trajscope verify RUN``: its integrity.
+
+:func:`info` also checks the run's structure without reading its records (every array document,
+every shard file the committed records were written to, its index checksum and length; the
+analysis store's documents) so that a damaged run is an error, not a summary.
+:func:`verify` reads every committed record and checks every checksum (format version 3 stores;
+version 2 stores have none, and only their structure and readability are checked).
+"""
 from __future__ import annotations
 
+import json
+import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from trajscope import results
+from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.run import Run, open_run
 
 
@@ -24,8 +37,8 @@ def _steps_text(run: Run) -> str:
     return f"{len(steps)} recorded, steps {steps[0]}..{steps[-1]} (every {run.every}, window {run.window})"
 
 
-def summary_tables(run: Run) -> list[Table]:
-    """The tables ``trajscope info`` prints."""
+def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
+    """The tables ``trajscope info`` prints (``analysis``: the analysis store's row, if known)."""
     a = run.attrs
     overview = Table(title=f"trajscope run {run.path}", show_header=False, title_justify="left")
     overview.add_column("what", style="bold")
@@ -59,6 +72,10 @@ def summary_tables(run: Run) -> list[Table]:
         overview.add_row("batch (last)", _describe_batch(b) if b is not None else "none (batch() was not called for that step)")
     overview.add_row("probe batch", "yes" if "probe" in a else "no")
     overview.add_row("size on disk", _size(run.reader.disk_bytes()))
+    overview.add_row("checksums", "CRC32C per chunk (check them all: trajscope verify)" if run.reader.checksums
+                     else f"none (format version {run.reader.format_version})")
+    if analysis is not None:
+        overview.add_row("analysis", analysis)
 
     layers = Table(title="parameters", title_justify="left")
     for col in ("parameter", "shape", "dtype", "nodes"):
@@ -86,7 +103,113 @@ def _describe_batch(b) -> str:
     return f"inputs {d(b[0])}, targets {d(b[1])}"
 
 
-def info(path: str | Path, console: Console | None = None) -> None:
+def info(path: str | Path, console: Console | None = None, verify: bool = False) -> None:
+    """Print the summary of a run. Raises TrajscopeError (DamagedRecordError for one array or
+    record) if the run is damaged: its structure is checked first, without reading the records
+    (``verify``: every record is read and its checksums checked instead), and so is its analysis
+    store, if it has one."""
     console = console or Console()
-    for t in summary_tables(open_run(path)):
+    run = open_run(path)
+    if verify:
+        checked = _verify_run(run)
+    else:
+        run.reader.check_structure()
+    analysis = analysis_summary(run.path)
+    for t in summary_tables(run, analysis):
         console.print(t)
+    if verify:
+        console.print(checked)
+
+
+def verify(path: str | Path, console: Console | None = None) -> None:
+    """Read every committed record of the run (every array: parameters, buffers, optimizer state,
+    batches, hyperparameters, losses and steps, skipped steps, the probe batch) and check every
+    checksum, then the exported program's zip CRCs; print one summary line. Raises
+    DamagedRecordError naming the first damaged step (TrajscopeError if the store cannot be opened)."""
+    console = console or Console()
+    console.print(_verify_run(open_run(path)))
+
+
+def _verify_run(run: Run) -> str:
+    """Verify every record of an open run (see :func:`verify`); the summary line."""
+    reader = run.reader
+    start = time.perf_counter()
+    nbytes = reader.verify_records()
+    _check_program(run)
+    took = time.perf_counter() - start
+    what = (f"{run.path}: {reader.n_records} records and {len(reader.skipped)} skipped steps read "
+            f"({_size(nbytes)}) in {took:.2f} s")
+    if reader.checksums:
+        return f"{what}: every checksum matches"
+    return (f"{what}: every record is present and readable; this store (format version {reader.format_version}) "
+            f"has no checksums, so damaged values cannot be detected (runs recorded now have them)")
+
+
+def _check_program(run: Run) -> None:
+    """The exported program is a zip archive: check its members' CRC32s (reading it runs no code)."""
+    exported = run.attrs.get("model", {}).get("exported")
+    if not exported:
+        return
+    path = run.reader.path / exported
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except FileNotFoundError:
+        bad = "the file is missing"
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        bad = f"not a readable zip archive, {type(e).__name__}"
+    else:
+        bad = bad and f"its member {bad} fails its CRC"
+    if bad:
+        raise DamagedRecordError(run.reader.path, exported, None, bad)
+
+
+def analysis_summary(run_dir: Path) -> str:
+    """What ``RUN/analysis.zarr`` holds, in a few words; TrajscopeError if it is damaged (its root
+    document, or an array document of a store with committed rows, missing or unreadable), with the
+    advice to rebuild it. A store that is merely behind the run is not damaged: ``trajscope
+    analyze`` goes on from its last analysed checkpoint."""
+    path = run_dir / results.STORE_NAME
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return f"none yet (trajscope analyze {run_dir})"
+
+    def damaged(why: str) -> TrajscopeError:
+        return TrajscopeError(f"{path}: the analysis store is damaged ({why}): move it aside and run "
+                              f"`trajscope analyze {run_dir}` to rebuild it")
+
+    attrs = _document(path / "zarr.json", "its zarr.json", damaged).get("attributes")
+    if isinstance(attrs, dict) and "trajscope_format" in attrs and _committed(attrs):
+        for name in _analysis_arrays(attrs):
+            _document(path / name / "zarr.json", f"{name}/zarr.json", damaged)
+    res = results.open_results(run_dir)          # another format or version: its own one-line error
+    if not len(res):
+        return "created, no checkpoint analysed yet"
+    if bool(np.any(res.steps < 0)):              # a chunk of ``steps`` read back as its fill value
+        raise damaged("chunks of its steps array are missing")
+    return f"{len(res)} checkpoints analysed, steps {res.steps[0]}..{res.steps[-1]}"
+
+
+def _document(path: Path, what: str, damaged) -> dict:
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise damaged(f"{what} is missing") from None
+    except (OSError, ValueError) as e:
+        raise damaged(f"{what} is unreadable, {type(e).__name__}") from None
+    if not isinstance(doc, dict):
+        raise damaged(f"{what} is not a Zarr document")
+    return doc
+
+
+def _committed(attrs: dict) -> int:
+    try:
+        return int(attrs.get("committed", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _analysis_arrays(attrs: dict) -> list[str]:
+    """The arrays every analysis store has (results.ResultsWriter creates them all at once)."""
+    names = ["steps", *(f"global/{g}" for g in results.GLOBAL)]
+    layers = [d for d in attrs.get("layers", []) if isinstance(d, dict) and isinstance(d.get("group"), str)]
+    return names + [f"nodes/{d['group']}/{metric}" for d in layers for metric in results.NODE_METRICS]
