@@ -15,7 +15,8 @@ the gradient, the optimizer state and the parameters of a record belong together
 thread makes private copies (one ``torch.cat`` per dtype); a background thread writes them, or,
 when no CPU core is free for such a thread, the training thread writes them itself (see
 ``background``). Any failure inside the recorder warns once, stops recording and leaves the
-committed part of the store readable; it never raises into the training loop.
+committed part of the store readable; it never raises into the training loop. A Recorder that
+cannot write its run at all raises one TrajscopeError at construction, before anything is trained.
 """
 from __future__ import annotations
 
