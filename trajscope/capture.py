@@ -104,6 +104,22 @@ def _construct(factory: Callable, kwargs: Mapping[str, Any], spec: str) -> Any:
 
 
 # --------------------------------------------------------------------------- model
+#: wrapper class name -> attribute holding the wrapped module; the wrappers add a prefix to every
+#: parameter name (``_orig_mod.``, ``module.``) that the replayed model does not have.
+_WRAPPERS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module",
+             "FullyShardedDataParallel": "module"}
+
+
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The module inside ``torch.compile`` / DDP / DataParallel / FSDP wrappers, and the wrappers' class
+    names (outermost first). Its parameters are the same tensors, named as the bare model names them."""
+    wrappers: list[str] = []
+    while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, _WRAPPERS[type(model).__name__], None), nn.Module):
+        wrappers.append(type(model).__name__)
+        model = getattr(model, _WRAPPERS[type(model).__name__])
+    return model, wrappers
+
+
 def describe_node_layers(model: nn.Module) -> list[dict[str, Any]]:
     """The node-carrying modules of the live model, as JSON (an exported program has no module types)."""
     from dataclasses import asdict

@@ -115,6 +115,9 @@ class Recorder:
         if when_behind not in ("wait", "skip"):
             raise ValueError("when_behind must be 'wait' or 'skip'")
         self.path = Path(path)
+        # torch.compile / DDP wrappers prefix every name (_orig_mod., module.): record the bare model's
+        # names, which are what the replayed model has.
+        model, self._wrappers = capture.unwrap_model(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.every = int(every)
         self.window = int(window if window is not None else (1 if every == 1 else 2))
@@ -256,7 +259,7 @@ class Recorder:
             "model": {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                       "spec": model_spec, "kwargs": dict(model_kwargs or {}), "exported": None,
                       "export_error": None if self.export else "export not requested",
-                      "node_layers": capture.describe_node_layers(self.model)},
+                      "node_layers": capture.describe_node_layers(self.model), "wrapped_by": self._wrappers},
             "loss": capture.describe_loss(self.loss_fn) if self.loss_fn is not None else None,
         }
 
