@@ -445,9 +445,15 @@ def _row_array_doc(shape: tuple[int, ...], dtype: np.dtype, checksums: bool = Tr
         "index_codecs": _codecs(np.dtype(np.uint64), checksums), "index_location": "start"}}])
 
 
-def _plain_array_doc(shape: tuple[int, ...], dtype: np.dtype, checksums: bool = True) -> dict[str, Any]:
-    """The ``zarr.json`` of a small array stored as one uncompressed chunk (the probe batch)."""
-    return _array_doc(shape, dtype, [max(1, n) for n in shape], _codecs(dtype, checksums))
+def _plain_array_doc(shape: tuple[int, ...], dtype: np.dtype, crc: int | None = None) -> dict[str, Any]:
+    """The ``zarr.json`` of a small array stored as one uncompressed chunk (the probe batch), with the
+    CRC32C of that chunk's bytes as the attribute ``crc32c``. In the attributes, not as a codec: the
+    chunk file stays the plain values it has been since version 1 (zarr does not check it; trajscope
+    does)."""
+    doc = _array_doc(shape, dtype, [max(1, n) for n in shape], [_bytes_codec(dtype)])
+    if crc is not None:
+        doc["attributes"] = {"crc32c": crc}
+    return doc
 
 
 def _bytes_codec(dtype: np.dtype) -> dict[str, Any]:
@@ -687,11 +693,11 @@ class TrajectoryWriter:
             data = _to_numpy(t.detach().to("cpu").contiguous())
             data = data.astype(data.dtype.newbyteorder("<"), copy=False)  # tobytes() is C order
             name = f"probe/{key}"
-            self._write_doc(name, _plain_array_doc(data.shape, data.dtype, self.checksums))
+            raw = data.tobytes()
+            crc = google_crc32c.value(raw) if self.checksums and data.size else None
+            self._write_doc(name, _plain_array_doc(data.shape, data.dtype, crc))
             if data.size:  # an empty array has no chunk
-                raw = data.tobytes()
-                _atomic_write(self.path / name / ".".join(["c"] + ["0"] * data.ndim),
-                              raw + _crc32c(raw) if self.checksums else raw)
+                _atomic_write(self.path / name / ".".join(["c"] + ["0"] * data.ndim), raw)
         self.set_attrs(probe={"spec": spec, "dtypes": {k: storage_dtype(t.dtype)[0] for k, t in leaves}})
 
     def extra_path(self, name: str) -> Path:
@@ -1210,9 +1216,10 @@ def _shard_rows(store: Path, name: str, rows: np.ndarray, checksums: bool) -> np
 
 
 def _whole_array(store: Path, name: str, checksums: bool, read: bool = True) -> np.ndarray | None:
-    """An array stored as one uncompressed chunk, then its CRC32C with ``checksums`` (the probe:
-    :func:`_plain_array_doc`, the layout zarr gave it in earlier versions); _Damage if it is not.
-    With ``read=False`` only the document and the chunk file's size are checked."""
+    """An array stored as one uncompressed chunk (the probe: :func:`_plain_array_doc`, the layout
+    zarr gave it in earlier versions), checked against the CRC32C in its attributes with
+    ``checksums``; _Damage if it is not. With ``read=False`` only the document and the chunk
+    file's size are checked."""
     doc = _array_meta(store, name)
     try:
         shape = tuple(int(n) for n in doc["shape"])
@@ -1220,7 +1227,10 @@ def _whole_array(store: Path, name: str, checksums: bool, read: bool = True) -> 
         codecs = doc["codecs"]
         dtype = np.dtype(doc["data_type"])
         big = codecs[0].get("configuration", {}).get("endian", "little") == "big"
-        ok = [c["name"] for c in codecs] == _INNER_CODECS[checksums] and chunk in (shape, tuple(max(1, n) for n in shape))
+        (codec,) = codecs
+        crc = doc.get("attributes", {}).get("crc32c") if checksums else None
+        ok = (codec["name"] == "bytes" and chunk in (shape, tuple(max(1, n) for n in shape))
+              and (crc is None or isinstance(crc, int)))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         ok = False
     if not ok:
@@ -1230,8 +1240,9 @@ def _whole_array(store: Path, name: str, checksums: bool, read: bool = True) -> 
     if not math.prod(shape):
         return np.zeros(shape, dtype.newbyteorder("="))
     path = store / name / ".".join(["c"] + ["0"] * len(shape))
-    value_bytes = math.prod(chunk) * dtype.itemsize
-    want = value_bytes + (_CRC_BYTES if checksums else 0)
+    if checksums and crc is None:
+        raise _Damage("its zarr.json has no crc32c attribute")
+    want = math.prod(chunk) * dtype.itemsize
     try:
         raw = path.read_bytes() if read else None
         size = len(raw) if read else path.stat().st_size
@@ -1243,7 +1254,7 @@ def _whole_array(store: Path, name: str, checksums: bool, read: bool = True) -> 
         raise _Damage(f"its chunk file {path.name} has {size} bytes, not {want}")
     if not read:
         return None
-    if checksums and _crc32c(np.frombuffer(raw, np.uint8, count=value_bytes)) != raw[value_bytes:]:
+    if checksums and google_crc32c.value(raw) != crc:
         raise _Mismatch("checksum mismatch")
     a = np.frombuffer(raw, dtype, count=math.prod(chunk)).reshape(chunk)
     if chunk != shape:
