@@ -131,10 +131,14 @@ class Recorder:
         self.failed: str | None = None
         self._writer_failed = False
         self._closed = False
-        self._pending_batch: tuple[Any, list[tuple[str, torch.Tensor]]] | None = None
+        # The micro-batches given to batch() during the current step (several under gradient
+        # accumulation), and the loss values seen since the last step: hooked and explicit.
+        self._micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]] = []
         self._batch_step = -1
-        self._loss_value: torch.Tensor | float | None = None
-        self._explicit_loss: torch.Tensor | float | None = None
+        self._hook_losses: list[torch.Tensor] = []
+        self._explicit_losses: list[torch.Tensor | float] = []
+        self._warned_join = False
+        self._ignore_batches = False
         self._export_queued = not self.export
         self._inflight = 0
         self._cv = threading.Condition()
@@ -292,15 +296,17 @@ class Recorder:
     def batch(self, inputs: Any, targets: Any = None, *, loss: torch.Tensor | float | None = None) -> None:
         """Give the mini-batch of this step: ``inputs`` as the model takes them (tensor, tuple or
         dict), ``targets`` as the loss takes them. Call between ``backward()`` and ``step()``."""
-        if self.failed or self._closed:
+        if self.failed or self._closed or self._ignore_batches:
             return
         try:
-            self._explicit_loss = loss
+            if self._batch_step != self._step:   # the first micro-batch of this step
+                self._micro, self._explicit_losses, self._batch_step = [], [], self._step
+            if loss is not None:
+                self._explicit_losses.append(loss)
             if not self.records(self._step):
                 return
             spec, leaves = flatten_batch((inputs, targets))
-            self._pending_batch = (spec, [(k, self._copy(t)) for k, t in leaves])
-            self._batch_step = self._step
+            self._micro.append((spec, [(k, self._copy(t)) for k, t in leaves]))
             if not self._export_queued:
                 self._export_queued = True
                 self._export_now(inputs)
@@ -336,16 +342,53 @@ class Recorder:
         self._submit("model_meta", update)   # the writer owns the store's attributes
 
     def _on_loss(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.numel() == 1:
-            self._loss_value = output.detach()
+        if isinstance(output, torch.Tensor) and output.numel() == 1 and not self._ignore_batches:
+            self._hook_losses.append(output.detach())
+            del self._hook_losses[:-64]    # a loss module also used for metrics must not grow this
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        # optimizer.step(closure) (Lightning, LBFGS): the batch and the gradient of this step are made
+        # inside the closure, after this hook; the step is taken when the closure first returns.
+        try:
+            found = _closure_of(args, kwargs)
+        except Exception:
+            found = None
+        if found is not None:
+            return self._defer_to_closure(*found, args, kwargs)
+        self._take_step()
+        return None
+
+    def _defer_to_closure(self, closure: Any, where: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        done = False
+
+        def recorded_closure(*a: Any, **k: Any) -> Any:
+            nonlocal done
+            if done:   # LBFGS re-evaluates at trial points: not a new step, and its batch is this step's
+                self._ignore_batches = True
+                try:
+                    return closure(*a, **k)
+                finally:
+                    self._ignore_batches = False
+            out = closure(*a, **k)
+            done = True   # θ_t is still in place: optimizers update after the closure's first return
+            self._take_step()
+            return out
+
+        args, kwargs = tuple(args), dict(kwargs)
+        if where == "kwargs":
+            kwargs["closure"] = recorded_closure
+        else:
+            args = (args[0], recorded_closure, *args[2:])
+        return args, kwargs
+
+    def _take_step(self) -> None:
         step = self._step
         self._step += 1
         self._last_step_time = now = time.monotonic()
         if self._timer is not None and now - self._last_commit >= _COMMIT_INTERVAL:
             self._commit_tail()     # on the training thread, between its own parallel ops
         if self.failed or self._closed or not self.records(step):
+            self._hook_losses.clear()     # loss values of an unrecorded step belong to no record
             return
         try:
             snap = self._snapshot(step)
@@ -395,13 +438,45 @@ class Recorder:
             for k, v in numeric_hparams(group).items():
                 if k in self._hparam_names:
                     hp[g, self._hparam_names.index(k)] = v
-        loss = self._explicit_loss if self._explicit_loss is not None else self._loss_value
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach().to("cpu", non_blocking=False)
-        spec, leaves = (self._pending_batch if self._batch_step == step and self._pending_batch else (None, []))
-        self._pending_batch, self._loss_value, self._explicit_loss = None, None, None
+        micro = self._micro if self._batch_step == step else []
+        spec, leaves = self._join(micro) if micro else (None, [])
+        loss = self._step_loss(micro if micro else [None], self._explicit_losses if self._batch_step == step else [])
+        self._micro, self._hook_losses, self._explicit_losses = [], [], []
         return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
                         hparams=hp, state_layout=layout, state=state, batch_spec=spec, batch=leaves)
+
+    def _join(self, micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]]) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+        """The step's batch: its micro-batches (gradient accumulation) joined along the batch axis."""
+        if len(micro) == 1:
+            return micro[0]
+        spec, first = micro[0]
+        joinable = all(s == spec and [k for k, _ in ls] == [k for k, _ in first] for s, ls in micro) and all(
+            t.dim() >= 1 and t.shape[1:] == micro[0][1][i][1].shape[1:] and t.dtype == micro[0][1][i][1].dtype
+            for _, ls in micro for i, (_, t) in enumerate(ls))
+        if not joinable:
+            if not self._warned_join:
+                self._warned_join = True
+                warnings.warn("trajscope: the micro-batches of a step differ in structure or trailing shape and "
+                              "cannot be joined: such steps record only their last micro-batch", stacklevel=3)
+            return micro[-1]
+        leaves = [(k, torch.cat([ls[i][1] for _, ls in micro])) for i, (k, _) in enumerate(first)]
+        return spec, leaves
+
+    def _step_loss(self, micro: list, explicit: list) -> float:
+        """The loss of the step's whole batch from the micro-batch losses: their sum under a summing
+        loss, else their mean weighted by micro-batch size (the mean over the joined batch)."""
+        k = len(micro)
+        values = explicit if len(explicit) == k else self._hook_losses if len(self._hook_losses) == k else None
+        if values is None:  # not one loss per micro-batch: the last one seen, as without accumulation
+            last = explicit[-1] if explicit else self._hook_losses[-1] if self._hook_losses else None
+            return float(last) if last is not None else math.nan
+        vals = [float(v) for v in values]
+        if k == 1:
+            return vals[0]
+        if getattr(self.loss_fn, "reduction", "mean") == "sum":
+            return sum(vals)
+        sizes = [_batch_size(m[1]) for m in micro]
+        return sum(v * n for v, n in zip(vals, sizes)) / sum(sizes)
 
     def _enqueue(self, snap: Snapshot) -> None:
         if not self.background:
@@ -601,6 +676,20 @@ class Recorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _closure_of(args: Any, kwargs: Any) -> tuple[Any, str] | None:
+    """The closure passed to ``optimizer.step`` and where it was passed, if any."""
+    if kwargs and callable(kwargs.get("closure")):
+        return kwargs["closure"], "kwargs"
+    if len(args) > 1 and callable(args[1]):   # args[0] is the optimizer itself
+        return args[1], "args"
+    return None
+
+
+def _batch_size(leaves: list[tuple[str, torch.Tensor]]) -> int:
+    """Samples in a micro-batch: the leading size of its first leaf (inputs come first)."""
+    return int(leaves[0][1].shape[0]) if leaves and leaves[0][1].dim() else 1
 
 
 def _signature(model: Mapping[str, Any], loss: Any, exported_sha256: str | None) -> dict[str, Any] | None:
