@@ -317,6 +317,13 @@ class ResultsWriter:
         # The marker: written after every chunk of the row (SPEC: interrupted -> invisible).
         self._root.attrs["committed"] = n
 
+    def update_attrs(self, **attrs: Any) -> None:
+        """Merge JSON-serialisable root attributes (not the reserved ones)."""
+        bad = [k for k in attrs if k in _RESERVED]
+        if bad:
+            raise ValueError(f"attrs keys {bad} are reserved by the results format")
+        self._root.attrs.update(attrs)
+
     def close(self) -> None:
         """Flush, then trim arrays to the committed rows (exact (K,)/(K, N) shapes). Idempotent."""
         if self._closed:

@@ -61,6 +61,7 @@ class RunSummary:
     results: Any
     kinematics_only: bool = False
     notes: list[str] = field(default_factory=list)
+    mismatches: dict[int, float] = field(default_factory=dict)   # step -> relative replayed/recorded loss gap
 
 
 # --------------------------------------------------------------------------- node layers
@@ -201,6 +202,10 @@ class _Analyser:
                 cr = node_curvature(self.model, params, buffers, inputs, targets, self.loss_fn, self.layers,
                                     kind=opts.curvature)
                 glob["loss"] = float(cr.loss)
+                if opts.batch == "step" and math.isfinite(ck.loss):
+                    # fidelity: the replayed function against the one trained, at this step
+                    glob["recorded_loss"] = ck.loss
+                    glob["loss_mismatch"] = abs(glob["loss"] - ck.loss) / max(abs(ck.loss), 1e-30)
             except ValueError as e:  # e.g. exact conv blocks too large for memory: say what to do
                 raise TrajscopeError(f"step {step}: {str(e).splitlines()[0]}") from None
             except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. non-finite activations from huge weights
@@ -392,6 +397,8 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
             "step_gap": "k, the steps between the checkpoint and the successor that rho and drift use "
                         "(global/step_gap; NaN without a successor)",
             "null_dims": "directions the step does not act on (mu exactly 1)",
+            "loss_mismatch": "|replayed loss - recorded loss| / |recorded loss| at the step (the fidelity check; "
+                             "attribute 'fidelity' summarises it)",
             "neutral_dims": "acted-on directions with ||mu| - 1| <= delta",
             "threshold": "curvature at which the optimizer's map loses stability (min over param groups); "
                          "for Adam compare with precond_sharpness, lambda_max of P^{1/2}(H + coupled wd)P^{1/2}",
@@ -434,15 +441,44 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
                     nodes[l]["stable_label"] = stable
                     history[l] = (history[l] + [lab])[-(window - 1):] if window > 1 else []
                     prev_stable[l] = stable
+                if "loss_mismatch" in glob:
+                    summary.mismatches[step] = glob["loss_mismatch"]
                 writer.append(step, glob, nodes)
                 events.write(step, glob, nodes)
                 summary.analysed.append(step)
                 progress.advance(task)
+        earlier = ({int(st): float(m) for st, m in zip(prev.steps, prev.global_series("loss_mismatch")) if np.isfinite(m)}
+                   if prev is not None and "loss_mismatch" in prev.global_names else {})
+        fidelity = _fidelity({**earlier, **summary.mismatches})
+        if fidelity["note"]:
+            summary.notes.append(fidelity["note"])
+        writer.update_attrs(fidelity=fidelity)
     finally:
         writer.close()
         events.close()
     summary.results = open_results(run.path)
     return summary
+
+
+#: relative gap between the replayed and the recorded loss above which the replay is said to differ
+#: from training (float32 replay of a float32 run agrees to ~1e-6)
+FIDELITY_TOL = 1e-4
+
+
+def _fidelity(mismatches: Mapping[int, float]) -> dict[str, Any]:
+    """The fidelity check of the analysed checkpoints: how far the replayed loss is from the recorded one."""
+    over = sorted(s for s, m in mismatches.items() if not m <= FIDELITY_TOL)
+    worst = max(mismatches.values(), default=math.nan)
+    note = None
+    if over:
+        shown = ", ".join(map(str, over[:5])) + (", ..." if len(over) > 5 else "")
+        note = (f"WARNING: the replayed loss differs from the recorded loss by up to {100 * worst:.3g}% at "
+                f"{len(over)} of {len(mismatches)} checkpoints (steps {shown}): the analysis describes another "
+                f"function than the one trained (train-mode BatchNorm or dropout, a loss computed differently in "
+                f"the loop, micro-batches not all given to rec.batch, or another --model/--loss)")
+    return {"tolerance": FIDELITY_TOL, "checked": len(mismatches),
+            "max_loss_mismatch": worst if math.isfinite(worst) else None,
+            "steps_over_tolerance": over, "note": note}
 
 
 def _first_readable_checkpoint(run: Run, todo: Sequence[tuple[int, int | None]]) -> Checkpoint:
