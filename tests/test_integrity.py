@@ -143,6 +143,13 @@ def flip_probe(run: Path) -> None:
     _flip(chunk, 5)
 
 
+def drop_probe_crc(run: Path) -> None:
+    doc_path = _spath(run) / "probe" / "probe.0" / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    del doc["attributes"]["crc32c"]
+    doc_path.write_text(json.dumps(doc))
+
+
 def flip_program(run: Path) -> None:
     p = _spath(run) / "extra" / "model.pt2"
     _flip(p, p.stat().st_size // 3)
@@ -165,6 +172,7 @@ MATRIX = {
     "index crc flipped": (flip_index("buffers/float32", 16 * 64 + 1), "info", "buffers/float32", 0, "index checksum mismatch"),
     "batch shape flipped": (flip_value("batch_shape/.0", 1), "info", "batch_shape/.0", 2, "checksum mismatch"),
     "probe chunk deleted": (delete("probe/probe.1/c.0.0"), "info", "probe/probe.1", None, "is missing"),
+    "probe crc attribute removed": (drop_probe_crc, "info", "probe/probe.0", None, "no crc32c attribute"),
     "params value flipped": (flip_value("params/float32", 3), "verify", "params/float32", 6, "checksum mismatch"),
     "params crc flipped": (flip_value("params/float32", 3, "crc"), "verify", "params/float32", 6, "checksum mismatch"),
     "buffers value flipped": (flip_value("buffers/float32", 1), "verify", "buffers/float32", 2, "checksum mismatch"),

@@ -26,7 +26,7 @@ class DamagedRecordError(TrajscopeError):
     def __init__(self, store: object, array: str, step: int | None, problem: str) -> None:
         self.store, self.array, self.step, self.problem = str(store), array, step, problem
         if step is None:
-            what, advice = array, "its records cannot be trusted"
+            what, advice = array, "what it holds cannot be trusted"
         else:
             what, advice = f"step {step} of {array}", "the record cannot be trusted; other steps can still be analysed"
         super().__init__(f"{self.store}: {what} is damaged ({problem}): {advice}")
