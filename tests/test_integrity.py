@@ -289,9 +289,9 @@ def test_damaged_root_or_commit_is_a_plain_error_at_open(run, case, words, capsy
         _one_line(capsys.readouterr().err, words)
 
 
+@pytest.mark.parametrize("recorded", [False], ids=["inline"], indirect=True)   # the run with a program
 def test_exported_program_is_checked_by_verify(run):
-    if not (_spath(run) / "extra" / "model.pt2").exists():
-        pytest.skip("the thread run records no program")
+    assert (_spath(run) / "extra" / "model.pt2").exists()
     verify(run)
     flip_program(run)
     info(run)

@@ -41,6 +41,7 @@ its uint16 bit pattern (pack name ``bfloat16``) and viewed back, so it round-tri
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -645,9 +646,10 @@ class TrajectoryWriter:
             for start in range(0, len(raw), _WRITE_PIECE):
                 piece = raw[start:start + _WRITE_PIECE]
                 last = start + _WRITE_PIECE >= len(raw)
-                wrote = os.pwritev(fd, [piece, crc], off + start) if last and crc else os.pwrite(fd, piece, off + start)
-                if wrote != len(piece) + (len(crc) if last else 0):
-                    raise OSError(f"short write to {self.path / name}")
+                tail = crc if last else b""
+                wrote = os.pwritev(fd, [piece, tail], off + start) if tail else os.pwrite(fd, piece, off + start)
+                if wrote != len(piece) + len(tail):
+                    _write_rest(fd, bytes(piece) + tail, wrote, off + start)
             self._write_entry(fd, lay, idx, r, off)
 
     @staticmethod
@@ -1292,6 +1294,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _write_rest(fd: int, data: Any, wrote: int, at: int) -> None:
+    """Finish a write the kernel cut short (a disk filling up): the next write of the rest then
+    fails with the real reason (ENOSPC), which the recorder's one warning names."""
+    view = memoryview(data).cast("B")
+    while wrote < len(view):
+        n = os.pwrite(fd, view[wrote:], at + wrote)
+        if n == 0:
+            raise OSError(errno.EIO, "write made no progress")
+        wrote += n
 
 
 def _remove_partials(path: Path) -> None:
