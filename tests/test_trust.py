@@ -220,3 +220,19 @@ def test_key_file_env_is_this_sessions(tmp_path):
     # conftest points every test at a session key, never the tester's own ~/.config
     assert os.environ["TRAJSCOPE_KEY_FILE"] == str(key_path())
     assert "trajscope-key-" in str(key_path())
+
+
+def test_info_says_what_analysis_would_import(tmp_path, capsys, other_user):
+    mine, foreign = tmp_path / "mine", tmp_path / "foreign"
+    simple_run(mine, steps=3)
+    with other_user():
+        simple_run(foreign, steps=3)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(foreign, hostile)
+    _edit_attrs(hostile, model__spec="os:system")
+    for run, words in ((mine, "signed by you: analysed without --trust"),
+                       (foreign, "not signed by you; allow-listed (trajscope.zoo:mlp, torch.nn.modules.loss:MSELoss)"),
+                       (hostile, "analysing imports os:system only with --trust")):
+        capsys.readouterr()
+        assert main(["info", str(run)]) == 0
+        assert words in " ".join(capsys.readouterr().out.replace("│", " ").split()), run

@@ -20,6 +20,8 @@ from rich.table import Table
 from trajscope import results
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.run import Run, open_run
+from trajscope.trust import TrustPolicy
+from trajscope.trust import allowed as trust_allowed
 
 
 def _size(n: float) -> str:
@@ -62,7 +64,7 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
     if m.get("spec"):
         kinds.append(f"import spec {m['spec']} {m.get('kwargs') or ''}".strip())
     if m.get("exported"):
-        kinds.append("torch.export program (needs --trust to load)")
+        kinds.append("torch.export program")
     overview.add_row("model capture", "; ".join(kinds) if kinds else f"none ({m.get('export_error')}); pass --model to analyze")
     batch = a.get("batch")
     if batch is None:
@@ -70,6 +72,7 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
     elif len(run.steps):
         b = run.reader.batch(len(run.steps) - 1)
         overview.add_row("batch (last)", _describe_batch(b) if b is not None else "none (batch() was not called for that step)")
+    overview.add_row("code named by the run", _trust_text(run))
     overview.add_row("probe batch", "yes" if "probe" in a else "no")
     overview.add_row("size on disk", _size(run.reader.disk_bytes()))
     overview.add_row("checksums", "CRC32C per chunk (check them all: trajscope verify)" if run.reader.checksums
@@ -86,6 +89,20 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
         nodes = str(shape[0]) if module in node_layers and leaf == "weight" else ""
         layers.add_row(name, "×".join(map(str, shape)) or "scalar", run.param_dtypes[name], nodes)
     return [overview, layers]
+
+
+def _trust_text(run: Run) -> str:
+    """What analysing the run would import, and whether that needs --trust (trajscope.trust)."""
+    m, loss = run.attrs["model"], run.attrs.get("loss")
+    named = [s for s in (m.get("spec"), (loss.get("class") or loss.get("function")) if isinstance(loss, dict) else None)
+             if isinstance(s, str)]
+    program = ["the exported program"] if m.get("exported") and not m.get("spec") else []
+    if TrustPolicy(run.path, run.attrs).signed:
+        return "signed by you: analysed without --trust"
+    needs = [s for s in named if not trust_allowed(s)] + program
+    if not needs:
+        return "not signed by you; " + (f"allow-listed ({', '.join(named)})" if named else "names no code")
+    return f"not signed by you: analysing imports {', '.join(needs)} only with --trust (or name it: --model/--loss)"
 
 
 def _describe_batch(b) -> str:
