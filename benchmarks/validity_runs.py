@@ -230,7 +230,7 @@ def wd_collapse(out: Path, steps: int = 600, every: int = 10) -> Path:
 AdamW lr {lr}, weight_decay {wd} (decoupled: θ ← (1 − lr·wd)θ = {1 - lr * wd:g}·θ per step on top of Adam's
 step), {steps} steps recorded every {every} (window 2), probe = the first 256 digits.
 - first-layer units 0-5 and second-layer units 0-3 start with bias -30: dead, no gradient, so only the
-  decay acts on them: their norm falls by 0.1 every {reach:.0f} steps;
+  decay acts on them: their norm falls by a factor 10 every {reach:.0f} steps;
 - the live units train (and settle where the decay balances the gradient).
 Units dead on all digits at the end: {_dead_units(model, x)}.
 Expected: dead units plateau while they decay and become degenerate sinks once collapsed; live units
