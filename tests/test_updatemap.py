@@ -19,6 +19,7 @@ from trajscope.analysis.updatemap import (
     UpdateRule,
     adam_preconditioner,
     node_update_spectra,
+    preconditioner,
     stability_threshold,
     update_map_eigenvalues,
     update_rule,
@@ -371,8 +372,10 @@ def test_update_rule_parsing():
     assert r.decay_factor == pytest.approx(1 - 1e-5)
     r = update_rule("Adam", {"lr": 1e-3, "weight_decay": 0.01}, None)
     assert r.kind == "adam" and r.coupled_shift == 0.01 and r.step == 0 and not r.has_buffer
+    r = update_rule("torch.optim.adadelta.Adadelta", {"lr": 0.01, "rho": 0.9}, {"square_avg": torch.ones(1)})
+    assert r.kind == "gd_fallback" and "unsupported optimizer Adadelta" in r.note and r.lr == 0.01
     r = update_rule("torch.optim.rmsprop.RMSprop", {"lr": 0.01, "alpha": 0.99}, {"square_avg": torch.ones(1)})
-    assert r.kind == "gd_fallback" and "unsupported optimizer RMSprop" in r.note and r.lr == 0.01
+    assert r.kind == "rmsprop" and r.preconditioned and r.beta2 == 0.99 and r.lr == 0.01
     r = update_rule("LBFGS", {}, None)
     assert r.kind == "gd_fallback" and math.isnan(r.lr)
     sp = node_update_spectra(torch.tensor([[2.0, 1.0]], dtype=F64), 3, update_rule("Lion", {"lr": 0.1}, None))
@@ -455,3 +458,74 @@ def test_threshold_is_where_the_radius_crosses_one(rule):
 def test_adam_threshold_is_38_over_lr_at_large_t():
     assert stability_threshold(UpdateRule("adam", 0.01, has_buffer=True, step=10_000)) == pytest.approx(3800.0)
     assert stability_threshold(UpdateRule("sgd_momentum", 0.1, momentum=0.9, dampening=1.0, has_buffer=True)) == math.inf
+
+
+# ----------------------------------------------------------------------------- RMSprop, Adagrad
+RMS_CASES = [
+    # id, class, hp, state keys, extra eigenvalues per parameter (the frozen moments)
+    ("rmsprop", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9), ["square_avg"], [0.9]),
+    ("rmsprop_wd", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, weight_decay=0.5), ["square_avg"], [0.9]),
+    ("rmsprop_centered", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, centered=True),
+     ["square_avg", "grad_avg"], [0.9, 0.9]),
+    ("rmsprop_momentum", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, momentum=0.8, weight_decay=0.2),
+     ["square_avg", "momentum_buffer"], [0.9]),
+    ("rmsprop_maximize", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, maximize=True), ["square_avg"], [0.9]),
+    ("adagrad", torch.optim.Adagrad, dict(lr=0.05), ["sum"], [1.0]),
+    ("adagrad_decay_wd", torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.01, weight_decay=0.3), ["sum"], [1.0]),
+]
+
+
+@pytest.mark.parametrize("name,cls,hp,keys,extra", RMS_CASES, ids=[c[0] for c in RMS_CASES])
+@pytest.mark.parametrize("rank_deficient", [False, True], ids=["full", "B<p"])
+def test_rmsprop_and_adagrad_match_fd_jacobian(name, cls, hp, keys, extra, rank_deficient):
+    """Near the minimiser (|g| ~ 1e-7) the moments barely move: the Jacobian over (θ, moments[, buf])
+    has the frozen-moment map's μ plus the moments' own (ρ for RMSprop, 1 for Adagrad's sum)."""
+    model = LinReg(n_out=2, n_in=4, batch=3 if rank_deficient else 12, seed=5, scale=4.0)
+    g = model.gen
+    wd = hp.get("weight_decay", 0.0)
+    theta = model.minimiser(wd) + 1e-7 * torch.randn(2, 5, generator=g, dtype=F64)
+    st = {"step": torch.tensor(40.0), "square_avg": 0.005 + 0.05 * torch.rand(theta.shape, generator=g, dtype=F64),
+          "sum": 0.01 + 0.1 * torch.rand(theta.shape, generator=g, dtype=F64),
+          "grad_avg": 1e-8 * torch.randn(theta.shape, generator=g, dtype=F64),
+          "momentum_buffer": 1e-7 * torch.randn(theta.shape, generator=g, dtype=F64)}
+    st = {k: v for k, v in st.items() if k in keys or k == "step"}
+    jac, sizes = fd_jacobian(model, cls, hp, [theta], [st], keys)
+    rule = update_rule(f"torch.optim.{cls.__name__}", hp, st)
+    assert rule.preconditioned and "unsupported" not in rule.note
+    assert rule.kind == ("adagrad" if cls is torch.optim.Adagrad else
+                         "rmsprop_momentum" if hp.get("momentum") else "rmsprop")
+    leaf = theta.clone().requires_grad_(True)
+    grad = torch.autograd.grad(model.loss([leaf]), leaf)[0]
+    dmat = preconditioner(rule, st, grad, param=theta)
+    s = rule.curvature_sign
+    for i in range(2):
+        h = model.node_hessian([theta], i)
+        d_half = dmat[i].sqrt()
+        k = d_half[:, None] * (s * h + rule.coupled_shift * torch.eye(5, dtype=F64)) * d_half[None, :]
+        check_node(model, rule, [theta], i, jac, sizes, len(keys), eig_desc(k), extra=extra * 5, tol=1e-6)
+    # the threshold is where the map's μ reaches −1
+    lam = stability_threshold(rule)
+    mu, _ = update_map_eigenvalues(torch.tensor([[lam]], dtype=F64), 1, rule)
+    assert torch.isclose(mu.real.min(), torch.tensor(-1.0, dtype=F64), atol=1e-9)
+
+
+@pytest.mark.parametrize("cls,hp", [(torch.optim.RMSprop, dict(lr=0.1, alpha=0.9, eps=1e-3, weight_decay=0.3)),
+                                    (torch.optim.RMSprop, dict(lr=0.1, alpha=0.9, eps=1e-3, centered=True)),
+                                    (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.05, eps=1e-3, weight_decay=0.3))])
+def test_rmsprop_adagrad_preconditioner_is_the_real_denominator(cls, hp):
+    """θ' − θ = −α_t·D·g' for one real step (no momentum): recover D and compare."""
+    gen = torch.Generator().manual_seed(11)
+    theta, grad = torch.randn(3, 4, generator=gen, dtype=F64), torch.randn(3, 4, generator=gen, dtype=F64)
+    st = {"step": torch.tensor(7.0), "square_avg": torch.rand(3, 4, generator=gen, dtype=F64) + 1,
+          "grad_avg": 0.1 * torch.randn(3, 4, generator=gen, dtype=F64), "sum": torch.rand(3, 4, generator=gen, dtype=F64)}
+    st = {k: v for k, v in st.items() if k == "step" or k == ("sum" if cls is torch.optim.Adagrad else "square_avg")
+          or (k == "grad_avg" and hp.get("centered"))}
+    leaf = theta.clone().requires_grad_(True)
+    leaf.grad = grad.clone()
+    opt = cls([leaf], **hp)
+    opt.state[leaf] = {k: v.clone() for k, v in st.items()}
+    opt.step()
+    rule = update_rule(cls.__name__, hp, st)
+    gg = grad + hp.get("weight_decay", 0.0) * theta
+    d_real = (theta - leaf.detach()) / (rule.step_lr * gg)
+    assert torch.allclose(preconditioner(rule, st, grad, param=theta), d_real, rtol=1e-9)

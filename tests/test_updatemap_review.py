@@ -217,8 +217,8 @@ def test_adam_first_step_against_real_step_jacobian():
 
 def test_unknown_optimizer_is_plain_gd_map():
     eigs = [3.0, 1.0, 0.0, 0.0, -0.5]
-    rule = update_rule("torch.optim.rmsprop.RMSprop", {"lr": 0.2, "weight_decay": 0.7, "alpha": 0.99}, {})
-    assert rule.kind == "gd_fallback" and "unsupported optimizer RMSprop" in rule.note
+    rule = update_rule("torch.optim.adadelta.Adadelta", {"lr": 0.2, "weight_decay": 0.7, "rho": 0.9}, {})
+    assert rule.kind == "gd_fallback" and "unsupported optimizer Adadelta" in rule.note
     sp = node_update_spectra(explicit(eigs), 5, rule)
     # plain gradient descent with the group's lr on the loss curvature (no wd, no momentum)
     ref = np.sort(np.abs(np.linalg.eigvals(np.eye(5) - 0.2 * sym(eigs).numpy())))
@@ -229,7 +229,7 @@ def test_unknown_optimizer_is_plain_gd_map():
 # Regression test (found in review, fixed): the fallback rule drops maximize (kind gd_fallback
 # never mirrors) but its note still claims 'curvature enters mirrored' (updatemap.update_rule)
 def test_fallback_note_matches_the_map_under_maximize():
-    rule = update_rule("RMSprop", {"lr": 0.1, "maximize": True}, {})
+    rule = update_rule("Adadelta", {"lr": 0.1, "maximize": True}, {})
     mirrored_map = node_update_spectra(torch.tensor([[1.0]], dtype=F64), 1, rule).mu_abs[0, 0].item() == pytest.approx(1.1)
     assert ("mirrored" in rule.note) == mirrored_map
 

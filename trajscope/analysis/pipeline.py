@@ -42,7 +42,7 @@ from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.options import AnalysisOptions, parse_steps, range_text
 from trajscope.analysis.sharpness import sharpness as compute_sharpness
 from trajscope.analysis.tbevents import EventWriter
-from trajscope.analysis.updatemap import (NodeMap, UpdateRule, adam_preconditioner, node_map, node_update_spectra,
+from trajscope.analysis.updatemap import (NodeMap, UpdateRule, node_map, node_update_spectra, preconditioner,
                                           stability_threshold, update_rule)
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
@@ -308,9 +308,9 @@ def _threshold(rule: UpdateRule) -> float:
 
 
 def _precond(rule: UpdateRule, state: Mapping[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Adam's frozen diagonal preconditioner D for one parameter (see updatemap.adam_preconditioner)."""
-    return adam_preconditioner(rule, _opt(state.get("exp_avg_sq"), param), grad, _opt(state.get("max_exp_avg_sq"), param),
-                               param=param).to(param.dtype)
+    """The optimizer's frozen diagonal preconditioner D for one parameter (updatemap.preconditioner)."""
+    moved = {k: _opt(v, param) for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == param.shape}
+    return preconditioner(rule, moved, grad, param=param).to(param.dtype)
 
 
 def _opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -378,6 +378,9 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
     rules0 = an.rules(ck0)
     maps0 = {l.name: an.node_map(l, rules0).note for l in an.layers}
     summary.notes += [f"{name}: {note}" for name, note in maps0.items() if note]
+    if any(r.kind == "gd_fallback" for r in rules0):
+        summary.notes.append(f"WARNING: trajscope has no update map for {rules0[0].optimizer.rsplit('.', 1)[-1]}: the "
+                             f"spectra, thresholds and labels use plain gradient descent with the group's lr")
     result_attrs = {
         "trajscope_version": trajscope.__version__,
         "labels": list(LABELS), "reasons": list(REASONS), "not_computed_code": NOT_COMPUTED,

@@ -15,6 +15,9 @@ sgd_momentum   (θ, buf)           μ² − (1 + β − α(1−d)λ')μ + β = 0
 nesterov       (θ, buf)           μ² − (1 + β − α(1 + β(1−d))λ')μ + β(1 − αλ') = 0
 adam           (θ, m)             μ² − (1 + β1 − a(1−β1)λ̃)μ + β1 = 0
 adamw          (θ, m)             μ² − (c + β1 − a(1−β1)λ̃)μ + β1·c = 0,  c = 1 − α·wd
+rmsprop        θ                  μ = 1 − α λ̃
+rmsprop_mom.   (θ, buf)           μ² − (1 + β − αλ̃)μ + β = 0
+adagrad        θ                  μ = 1 − α_t λ̃,  α_t = α/(1 + step·lr_decay)
 gd_fallback    θ                  μ = 1 − α λ
 =============  =================  ================================================
 
@@ -32,6 +35,12 @@ Derivations (δθ, δbuf: perturbations; g' = λ'θ is the linearised, decayed g
 * Nesterov: buf' as above, θ' = θ − α(λ'θ + β buf'). Block
   [[1 − αλ'(1 + β(1−d)), −αβ²], [(1−d)λ', β]]: trace 1 + β − αλ'(1 + β(1−d)),
   det β(1 − αλ'(1 + β(1−d))) + αβ²(1−d)λ' = β(1 − αλ').
+* RMSprop / Adagrad with their second moment (hence D) frozen: θ' = θ − α D g' (RMSprop with
+  momentum: buf' = β buf + D g', θ' = θ − α buf'). D = 1/(√v_used + ε) with v_used = ρv + (1−ρ)g²
+  (centered: minus the squared running mean of g), or for Adagrad the accumulated sum + g². In
+  x = D^{-1/2}θ, y = D^{-1/2}buf the momentum block per λ̃ of K = D^{1/2}(s·H + wd)D^{1/2} is
+  [[1 − αλ̃, −αβ], [λ̃, β]]: trace 1 + β − αλ̃, det β. Their moments carry μ = ρ (RMSprop) and
+  1 (Adagrad's sum) and decouple as Adam's v does.
 * Adam/AdamW with v (hence D) frozen: m' = β1 m + (1−β1)g', θ' = cθ − a D m' (AdamW
   decays θ by c before the step; the gradient is taken at the undecayed θ). In the
   coordinates x = D^{-1/2}θ, y = D^{1/2}m the block per eigenvalue λ̃ of
@@ -67,6 +76,7 @@ __all__ = [
     "NodeMap",
     "node_map",
     "adam_preconditioner",
+    "preconditioner",
     "NodeSpectra",
     "node_update_spectra",
     "update_map_eigenvalues",
@@ -74,7 +84,9 @@ __all__ = [
     "KINDS",
 ]
 
-KINDS = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "gd_fallback")
+KINDS = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "rmsprop_momentum", "adagrad", "gd_fallback")
+#: kinds whose spectra take λ̃ of D^{1/2}(s·H + coupled_shift)D^{1/2}
+PRECONDITIONED = ("adam", "adamw", "rmsprop", "rmsprop_momentum", "adagrad")
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,8 @@ class UpdateRule:
     eps: float = 1e-8
     step: int = 0
     amsgrad: bool = False
+    centered: bool = False
+    lr_decay: float = 0.0
     maximize: bool = False
     optimizer: str = ""
     note: str = ""
@@ -111,13 +125,14 @@ class UpdateRule:
 
     @property
     def preconditioned(self) -> bool:
-        """True for Adam/AdamW: the spectra take λ̃ of D^{1/2}(s·H + coupled_shift)D^{1/2}."""
-        return self.kind in ("adam", "adamw")
+        """Adam/AdamW, RMSprop, Adagrad: the spectra take λ̃ of D^{1/2}(s·H + coupled_shift)D^{1/2}."""
+        return self.kind in PRECONDITIONED
 
     @property
     def coupled_shift(self) -> float:
-        """wd added to the curvature by coupled L2 decay (SGD family, Adam); 0 for AdamW/fallback."""
-        return float(self.weight_decay) if self.kind in ("sgd", "sgd_momentum", "nesterov", "adam") else 0.0
+        """wd added to the curvature by coupled L2 decay (SGD family, Adam, RMSprop, Adagrad); 0 for AdamW/fallback."""
+        coupled = ("sgd", "sgd_momentum", "nesterov", "adam", "rmsprop", "rmsprop_momentum", "adagrad")
+        return float(self.weight_decay) if self.kind in coupled else 0.0
 
     @property
     def curvature_sign(self) -> float:
@@ -128,6 +143,13 @@ class UpdateRule:
     def decay_factor(self) -> float:
         """c: the factor θ is multiplied by before the step (1 − α·wd for AdamW, else 1)."""
         return 1.0 - float(self.lr) * float(self.weight_decay) if self.kind == "adamw" else 1.0
+
+    @property
+    def step_lr(self) -> float:
+        """The step size the update multiplies D·g by: Adagrad's decayed α/(1 + step·lr_decay), else α."""
+        if self.kind == "adagrad":
+            return float(self.lr) / (1.0 + int(self.step) * float(self.lr_decay))
+        return float(self.lr)
 
     @property
     def bias_corrected_lr(self) -> float:
@@ -237,10 +259,50 @@ def update_rule(optimizer_class: str, hparams: Mapping[str, Any], state: Mapping
                           beta1=b1, beta2=b2, eps=_scalar(hp.get("eps"), 1e-8), step=step,
                           amsgrad=bool(hp.get("amsgrad", False)), maximize=maximize,
                           optimizer=str(optimizer_class), note="; ".join(notes))
+    if name == "RMSprop":
+        beta = _scalar(hp.get("momentum"), 0.0)
+        has_buffer = beta != 0.0 and st.get("momentum_buffer") is not None
+        if beta != 0.0 and not has_buffer:
+            notes.append("no momentum buffer yet (first step): single-step map")
+        return UpdateRule("rmsprop_momentum" if beta != 0.0 else "rmsprop", lr, wd, momentum=beta, has_buffer=has_buffer,
+                          beta2=_scalar(hp.get("alpha"), 0.99), eps=_scalar(hp.get("eps"), 1e-8),
+                          step=int(_scalar(st.get("step"), 0.0)), centered=bool(hp.get("centered", False)),
+                          maximize=maximize, optimizer=str(optimizer_class), note="; ".join(notes))
+    if name == "Adagrad":
+        return UpdateRule("adagrad", lr, wd, eps=_scalar(hp.get("eps"), 1e-10), step=int(_scalar(st.get("step"), 0.0)),
+                          lr_decay=_scalar(hp.get("lr_decay"), 0.0), maximize=maximize,
+                          optimizer=str(optimizer_class), note="; ".join(notes))
     notes = [f"unsupported optimizer {name}: plain gradient-descent map with the group's lr"]
     if maximize:
         notes.append("maximize=True is not modelled by this map")
     return UpdateRule("gd_fallback", lr, wd, optimizer=str(optimizer_class), note="; ".join(notes))
+
+
+def preconditioner(rule: UpdateRule, state: Mapping[str, Tensor], grad: Tensor, param: Tensor | None = None) -> Tensor:
+    """The diagonal D the real step divides the gradient by, from one parameter's recorded state.
+
+    Adam/AdamW: :func:`adam_preconditioner`. RMSprop: 1/(√v_used + ε), v_used = ρ·square_avg +
+    (1−ρ)g² (centered: minus (ρ·grad_avg + (1−ρ)g)²). Adagrad: 1/(√(sum + g²) + ε). g is the
+    gradient the step feeds its moments: s·grad + wd·θ (coupled decay).
+    """
+    if rule.kind in ("adam", "adamw"):
+        return adam_preconditioner(rule, state.get("exp_avg_sq"), grad, state.get("max_exp_avg_sq"), param=param)
+    g = -grad.detach() if rule.maximize else grad.detach()
+    if rule.weight_decay != 0 and param is not None:
+        g = g + float(rule.weight_decay) * param.detach().to(g.dtype)
+
+    def moment(key: str) -> Tensor:
+        v = state.get(key)
+        return torch.zeros_like(g) if v is None else v.detach().to(torch.result_type(g, v))
+
+    if rule.kind == "adagrad":
+        return 1.0 / (torch.sqrt(moment("sum") + g * g) + float(rule.eps))
+    rho = float(rule.beta2)
+    v_used = rho * moment("square_avg") + (1.0 - rho) * g * g
+    if rule.centered:
+        mean = rho * moment("grad_avg") + (1.0 - rho) * g
+        v_used = v_used - mean * mean
+    return 1.0 / (torch.sqrt(v_used) + float(rule.eps))
 
 
 def adam_preconditioner(rule: UpdateRule, exp_avg_sq: Tensor | None, grad: Tensor,
@@ -320,6 +382,13 @@ def _char_poly(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor | 
     else:
         lam_eff = s * lam + rule.coupled_shift
     kind = rule.kind
+    if kind in ("rmsprop", "adagrad") or (kind == "rmsprop_momentum" and not rule.has_buffer):
+        x = rule.step_lr * lam_eff
+        return 1.0 - x, None, x == 0, lam, 1.0, 1.0
+    if kind == "rmsprop_momentum":
+        beta = float(rule.momentum)
+        x = alpha * lam_eff
+        return 1.0 + beta - x, torch.full_like(x, beta), x == 0, lam, 1.0, beta
     if kind in ("sgd", "gd_fallback") or (kind in ("sgd_momentum", "nesterov") and not rule.has_buffer):
         coef = alpha * (1.0 + rule.momentum) if kind == "nesterov" else alpha
         x = coef * lam_eff
@@ -441,6 +510,7 @@ def stability_threshold(rule: UpdateRule) -> float:
     * GD (and any first SGD step with momentum): 2/α; first Nesterov step: 2/(α(1+β));
     * heavy ball: 2(1+β)/(α(1−d));
     * Nesterov: 2(1+β)/(α(1 + 2β − βd))  (μ = −1 in its characteristic polynomial);
+    * RMSprop, Adagrad (on λ̃): 2/α_t; RMSprop with momentum: 2(1+β)/α;
     * Adam/AdamW: (1+c)(1+β1)/(a(1−β1)), = (2+2β1)/(a(1−β1)) for Adam (≈ 38/α at
       β1 = 0.9, large t); first step (1+c)/(a(1−β1));
     * fallback: 2/α.
@@ -455,6 +525,10 @@ def stability_threshold(rule: UpdateRule) -> float:
         return num / den
 
     kind = rule.kind
+    if kind in ("rmsprop", "adagrad") or (kind == "rmsprop_momentum" and not rule.has_buffer):
+        return div(2.0, rule.step_lr)
+    if kind == "rmsprop_momentum":
+        return div(2.0 * (1.0 + beta), alpha)
     if kind in ("sgd", "gd_fallback") or (kind == "sgd_momentum" and not rule.has_buffer):
         return div(2.0, alpha)
     if kind == "nesterov" and not rule.has_buffer:
