@@ -287,9 +287,7 @@ def preconditioner(rule: UpdateRule, state: Mapping[str, Tensor], grad: Tensor, 
     """
     if rule.kind in ("adam", "adamw"):
         return adam_preconditioner(rule, state.get("exp_avg_sq"), grad, state.get("max_exp_avg_sq"), param=param)
-    g = -grad.detach() if rule.maximize else grad.detach()
-    if rule.weight_decay != 0 and param is not None:
-        g = g + float(rule.weight_decay) * param.detach().to(g.dtype)
+    g = _moment_gradient(rule, grad, param)
 
     def moment(key: str) -> Tensor:
         v = state.get(key)
@@ -305,6 +303,14 @@ def preconditioner(rule: UpdateRule, state: Mapping[str, Tensor], grad: Tensor, 
     return 1.0 / (torch.sqrt(v_used) + float(rule.eps))
 
 
+def _moment_gradient(rule: UpdateRule, grad: Tensor, param: Tensor | None) -> Tensor:
+    """The gradient an adaptive step feeds its moments: s·grad, plus wd·θ under coupled decay."""
+    g = -grad.detach() if rule.maximize else grad.detach()
+    if rule.coupled_shift != 0 and param is not None:
+        g = g + rule.coupled_shift * param.detach().to(g.dtype)
+    return g
+
+
 def adam_preconditioner(rule: UpdateRule, exp_avg_sq: Tensor | None, grad: Tensor,
                         max_exp_avg_sq: Tensor | None = None, param: Tensor | None = None) -> Tensor:
     """D = 1/(√(v_used/(1 − β2^(step+1))) + ε), the diagonal the real Adam step divides by.
@@ -317,11 +323,7 @@ def adam_preconditioner(rule: UpdateRule, exp_avg_sq: Tensor | None, grad: Tenso
     Same shape as the parameter, dtype of ``grad`` promoted with the state.
     """
     b2 = float(rule.beta2)
-    g = grad.detach()
-    if rule.maximize:
-        g = -g
-    if rule.kind == "adam" and rule.weight_decay != 0 and param is not None:
-        g = g + float(rule.weight_decay) * param.detach().to(g.dtype)
+    g = _moment_gradient(rule, grad, param)
     v = torch.zeros_like(g) if exp_avg_sq is None else exp_avg_sq.detach().to(torch.result_type(g, exp_avg_sq))
     v_used = b2 * v + (1.0 - b2) * g * g
     if rule.amsgrad and max_exp_avg_sq is not None:
@@ -363,6 +365,12 @@ def _eig_rows(eig: Tensor, p: int) -> Tensor:
     return eig
 
 
+def _single_state(rule: UpdateRule) -> bool:
+    """Maps on θ alone, μ = 1 − coef·λ': GD-like kinds, and momentum kinds before their buffer exists."""
+    return rule.kind in ("sgd", "gd_fallback", "rmsprop", "adagrad") or (
+        rule.kind in ("sgd_momentum", "nesterov", "rmsprop_momentum") and not rule.has_buffer)
+
+
 def _char_poly(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float, float]:
     """Per direction (N, p): T and Dt of μ² − Tμ + Dt (Dt None: single-state map μ = T).
 
@@ -382,18 +390,12 @@ def _char_poly(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor | 
     else:
         lam_eff = s * lam + rule.coupled_shift
     kind = rule.kind
-    if kind in ("rmsprop", "adagrad") or (kind == "rmsprop_momentum" and not rule.has_buffer):
-        x = rule.step_lr * lam_eff
-        return 1.0 - x, None, x == 0, lam, 1.0, 1.0
-    if kind == "rmsprop_momentum":
-        beta = float(rule.momentum)
-        x = alpha * lam_eff
-        return 1.0 + beta - x, torch.full_like(x, beta), x == 0, lam, 1.0, beta
-    if kind in ("sgd", "gd_fallback") or (kind in ("sgd_momentum", "nesterov") and not rule.has_buffer):
-        coef = alpha * (1.0 + rule.momentum) if kind == "nesterov" else alpha
+    # RMSprop and Adagrad are GD / heavy ball (d = 0) on λ̃, with Adagrad's decayed step α_t
+    if _single_state(rule):
+        coef = alpha * (1.0 + rule.momentum) if kind == "nesterov" else rule.step_lr
         x = coef * lam_eff
         return 1.0 - x, None, x == 0, lam, 1.0, 1.0
-    if kind == "sgd_momentum":
+    if kind in ("sgd_momentum", "rmsprop_momentum"):
         beta, d = float(rule.momentum), float(rule.dampening)
         x = alpha * (1.0 - d) * lam_eff
         return 1.0 + beta - x, torch.full_like(x, beta), x == 0, lam, 1.0, beta
@@ -525,15 +527,11 @@ def stability_threshold(rule: UpdateRule) -> float:
         return num / den
 
     kind = rule.kind
-    if kind in ("rmsprop", "adagrad") or (kind == "rmsprop_momentum" and not rule.has_buffer):
-        return div(2.0, rule.step_lr)
-    if kind == "rmsprop_momentum":
-        return div(2.0 * (1.0 + beta), alpha)
-    if kind in ("sgd", "gd_fallback") or (kind == "sgd_momentum" and not rule.has_buffer):
-        return div(2.0, alpha)
     if kind == "nesterov" and not rule.has_buffer:
         return div(2.0, alpha * (1.0 + beta))
-    if kind == "sgd_momentum":
+    if _single_state(rule):
+        return div(2.0, rule.step_lr)
+    if kind in ("sgd_momentum", "rmsprop_momentum"):
         return div(2.0 * (1.0 + beta), alpha * (1.0 - d))
     if kind == "nesterov":
         return div(2.0 * (1.0 + beta), alpha * (1.0 + 2.0 * beta - beta * d))
