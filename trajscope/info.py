@@ -20,7 +20,7 @@ from rich.table import Table
 from trajscope import results
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.run import Run, open_run
-from trajscope.trust import TrustPolicy
+from trajscope.trust import TrustPolicy, loss_spec
 from trajscope.trust import allowed as trust_allowed
 
 
@@ -93,9 +93,8 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
 
 def _trust_text(run: Run) -> str:
     """What analysing the run would import, and whether that needs --trust (trajscope.trust)."""
-    m, loss = run.attrs["model"], run.attrs.get("loss")
-    named = [s for s in (m.get("spec"), (loss.get("class") or loss.get("function")) if isinstance(loss, dict) else None)
-             if isinstance(s, str)]
+    m = run.attrs["model"]
+    named = [s for s in (m.get("spec"), loss_spec(run.attrs.get("loss"))) if isinstance(s, str)]
     program = ["the exported program"] if m.get("exported") and not m.get("spec") else []
     if TrustPolicy(run.path, run.attrs).signed:
         return "signed by you: analysed without --trust"
@@ -187,7 +186,7 @@ def analysis_summary(run_dir: Path) -> str:
     advice to rebuild it. A store that is merely behind the run is not damaged: ``trajscope
     analyze`` goes on from its last analysed checkpoint."""
     path = run_dir / results.STORE_NAME
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    if not results.results_exist(run_dir):
         return f"none yet (trajscope analyze {run_dir})"
 
     def damaged(why: str) -> TrajscopeError:

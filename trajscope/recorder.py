@@ -349,10 +349,7 @@ class Recorder:
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         # optimizer.step(closure) (Lightning, LBFGS): the batch and the gradient of this step are made
         # inside the closure, after this hook; the step is taken when the closure first returns.
-        try:
-            found = _closure_of(args, kwargs)
-        except Exception:
-            found = None
+        found = _closure_of(args, kwargs)
         if found is not None:
             return self._defer_to_closure(*found, args, kwargs)
         self._take_step()
@@ -440,7 +437,7 @@ class Recorder:
                     hp[g, self._hparam_names.index(k)] = v
         micro = self._micro if self._batch_step == step else []
         spec, leaves = self._join(micro) if micro else (None, [])
-        loss = self._step_loss(micro if micro else [None], self._explicit_losses if self._batch_step == step else [])
+        loss = self._step_loss(micro, self._explicit_losses if self._batch_step == step else [])
         self._micro, self._hook_losses, self._explicit_losses = [], [], []
         return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
                         hparams=hp, state_layout=layout, state=state, batch_spec=spec, batch=leaves)
@@ -464,8 +461,9 @@ class Recorder:
 
     def _step_loss(self, micro: list, explicit: list) -> float:
         """The loss of the step's whole batch from the micro-batch losses: their sum under a summing
-        loss, else their mean weighted by micro-batch size (the mean over the joined batch)."""
-        k = len(micro)
+        loss, else their mean weighted by micro-batch size (the mean over the joined batch). No
+        micro-batch (no batch() this step) counts as one: the loss seen is the step's."""
+        k = max(1, len(micro))
         values = explicit if len(explicit) == k else self._hook_losses if len(self._hook_losses) == k else None
         if values is None:  # not one loss per micro-batch: the last one seen, as without accumulation
             last = explicit[-1] if explicit else self._hook_losses[-1] if self._hook_losses else None

@@ -437,9 +437,10 @@ class Results:
 
 
 def results_exist(run_dir: str | Path) -> bool:
-    """Whether the run has an analysis store (complete or not): its folder exists and is not empty."""
+    """Whether the run has an analysis store, complete or not: anything but nothing or an empty folder
+    (a file in its place counts, so that it is reported as damaged rather than written over)."""
     path = _store_path(run_dir)
-    return path.is_dir() and any(path.iterdir())
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
 
 
 def discard_partial_stores(run_dir: str | Path) -> None:

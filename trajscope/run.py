@@ -19,7 +19,7 @@ from torch import nn
 from trajscope import capture
 from trajscope.errors import TrajscopeError
 from trajscope.store import TrajectoryReader
-from trajscope.trust import TrustPolicy
+from trajscope.trust import TrustPolicy, loss_spec
 
 
 @dataclass
@@ -173,8 +173,8 @@ class Run:
         """The recorded loss (or ``spec``/``kwargs`` chosen by the caller), under :mod:`trajscope.trust`."""
         desc = self.attrs.get("loss")
         if spec is None and desc is not None:
-            named = desc.get("class", desc.get("function")) if isinstance(desc, Mapping) else None
-            if not isinstance(named, str):
+            named = loss_spec(desc)
+            if named is None:
                 raise TrajscopeError(f"{self.path}: the run's loss description is malformed ({desc!r}): "
                                      f"pass --loss package.module:LossClass")
             TrustPolicy(self.path, self.attrs, trust).require("loss", named, "--loss package.module:LossClass")

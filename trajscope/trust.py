@@ -53,6 +53,12 @@ ALLOWED: dict[str, str] = {
 }
 
 
+def loss_spec(desc: Any) -> str | None:
+    """The code a run's loss description names (``class`` or ``function``); None if it names none."""
+    spec = (desc.get("class") or desc.get("function")) if isinstance(desc, Mapping) else None
+    return spec if isinstance(spec, str) else None
+
+
 def allowed(spec: str | None) -> bool:
     """Whether ``spec`` may be imported and called without trust (exact match, no prefixes)."""
     return isinstance(spec, str) and spec in ALLOWED

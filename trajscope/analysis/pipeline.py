@@ -49,6 +49,7 @@ from trajscope.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, Results
                                results_exist)
 from trajscope.run import Checkpoint, Run, open_run
 from trajscope.runlock import analysis_lock
+from trajscope.trust import loss_spec
 from trajscope.store import find_runs
 
 NOT_COMPUTED = 255  # label code written when a run has no batches (kinematics only)
@@ -289,8 +290,7 @@ class _Analyser:
 
 def _loss_override(run: Run, spec: str | None, loss_fn: Callable) -> str | None:
     """A note when ``--loss`` names another loss than the recorded one: the replay then differs from training."""
-    desc = run.attrs.get("loss")
-    recorded = (desc.get("class") or desc.get("function")) if isinstance(desc, Mapping) else None
+    recorded = loss_spec(run.attrs.get("loss"))
     if spec is None or recorded is None:
         return None
     obj = loss_fn if not isinstance(loss_fn, torch.nn.Module) else type(loss_fn)
