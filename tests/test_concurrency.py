@@ -144,6 +144,17 @@ def test_damaged_analysis_store_is_an_error_not_a_fresh_start(tmp_path, capsys, 
     assert after == before          # nothing appended, nothing removed
 
 
+def test_a_file_in_place_of_the_analysis_store_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    simple_run(run, steps=3)
+    (run / "analysis.zarr").write_text("not a store")
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "analysis.zarr" in err and "move it aside" in err, err
+    assert (run / "analysis.zarr").read_text() == "not a store"
+
+
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
