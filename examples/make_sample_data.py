@@ -81,8 +81,11 @@ scikit-learn's digits (pixels / 16), mini-batches of 64, SGD lr {LR}, {steps} st
 - the second hidden layer and the output layer form a parameter group with weight decay {WD}
   (the first layer has none);
 - the last steps {spike.start}-{spike.stop - 1} use lr {SPIKE_LR}, far above the stability threshold.
-Expected labels: plateaus (dead first-layer units), degenerate sinks (dead second-layer units
-collapsing under weight decay), sources (lr phase), healthy sinks (second layer, live units).
+Expected labels (default preset): plateaus (the dead first-layer units, reason dead; and a few
+live units that fire on few samples and whose motion carries under 1/100 of an equal share of the
+loss decrease, reason flat_motion), healthy sinks (most live units of every layer), plateaus and
+then degenerate sinks (the dead second-layer units: weight decay alone shrinks them until they
+collapse), sources (lr phase: the output layer and second layer at step 290).
 """)
     return run
 
@@ -118,7 +121,9 @@ regressing a random tanh teacher (targets × 3) on 128 Gaussian inputs, full-bat
 (SGD, lr {lr}, so 2/lr = {2 / lr:g}; weight decay {wd}, so every direction of every node is acted on),
 {steps} steps recorded every 10 steps with a window of 2.
 Sharpness rises until it reaches 2/lr and then hovers there (the edge of stability), while every
-node block stays below it (each node's λ_max ≤ sharpness): the nodes stay sinks.
+node block stays below it (each node's λ_max ≤ sharpness): the nodes stay sinks (a few percent,
+whose motion is weight decay's alone and carries under 1/100 of an equal share of the loss
+decrease, are flat-motion plateaus).
 """)
     return run
 

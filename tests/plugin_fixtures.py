@@ -117,6 +117,8 @@ def synthetic_run(seed: int = 0, layers: Mapping[str, int] = LAYERS, n_steps: in
                 "param_norm": param.astype(np.float32),
                 "rho": rho.astype(np.float32),
                 "drift": drift.astype(np.float32),
+                "motion_radius": (r * rng.uniform(0.9, 1.0, size=n)).astype(np.float32),
+                "loss_share": np.where(lab == 2, 1e-3, rng.uniform(0.2, 3.0, size=n)).astype(np.float32),
                 "null_dims": null,
                 "neutral_dims": neutral,
                 "label": lab,
@@ -225,7 +227,9 @@ def build_real_logdir(tmp_path: Path) -> Path:
     torch.set_num_threads(1)  # a tiny model: more threads only contend on a shared machine
     try:
         run_dir = record_real_run(logdir / REAL_RUN)
-        trajscope.analyze(run_dir)
+        # the acted preset: its layer-0 map expands in the late phase, so the first layer the
+        # dashboard shows holds every label but degenerate (the default labels layer 0's motion a sink)
+        trajscope.analyze(run_dir, preset="acted")
     finally:
         torch.set_num_threads(threads)
     return logdir

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trajscope.analysis.labels import (
-    LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta, stable_labels,
+    LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, motion_from_eigs, resolve_delta, stable_labels,
 )
 from trajscope.analysis.updatemap import UpdateRule, node_update_spectra, update_rule
 from trajscope.errors import TrajscopeError
@@ -27,7 +27,7 @@ def linreg_eigs(n_in: int = 3, batch: int = 20, seed: int = 0) -> torch.Tensor:
     return ev[ev > 1e-9 * ev[0]][None, :]
 
 
-def run_classify(spectra, config=LabelConfig(), delta=1e-3, param_norm=None, ref=None, grad=None, hess_min=None, loss=1.0):
+def run_classify(spectra, config=LabelConfig(preset="acted"), delta=1e-3, param_norm=None, ref=None, grad=None, hess_min=None, loss=1.0):
     n = spectra.radius.shape[0]
     one = torch.ones(n)
     return classify(spectra, one if param_norm is None else param_norm, one if ref is None else ref,
@@ -43,7 +43,7 @@ def test_linear_regression_below_at_above_two_over_lambda_max(factor, label, rea
     eig = linreg_eigs()
     lam_max, lam_min = float(eig[0, 0]), float(eig[0, -1])
     lr = factor / lam_max
-    config = LabelConfig()
+    config = LabelConfig(preset="acted")
     delta = resolve_delta(config, total_steps=1000)
     assert delta == 1e-3 and lr * lam_min > delta  # the smallest direction contracts visibly
     sp = node_update_spectra(eig, eig.shape[1], update_rule("SGD", {"lr": lr}, None))
@@ -80,14 +80,14 @@ def test_weight_decay_collapsed_node_is_degenerate_sink():
     sp = node_update_spectra(torch.zeros(3, 0, dtype=F64), 4, rule)
     assert sp.null_dims.tolist() == [0, 0, 0]  # wd acts on every direction: μ = 1 − α·wd
     assert torch.allclose(sp.mu_abs, torch.full((3, 4), 1 - lr * wd, dtype=F64))
-    config = LabelConfig()
+    config = LabelConfig(preset="acted")
     delta = resolve_delta(config, steps)
     now = w.detach().norm(dim=1)
     lab, why, _ = run_classify(sp, config, delta, param_norm=now, ref=collapse_reference_norm(config, now, first),
                                grad=torch.zeros(3))
     assert lab.tolist() == [L["degenerate_sink"]] * 3 and why.tolist() == [R["collapsed"]] * 3
     # relative to the layer median, only nodes far below the median collapse
-    med = LabelConfig(collapse_reference="layer_median")
+    med = LabelConfig(preset="acted", collapse_reference="layer_median")
     lab, _, _ = run_classify(sp, med, delta, param_norm=now, ref=collapse_reference_norm(med, now), grad=torch.zeros(3))
     assert lab[2] == L["healthy_sink"]
     # the seed preset calls the same node a plateau: H has zero eigenvalues (σ_min = 0)
@@ -105,7 +105,7 @@ def test_null_directions_are_plateau_under_seed_but_not_under_acted(wd):
     lr = 1.0 / float(eig[0, 0])
     sp = node_update_spectra(eig, 6, update_rule("SGD", {"lr": lr, "weight_decay": wd}, None))
     assert int(sp.null_dims[0]) == (2 if wd == 0 else 0) and int(sp.zero_eig_dims[0]) == 2
-    acted = LabelConfig()
+    acted = LabelConfig(preset="acted")
     lab, why, _ = run_classify(sp, acted, 1e-3, hess_min=torch.zeros(1))
     assert (int(lab[0]), int(why[0])) == (L["healthy_sink"], R["contracting"])
     seed = LabelConfig(preset="seed")
@@ -136,13 +136,13 @@ def test_seed_preset_literal_rules():
     sp = node_update_spectra(torch.tensor([[2.005, 0.5]], dtype=F64), 2, rule)
     assert int(run_classify(sp, seed, 0.01)[0][0]) == L["plateau"]
     assert int(run_classify(sp, seed, 0.01)[1][0]) == R["seed_unit_eigenvalue"]
-    assert int(run_classify(sp, LabelConfig(), 1e-3)[0][0]) == L["source"]
+    assert int(run_classify(sp, LabelConfig(preset="acted"), 1e-3)[0][0]) == L["source"]
 
 
 def test_delta_resolution_and_config_validation():
-    assert resolve_delta(LabelConfig(), 10_000) == 1e-4
-    assert resolve_delta(LabelConfig(), 10) == 0.01     # never looser than the seed's band
-    assert resolve_delta(LabelConfig(delta=0.05), 10_000) == 0.05
+    assert resolve_delta(LabelConfig(preset="acted"), 10_000) == 1e-4
+    assert resolve_delta(LabelConfig(preset="acted"), 10) == 0.01     # never looser than the seed's band
+    assert resolve_delta(LabelConfig(preset="acted", delta=0.05), 10_000) == 0.05
     for bad in [dict(preset="x"), dict(collapse_reference="mean"), dict(delta=-1.0), dict(stable_window=0)]:
         with pytest.raises(TrajscopeError):
             LabelConfig(**bad)
@@ -165,7 +165,7 @@ def test_nonfinite_inputs_do_not_crash():
     sp = node_update_spectra(eig, 3, UpdateRule("sgd_momentum", 0.5, momentum=0.9, has_buffer=True))
     pn = torch.tensor([1.0, 1.0, 1.0, math.nan, 1.0])
     grad = torch.tensor([1.0, 1.0, 1.0, 1.0, math.nan])
-    for config in [LabelConfig(), LabelConfig(preset="seed")]:
+    for config in [LabelConfig(preset="acted"), LabelConfig(preset="seed")]:
         lab, why, neutral = run_classify(sp, config, resolve_delta(config, 100), param_norm=pn, grad=grad,
                                          hess_min=torch.tensor([0.5, math.nan, 0.5, 0.5, 0.5]), loss=math.nan)
         assert lab.shape == (5,) and neutral.shape == (5,)
@@ -173,5 +173,89 @@ def test_nonfinite_inputs_do_not_crash():
         assert lab[2] == L["source"] and why[2] == R["nonfinite"]  # infinite curvature: |μ| = inf
         assert lab[3] == L["source"] and why[3] == R["nonfinite"]
         assert lab[0] != L["source"]
-    lab, why, _ = run_classify(sp, LabelConfig(), 0.01, loss=None)
+    lab, why, _ = run_classify(sp, LabelConfig(preset="acted"), 0.01, loss=None)
     assert lab.shape == (5,)
+
+
+# ----------------------------------------------------------------------------- excited preset
+def excited(eig, u, lr=1.0, share=None, grad=None, delta=1e-3, param_norm=None, ref=None):
+    """Label one node with an explicit block H = V diag(eig) Vᵀ (V = I) and motion u: λ_u = uᵀHu/uᵀu by hand."""
+    eig = torch.as_tensor(eig, dtype=F64)[None, :]
+    u = torch.as_tensor(u, dtype=F64)
+    rule = update_rule("SGD", {"lr": lr}, None)
+    sp = node_update_spectra(eig, eig.shape[1], rule)
+    lam_u = (eig[0, : u.numel()] * u * u).sum() / (u * u).sum()
+    motion = (*motion_from_eigs(lam_u.reshape(1), rule), torch.tensor([1.0 if share is None else share], dtype=F64))
+    one = torch.ones(1, dtype=F64)
+    return classify(sp, one if param_norm is None else torch.tensor([param_norm], dtype=F64),
+                    one if ref is None else torch.tensor([ref], dtype=F64),
+                    one if grad is None else torch.tensor([grad], dtype=F64), eig[:, -1], 1.0,
+                    LabelConfig(), delta, motion=motion, hess_max=eig[:, 0])
+
+
+def names(out):
+    lab, why, _ = out
+    return LABELS[int(lab[0])], REASONS[int(why[0])]
+
+
+def test_motion_from_eigs_are_the_map_roots_of_the_motion_curvature():
+    lam = torch.tensor([0.0, 0.5, 2.0, 2.4, -0.1, math.nan], dtype=F64)
+    radius, neutral = motion_from_eigs(lam, update_rule("SGD", {"lr": 1.0}, None))
+    mu = 1 - lam[:5]
+    assert torch.allclose(radius[:5], mu.abs()) and torch.allclose(neutral[:5], (mu - 1).abs())
+    assert math.isnan(radius[5]) and math.isnan(neutral[5])
+    # heavy ball: roots of z² − (1 + β − αλ) z + β
+    beta, a = 0.9, 0.05
+    radius, neutral = motion_from_eigs(torch.tensor([a], dtype=F64), update_rule("SGD", {"lr": 1.0, "momentum": beta},
+                                                                                  {"momentum_buffer": 1}))
+    roots = torch.linalg.eigvals(torch.tensor([[1 + beta - a, -beta], [1.0, 0.0]], dtype=F64))
+    assert float(radius[0]) == pytest.approx(float(roots.abs().max()), rel=1e-12)
+    assert float(neutral[0]) == pytest.approx(float((roots - 1).abs().min()), rel=1e-12)
+
+
+def test_excited_ignores_directions_the_motion_does_not_carry():
+    """The digits case: a live unit with tiny eigenvalues from low-variance pixels, moving along its
+    strongly curved direction, is a healthy sink (acted: plateau)."""
+    eig = [0.5, 1e-7]
+    assert names(excited(eig, [1.0, 0.0])) == ("healthy_sink", "contracting")
+    sp = node_update_spectra(torch.tensor([eig], dtype=F64), 2, update_rule("SGD", {"lr": 1.0}, None))
+    assert names(run_classify(sp, LabelConfig(preset="acted"), 1e-3)) == ("plateau", "neutral_direction")
+    # moving along the flat direction with no share of the loss decrease: a plateau; with a share: not
+    assert names(excited(eig, [0.0, 1.0], share=1e-3)) == ("plateau", "flat_motion")
+    assert names(excited(eig, [0.0, 1.0], share=0.5)) == ("healthy_sink", "contracting")
+
+
+def test_excited_negative_curvature_is_a_source_only_when_the_motion_feels_it():
+    """The edge-of-stability case: λ_min = −0.09 at lr 0.05 gives |μ| = 1.0045 > 1 + δ."""
+    eig, lr, delta = [30.0, -0.09], 0.05, 0.004
+    sp = node_update_spectra(torch.tensor([eig], dtype=F64), 2, update_rule("SGD", {"lr": lr}, None))
+    assert names(run_classify(sp, LabelConfig(preset="acted"), delta)) == ("source", "expanding")
+    assert names(excited(eig, [1.0, 0.01], lr=lr, delta=delta)) == ("healthy_sink", "contracting")
+    assert names(excited(eig, [0.0, 1.0], lr=lr, delta=delta)) == ("source", "expanding")
+    # the period-2 oscillation at 2/η (μ_u = −1) is a sink, not a plateau and not a source
+    assert names(excited([40.0, 1.0], [1.0, 0.0], lr=lr, delta=delta)) == ("healthy_sink", "contracting")
+    assert names(excited([44.0, 1.0], [1.0, 0.0], lr=lr, delta=delta)) == ("source", "expanding")
+
+
+def test_excited_dead_and_collapsed_nodes():
+    # no curvature and no gradient: dead, even when weight decay contracts it (acted: healthy sink)
+    assert names(excited([0.0, 0.0], [1.0, 1.0], grad=0.0)) == ("plateau", "dead")
+    # collapsed: degenerate sink before any plateau reason
+    assert names(excited([0.0, 0.0], [1.0, 1.0], grad=0.0, param_norm=0.05, ref=1.0)) == ("degenerate_sink", "collapsed")
+    # a node with no motion and a gradient-free, curved block sits at its fixed point: a sink
+    out = classify(node_update_spectra(torch.tensor([[0.5]], dtype=F64), 1, update_rule("SGD", {"lr": 1.0}, None)),
+                   torch.ones(1), torch.ones(1), torch.zeros(1), torch.tensor([0.5]), 1.0, LabelConfig(), 1e-3,
+                   motion=(torch.tensor([math.nan]), torch.tensor([math.nan]), torch.tensor([0.0])),
+                   hess_max=torch.tensor([0.5]))
+    assert names(out) == ("healthy_sink", "contracting")
+
+
+def test_excited_delta_comes_from_the_horizon():
+    cfg = LabelConfig()
+    assert cfg.preset == "excited"
+    assert resolve_delta(cfg, 20_000, horizon=250) == pytest.approx(0.004)
+    assert resolve_delta(cfg, 20_000, horizon=10) == 0.01           # capped at the seed's band
+    assert resolve_delta(cfg, 20_000) == pytest.approx(1 / 20_000)  # no horizon known: the run
+    assert resolve_delta(LabelConfig(preset="acted"), 20_000, horizon=250) == pytest.approx(1 / 20_000)
+    with pytest.raises(TrajscopeError):
+        LabelConfig(share_min=-1)

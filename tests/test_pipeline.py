@@ -93,7 +93,7 @@ def test_linear_regression_closed_form(tmp_path, case, lr_factor, label, reason)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     record(tmp_path / "run", model, opt, nn.MSELoss(), [(X, y)] * steps, **linear_spec(3))
 
-    res = only(trajscope.analyze(tmp_path / "run", dtype="float64", delta=DELTA_LIN))
+    res = only(trajscope.analyze(tmp_path / "run", dtype="float64", delta=DELTA_LIN, preset="acted"))
     assert list(res.steps) == list(range(steps - 1))   # the last step has no recorded successor
     assert res.attrs["delta"] == DELTA_LIN
     assert list(res.layers) == [""] and res.layers[""] == 1
@@ -131,6 +131,42 @@ def test_linear_regression_closed_form(tmp_path, case, lr_factor, label, reason)
         np.testing.assert_allclose(rho[-4:], radius, rtol=1e-6)
 
 
+@pytest.mark.parametrize("lr_factor", [1.0, 2.0, 2.4])
+def test_linear_regression_excited_preset_follows_the_motion(tmp_path, lr_factor):
+    """The default preset on the same closed form: λ_u = uᵀHu/uᵀu of the recorded motion
+    u = θ_{t+1} − θ_t with H = (2/B)AᵀA, μ_u = 1 − αλ_u. At α = 2/λ_max the motion becomes the
+    period-2 oscillation along the top direction (μ_u → −1): a sink, not a plateau; above it the
+    motion expands (μ_u → −1.4): a source once it dominates."""
+    X, y, A = regression_problem()
+    lr = lr_factor / LAM_MAX
+    steps = 30
+    model = make_linear(3, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.3, 0.2]], dtype=F64))
+        model.bias.fill_(-0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    record(tmp_path / "run", model, opt, nn.MSELoss(), [(X, y)] * steps, **linear_spec(3))
+    res = only(trajscope.analyze(tmp_path / "run", dtype="float64", delta=DELTA_LIN))
+    assert res.attrs["label_config"]["preset"] == "excited"
+    run = trajscope.open_run(tmp_path / "run")
+    H = 2 / B_LIN * A.T @ A
+    want_label, want_radius = [], []
+    for t in res.steps:
+        u = node_rows(run.params(int(t) + 1), "")[0] - node_rows(run.params(int(t)), "")[0]
+        mu = 1 - lr * float(u @ H @ u) / float(u @ u)
+        want_radius.append(abs(mu))
+        want_label.append(LABEL["source"] if abs(mu) > 1 + DELTA_LIN else LABEL["healthy_sink"])
+    np.testing.assert_allclose(res.node("", "motion_radius")[:, 0], want_radius, rtol=1e-6)
+    np.testing.assert_array_equal(res.node("", "label")[:, 0], want_label)
+    assert res.node("", "loss_share")[:, 0] == pytest.approx(1.0)   # the only node: the whole decrease
+    if lr_factor == 2.4:
+        assert (res.node("", "label")[-10:, 0] == LABEL["source"]).all()
+    else:
+        assert (res.node("", "label")[:, 0] == LABEL["healthy_sink"]).all()   # acted: plateau at 2.0
+    if lr_factor == 2.0:
+        np.testing.assert_allclose(want_radius[-3:], 1.0, atol=1e-6)
+
+
 # =========================================================================== 2. dead ReLU node
 @pytest.mark.parametrize("curvature", ["ggn", "exact"])
 def test_dead_relu_node_is_plateau(tmp_path, curvature):
@@ -159,7 +195,8 @@ def test_dead_relu_node_is_plateau(tmp_path, curvature):
 
 
 # =========================================================================== 3. weight decay collapses a node
-def test_weight_decay_collapses_a_gradient_free_node(tmp_path):
+@pytest.mark.parametrize("preset", ["excited", "acted"])
+def test_weight_decay_collapses_a_gradient_free_node(tmp_path, preset):
     sizes = (3, 4, 2)
     lr, wd, steps = 0.1, 1.0, 30
     model = make_mlp(sizes)
@@ -168,7 +205,7 @@ def test_weight_decay_collapses_a_gradient_free_node(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
     record(tmp_path / "run", model, opt, nn.MSELoss(), batches(steps, 3, 2), **mlp_spec(sizes))
 
-    res = only(trajscope.analyze(tmp_path / "run", dtype="float64"))
+    res = only(trajscope.analyze(tmp_path / "run", dtype="float64", preset=preset))
     c = 1.0 - lr * wd                       # 0.9
     node = {m: res.node("0", m)[:, 2] for m in res.metrics("0")}
     steps_an = res.steps
@@ -178,12 +215,15 @@ def test_weight_decay_collapses_a_gradient_free_node(tmp_path):
     assert (node["grad_norm"] == 0.0).all() and (node["hess_max"] == 0.0).all()
     assert (node["null_dims"] == 0).all()   # decay acts on every direction (μ = 1 − α·wd)
     np.testing.assert_allclose(node["param_norm"] / node["param_norm"][0], c ** steps_an.astype(float), rtol=1e-6)
-    # collapsed once ‖θ_t‖ <= 0.1 · ‖θ_0‖: 0.9^21 = 0.109, 0.9^22 = 0.098 → from step 22 on
-    want = np.where(steps_an >= 22, LABEL["degenerate_sink"], LABEL["healthy_sink"])
+    # collapsed once ‖θ_t‖ <= 0.1 · ‖θ_0‖: 0.9^21 = 0.109, 0.9^22 = 0.098 → from step 22 on;
+    # before that the excited preset calls it dead (no curvature, no gradient: decay alone moves it),
+    # the acted one a healthy sink (decay contracts every direction)
+    before = LABEL["plateau"] if preset == "excited" else LABEL["healthy_sink"]
+    want = np.where(steps_an >= 22, LABEL["degenerate_sink"], before)
     np.testing.assert_array_equal(node["label"], want)
     assert (node["reason"][steps_an >= 22] == reason_code(res, "collapsed")).all()
     # the stable label follows after the label has held 3 checkpoints (22, 23, 24)
-    want_stable = np.where(steps_an >= 24, LABEL["degenerate_sink"], LABEL["healthy_sink"])
+    want_stable = np.where(steps_an >= 24, LABEL["degenerate_sink"], before)
     np.testing.assert_array_equal(node["stable_label"], want_stable)
 
 

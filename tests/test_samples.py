@@ -57,8 +57,13 @@ def test_digits_mlp_shows_every_label(tmp_path):
     assert (res.node("0", "label")[first, :6] == PLATEAU).all()
     assert all(trajscope.results.open_results(run).attrs["reasons"][r] == "dead" for r in dead0)
     assert (res.node("0", "grad_norm")[first, :6] == 0).all()
-    # second layer (weight decay): healthy sinks at first, dead units collapsed to degenerate sinks later
-    assert (c2[first, HEALTHY] == 16).all()
+    # the live units are not plateaus because of their low-variance pixels' tiny eigenvalues (issue
+    # #12: the acted preset called all 32 plateaus): most are healthy sinks
+    assert (c0[first, HEALTHY] >= 20).all()
+    # second layer (weight decay): its dead units 0-3 decay under weight decay alone (plateau, dead),
+    # then collapse to degenerate sinks; the live units are healthy sinks
+    assert (res.node("2", "label")[first, :4] == PLATEAU).all()
+    assert (c2[first, HEALTHY] >= 10).all()
     assert (res.node("2", "label")[middle, :4] == DEGENERATE).all()
     assert (c2[middle, HEALTHY] > 0).all()
     # the too-large learning rate phase makes sources
@@ -66,7 +71,14 @@ def test_digits_mlp_shows_every_label(tmp_path):
     assert all(c.sum() > 0 for c in (c0[:, PLATEAU], c2[:, DEGENERATE], c2[:, HEALTHY]))
 
 
-def test_eos_regression_sharpness_hovers_at_threshold_while_nodes_stay_sinks(tmp_path):
+def test_digits_mlp_acted_preset_calls_the_whole_first_layer_plateau(tmp_path):
+    """The observation behind issue #12, kept as the acted preset's behaviour."""
+    run = _copy("digits_mlp", tmp_path)
+    res = trajscope.analyze(run, steps=(0, 11), sharpness=False, preset="acted")[run]
+    assert (_counts(res, "0")[:, PLATEAU] == 32).all()
+
+
+def test_eos_regression_sharpness_hovers_at_threshold_while_nodes_stay(tmp_path):
     run = _copy("eos_regression", tmp_path)
     res = trajscope.analyze(run, stride=2)[run]
     sharp, thr = res.global_series("sharpness"), res.global_series("threshold")
@@ -76,8 +88,15 @@ def test_eos_regression_sharpness_hovers_at_threshold_while_nodes_stay_sinks(tmp
     # the stated band: late sharpness within [0.9, 1.1] × 2/α (progressive sharpening, then the edge)
     assert (late > 0.9 * 2 / lr).all() and (late < 1.1 * 2 / lr).all()
     assert sharp[0] < 0.8 * 2 / lr  # it started well below and rose
+    flat = res.attrs["reasons"].index("flat_motion")
     for layer in res.layers:
-        assert (res.node(layer, "label") == HEALTHY).all(), layer
+        lab = res.node(layer, "label")
+        # no node leaves: sinks, but for a few whose motion is weight decay's alone (|μ_u| = 1 − α·wd)
+        # and carries under 1/100 of an equal share of the loss decrease: flat-motion plateaus
+        assert np.isin(lab, (HEALTHY, PLATEAU)).all() and (lab == HEALTHY).mean() > 0.9, layer
+        plateau = lab == PLATEAU
+        assert (res.node(layer, "reason")[plateau] == flat).all()
+        assert (np.abs(res.node(layer, "loss_share")[plateau]) < 0.01).all()
         assert (res.node(layer, "hess_max") <= sharp[:, None] * (1 + 1e-4)).all()
 
 

@@ -417,7 +417,7 @@ def spectra_of(mu_rows, null=None, p=None, zero=None) -> NodeSpectra:
 
 
 def run_classify(sp, cfg=None, delta=1e-3, pn=None, ref=None, grad=None, hmin=None, loss=1.0):
-    cfg = cfg or LabelConfig()
+    cfg = cfg or LabelConfig(preset="acted")
     n = sp.radius.shape[0]
     one = torch.ones(n, dtype=F64)
     return classify(sp, one if pn is None else pn, one if ref is None else ref, one if grad is None else grad,
@@ -474,17 +474,17 @@ def test_degenerate_collapse_rule_and_references():
     lab, why, _ = run_classify(sp, pn=pn, ref=ref)
     # ‖θ‖ <= collapse_ratio · reference (0 <= 0 for a node that starts at zero)
     assert lab.tolist() == [L["degenerate_sink"], L["degenerate_sink"], L["healthy_sink"], L["degenerate_sink"]]
-    cfg = LabelConfig(collapse_reference="layer_median")
+    cfg = LabelConfig(preset="acted", collapse_reference="layer_median")
     ref = collapse_reference_norm(cfg, torch.tensor([1.0, 2.0, 3.0, 0.1, 5.0, math.nan], dtype=F64))
     assert ref.tolist() == [2.0] * 6  # odd count of finite norms: the middle one, NaN ignored
-    assert collapse_reference_norm(LabelConfig(), torch.ones(2), torch.tensor([3.0, 4.0])).tolist() == [3.0, 4.0]
+    assert collapse_reference_norm(LabelConfig(preset="acted"), torch.ones(2), torch.tensor([3.0, 4.0])).tolist() == [3.0, 4.0]
 
 
 # Regression test (found in review, fixed): collapse_reference 'layer_median' uses
 # torch.nanmedian, the LOWER median for an even node count: in a 2-node layer the smaller node is
 # its own reference and can never collapse (labels.py:133, pipeline.py:249)
 def test_layer_median_reference_for_an_even_layer():
-    cfg = LabelConfig(collapse_reference="layer_median")
+    cfg = LabelConfig(preset="acted", collapse_reference="layer_median")
     norms = torch.tensor([0.01, 1.0], dtype=F64)
     ref = collapse_reference_norm(cfg, norms)
     lab, why, _ = run_classify(spectra_of([[0.5], [0.5]]), cfg, pn=norms, ref=ref)
@@ -519,7 +519,7 @@ def test_nonfinite_labels():
     sp = node_update_spectra(torch.tensor([[math.nan, 1.0], [1.0, 0.5], [-math.inf, 0.5]], dtype=F64), 3,
                              UpdateRule("sgd", 0.5))
     pn = torch.tensor([1.0, math.inf, 1.0], dtype=F64)
-    for cfg in [LabelConfig(), LabelConfig(preset="seed")]:
+    for cfg in [LabelConfig(preset="acted"), LabelConfig(preset="seed")]:
         lab, why, _ = run_classify(sp, cfg, resolve_delta(cfg, 10), pn=pn)
         assert lab.tolist() == [L["source"]] * 3
         assert why.tolist()[:2] == [R["nonfinite"], R["nonfinite"]]

@@ -54,9 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--curvature", choices=("ggn", "exact"), default="ggn", help="node blocks: Gauss-Newton (default) or exact Hessian")
     g.add_argument("--no-sharpness", action="store_true", help="skip the global sharpness (Lanczos) computation")
     lab = pa.add_argument_group("labels")
-    lab.add_argument("--preset", choices=("acted", "seed"), default="acted", help="label rules: 'acted' (default) judges only the directions the step acts on; 'seed' applies the "
-                     "source paper's literal rules (all p directions, fixed eps constants; docs/concepts.md)")
-    lab.add_argument("--delta", type=float, help="neutral band around |mu|=1, finite and >= 0 (default derived from the run, docs/concepts.md)")
+    lab.add_argument("--preset", choices=("excited", "acted", "seed"), default="excited",
+                     help="label rules (docs/concepts.md): 'excited' (default) judges a node by the directions its "
+                     "recorded motion excites; 'acted' by every direction the step acts on (the rule before the "
+                     "label-validity benchmark); 'seed' by the theory note's literal recipe (all p directions, "
+                     "fixed eps constants)")
+    lab.add_argument("--delta", type=float, help="neutral band around |mu|=1, finite and >= 0 (default: 1/K for K steps "
+                     "between analysed checkpoints, at most 0.01; docs/concepts.md)")
+    lab.add_argument("--share-min", type=float, default=0.01, help="excited preset: a flat-moving node is a plateau when "
+                     "its share of the step's loss decrease is below this fraction of an equal share (default 0.01)")
     lab.add_argument("--collapse-ratio", type=float, default=0.1, help="degenerate sink when ||theta_i|| <= ratio * reference, ratio in [0, 1) (default 0.1)")
     lab.add_argument("--collapse-reference", choices=("first", "layer_median"), default="first", help="reference norm for collapse (default: the node's first analysed norm)")
     lab.add_argument("--stable-window", type=int, default=3, help="checkpoints a label must persist to become the stable label (default 3)")

@@ -11,7 +11,7 @@ Layout of ``RUN/analysis.zarr`` (Zarr v3, readable with plain ``zarr`` and ``xar
                                   and any extra global series (precond_sharpness, n_hvp, ...)
     nodes/<module>/<metric>       (K, N) dimensions ("step", "node"):
                                   float32 hess_max hess_min spectral_radius grad_norm
-                                          param_norm rho drift
+                                          param_norm rho drift motion_radius loss_share
                                   int32   null_dims neutral_dims        (-1 = not computed)
                                   uint8   label stable_label reason     (255 = not computed)
 
@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")  # codes 0..3 (SPEC §7)
-NODE_FLOAT = ("hess_max", "hess_min", "spectral_radius", "grad_norm", "param_norm", "rho", "drift")
+NODE_FLOAT = ("hess_max", "hess_min", "spectral_radius", "grad_norm", "param_norm", "rho", "drift", "motion_radius",
+              "loss_share")
 NODE_INT = ("null_dims", "neutral_dims")
 NODE_U8 = ("label", "stable_label", "reason")
 NODE_METRICS = NODE_FLOAT + NODE_INT + NODE_U8

@@ -80,6 +80,7 @@ __all__ = [
     "node_hessian_extremes",
     "preconditioned_eigvals",
     "bias_group_eigvals",
+    "block_quadratic_forms",
     "dense_blocks",
     "node_gradients",
 ]
@@ -1027,3 +1028,41 @@ def dense_blocks(factor: LayerFactor, nodes: slice | Sequence[int] | None = None
 def node_gradients(grads: Mapping[str, Tensor], layer: NodeLayer) -> Tensor:
     """Per-node gradients ``(N, p)``: rows of ``node_matrix(grads, layer)``."""
     return node_matrix(grads, layer)
+
+
+def block_quadratic_forms(factor: LayerFactor, U: Tensor) -> Tensor:
+    r"""Per-node quadratic forms :math:`q_i = u_i^\top H_i u_i` of the blocks with vectors ``U`` (N, p).
+
+    From the factor, without forming a block: with :math:`H_i = F_i^\top W_i F_i`
+    (:func:`_operands`), :math:`y_i = F_i u_i` (R values) and :math:`q_i = y_i^\top W_i y_i`.
+    ``U`` is cast to the factor's dtype and device; returns ``(N,)`` float64 on the CPU (NaN
+    for a ``"nan"`` factor, 0 for ``"zero"``). Cost: one product of U with the layer's
+    inputs, O(N·R·p) at most (the ``"sqrt"`` form from ``delta`` never forms G_i).
+    """
+    N = factor.n_nodes
+    if factor.form in ("zero", "nan"):
+        return torch.full((N,), 0.0 if factor.form == "zero" else math.nan, dtype=torch.float64)
+    U = U.to(dtype=factor.dtype, device=factor.device)
+    q = torch.empty(N, dtype=torch.float64)
+    idx = torch.arange(N, device=factor.device)
+    with torch.no_grad():
+        for g, pos, ii in _node_groups(factor, idx):
+            u = U[ii]
+            X = factor.X[g]
+            if factor.form == "sqrt" and factor.G is None:   # y[c,j] = Σ_t δ_{c,j,i,t} (X_{j,t}·u_i)
+                Xu = torch.einsum("jtp,np->njt", X, u)
+                y = torch.einsum("cjnt,njt->ncj", factor.delta[:, :, ii], Xu)
+                qi = (y * y).sum((1, 2))
+            else:
+                F, (kind, w) = _operands(factor, g, ii, None)
+                y = torch.einsum("nrp,np->nr", F, u) if F.dim() == 3 else u @ F.mT
+                if kind == "eye":
+                    qi = (y * y).sum(1)
+                elif kind == "diag":
+                    qi = (w * y * y).sum(1)
+                else:
+                    n, B, T = w.shape[:3]
+                    yb = y.reshape(n, B, T)
+                    qi = torch.einsum("njt,njts,njs->n", yb, w, yb)
+            q[pos.cpu()] = qi.to(torch.float64).cpu()
+    return q

@@ -1,9 +1,43 @@
-"""Node labels, reason codes, stable labels and presets (SPEC §7).
+r"""Node labels, reason codes, stable labels and presets (SPEC §7).
 
 Labels (codes used everywhere): 0 ``healthy_sink``, 1 ``degenerate_sink``, 2 ``plateau``
-(non-hyperbolic), 3 ``source``. Precedence: source > plateau > sink.
+(non-hyperbolic), 3 ``source``.
 
-Preset ``"acted"`` (default) looks only at the directions the step acts on (the |μ| in
+Preset ``"excited"`` (default) judges a node by the directions its motion actually excites,
+over the horizon the linearisation is used for. Let u_i be the node's recorded motion
+(θ_{t+1} − θ_t, or the step direction D·g_i when θ_{t+1} is not recorded) and
+
+.. math::  \lambda_u = \frac{\tilde u^\top A_i \tilde u}{\tilde u^\top \tilde u},
+           \qquad \tilde u = D^{-1/2} u_i,
+
+the curvature of the map's operator A_i (H_i for the SGD family, D^{1/2}(s H_i + c)D^{1/2} for
+the adaptive optimizers; :mod:`~trajscope.analysis.updatemap`) along that motion. The roots
+μ_u of the update map of a direction with curvature λ_u say what the step does to the motion:
+``motion_radius`` = max |μ_u| and ``motion_neutral`` = min |μ_u − 1| (``motion_from_eigs``).
+
+1. ``source`` if motion_radius > 1 + δ: the motion itself grows (``expanding``);
+2. ``degenerate_sink`` if ‖θ_i‖ ≤ collapse_ratio · reference                 (``collapsed``);
+3. ``plateau`` if the loss has no curvature at all in the node (H_i = 0) and no gradient,
+   whatever weight decay does (``dead``); if no direction is acted on but the gradient is
+   nonzero (``drifting``); or if min |μ_u − 1| ≤ δ and the node's share of the step's
+   first-order loss decrease, s_i = −g_i·u_i over an equal share Σ_j|s_j|/N (every node of
+   every layer), is below ``share_min`` = 1/100: its motion lies in directions the step barely
+   changes and does not reduce the loss, so it stays as it is within the horizon (``flat_motion``);
+4. ``healthy_sink`` otherwise: the motion contracts (a period-2 oscillation, μ_u ≈ −1 with
+   |μ_u| ≤ 1 + δ, e.g. at the edge of stability, contracts on average and is a sink here).
+
+A direction that carries none of the motion cannot make the node a plateau or a source:
+a live unit's tiny eigenvalues from low-variance inputs, or a slightly negative exact
+curvature at the edge of stability, are not excited by its step.
+
+δ for this preset (``resolve_delta``, ``horizon`` = K training steps between analysed
+checkpoints, the span over which one checkpoint's linear map stands for the dynamics):
+δ = min(1/K, 0.01). A motion with |μ_u| = 1 ± 1/K changes by a factor e^{±1} over the
+horizon ((1 ± 1/K)^K ≈ e^{±1}): one closer to 1 neither converges nor grows before the
+map is re-evaluated; one further from 1 does so appreciably. The cap keeps analyses of
+densely analysed runs no looser than the seed's band.
+
+Preset ``"acted"`` (the default before the label-validity benchmark, docs/concepts.md) looks only at the directions the step acts on (the |μ| in
 :class:`~trajscope.analysis.updatemap.NodeSpectra` ``mu_abs``); with r = max acted |μ|:
 
 1. ``source``  if r > 1 + δ                                           (reason ``expanding``);
@@ -15,7 +49,7 @@ Preset ``"acted"`` (default) looks only at the directions the step acts on (the 
 3. ``degenerate_sink`` if ‖θ_i‖ ≤ collapse_ratio · reference          (``collapsed``);
 4. ``healthy_sink`` otherwise (every acted |μ| < 1 − δ)                (``contracting``).
 
-δ (``resolve_delta``): with T recorded training steps, δ = 1/T: a direction with
+δ for the acted preset (``resolve_delta``): with T recorded training steps, δ = 1/T: a direction with
 |μ| ∈ [1−δ, 1+δ] changes by less than a factor e^{±1} over the whole run
 ((1 ± 1/T)^T ≈ e^{±1}), so within this run it neither contracts nor grows: neutral. δ is
 capped at the seed's own band 0.01 so that short runs are never labelled more loosely
@@ -37,10 +71,12 @@ the seed's positive semi-definite Gauss-Newton block; a negative one counts as <
 The seed gives no value for eps_loss; 1e-4 is used.
 
 Non-finite input (any NaN among the acted |μ| or the radius, or a non-finite ‖θ_i‖): label
-``source`` with reason ``nonfinite`` under both presets — NaN/Inf come from a diverged
+``source`` with reason ``nonfinite`` under every preset — NaN/Inf come from a diverged
 trajectory, which is not a fixed point of any kind, and the label must never be missing.
+A node with neither motion nor gradient has no λ_u (NaN): nothing is excited, so the
+excited preset finds it neither flat nor expanding.
 
-``neutral_dims`` (both presets): acted-on directions with | |μ| − 1 | ≤ δ.
+``neutral_dims`` (every preset): acted-on directions with | |μ| − 1 | ≤ δ.
 """
 from __future__ import annotations
 
@@ -50,17 +86,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trajscope.analysis.updatemap import NodeSpectra
+from trajscope.analysis.updatemap import NodeSpectra, UpdateRule, update_map_eigenvalues
 from trajscope.errors import TrajscopeError
 
 __all__ = [
     "LABELS", "REASONS", "REASON_DOCS", "PRESETS", "LabelConfig", "resolve_delta",
-    "collapse_reference_norm", "classify", "stable_labels",
+    "collapse_reference_norm", "classify", "stable_labels", "motion_from_eigs",
 ]
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")
 HEALTHY_SINK, DEGENERATE_SINK, PLATEAU, SOURCE = range(4)
-PRESETS = ("acted", "seed")
+PRESETS = ("excited", "acted", "seed")
 
 REASON_DOCS: dict[str, str] = {
     "contracting": "healthy sink: every acted-on |mu| < 1 - delta, norm not collapsed",
@@ -68,11 +104,12 @@ REASON_DOCS: dict[str, str] = {
     "neutral_direction": "plateau: some acted-on |mu| within delta of 1",
     "dead": "plateau: no parameter direction acted on (zero effective curvature) and zero gradient",
     "drifting": "plateau: no parameter direction acted on but a nonzero gradient (constant-velocity motion on a flat piece)",
-    "expanding": "source: some |mu| > 1 + delta (seed: > 1 + eps_contract)",
+    "expanding": "source: some |mu| > 1 + delta (excited: along the node's motion; seed: > 1 + eps_contract)",
     "nonfinite": "source: NaN/Inf spectrum or parameter norm (diverged trajectory)",
     "seed_flat_gradient": "seed plateau: gradient norm < eps_grad while loss > eps_loss",
     "seed_zero_curvature": "seed plateau: sigma_min(H_i) < eps_curv",
     "seed_unit_eigenvalue": "seed plateau: some |mu| (all directions) within eps_contract of 1",
+    "flat_motion": "plateau: the step barely changes the node's motion (min |mu_u - 1| <= delta) and it accounts for < share_min of an equal share of the loss decrease",
 }
 REASONS: tuple[str, ...] = tuple(REASON_DOCS)
 _R = {name: i for i, name in enumerate(REASONS)}
@@ -82,14 +119,15 @@ _R = {name: i for i, name in enumerate(REASONS)}
 class LabelConfig:
     """How nodes are labelled (see the module docstring for the rules).
 
-    ``preset`` "acted" | "seed"; ``delta`` δ (None: derived, :func:`resolve_delta`);
+    ``preset`` "excited" | "acted" | "seed"; ``delta`` δ (None: derived, :func:`resolve_delta`);
     ``collapse_ratio`` / ``collapse_reference`` ("first": the node's own first analysed
     norm, "layer_median": the median node norm of its layer at this step) for the acted
     preset's degenerate sinks; ``stable_window`` checkpoints a label must persist to become
-    the stable label; ``eps_*``: the seed preset's literal constants.
+    the stable label; ``share_min``: the excited preset's bound on a plateau's share of the
+    step's loss decrease (× an equal share); ``eps_*``: the seed preset's literal constants.
     """
 
-    preset: str = "acted"
+    preset: str = "excited"
     delta: float | None = None
     collapse_ratio: float = 0.1
     collapse_reference: str = "first"
@@ -99,6 +137,7 @@ class LabelConfig:
     eps_grad: float = 1e-6
     eps_loss: float = 1e-4
     eps_curv: float = 1e-4
+    share_min: float = 0.01
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -112,21 +151,38 @@ class LabelConfig:
         if not 0 <= self.collapse_ratio < 1:
             raise TrajscopeError(f"collapse ratio must be in [0, 1) (a node is collapsed when its norm falls to that "
                                  f"fraction of its reference), got {self.collapse_ratio}")
-        for name in ("eps_contract", "eps_param", "eps_grad", "eps_loss", "eps_curv"):
+        for name in ("eps_contract", "eps_param", "eps_grad", "eps_loss", "eps_curv", "share_min"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise TrajscopeError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
-def resolve_delta(config: LabelConfig, total_steps: int) -> float:
-    """δ: ``config.delta`` if set; seed preset: eps_contract; else min(1/T, eps_contract).
-
-    T = ``total_steps``, the number of training steps the run recorded (≥ 1 assumed).
+def resolve_delta(config: LabelConfig, total_steps: int, horizon: int | None = None) -> float:
+    """δ: ``config.delta`` if set; seed preset: eps_contract; excited: min(1/K, eps_contract)
+    with K = ``horizon`` (training steps between analysed checkpoints; ``total_steps`` when
+    None); acted: min(1/T, eps_contract) with T = ``total_steps`` (≥ 1 assumed).
     """
     if config.delta is not None:
         return float(config.delta)
     if config.preset == "seed":
         return float(config.eps_contract)
-    return min(1.0 / max(int(total_steps), 1), float(config.eps_contract))
+    span = horizon if config.preset == "excited" and horizon else total_steps
+    return min(1.0 / max(int(span), 1), float(config.eps_contract))
+
+
+def motion_from_eigs(lam_u: Tensor, rule: UpdateRule) -> tuple[Tensor, Tensor]:
+    """``(motion_radius, motion_neutral)`` (N,) float64 from the motion curvature λ_u (N,).
+
+    The roots μ_u of the update map of one direction with curvature λ_u (the same map
+    :func:`~trajscope.analysis.updatemap.node_update_spectra` applies to every eigenvalue):
+    max |μ_u| and min |μ_u − 1|. NaN λ_u (no motion) gives NaN for both.
+    """
+    lam = lam_u.to(torch.float64).reshape(-1, 1)
+    mu, _null = update_map_eigenvalues(lam, 1, rule)
+    bad = torch.isnan(lam[:, 0])
+    nan = torch.full_like(lam[:, 0], math.nan)
+    radius = torch.where(bad, nan, mu.abs().amax(dim=1))
+    neutral = torch.where(bad, nan, (mu - 1).abs().amin(dim=1))
+    return radius, neutral
 
 
 def collapse_reference_norm(config: LabelConfig, param_norm: Tensor, first_norm: Tensor | None = None) -> Tensor:
@@ -142,12 +198,17 @@ def collapse_reference_norm(config: LabelConfig, param_norm: Tensor, first_norm:
 
 
 def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, grad_norm: Tensor,
-             hess_min: Tensor, loss: float, config: LabelConfig, delta: float) -> tuple[Tensor, Tensor, Tensor]:
+             hess_min: Tensor, loss: float, config: LabelConfig, delta: float,
+             motion: tuple[Tensor, Tensor, Tensor] | None = None, hess_max: Tensor | None = None,
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """``(label uint8 (N,), reason uint8 (N,), neutral_dims int32 (N,))`` for one layer.
 
     ``param_norm`` ‖θ_i‖, ``reference_norm`` the collapse reference (:func:`collapse_reference_norm`),
     ``grad_norm`` ‖∇_{θ_i}L‖, ``hess_min`` the smallest eigenvalue of H_i over all p
-    directions (seed preset only), ``loss`` the checkpoint's loss (seed preset only).
+    directions (seed preset; with ``hess_max`` the excited preset's H_i = 0 test), ``loss`` the
+    checkpoint's loss (seed preset only), ``motion`` = (motion_radius, motion_neutral, loss_share):
+    the first two from :func:`motion_from_eigs`, the third the node's share of the step's
+    first-order loss decrease over an equal share (excited preset; None: no motion known).
     Vectorised; never raises on non-finite values.
     """
     mu = spectra.mu_abs.to(torch.float64)
@@ -175,7 +236,19 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
         label.masked_fill_(mask, lab)
         reason.masked_fill_(mask, _R[why])
 
-    if config.preset == "acted":
+    if config.preset == "excited":
+        nan = torch.full((n,), math.nan, dtype=torch.float64)
+        m_radius, m_neutral, share = (nan, nan, nan) if motion is None else \
+            (m.to(torch.float64).reshape(n) for m in motion)
+        hmax = nan if hess_max is None else hess_max.to(torch.float64).reshape(n)
+        hmin = hess_min.to(torch.float64).reshape(n)
+        put((m_neutral <= delta) & ~(share.abs() >= config.share_min), PLATEAU, "flat_motion")
+        no_dir = null >= spectra.p if spectra.p else acted == 0
+        put(no_dir & (gn > 0), PLATEAU, "drifting")
+        put((no_dir | ((hmax == 0) & (hmin == 0))) & ~(gn > 0), PLATEAU, "dead")
+        put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
+        put(m_radius - 1.0 > delta, SOURCE, "expanding")
+    elif config.preset == "acted":
         put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
         put(neutral_dims > 0, PLATEAU, "neutral_direction")
         no_dir = null >= spectra.p if spectra.p else acted == 0

@@ -33,11 +33,11 @@ from rich.table import Table
 
 import trajscope
 from trajscope import capture
-from trajscope.analysis.curvature import (bias_group_eigvals, node_curvature, node_hessian_extremes,
-                                          preconditioned_eigvals)
+from trajscope.analysis.curvature import (CurvatureResult, LayerFactor, bias_group_eigvals, block_quadratic_forms, node_curvature,
+                                          node_hessian_extremes, preconditioned_eigvals)
 from trajscope.analysis.kinematics import node_kinematics
-from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta,
-                                      stable_labels)
+from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm,
+                                      motion_from_eigs, resolve_delta, stable_labels)
 from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.options import AnalysisOptions, parse_steps, range_text
 from trajscope.analysis.sharpness import sharpness as compute_sharpness
@@ -148,7 +148,8 @@ class _Analyser:
                 self.loss_fn = self.loss_fn.to(opts.device)
         self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
         self.total_steps = int(run.steps[-1]) + 1 if len(run.steps) else 1
-        self.delta = resolve_delta(opts.labels, self.total_steps)
+        self.horizon = _horizon(run, opts)
+        self.delta = resolve_delta(opts.labels, self.total_steps, self.horizon)
 
     def preflight(self, ck: Checkpoint) -> None:
         """Replay the loss once before anything is written: a model or loss that cannot be evaluated on
@@ -220,10 +221,27 @@ class _Analyser:
                                       cr.grads[name], p) for name, p in params.items()}
         if not self.kinematics_only and finite and opts.sharpness:
             glob.update(self._sharpness(params, buffers, inputs, targets, precond, rules))
+        moves = {l.name: self._motion(l, params, nxt, cr, rules, precond) for l in self.layers} if cr is not None else {}
+        fair = _equal_share([m[1] for m in moves.values()])
         nodes = {}
         for layer in self.layers:
-            nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, precond, glob["loss"], first_norms)
+            move = (moves[layer.name][0], moves[layer.name][1] / fair) if layer.name in moves else None
+            nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, precond, glob["loss"], first_norms, move)
         return glob, nodes
+
+    def _motion(self, layer: NodeLayer, params, nxt, cr: CurvatureResult, rules, precond) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u (N, p), s (N,))``: the node's motion (labels.py) and the first-order loss decrease
+        it accounts for, s_i = −g_i·u_i (float64, CPU)."""
+        nm = self.node_map(layer, rules)
+        theta = node_matrix(params, layer).cpu().to(torch.float64)
+        g = node_matrix(cr.grads, layer).cpu().to(torch.float64)
+        d = node_matrix(precond, layer).cpu().to(torch.float64) if nm.rule.preconditioned else torch.ones_like(g)
+        if nm.lr_scale is not None:
+            d = d * nm.lr_scale.to(d)
+        step = -nm.sign * d * g
+        u = node_matrix(nxt, layer).to(torch.float64) - theta if nxt is not None else step
+        u = torch.where((u != 0).any(dim=1, keepdim=True), u, step)
+        return u, -(g * u).sum(dim=1)
 
     def _sharpness(self, params, buffers, inputs, targets, precond, rules) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -236,7 +254,8 @@ class _Analyser:
                                                          precond=precond, shift=shift).value
         return out
 
-    def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms) -> dict[str, np.ndarray]:
+    def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms,
+               move: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, np.ndarray]:
         n, p = layer.n_nodes, layer.node_dim
         # per-node work from here on is small: on the CPU, whatever the analysis device
         theta = node_matrix(params, layer).cpu()
@@ -247,7 +266,7 @@ class _Analyser:
         out: dict[str, np.ndarray] = {"param_norm": _np32(kin["param_norm"]), "rho": _np32(kin["rho"]),
                                       "drift": _np32(kin["drift"])}
         if self.kinematics_only:
-            out.update(hess_max=nan, hess_min=nan, spectral_radius=nan, grad_norm=nan,
+            out.update(motion_radius=nan, loss_share=nan, hess_max=nan, hess_min=nan, spectral_radius=nan, grad_norm=nan,
                        null_dims=np.zeros(n, np.int32), neutral_dims=np.zeros(n, np.int32),
                        label=np.full(n, NOT_COMPUTED, np.uint8), reason=np.full(n, NOT_COMPUTED, np.uint8))
             return out
@@ -273,19 +292,62 @@ class _Analyser:
                     eig = (preconditioned_eigvals(factor, dm, shift=nm.shift) if nm.sign > 0 else
                            -preconditioned_eigvals(factor, dm, shift=-nm.shift).flip(1))
             spectra = node_update_spectra(eig, p, rule)
+            pre = node_matrix(precond, layer).cpu() if nm.rule.preconditioned else None
+            motion = (*motion_from_eigs(_motion_curvature(cr.factors[layer.name], nm, move[0], pre), nm.rule), move[1])
         else:
             fill = torch.full((n,), float("nan"), dtype=torch.float64)
             hmax, hmin, grad_norm = fill, fill, fill
             spectra = node_update_spectra(torch.full((n, 1), float("nan"), dtype=torch.float64), p, nm.rule)
+            motion = None
         norms = kin["param_norm"].to(torch.float64)
         ref = collapse_reference_norm(self.opts.labels, norms, first_norms.get(layer.name) if first_norms else None)
         label, reason, neutral = classify(spectra, norms, ref, grad_norm.to(torch.float64), hmin.to(torch.float64),
-                                          float(loss), self.opts.labels, self.delta)
-        out.update(hess_max=_np32(hmax), hess_min=_np32(hmin), spectral_radius=_np32(spectra.radius),
+                                          float(loss), self.opts.labels, self.delta, motion=motion,
+                                          hess_max=hmax.to(torch.float64))
+        out.update(motion_radius=_np32(motion[0]) if motion is not None else nan,
+                   loss_share=_np32(motion[2]) if motion is not None else nan,
+                   hess_max=_np32(hmax), hess_min=_np32(hmin), spectral_radius=_np32(spectra.radius),
                    grad_norm=_np32(grad_norm), null_dims=spectra.null_dims.cpu().numpy().astype(np.int32),
                    neutral_dims=neutral.cpu().numpy().astype(np.int32), label=label.cpu().numpy().astype(np.uint8),
                    reason=reason.cpu().numpy().astype(np.uint8))
         return out
+
+
+def _motion_curvature(factor: LayerFactor, nm: NodeMap, u: torch.Tensor, precond: torch.Tensor | None) -> torch.Tensor:
+    r"""λ_u (N,) float64: the curvature of the node's map operator along its motion u (labels.py).
+
+    Without ``nm.transformed``: :math:`u^\top H_i u / u^\top u`; with it, in the coordinates
+    :math:`\tilde u = (DA)^{-1/2}u` of the operator :math:`(DA)^{1/2}(sH_i + \mathrm{diag}(c))(DA)^{1/2}`:
+    :math:`(s\,u^\top H_i u + \sum_k c_k u_k^2) / \sum_k u_k^2/(DA)_k`. NaN where u = 0."""
+    quad = block_quadratic_forms(factor, u)
+    if not nm.transformed:
+        den = (u * u).sum(dim=1)
+    else:
+        d = torch.ones_like(u) if precond is None else precond.to(u)
+        if nm.lr_scale is not None:
+            d = d * nm.lr_scale.to(d)
+        c = torch.as_tensor(nm.shift, dtype=torch.float64).reshape(-1)
+        quad = nm.sign * quad + (c * u * u).sum(dim=1)
+        den = torch.where(d > 0, u * u / torch.where(d > 0, d, 1.0), 0.0).sum(dim=1)
+    return torch.where(den > 0, quad / torch.where(den > 0, den, 1.0), math.nan)
+
+
+def _equal_share(shares: Sequence[torch.Tensor]) -> float:
+    """An equal share of the step's first-order loss decrease: Σ_j |s_j| / N over every node of
+    every layer (inf when there is none, so that shares divided by it are 0)."""
+    n = sum(int(s.numel()) for s in shares)
+    tot = sum(float(torch.nansum(s.abs())) for s in shares)
+    return tot / n if n and tot > 0 else math.inf
+
+
+def _horizon(run: Run, opts: AnalysisOptions) -> int:
+    """K: the training steps between analysed checkpoints (the median gap; the recording
+    interval when one checkpoint is analysed), over which one checkpoint's map stands for the
+    dynamics (labels.resolve_delta)."""
+    steps = [s for s, _ in eligible_steps(run, opts, [])]
+    if len(steps) > 1:
+        return max(1, int(np.median(np.diff(steps))))
+    return max(1, int(run.every or 1))
 
 
 def _loss_override(run: Run, spec: str | None, loss_fn: Callable) -> str | None:
@@ -385,7 +447,7 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
         "trajscope_version": trajscope.__version__,
         "labels": list(LABELS), "reasons": list(REASONS), "not_computed_code": NOT_COMPUTED,
         "curvature": opts.curvature, "batch": opts.batch, "dtype": opts.dtype,
-        "delta": an.delta, "total_steps_at_first_analysis": an.total_steps,
+        "delta": an.delta, "total_steps_at_first_analysis": an.total_steps, "label_horizon": an.horizon,
         "label_config": {k: v for k, v in vars(opts.labels).items()},
         "optimizer": run.optimizer_class,
         "optimizer_map": [{"kind": r.kind, "note": r.note} for r in rules0],
@@ -403,6 +465,11 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
             "loss_mismatch": "|replayed loss - recorded loss| / |recorded loss| at the step (the fidelity check; "
                              "attribute 'fidelity' summarises it)",
             "neutral_dims": "acted-on directions with ||mu| - 1| <= delta",
+            "motion_radius": "max |mu_u| of the update map along the node's recorded motion u = theta_next - theta "
+                             "(lambda_u = u'Au/u'u; the excited preset's source test; NaN when the node has no motion)",
+            "loss_share": "-g_i.u_i, the node's first-order loss decrease at the step, over an equal share "
+                          "(mean |g_j.u_j| over every node of every layer): below label_config.share_min with a "
+                          "flat motion the excited preset calls it a plateau",
             "threshold": "curvature at which the optimizer's map loses stability (min over param groups); "
                          "for Adam compare with precond_sharpness, lambda_max of P^{1/2}(H + coupled wd)P^{1/2}",
         },
@@ -579,7 +646,8 @@ def analyze_cli(args: Any) -> int:
     """Entry point for ``trajscope analyze`` (argparse namespace from :mod:`trajscope.cli`)."""
     steps = parse_steps(args.steps) if args.steps is not None else None
     labels = LabelConfig(preset=args.preset, delta=args.delta, collapse_ratio=args.collapse_ratio,
-                         collapse_reference=args.collapse_reference, stable_window=args.stable_window)
+                         collapse_reference=args.collapse_reference, stable_window=args.stable_window,
+                         share_min=args.share_min)
     opts = AnalysisOptions(modules=args.modules, steps=steps, stride=args.stride, all_steps=args.all_steps,
                            batch=args.batch, curvature=args.curvature, sharpness=not args.no_sharpness, labels=labels,
                            device=args.device, dtype=args.dtype, model=args.model, model_args=args.model_args,

@@ -42,7 +42,7 @@ __all__ = ["EventWriter", "HIST_METRICS", "PLUGIN_NAME", "LABELS_CONTENT_VERSION
 
 PLUGIN_NAME = "trajscope"
 LABELS_CONTENT_VERSION = 1
-HIST_METRICS = ("hess_max", "spectral_radius", "rho", "drift", "grad_norm", "param_norm")
+HIST_METRICS = ("hess_max", "spectral_radius", "rho", "drift", "grad_norm", "param_norm", "motion_radius", "loss_share")
 MAX_BINS = 30
 #: The longest wait for a later second before a new event file (a newer file beyond that: clock skew).
 MAX_ORDER_WAIT_S = 2.0

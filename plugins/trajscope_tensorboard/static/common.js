@@ -23,6 +23,8 @@ export const METRICS = {
   grad_norm: { title: "gradient norm ‖∇ᵢL‖", short: "‖∇L‖" },
   null_dims: { title: "fixed directions", short: "null" },
   neutral_dims: { title: "neutral directions", short: "neutral" },
+  motion_radius: { title: "|μ| along the node's motion", short: "|μu|" },
+  loss_share: { title: "share of the loss decrease", short: "share" },
 };
 
 export function metricTitle(key) {

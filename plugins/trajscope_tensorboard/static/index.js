@@ -307,7 +307,7 @@ function hoverCell(hit) {
     const j = d.index.get(hit.step);
     if (j === undefined) return;
     const v = (m) => (d.series[m] ? d.series[m][j] : undefined);
-    const rows = [["spectral_radius", "hess_max"], ["rho", "drift"], ["param_norm", "grad_norm"], ["null_dims", "neutral_dims"]]
+    const rows = [["spectral_radius", "hess_max"], ["motion_radius", "loss_share"], ["rho", "drift"], ["param_norm", "grad_norm"], ["null_dims", "neutral_dims"]]
       .map((pair) => pair.filter((m) => v(m) !== undefined))
       .filter((pair) => pair.length)
       .map((pair) => el("div", { class: "ts-tip-row" }, pair.map((m) => el("span", {}, el("em", { text: metricShort(m) }), " ", fmt(v(m))))));
