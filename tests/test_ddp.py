@@ -6,6 +6,7 @@ fails never stalls the others: its later steps are damaged steps, named."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import warnings
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import trajscope
+from trajscope.cli import main
 from trajscope.store import STORE_NAME, find_runs, shard_store_name
 
 from helpers_analysis import make_mlp, mlp_spec, node_rows
@@ -177,3 +179,28 @@ def test_a_failed_recorder_on_rank1_never_stalls_rank0(tmp_path):
     damaged = res.global_series("damaged")
     assert np.all(np.isnan(damaged[:fail_at])) and np.all(damaged[fail_at:] == 1)
     assert np.all(np.isfinite(res.global_series("loss")[:fail_at]))
+
+
+def test_info_and_verify_cover_the_shards(ddp_run, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")       # rich's table, one line per row
+    ranks, path = ddp_run
+    assert main(["info", path]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 ranks: rank 0 recorded parameters and state" in out and "every shard present" in out
+    assert re.search(r"batch \(last\) *│ inputs \[8, 3\] float64, targets \[8, 2\] float64", out)   # the union of two shards of 4
+    assert main(["verify", path]) == 0
+    capsys.readouterr()
+
+
+def test_info_names_the_steps_a_stopped_rank_lacks_and_verify_a_lost_shard_store(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("COLUMNS", "400")
+    _, path = _train(tmp_path, fail_at=3)
+    assert main(["info", path]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "rank 1 lacks 2 step(s) (3, 4: damaged steps, not analysed)" in out
+    shutil.rmtree(os.path.join(path, shard_store_name(1)))
+    assert main(["verify", path]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{shard_store_name(1)} is damaged (rank 1's batch shards cannot be read" in err

@@ -938,6 +938,11 @@ class TrajectoryReader:
             leaves = self.shards.join(self.path, self._step(r), meta, leaves)
         return unflatten_batch(meta["spec"], leaves)
 
+    def missing_shards(self) -> dict[int, np.ndarray]:
+        """Distributed runs: per rank k > 0, the recorded steps without rank k's batch shard (steps whose
+        batch cannot be read: :meth:`batch` raises DamagedRecordError for them). Empty otherwise."""
+        return {} if self.shards is None else self.shards.missing(self.steps)
+
     def _batch_leaves(self, r: int) -> dict[str, torch.Tensor]:
         """Record r's batch leaves as recorded by this store's own process."""
         return {key: _from_numpy(self._read_row(f"batch/{key}", r, self._batch_shape(key, r)), dt)
@@ -984,7 +989,8 @@ class TrajectoryReader:
         if meta is not None:
             with_batch = np.nonzero(self._records[:, 2] >= 0)[0]
             out += [(f"batch/{key}", with_batch) for key in meta["dtypes"]]
-        out.append(("hparams", every))
+        if "shard" not in self.attrs:      # a rank's batch shards: rank 0 records the hyperparameters
+            out.append(("hparams", every))
         return out
 
     def check_structure(self) -> None:
@@ -1011,6 +1017,8 @@ class TrajectoryReader:
             raise self._damaged(first.array, first.row, first)
         for key in (self.attrs.get("probe") or {}).get("dtypes", {}):
             self._probe_leaf(key, read=False)
+        for shard in self.shards.stores(self.path) if self.shards is not None else ():
+            shard.check_structure()
 
     def _extent_groups(self, name: str, rows: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
         """(row extents, rows with those extents) for rows of a per-record array: the whole row, or
@@ -1077,6 +1085,8 @@ class TrajectoryReader:
                 progress(r + 1)
         for key in (self.attrs.get("probe") or {}).get("dtypes", {}):
             nbytes += self._probe_leaf(key).nbytes
+        for shard in self.shards.stores(self.path) if self.shards is not None else ():
+            nbytes += shard.verify_records()
         return nbytes
 
     def _row_bytes(self, name: str, shape: Sequence[int] | None) -> int:
@@ -1109,6 +1119,16 @@ class _RankShards:
                 self._readers[k] = str(e)
         return self._readers[k]
 
+    def stores(self, store: Path) -> list[TrajectoryReader]:
+        """Every rank's shard store (for the integrity checks); one that cannot be opened is damage."""
+        out = []
+        for k in range(1, self.world_size):
+            rd = self.reader(k, refresh=True)
+            if isinstance(rd, str):
+                raise DamagedRecordError(store, shard_store_name(k), None, f"rank {k}'s batch shards cannot be read: {rd}")
+            out.append(rd)
+        return out
+
     def _row(self, k: int, step: int) -> tuple[TrajectoryReader | str, int | None]:
         """Rank k's store and its row of ``step`` (None: not there), read again once if absent."""
         for refresh in (False, True):
@@ -1118,6 +1138,15 @@ class _RankShards:
                 if len(rows):
                     return rd, int(rows[-1])
         return rd, None
+
+    def missing(self, steps: np.ndarray) -> dict[int, np.ndarray]:
+        """Per rank k > 0, the ``steps`` its store has no record of (its recorder stopped or lags)."""
+        out = {}
+        for k in range(1, self.world_size):
+            rd = self.reader(k, refresh=True)
+            have = rd.steps if isinstance(rd, TrajectoryReader) else np.zeros(0, np.int64)
+            out[k] = steps[~np.isin(steps, have)]
+        return out
 
     def mean_loss(self, steps: np.ndarray, own: np.ndarray) -> np.ndarray:
         losses = [own]
@@ -1140,10 +1169,10 @@ class _RankShards:
             if r is None:
                 why = rd if isinstance(rd, str) else "its recorder stopped before this step or has not written it yet"
                 raise damaged(f"is missing ({why})")
-            if rd.attrs.get("batch") != meta:
-                raise damaged("has another structure or dtype than rank 0's")
             if rd._records[r, 2] < 0:
                 raise damaged(f"is missing (rank 0 gave a batch for this step, rank {k} did not)")
+            if rd.attrs.get("batch") != meta:
+                raise damaged("has another structure or dtype than rank 0's")
             parts.append(rd._batch_leaves(r))
         out = {}
         for key, first in leaves.items():
