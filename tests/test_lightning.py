@@ -59,6 +59,11 @@ class Net(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
+    def on_fit_end(self) -> None:
+        out = getattr(self, "out_dir", None)        # spawned ranks: their record of the steps, to a file
+        if out is not None:
+            torch.save(self.steps, f"{out}/rank{self.global_rank}.pt")
+
 
 def _data(dtype: torch.dtype, n: int = N, seed: int = 1) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
@@ -232,3 +237,32 @@ def test_several_optimizers_record_the_first_and_say_so(tmp_path):
     run = trajscope.open_run(tmp_path / "run")
     assert run.optimizer_class == "torch.optim.sgd.SGD" and list(run.steps) == list(range(N // B))
     assert np.isfinite(run.losses).all()
+
+
+def test_ddp_spawn_with_two_ranks_records_the_union_of_their_shards(tmp_path):
+    """Lightning's own DDP (2 spawned gloo processes, its DistributedSampler): the callback on each rank,
+    one run; the step's batch is the union of the ranks' batches, its loss their mean."""
+    path = tmp_path / "run"
+    module = Net()
+    module.out_dir = str(tmp_path)
+    trainer = L.Trainer(max_epochs=1, accumulate_grad_batches=2, strategy="ddp_spawn", devices=2, accelerator="cpu",
+                        callbacks=[TrajscopeCallback(path)], enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    # 32 samples: 4 batches of 4 per rank, two whole accumulation windows
+    trainer.fit(module, DataLoader(_data(torch.float64, n=32), batch_size=B, shuffle=True))
+    ranks = [torch.load(tmp_path / f"rank{k}.pt", weights_only=False) for k in range(2)]
+    run = trajscope.open_run(path)
+    assert run.attrs["distributed"]["world_size"] == 2 and len(ranks[0]) == len(ranks[1]) == 2
+    assert list(run.steps) == [s["step"] for s in ranks[0]]
+    model, loss_fn = run.model(), run.loss_fn()
+    for s0, s1 in zip(*ranks):
+        ck = run.checkpoint(s0["step"])
+        assert torch.equal(ck.inputs, torch.cat([m["x"] for m in s0["micro"] + s1["micro"]]))
+        losses = [torch.stack([m["loss"] for m in s["micro"]]).mean().item() for s in (s0, s1)]
+        assert ck.loss == pytest.approx(sum(losses) / 2, rel=1e-12)
+        assert run.replay_loss(ck, model, loss_fn).item() == pytest.approx(ck.loss, rel=1e-5, abs=0)
+        grad = torch.func.grad(lambda p: loss_fn(torch.func.functional_call(model, p, (ck.inputs,)), ck.targets))(
+            {n: v.clone() for n, v in ck.params.items()})
+        for n, g in grad.items():     # DDP's averaged gradient, the same on both ranks
+            torch.testing.assert_close(g, s0["grad"][n], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(g, s1["grad"][n], rtol=1e-9, atol=1e-12)
