@@ -266,3 +266,24 @@ def test_ddp_spawn_with_two_ranks_records_the_union_of_their_shards(tmp_path):
         for n, g in grad.items():     # DDP's averaged gradient, the same on both ranks
             torch.testing.assert_close(g, s0["grad"][n], rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(g, s1["grad"][n], rtol=1e-9, atol=1e-12)
+
+
+def test_a_module_without_import_spec_is_exported_and_replays(tmp_path):
+    """A LightningModule defined in a script has no import spec: the Recorder exports it (the loss module
+    inside it carries the recorder's hook, which the copy for export must not drag along) and the run
+    replays from the exported program."""
+    class ScriptNet(Net):
+        pass
+
+    module = ScriptNet()
+    with pytest.warns(UserWarning, match="no import spec for the model .*ScriptNet is defined in a script"):
+        _fit(tmp_path / "run", module, accumulate=2, epochs=1, val=False)
+    run = trajscope.open_run(tmp_path / "run")
+    assert run.attrs["model"]["spec"] is None and run.attrs["model"]["exported"] == "extra/model.pt2", \
+        run.attrs["model"]["export_error"]
+    model, loss_fn = run.model(), run.loss_fn()
+    for seen in module.steps:
+        ck = run.checkpoint(seen["step"])
+        assert run.replay_loss(ck, model, loss_fn).item() == pytest.approx(ck.loss, rel=1e-5, abs=0)
+    res = trajscope.analyze(tmp_path / "run", sharpness=False)[run.path]
+    assert res.attrs["fidelity"]["max_loss_mismatch"] < 1e-5

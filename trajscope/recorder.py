@@ -353,7 +353,8 @@ class Recorder:
         """
         path = tmp = None
         try:
-            twin = copy.deepcopy(self.model).to("cpu").eval()
+            # memo: a loss module inside the model carries this recorder's forward hook, not to be copied
+            twin = copy.deepcopy(self.model, {id(self): self}).to("cpu").eval()
             path = self.writer.extra_path("model.pt2")
             # Write aside and rename: a kill mid-save (or a resumed run re-exporting) never leaves a
             # truncated program where the attributes point. torch.export.save wants a .pt2 suffix.
