@@ -1109,14 +1109,19 @@ class _RankShards:
     def __init__(self, run_dir: Path, world_size: int) -> None:
         self.run_dir, self.world_size = run_dir, world_size
         self._readers: dict[int, TrajectoryReader | str] = {}
+        self._rows: dict[int, dict[int, int]] = {}       # rank -> {step: its row there}
+        self._mean: np.ndarray | None = None             # mean_loss, until a store is read again
 
     def reader(self, k: int, refresh: bool = False) -> TrajectoryReader | str:
         """Rank k's shard store, or why it cannot be read."""
         if refresh or k not in self._readers:
             try:
-                self._readers[k] = TrajectoryReader(self.run_dir, shard_store_name(k))
+                rd: TrajectoryReader | str = TrajectoryReader(self.run_dir, shard_store_name(k))
             except TrajscopeError as e:
-                self._readers[k] = str(e)
+                rd = str(e)
+            self._readers[k], self._mean = rd, None
+            # the last row of a step: a restart re-records it after the rows it invalidated
+            self._rows[k] = {int(st): r for r, st in enumerate(rd.steps)} if isinstance(rd, TrajectoryReader) else {}
         return self._readers[k]
 
     def stores(self, store: Path) -> list[TrajectoryReader]:
@@ -1131,30 +1136,27 @@ class _RankShards:
 
     def _row(self, k: int, step: int) -> tuple[TrajectoryReader | str, int | None]:
         """Rank k's store and its row of ``step`` (None: not there), read again once if absent."""
-        for refresh in (False, True):
-            rd = self.reader(k, refresh)
-            if isinstance(rd, TrajectoryReader):
-                rows = np.nonzero(rd.steps == step)[0]
-                if len(rows):
-                    return rd, int(rows[-1])
-        return rd, None
+        rd = self.reader(k)
+        if step not in self._rows[k]:
+            rd = self.reader(k, refresh=True)
+        return rd, self._rows[k].get(step)
 
     def missing(self, steps: np.ndarray) -> dict[int, np.ndarray]:
         """Per rank k > 0, the ``steps`` its store has no record of (its recorder stopped or lags)."""
-        out = {}
         for k in range(1, self.world_size):
-            rd = self.reader(k, refresh=True)
-            have = rd.steps if isinstance(rd, TrajectoryReader) else np.zeros(0, np.int64)
-            out[k] = steps[~np.isin(steps, have)]
-        return out
+            self.reader(k, refresh=True)
+        return {k: steps[~np.isin(steps, list(self._rows[k]))] for k in range(1, self.world_size)}
 
     def mean_loss(self, steps: np.ndarray, own: np.ndarray) -> np.ndarray:
-        losses = [own]
-        for k in range(1, self.world_size):
-            rd = self.reader(k)
-            by_step = dict(zip(rd.steps.tolist(), rd.losses.tolist())) if isinstance(rd, TrajectoryReader) else {}
-            losses.append(np.array([by_step.get(int(s), np.nan) for s in steps], dtype=np.float64))
-        return np.mean(losses, axis=0)
+        """Per step, the mean of rank 0's loss ``own`` and the other ranks' (NaN where one is missing)."""
+        if self._mean is None or len(self._mean) != len(steps):
+            losses = [own]
+            for k in range(1, self.world_size):
+                rd, rows = self.reader(k), self._rows[k]
+                theirs = rd.losses if isinstance(rd, TrajectoryReader) else np.zeros(0)
+                losses.append(np.array([theirs[rows[s]] if s in rows else np.nan for s in steps.tolist()]))
+            self._mean = np.mean(losses, axis=0)
+        return self._mean
 
     def join(self, store: Path, step: int, meta: Mapping[str, Any], leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rank 0's ``leaves`` of ``step`` followed, along the batch axis, by those of ranks 1 .. W-1."""
