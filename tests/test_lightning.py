@@ -287,3 +287,29 @@ def test_a_module_without_import_spec_is_exported_and_replays(tmp_path):
         assert run.replay_loss(ck, model, loss_fn).item() == pytest.approx(ck.loss, rel=1e-5, abs=0)
     res = trajscope.analyze(tmp_path / "run", sharpness=False)[run.path]
     assert res.attrs["fidelity"]["max_loss_mismatch"] < 1e-5
+
+
+@pytest.mark.parametrize("same_run", [True, False])
+def test_fit_from_a_checkpoint_records_at_the_checkpoints_step(tmp_path, same_run):
+    """fit(ckpt_path=...): the step numbers go on from the checkpoint's (Lightning restores it after
+    on_fit_start), in the same run with resume=True or in a new one."""
+    path, ckpt = tmp_path / "run", tmp_path / "after-epoch-1.ckpt"
+    first = Net()
+    _fit(path, first, accumulate=2, epochs=1, val=False)
+    n = len(first.steps)
+    first.trainer.save_checkpoint(ckpt)
+    second = Net()
+    path2 = path if same_run else tmp_path / "run2"
+    t2 = L.Trainer(max_epochs=2, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
+                   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                   callbacks=[TrajscopeCallback(path2, resume=same_run)])
+    t2.fit(second, DataLoader(_data(torch.float64), batch_size=B, shuffle=True,
+                              generator=torch.Generator().manual_seed(5)), ckpt_path=ckpt)
+    assert [s["step"] for s in second.steps] == list(range(n, 2 * n))
+    run = trajscope.open_run(path2)
+    assert list(run.steps) == list(range(0 if same_run else n, 2 * n)) and not run.restarts
+    for seen in (first.steps if same_run else []) + second.steps:
+        ck = run.checkpoint(seen["step"])
+        assert torch.equal(ck.inputs, torch.cat([m["x"] for m in seen["micro"]]))
+        for name, p in seen["theta"].items():
+            assert torch.equal(ck.params[name], p)

@@ -6,7 +6,8 @@
 
 What it does, hook by hook:
 
-* ``on_fit_start`` (the optimizers exist): a :class:`trajscope.Recorder` on the LightningModule
+* ``on_train_start`` (the optimizers exist and a checkpoint given to ``fit(ckpt_path=...)`` is
+  restored; the Recorder's step is the trainer's ``global_step``): a :class:`trajscope.Recorder` on the LightningModule
   (its own parameter names: Lightning's and DDP's wrappers are not recorded) and the trainer's
   first optimizer. The model spec is ``module:Class`` of the LightningModule with
   ``self.hparams`` as keyword arguments (call ``self.save_hyperparameters()`` in ``__init__``), so
@@ -27,6 +28,8 @@ What it does, hook by hook:
 
 Several optimizers (manual optimization): only the first, ``trainer.optimizers[0]``, is recorded,
 with one warning naming the others; record them to separate runs with your own Recorders.
+Resuming: ``TrajscopeCallback(path, resume=True)`` with ``fit(ckpt_path=...)`` continues the run at
+the checkpoint's step.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ class TrajscopeCallback(pl.Callback):
         self._normalize = 1
 
     # ------------------------------------------------------------------ lifecycle
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             warnings.warn("TrajscopeCallback: the trainer has no optimizer; nothing is recorded", stacklevel=2)
             return
@@ -94,8 +97,11 @@ class TrajscopeCallback(pl.Callback):
         # Lightning divides each micro-batch's loss by accumulate_grad_batches under automatic optimization
         self._normalize = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         kw = {"export": False if spec else None, **self.recorder_kwargs}
-        if kw.get("resume") and "step" not in kw:
-            kw["step"] = trainer.global_step       # resumed from a Lightning checkpoint
+        if trainer.global_step and "step" not in kw:
+            # fit(ckpt_path=...): steps go on from the checkpoint's (with resume=True, records from it
+            # on are a restart). Manual optimization with several optimizers counts all their steps:
+            # pass step= then.
+            kw["step"] = trainer.global_step
         self.recorder = Recorder(self.path, pl_module, trainer.optimizers[0], loss_fn,
                                  model_spec=spec, model_kwargs=kwargs, **kw)
 
