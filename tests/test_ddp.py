@@ -204,3 +204,11 @@ def test_info_names_the_steps_a_stopped_rank_lacks_and_verify_a_lost_shard_store
     assert main(["verify", path]) != 0
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"{shard_store_name(1)} is damaged (rank 1's batch shards cannot be read" in err
+    assert "rank 1 recorded nothing, there is no trajectory.rank1.zarr: create the Recorder on every rank" in err
+
+
+def test_distributed_true_without_a_process_group_is_one_line(tmp_path):
+    model = make_mlp(SIZES)
+    with pytest.raises(ValueError, match=r"^distributed=True needs an initialised torch.distributed process group"):
+        trajscope.Recorder(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1), distributed=True)
+    assert not (tmp_path / "run").exists()

@@ -1115,10 +1115,13 @@ class _RankShards:
     def reader(self, k: int, refresh: bool = False) -> TrajectoryReader | str:
         """Rank k's shard store, or why it cannot be read."""
         if refresh or k not in self._readers:
+            name = shard_store_name(k)
             try:
-                rd: TrajectoryReader | str = TrajectoryReader(self.run_dir, shard_store_name(k))
+                rd: TrajectoryReader | str = TrajectoryReader(self.run_dir, name)
             except TrajscopeError as e:
-                rd = str(e)
+                rd = (str(e) if (self.run_dir / name).exists() else
+                      f"rank {k} recorded nothing, there is no {name}: create the Recorder on every rank, with the "
+                      f"same path (or pass distributed=False to record rank 0's shard alone)")
             self._readers[k], self._mean = rd, None
             # the last row of a step: a restart re-records it after the rows it invalidated
             self._rows[k] = {int(st): r for r, st in enumerate(rd.steps)} if isinstance(rd, TrajectoryReader) else {}
