@@ -198,7 +198,7 @@ class Recorder:
                 _check_writable(self.writer.path)   # nothing else writes before the first record
                 if step is not None:
                     self.writer._truncate_from(int(step))
-            if probe is not None:
+            if probe is not None and not self.rank:     # rank 0 stores the probe for the run
                 # Written here, on the constructing thread, so that a full disk fails the constructor.
                 try:
                     self.writer.write_probe(_detached_copy(probe))
