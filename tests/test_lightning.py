@@ -4,7 +4,6 @@ loss the step used, compared with what the LightningModule itself saw; the run r
 module's import spec and hparams; node blocks equal torch.func.hessian of the step's loss."""
 from __future__ import annotations
 
-import warnings
 
 import lightning.pytorch as L
 import numpy as np
