@@ -67,10 +67,14 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
         kinds.append("torch.export program")
     overview.add_row("model capture", "; ".join(kinds) if kinds else f"none ({m.get('export_error')}); pass --model to analyze")
     batch = a.get("batch")
+    missing = run.reader.missing_shards()
+    if "distributed" in a:
+        overview.add_row("distributed", _distributed_text(run, missing))
+    readable = np.nonzero(~np.isin(run.steps, np.concatenate([np.zeros(0, np.int64), *missing.values()])))[0]
     if batch is None:
         overview.add_row("batches", "none recorded: analysis gives kinematics only")
-    elif len(run.steps):
-        b = run.reader.batch(len(run.steps) - 1)
+    elif len(readable):
+        b = run.reader.batch(int(readable[-1]))
         overview.add_row("batch (last)", _describe_batch(b) if b is not None else "none (batch() was not called for that step)")
     overview.add_row("code named by the run", _trust_text(run))
     overview.add_row("probe batch", "yes" if "probe" in a else "no")
@@ -89,6 +93,18 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
         nodes = str(shape[0]) if module in node_layers and leaf == "weight" else ""
         layers.add_row(name, "×".join(map(str, shape)) or "scalar", run.param_dtypes[name], nodes)
     return [overview, layers]
+
+
+def _distributed_text(run: Run, missing: dict[int, np.ndarray]) -> str:
+    """The ranks of a distributed run and the steps a rank's batch shard is missing for."""
+    world = int(run.attrs["distributed"]["world_size"])
+    text = f"{world} ranks: rank 0 recorded parameters and state, each rank its batch shard (a step's batch is their union)"
+    gaps = [f"rank {k} lacks {len(m)} step(s) ({_steps_list(m)}: damaged steps, not analysed)" for k, m in missing.items() if len(m)]
+    return "; ".join([text, *gaps]) if gaps else f"{text}; every shard present"
+
+
+def _steps_list(steps: np.ndarray) -> str:
+    return ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
 
 
 def _trust_text(run: Run) -> str:

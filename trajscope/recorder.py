@@ -43,7 +43,7 @@ import trajscope
 from trajscope import capture, trust
 from trajscope.errors import TrajscopeError
 from trajscope.store import (STORE_NAME, Snapshot, TrajectoryWriter, flatten_batch, is_run, make_layout,
-                             numeric_hparams, pack)
+                             numeric_hparams, pack, shard_store_name)
 
 log = logging.getLogger("trajscope")
 _STOP = object()
@@ -86,6 +86,13 @@ class Recorder:
             recorded step (training restarted from a checkpoint), later records are truncated and
             the restart is noted.
         overwrite: replace an existing run instead of refusing.
+        distributed: under an initialised ``torch.distributed`` process group of W > 1 processes
+            (DDP), give every rank the same ``path``: rank 0 records everything, the other ranks
+            only their batch shard and loss, each in its own store ``trajectory.rank<k>.zarr``
+            beside ``trajectory.zarr``. No rank waits for another (no collective: a rank whose
+            recorder failed cannot stall the others); the reader joins the shards of a step.
+            Default (None): so whenever such a group is initialised; False records each process as
+            if it were alone (give each rank its own path then).
 
     Raises:
         ValueError, TrajscopeError: usage errors (bad arguments; an existing run without ``resume``
@@ -109,7 +116,7 @@ class Recorder:
                  model_kwargs: Mapping[str, Any] | None = None, export: bool | None = None, probe: Any = None,
                  background: bool | None = None, memory_budget: int = 512 * 2**20, when_behind: str = "wait",
                  resume: bool = False,
-                 step: int | None = None, overwrite: bool = False) -> None:
+                 step: int | None = None, overwrite: bool = False, distributed: bool | None = None) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
         if when_behind not in ("wait", "skip"):
@@ -119,6 +126,11 @@ class Recorder:
         # names, which are what the replayed model has.
         model, self._wrappers = capture.unwrap_model(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.rank, self.world_size = _process_group(distributed)
+        # ranks > 0 write their batch shard and loss only, to their own store
+        self._store = shard_store_name(self.rank) if self.rank else STORE_NAME
+        if self.rank:
+            export = False
         self.every = int(every)
         self.window = int(window if window is not None else (1 if every == 1 else 2))
         # By default the exported program is the fallback for runs without an import spec (README): it
@@ -161,9 +173,9 @@ class Recorder:
         made = _missing_folders(self.path)
         fresh = False
         try:
-            if is_run(self.path) and not (resume or overwrite):
-                raise TrajscopeError(f"{self.path} already holds a recorded run: pass resume=True to continue it "
-                                     f"or overwrite=True to replace it")
+            if is_run(self.path, self._store) and not (resume or overwrite):
+                raise TrajscopeError(f"{self.path} already holds a recorded run{f' (rank {self.rank})' if self.rank else ''}: "
+                                     f"pass resume=True to continue it or overwrite=True to replace it")
             self._names = self._param_names()
             self._param_items = list(model.named_parameters())
             self._buffer_items = [(n, b) for n, b in model.named_buffers() if b is not None]
@@ -173,9 +185,12 @@ class Recorder:
             self._n_groups = len(optimizer.param_groups)
             meta = self._meta(model_spec, model_kwargs)
             meta["signature"] = _signature(meta["model"], meta["loss"], None)
+            if self.world_size > 1:
+                meta = _distributed_meta(meta, self.rank, self.world_size)
 
-            writer_resume = bool(resume and is_run(self.path))
-            self.writer = TrajectoryWriter(self.path, None if writer_resume else meta, resume=writer_resume)
+            writer_resume = bool(resume and is_run(self.path, self._store))
+            self.writer = TrajectoryWriter(self.path, None if writer_resume else meta, resume=writer_resume,
+                                           name=self._store)
             fresh = not writer_resume
             if writer_resume:
                 # Check before truncating: a refused resume must not lose recorded steps.
@@ -183,7 +198,7 @@ class Recorder:
                 _check_writable(self.writer.path)   # nothing else writes before the first record
                 if step is not None:
                     self.writer._truncate_from(int(step))
-            if probe is not None:
+            if probe is not None and not self.rank:     # rank 0 stores the probe for the run
                 # Written here, on the constructing thread, so that a full disk fails the constructor.
                 try:
                     self.writer.write_probe(_detached_copy(probe))
@@ -218,7 +233,7 @@ class Recorder:
             if fresh:
                 shutil.rmtree(writer.path, ignore_errors=True)
         if os.path.isdir(self.path):
-            for tmp in self.path.glob(f".{STORE_NAME}.*.partial"):
+            for tmp in self.path.glob(f".{self._store}.*.partial"):
                 shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:          # deepest first; a folder someone else filled meanwhile stays
             try:
@@ -299,8 +314,7 @@ class Recorder:
         if self.failed or self._closed or self._ignore_batches:
             return
         try:
-            if self._batch_step != self._step:   # the first micro-batch of this step
-                self._micro, self._explicit_losses, self._batch_step = [], [], self._step
+            self._this_step()
             if loss is not None:
                 self._explicit_losses.append(loss)
             if not self.records(self._step):
@@ -313,6 +327,22 @@ class Recorder:
         except Exception as e:  # never break training
             self._fail(e)
 
+    def loss(self, value: torch.Tensor | float) -> None:
+        """Give the loss of the micro-batch last given to :meth:`batch`, where it is known only after
+        that call (a framework hands the batch over before its training step computes the loss)."""
+        if self.failed or self._closed or self._ignore_batches:
+            return
+        try:
+            self._this_step()
+            self._explicit_losses.append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+        except Exception as e:  # never break training
+            self._fail(e)
+
+    def _this_step(self) -> None:
+        """Start collecting micro-batches and losses anew at the first one of a step."""
+        if self._batch_step != self._step:
+            self._micro, self._explicit_losses, self._batch_step = [], [], self._step
+
     def _export_now(self, inputs: Any) -> None:
         """Export a copy of the model on the training thread, before this step's update.
 
@@ -323,7 +353,8 @@ class Recorder:
         """
         path = tmp = None
         try:
-            twin = copy.deepcopy(self.model).to("cpu").eval()
+            # memo: a loss module inside the model carries this recorder's forward hook, not to be copied
+            twin = copy.deepcopy(self.model, {id(self): self}).to("cpu").eval()
             path = self.writer.extra_path("model.pt2")
             # Write aside and rename: a kill mid-save (or a resumed run re-exporting) never leaves a
             # truncated program where the attributes point. torch.export.save wants a .pt2 suffix.
@@ -417,10 +448,11 @@ class Recorder:
         if len(self.optimizer.param_groups) != self._n_groups:  # the store describes the groups once
             raise TrajscopeError("the optimizer's parameter groups changed during the run (add_param_group): "
                                  "recording stops here; record the rest to a new folder")
-        params = pack(self._param_layout, [p for _, p in self._param_items], self._alloc)
-        buffers = pack(self._buffer_layout, [b for _, b in self._buffer_items], self._alloc) if self._buffer_items else {}
+        full = not self.rank      # a rank > 0 records its batch shard and loss only
+        params = pack(self._param_layout, [p for _, p in self._param_items], self._alloc) if full else {}
+        buffers = pack(self._buffer_layout, [b for _, b in self._buffer_items], self._alloc) if self._buffer_items and full else {}
         state_items: list[tuple[str, torch.Tensor]] = []
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups if full else ():
             for p in group["params"]:
                 for key, v in self.optimizer.state.get(p, {}).items():
                     if not isinstance(v, torch.Tensor):
@@ -440,7 +472,7 @@ class Recorder:
         loss = self._step_loss(micro, self._explicit_losses if self._batch_step == step else [])
         self._micro, self._hook_losses, self._explicit_losses = [], [], []
         return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
-                        hparams=hp, state_layout=layout, state=state, batch_spec=spec, batch=leaves)
+                        hparams=hp if full else None, state_layout=layout, state=state, batch_spec=spec, batch=leaves)
 
     def _join(self, micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]]) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
         """The step's batch: its micro-batches (gradient accumulation) joined along the batch axis."""
@@ -674,6 +706,31 @@ class Recorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _process_group(distributed: bool | None) -> tuple[int, int]:
+    """(rank, world size) of the default process group when recording is distributed, else (0, 1).
+    Local queries only: no collective."""
+    if distributed is False:
+        return 0, 1
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    if distributed:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group "
+                         "(torch.distributed.init_process_group)")
+    return 0, 1
+
+
+def _distributed_meta(meta: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The root attributes of rank ``rank``'s store: rank 0's name the shards to join; a shard store
+    describes no parameters, buffers or state (rank 0 records them, identical on every rank)."""
+    if not rank:
+        return {**meta, "distributed": {"world_size": world_size,
+                                        "shards": [shard_store_name(k) for k in range(1, world_size)]}}
+    return {**meta, "params": [], "buffers": [], "trainable": [], "signature": None,
+            "shard": {"rank": rank, "world_size": world_size, "of": STORE_NAME}}
 
 
 def _closure_of(args: Any, kwargs: Any) -> tuple[Any, str] | None:

@@ -18,6 +18,10 @@ Layout (Zarr v3, root group attributes hold the static description)::
       probe/<leaf>                    optional fixed probe batch (stored once)
       extra/model.pt2                 optional ``torch.export`` program (loading it needs trust)
 
+    trajectory.rank<k>.zarr/    distributed runs only (attribute ``distributed``): rank k's batch shard
+                                and loss per step, in this same layout without params, buffers, state
+                                or hparams (attribute ``shard``); :class:`TrajectoryReader` joins them
+
 Every per-record array is sharded along its rows (Zarr v3 ``sharding_indexed``): a shard file
 ``c.<s>.<j>`` holds rows ``64 s .. 64 s + 63`` (uncompressed, row i of the shard at a fixed offset
 after a 16-byte-per-row index at the start of the file), so a record writes into files that are
@@ -65,6 +69,14 @@ READ_VERSIONS = (2, 3)     # versions this module reads (and resumes, keeping th
 CHECKSUM_VERSION = 3       # the first version with checksums
 _CRC_BYTES = 4             # a little-endian CRC32C after each chunk and each shard index
 STORE_NAME = "trajectory.zarr"
+
+
+def shard_store_name(rank: int) -> str:
+    """The store of rank ``rank``'s batch shards in the folder of a distributed run (rank 0's batch is
+    in ``trajectory.zarr`` itself). Beside it, not inside: rank k may create its store before rank 0
+    has renamed the main one into place."""
+    return f"trajectory.rank{int(rank)}.zarr"
+
 _CAPACITY_BLOCK = 64
 _SHARD_ROWS = _CAPACITY_BLOCK     # rows per shard file
 _MAX_CHUNK_ELEMS = 1 << 22  # 4 Mi elements per chunk along a packed row
@@ -278,7 +290,7 @@ class Snapshot:
     loss: float
     params: dict[str, torch.Tensor]          # pack -> flat
     buffers: dict[str, torch.Tensor]         # pack -> flat
-    hparams: np.ndarray                      # (G, H)
+    hparams: np.ndarray | None               # (G, H); None: a rank's batch shard (rank 0 writes them)
     state_layout: list[Slot] | None
     state: dict[str, torch.Tensor]           # pack -> flat
     batch_spec: Any
@@ -483,9 +495,9 @@ class TrajectoryWriter:
     """Appends records to ``RUN/trajectory.zarr``. Not thread-safe: one writer thread owns it."""
 
     def __init__(self, run_dir: str | Path, meta: Mapping[str, Any] | None = None, *, resume: bool = False,
-                 restart_step: int | None = None) -> None:
+                 restart_step: int | None = None, name: str = STORE_NAME) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / STORE_NAME
+        self.path = self.run_dir / name
         exists = (self.path / "zarr.json").exists()
         if exists and resume:
             # a resumed store keeps its format version (a version 2 store goes on without checksums)
@@ -501,9 +513,9 @@ class TrajectoryWriter:
             # Build the empty store (root attributes + commit marker) under a temporary name and rename
             # it into place, so a process killed during creation never leaves a half-made store that
             # looks like a run but cannot be opened.
-            for stray in self.run_dir.glob(f".{STORE_NAME}.*.partial"):
+            for stray in self.run_dir.glob(f".{name}.*.partial"):
                 shutil.rmtree(stray, ignore_errors=True)
-            tmp = self.run_dir / f".{STORE_NAME}.{uuid.uuid4().hex}.partial"
+            tmp = self.run_dir / f".{name}.{uuid.uuid4().hex}.partial"
             (tmp / "commit").mkdir(parents=True)
             _write_group(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(), **meta,
                                "state_layouts": []})
@@ -731,7 +743,8 @@ class TrajectoryWriter:
             self._write_row(f"batch/{key}", r, leaf)
             if leaf.ndim:   # leaves are stored padded to the largest shape seen: keep each one's own
                 self._write_row(f"batch_shape/{key}", r, np.array(leaf.shape, dtype=np.int64))
-        self._write_row("hparams", r, np.asarray(snap.hparams, dtype=np.float64))
+        if snap.hparams is not None:
+            self._write_row("hparams", r, np.asarray(snap.hparams, dtype=np.float64))
         self._write_row("records", r, np.array([snap.step, snap.loss, batch_size, layout_id], dtype=np.float64))
         if snap.batch_spec is not None and "batch" not in self.attrs:
             self.set_attrs(batch={"spec": snap.batch_spec,
@@ -790,9 +803,9 @@ class TrajectoryReader:
     """Read side of the format: committed rows only, every chunk and shard index read checked
     against its CRC32C (format version 3; version 2 stores have none)."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, name: str = STORE_NAME) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / STORE_NAME
+        self.path = self.run_dir / name
         if not self.run_dir.exists():
             raise TrajscopeError(f"{self.run_dir} does not exist: give the folder a Recorder wrote (it holds {STORE_NAME})")
         if not (self.path / "zarr.json").exists():
@@ -815,6 +828,8 @@ class TrajectoryReader:
         n_sk = int(c.get("skipped", 0))
         self.skipped = (_leading_rows(self.path, "skipped", n_sk, self.checksums).astype(np.int64) if n_sk
                         else np.zeros(0, np.int64))
+        dist = self.attrs.get("distributed")
+        self.shards = _RankShards(self.run_dir, int(dist["world_size"])) if isinstance(dist, Mapping) else None
 
     @property
     def root(self) -> zarr.Group:
@@ -870,7 +885,10 @@ class TrajectoryReader:
 
     @property
     def losses(self) -> np.ndarray:
-        return self._records[:, 1]
+        """The loss of each record; in a distributed run the mean of the ranks' losses (DDP's gradient
+        is the mean of the ranks' gradients), NaN where a rank's shard of the step is missing."""
+        own = self._records[:, 1]
+        return own if self.shards is None else self.shards.mean_loss(self.steps, own)
 
     def row_of(self, step: int) -> int:
         idx = np.nonzero(self.steps == step)[0]
@@ -915,9 +933,20 @@ class TrajectoryReader:
             return None
         if self._records[r, 2] < 0:
             return None      # Recorder.batch() was not called for this step
-        leaves = {key: _from_numpy(self._read_row(f"batch/{key}", r, self._batch_shape(key, r)), dt)
-                  for key, dt in meta["dtypes"].items()}
+        leaves = self._batch_leaves(r)
+        if self.shards is not None:
+            leaves = self.shards.join(self.path, self._step(r), meta, leaves)
         return unflatten_batch(meta["spec"], leaves)
+
+    def missing_shards(self) -> dict[int, np.ndarray]:
+        """Distributed runs: per rank k > 0, the recorded steps without rank k's batch shard (steps whose
+        batch cannot be read: :meth:`batch` raises DamagedRecordError for them). Empty otherwise."""
+        return {} if self.shards is None else self.shards.missing(self.steps)
+
+    def _batch_leaves(self, r: int) -> dict[str, torch.Tensor]:
+        """Record r's batch leaves as recorded by this store's own process."""
+        return {key: _from_numpy(self._read_row(f"batch/{key}", r, self._batch_shape(key, r)), dt)
+                for key, dt in self.attrs["batch"]["dtypes"].items()}
 
     def _batch_shape(self, key: str, r: int) -> np.ndarray | None:
         """Record r's own shape of batch leaf ``key`` (None for a 0-d leaf: it has no batch_shape)."""
@@ -960,7 +989,8 @@ class TrajectoryReader:
         if meta is not None:
             with_batch = np.nonzero(self._records[:, 2] >= 0)[0]
             out += [(f"batch/{key}", with_batch) for key in meta["dtypes"]]
-        out.append(("hparams", every))
+        if "shard" not in self.attrs:      # a rank's batch shards: rank 0 records the hyperparameters
+            out.append(("hparams", every))
         return out
 
     def check_structure(self) -> None:
@@ -987,6 +1017,8 @@ class TrajectoryReader:
             raise self._damaged(first.array, first.row, first)
         for key in (self.attrs.get("probe") or {}).get("dtypes", {}):
             self._probe_leaf(key, read=False)
+        for shard in self.shards.stores(self.path) if self.shards is not None else ():
+            shard.check_structure()
 
     def _extent_groups(self, name: str, rows: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
         """(row extents, rows with those extents) for rows of a per-record array: the whole row, or
@@ -1053,6 +1085,8 @@ class TrajectoryReader:
                 progress(r + 1)
         for key in (self.attrs.get("probe") or {}).get("dtypes", {}):
             nbytes += self._probe_leaf(key).nbytes
+        for shard in self.shards.stores(self.path) if self.shards is not None else ():
+            nbytes += shard.verify_records()
         return nbytes
 
     def _row_bytes(self, name: str, shape: Sequence[int] | None) -> int:
@@ -1061,6 +1095,101 @@ class TrajectoryReader:
 
     def _whole_bytes(self, name: str, n: int) -> int:
         return n * self._row_layout(name)[0].chunk_bytes
+
+
+class _RankShards:
+    """The batch shards of ranks 1 .. W-1 of a distributed run (rank 0's is the main store's batch),
+    each in its own store :func:`shard_store_name` (no rank waits for another while recording).
+
+    The batch of step t is the union of the ranks' shards of t in rank order, as DDP's averaged
+    gradient used it. A rank's store is read again when it lacks t (its writer may be a commit
+    behind); a shard still missing, or not matching rank 0's structure, is a DamagedRecordError for
+    step t alone (a rank whose recorder stopped damages only the steps after it stopped)."""
+
+    def __init__(self, run_dir: Path, world_size: int) -> None:
+        self.run_dir, self.world_size = run_dir, world_size
+        self._readers: dict[int, TrajectoryReader | str] = {}
+        self._rows: dict[int, dict[int, int]] = {}       # rank -> {step: its row there}
+        self._mean: np.ndarray | None = None             # mean_loss, until a store is read again
+
+    def reader(self, k: int, refresh: bool = False) -> TrajectoryReader | str:
+        """Rank k's shard store, or why it cannot be read."""
+        if refresh or k not in self._readers:
+            name = shard_store_name(k)
+            try:
+                rd: TrajectoryReader | str = TrajectoryReader(self.run_dir, name)
+            except TrajscopeError as e:
+                rd = (str(e) if (self.run_dir / name).exists() else
+                      f"rank {k} recorded nothing, there is no {name}: create the Recorder on every rank, with the "
+                      f"same path (or pass distributed=False to record rank 0's shard alone)")
+            self._readers[k], self._mean = rd, None
+            # the last row of a step: a restart re-records it after the rows it invalidated
+            self._rows[k] = {int(st): r for r, st in enumerate(rd.steps)} if isinstance(rd, TrajectoryReader) else {}
+        return self._readers[k]
+
+    def stores(self, store: Path) -> list[TrajectoryReader]:
+        """Every rank's shard store (for the integrity checks); one that cannot be opened is damage."""
+        out = []
+        for k in range(1, self.world_size):
+            rd = self.reader(k, refresh=True)
+            if isinstance(rd, str):
+                raise DamagedRecordError(store, shard_store_name(k), None, f"rank {k}'s batch shards cannot be read: {rd}")
+            out.append(rd)
+        return out
+
+    def _row(self, k: int, step: int) -> tuple[TrajectoryReader | str, int | None]:
+        """Rank k's store and its row of ``step`` (None: not there), read again once if absent."""
+        rd = self.reader(k)
+        if step not in self._rows[k]:
+            rd = self.reader(k, refresh=True)
+        return rd, self._rows[k].get(step)
+
+    def missing(self, steps: np.ndarray) -> dict[int, np.ndarray]:
+        """Per rank k > 0, the ``steps`` its store has no record of (its recorder stopped or lags)."""
+        for k in range(1, self.world_size):
+            self.reader(k, refresh=True)
+        return {k: steps[~np.isin(steps, list(self._rows[k]))] for k in range(1, self.world_size)}
+
+    def mean_loss(self, steps: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """Per step, the mean of rank 0's loss ``own`` and the other ranks' (NaN where one is missing)."""
+        if self._mean is None or len(self._mean) != len(steps):
+            losses = [own]
+            for k in range(1, self.world_size):
+                rd, rows = self.reader(k), self._rows[k]
+                theirs = rd.losses if isinstance(rd, TrajectoryReader) else np.zeros(0)
+                losses.append(np.array([theirs[rows[s]] if s in rows else np.nan for s in steps.tolist()]))
+            self._mean = np.mean(losses, axis=0)
+        return self._mean
+
+    def join(self, store: Path, step: int, meta: Mapping[str, Any], leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rank 0's ``leaves`` of ``step`` followed, along the batch axis, by those of ranks 1 .. W-1."""
+        parts = [leaves]
+        for k in range(1, self.world_size):
+            name = shard_store_name(k)
+            rd, r = self._row(k, step)
+
+            def damaged(problem: str) -> DamagedRecordError:
+                return DamagedRecordError(store, name, step, f"rank {k}'s batch shard {problem}")
+
+            if r is None:
+                why = rd if isinstance(rd, str) else "its recorder stopped before this step or has not written it yet"
+                raise damaged(f"is missing ({why})")
+            if rd._records[r, 2] < 0:
+                raise damaged(f"is missing (rank 0 gave a batch for this step, rank {k} did not)")
+            if rd.attrs.get("batch") != meta:
+                raise damaged("has another structure or dtype than rank 0's")
+            parts.append(rd._batch_leaves(r))
+        out = {}
+        for key, first in leaves.items():
+            if first.dim() == 0:
+                out[key] = first
+                continue
+            shards = [p[key] for p in parts]
+            if any(t.shape[1:] != first.shape[1:] for t in shards):
+                raise DamagedRecordError(store, f"batch/{key}", step, "the ranks' shards differ in trailing shape "
+                                         f"({[list(t.shape) for t in shards]})")
+            out[key] = torch.cat(shards)
+        return out
 
 
 def _read_chunk(base: Path, lay: _RowShards, r: int, g: tuple[int, ...]) -> np.ndarray:
@@ -1340,8 +1469,9 @@ def _ranges(steps: np.ndarray) -> str:
     return f"{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)} steps)"
 
 
-def is_run(path: str | Path) -> bool:
-    return (Path(path) / STORE_NAME / "zarr.json").exists()
+def is_run(path: str | Path, name: str = STORE_NAME) -> bool:
+    """Whether ``path`` holds a run (or, with ``name``, that store of a run, e.g. a rank's shards)."""
+    return (Path(path) / name / "zarr.json").exists()
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -1356,4 +1486,4 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 __all__ = ["TrajectoryWriter", "TrajectoryReader", "Snapshot", "make_layout", "pack", "unpack", "flatten_batch",
-           "numeric_hparams", "find_runs", "is_run", "STORE_NAME", "FORMAT_VERSION", "READ_VERSIONS"]
+           "numeric_hparams", "find_runs", "is_run", "shard_store_name", "STORE_NAME", "FORMAT_VERSION", "READ_VERSIONS"]
