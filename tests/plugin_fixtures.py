@@ -140,7 +140,13 @@ def run_attrs() -> dict:
         "curvature": "ggn",
         "optimizer": {"class": "SGD", "map": "sgd", "groups": [{"lr": LR, "momentum": 0.0, "weight_decay": 0.0}]},
         "trajscope_version": "0.1.0",
+        "warnings": [SYNTH_WARNING],
     }
+
+
+#: a WARNING line the synthetic analyses carry, as ``trajscope analyze`` keeps its summary's
+SYNTH_WARNING = ("WARNING: trajscope has no update map for Adadelta: the spectra, thresholds and labels use "
+                 "plain gradient descent with the group's lr")
 
 
 def write_run(run_dir: Path, data: dict) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin_fixtures import DEAD_UNIT, REAL_RUN, real_logdir, tensorboard_server
+from plugin_fixtures import DEAD_UNIT, REAL_RUN, SYNTH_WARNING, build_logdir, real_logdir, tensorboard_server
 from trajscope.results import open_results
 
 pytestmark = pytest.mark.slow
@@ -260,6 +260,23 @@ def test_dashboard_in_tensorboard(browser, served, tmp_path):
         assert not problems, problems
     finally:
         page.close()
+
+
+def test_analysis_warnings_show_as_a_banner(browser, tmp_path):
+    """The WARNING lines an analysis printed (kept in analysis.zarr) are shown above the dashboard."""
+    browser = _use(browser)
+    logdir = build_logdir(tmp_path, runs=("alpha",))
+    with tensorboard_server(logdir) as base:
+        page = browser.new_page(viewport=VIEWPORT)
+        problems = watch(page)
+        try:
+            frame = open_dashboard(page, base)
+            banner = frame.locator("#ts-warnings")
+            banner.wait_for(state="visible", timeout=TIMEOUT)
+            assert banner.inner_text().strip() == SYNTH_WARNING.removeprefix("WARNING: ")
+            assert not problems, problems
+        finally:
+            page.close()
 
 
 def test_empty_logdir_shows_how_to_start(browser, tmp_path):

@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 from tensorboard.plugins import base_plugin
 from werkzeug.test import Client
 
-from plugin_fixtures import (DEAD_UNIT, LAYERS, N_STEPS, REAL_LAYERS, REAL_RUN, REAL_STEPS, RUNS, build_logdir,
+from plugin_fixtures import (DEAD_UNIT, LAYERS, N_STEPS, REAL_LAYERS, REAL_RUN, REAL_STEPS, RUNS, SYNTH_WARNING, build_logdir,
                              event_labels, read_events, real_logdir)
 from trajscope.results import LABELS, open_results
 from trajscope_tensorboard.loader import TrajscopeLoader
@@ -124,6 +124,7 @@ def test_runs(client, res, events):
     assert [r["name"] for r in d["runs"]] == [REAL_RUN]
     r = d["runs"][0]
     assert r["results"] and r["results_error"] is None
+    assert r["warnings"] == []   # a faithful SGD replay: nothing to warn about
     assert r["steps"] == len(res) and r["max_step"] == int(res.steps[-1]) == event_labels(events, "0")[0][-1]
     assert [(l["name"], l["nodes"], l["labels"], l["metrics"]) for l in r["layers"]] == \
         [(m, n, True, True) for m, n in res.layers.items()]
@@ -249,7 +250,9 @@ def test_other_format_version_is_409(tmp_path, real):
 
 def test_synthetic_every_label_dotted_names_and_nan(synth_client, logdir):
     """Every label in one layer, dotted module names, and a zero-norm node whose ρ/drift are NaN."""
-    assert [r["name"] for r in get_json(synth_client, f"{P}/runs")["runs"]] == list(RUNS)
+    runs = get_json(synth_client, f"{P}/runs")["runs"]
+    assert [r["name"] for r in runs] == list(RUNS)
+    assert all(r["warnings"] == [SYNTH_WARNING] for r in runs)   # the analysis' WARNING lines, for the banner
     d = get_json(synth_client, f"{P}/labels?run=alpha&layer=net.2")
     assert set(np.unique(unpack(d["labels"]))) == {0, 1, 2, 3}
     for run in RUNS:

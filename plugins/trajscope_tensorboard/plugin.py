@@ -328,7 +328,9 @@ class TrajscopePlugin(base_plugin.TBPlugin):
                     nodes = self._content(series[m]).get("nodes")
                 layers.append({"name": m, "nodes": nodes, "labels": m in series,
                                "metrics": res is not None and m in res.layers})
+            warnings = [str(w) for w in res.attrs.get("warnings", [])] if res is not None else []
             out.append({"name": run, "layers": layers, "results": res is not None, "results_error": error,
+                        "warnings": warnings,
                         "steps": int(len(res)) if res is not None else None,
                         "max_step": max((int(s.max_step) for s in series.values()), default=None)})
         return _json_response(request, {"runs": out, "label_names": list(DEFAULT_LABELS),

@@ -523,6 +523,9 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
         if fidelity["note"]:
             summary.notes.append(fidelity["note"])
         writer.update_attrs(fidelity=fidelity)
+        # the WARNING lines of every analysis of the run, for the dashboard (earlier ones first, once each)
+        said = list(prev.attrs.get("warnings", [])) if prev is not None else []
+        writer.update_attrs(warnings=said + [n for n in summary.notes if n.startswith("WARNING") and n not in said])
     finally:
         writer.close()
         events.close()

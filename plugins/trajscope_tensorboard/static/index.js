@@ -63,6 +63,7 @@ function skeleton() {
   ui.layer = select("ts-layer", (e) => selectLayer(e.target.value));
   ui.meta = el("span", { class: "ts-meta", id: "ts-meta" });
   ui.error = el("div", { class: "ts-error", id: "ts-error", hidden: true });
+  ui.warnings = el("ul", { class: "ts-warnings", id: "ts-warnings", hidden: true });
   ui.empty = el("div", { class: "ts-empty", id: "ts-empty", hidden: true });
 
   ui.sort = el("select", { id: "ts-sort", onchange: (e) => { state.sort = e.target.value; applySort(); } },
@@ -122,7 +123,7 @@ function skeleton() {
       renderNode();
     }, 120);
   }).observe(ui.main);
-  return el("div", { class: "ts-app" }, header, ui.error, ui.empty, ui.main, ui.tooltip);
+  return el("div", { class: "ts-app" }, header, ui.error, ui.warnings, ui.empty, ui.main, ui.tooltip);
 }
 
 // -- messages ---------------------------------------------------------------------------------
@@ -130,6 +131,13 @@ function skeleton() {
 function showError(msg) {
   ui.error.textContent = msg;
   ui.error.hidden = !msg;
+}
+
+// What the analysis warned about (the WARNING lines of its summary, kept in analysis.zarr): a replay of
+// another function than the one trained, an optimizer without an update map, ...
+function showWarnings(lines) {
+  ui.warnings.replaceChildren(...lines.map((t) => el("li", { text: t.replace(/^WARNING:\s*/, "") })));
+  ui.warnings.hidden = !lines.length;
 }
 
 function status(node, msg, isError = false) {
@@ -186,6 +194,7 @@ async function selectRun(name) {
   ui.layer.replaceChildren(...run.layers.map((l) => el("option", { value: l.name, text: l.nodes ? `${layerLabel(l.name)} (${l.nodes})` : layerLabel(l.name) })));
   if (run.results_error) showError(`${run.name}: ${run.results_error}`);
   else showError("");
+  showWarnings(run.warnings || []);
   loadStability();
   if (!run.layers.length) {
     status(ui.mapStatus, "This run has no node layers.");
