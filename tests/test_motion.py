@@ -69,3 +69,70 @@ def test_zero_and_nan_factors():
     res = node_curvature(model, params, {}, x, y, loss_fn, layers)
     q = block_quadratic_forms(res.factors["0"], torch.ones(6, 9, dtype=DT))
     assert torch.isnan(q).all()
+
+
+# ----------------------------------------------------------------------------- fractions of the motion
+def test_motion_fractions_split_the_motion_over_the_map_directions():
+    """A block with known eigenvectors (a rotation Q of diag(a)); GD with lr 1: μ = 1 − a."""
+    from trajscope.analysis.curvature import LayerFactor
+    from trajscope.analysis.motion import motion_fractions
+    from trajscope.analysis.nodes import NodeLayer
+    from trajscope.analysis.updatemap import node_map, update_rule
+
+    a = torch.tensor([0.5, 1e-4, 2.3], dtype=DT)        # contracting, neutral (δ = 1e-3), unstable (μ = −1.3)
+    Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=DT))
+    # a "sqrt" factor with G_i = diag(√a) Qᵀ: H_i = Q diag(a) Qᵀ; two identical nodes
+    layer = NodeLayer(name="l", kind="linear", weight="w", bias=None, n_nodes=2, node_dim=3)
+    G = (a.sqrt()[:, None] * Q.T).expand(2, 3, 3).contiguous()
+    fac = LayerFactor(layer, "sqrt", "ggn", X=torch.zeros(1, 1, 1, 3, dtype=DT), G=G, rank_bound=3)
+    rule = update_rule("SGD", {"lr": 1.0}, None)
+    nm = node_map(rule, None, 3)
+    c = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]], dtype=DT)      # components along Q's columns
+    u = c @ Q.T
+    neutral, unstable = motion_fractions(fac, nm, nm.rule, u, None, 1e-3)
+    torch.testing.assert_close(neutral, torch.tensor([0.64, 0.36], dtype=DT))
+    torch.testing.assert_close(unstable, torch.tensor([0.0, 0.64], dtype=DT))
+    # preconditioned coordinates: A = D^{1/2} H D^{1/2} with ũ = D^{-1/2} u (D = 4: a → 4a)
+    adam_like = type(nm)(rule=rule, transformed=True, sign=1.0, shift=0.0)
+    neutral, unstable = motion_fractions(fac, adam_like, rule, u, torch.full((2, 3), 4.0, dtype=DT), 1e-3)
+    # 4a = [2, 4e-4, 9.2]: μ = [−1, 1 − 4e-4, −8.2]: the first is not unstable (|μ| = 1), the second neutral
+    torch.testing.assert_close(neutral, torch.tensor([0.64, 0.36], dtype=DT))
+    torch.testing.assert_close(unstable, torch.tensor([0.0, 0.64], dtype=DT))
+
+
+def test_motion_fractions_end_to_end_against_dense_hessians(tmp_path):
+    """SGD with momentum (two roots per direction) on a tanh MLP, analysed with motion_fractions:
+    against torch.func.hessian blocks, their eigenvectors and the heavy-ball roots by hand."""
+    import numpy as np
+
+    import trajscope
+    from helpers_analysis import batches, make_mlp, mlp_spec, node_rows, record
+
+    sizes = (3, 5, 2)
+    model = make_mlp(sizes, activation="tanh")
+    lr, beta = 0.3, 0.9
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta)
+    data = batches(6, 3, 2, b=8)
+    record(tmp_path / "run", model, opt, nn.MSELoss(), data, **mlp_spec(sizes, "tanh"))
+    res = trajscope.analyze(tmp_path / "run", dtype="float64", curvature="exact", motion_fractions=True,
+                            sharpness=False)[tmp_path / "run"]
+    delta = res.attrs["delta"]
+    run = trajscope.open_run(tmp_path / "run")
+    ref_model = make_mlp(sizes, activation="tanh")
+    layer = find_node_layers(ref_model)[0]
+    k = 2                                                  # a step with a full momentum buffer
+    t = int(res.steps[k])
+    params = {n: v.to(DT) for n, v in run.params(t).items()}
+    x, y = data[t]
+    u = node_rows(run.params(t + 1), "0") - node_rows(run.params(t), "0")
+    for i in range(layer.n_nodes):
+        H = ref_exact(ref_model, params, x, y, nn.MSELoss(), layer, i)
+        w, V = torch.linalg.eigh(H)
+        share = (V.T @ u[i].to(DT)) ** 2 / float(u[i].to(DT) @ u[i].to(DT))
+        neutral = unstable = 0.0
+        for a, s in zip(w.tolist(), share.tolist()):
+            roots = np.roots([1.0, -(1 + beta - lr * a), beta])
+            neutral += s * bool((np.abs(roots - 1) <= delta).any())
+            unstable += s * bool((np.abs(roots) - 1 > delta).any())
+        assert res.node("0", "neutral_fraction")[k, i] == pytest.approx(neutral, abs=1e-6)
+        assert res.node("0", "unstable_fraction")[k, i] == pytest.approx(unstable, abs=1e-6)

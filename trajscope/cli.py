@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", choices=("step", "probe"), default="step", help="curvature on each step's mini-batch (default) or the fixed probe batch")
     g.add_argument("--curvature", choices=("ggn", "exact"), default="ggn", help="node blocks: Gauss-Newton (default) or exact Hessian")
     g.add_argument("--no-sharpness", action="store_true", help="skip the global sharpness (Lanczos) computation")
+    g.add_argument("--fractions", action="store_true", help="also write, per node, the fractions of its motion along the "
+                   "neutral and the unstable directions of its map (neutral_fraction, unstable_fraction; one dense "
+                   "p x p eigendecomposition per node: slow for wide layers)")
     lab = pa.add_argument_group("labels")
     lab.add_argument("--preset", choices=("excited", "acted", "seed"), default="excited",
                      help="label rules (docs/concepts.md): 'excited' (default) judges a node by the directions its "

@@ -23,6 +23,7 @@ class AnalysisOptions:
     batch: str = "step"                 # "step" | "probe"
     curvature: str = "ggn"              # "ggn" | "exact"
     sharpness: bool = True
+    motion_fractions: bool = False      # per node: the motion's fractions along neutral / unstable directions
     labels: LabelConfig = field(default_factory=LabelConfig)
     device: str = "cpu"
     dtype: str = "float32"

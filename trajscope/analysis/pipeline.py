@@ -33,9 +33,10 @@ from rich.table import Table
 
 import trajscope
 from trajscope import capture
-from trajscope.analysis.curvature import (CurvatureResult, LayerFactor, bias_group_eigvals, block_quadratic_forms, node_curvature,
-                                          node_hessian_extremes, preconditioned_eigvals)
+from trajscope.analysis.curvature import (CurvatureResult, bias_group_eigvals, node_curvature, node_hessian_extremes,
+                                          preconditioned_eigvals)
 from trajscope.analysis.kinematics import node_kinematics
+from trajscope.analysis.motion import map_scale, motion_curvature, motion_fractions
 from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm,
                                       motion_from_eigs, resolve_delta, stable_labels)
 from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
@@ -235,9 +236,7 @@ class _Analyser:
         nm = self.node_map(layer, rules)
         theta = node_matrix(params, layer).cpu().to(torch.float64)
         g = node_matrix(cr.grads, layer).cpu().to(torch.float64)
-        d = node_matrix(precond, layer).cpu().to(torch.float64) if nm.rule.preconditioned else torch.ones_like(g)
-        if nm.lr_scale is not None:
-            d = d * nm.lr_scale.to(d)
+        d = map_scale(nm, node_matrix(precond, layer).cpu() if nm.rule.preconditioned else None, g)
         step = -nm.sign * d * g
         u = node_matrix(nxt, layer).to(torch.float64) - theta if nxt is not None else step
         u = torch.where((u != 0).any(dim=1, keepdim=True), u, step)
@@ -293,7 +292,10 @@ class _Analyser:
                            -preconditioned_eigvals(factor, dm, shift=-nm.shift).flip(1))
             spectra = node_update_spectra(eig, p, rule)
             pre = node_matrix(precond, layer).cpu() if nm.rule.preconditioned else None
-            motion = (*motion_from_eigs(_motion_curvature(cr.factors[layer.name], nm, move[0], pre), nm.rule), move[1])
+            motion = (*motion_from_eigs(motion_curvature(cr.factors[layer.name], nm, move[0], pre), nm.rule), move[1])
+            if self.opts.motion_fractions:
+                neutral_f, unstable_f = motion_fractions(cr.factors[layer.name], nm, nm.rule, move[0], pre, self.delta)
+                out.update(neutral_fraction=_np32(neutral_f), unstable_fraction=_np32(unstable_f))
         else:
             fill = torch.full((n,), float("nan"), dtype=torch.float64)
             hmax, hmin, grad_norm = fill, fill, fill
@@ -311,25 +313,6 @@ class _Analyser:
                    neutral_dims=neutral.cpu().numpy().astype(np.int32), label=label.cpu().numpy().astype(np.uint8),
                    reason=reason.cpu().numpy().astype(np.uint8))
         return out
-
-
-def _motion_curvature(factor: LayerFactor, nm: NodeMap, u: torch.Tensor, precond: torch.Tensor | None) -> torch.Tensor:
-    r"""λ_u (N,) float64: the curvature of the node's map operator along its motion u (labels.py).
-
-    Without ``nm.transformed``: :math:`u^\top H_i u / u^\top u`; with it, in the coordinates
-    :math:`\tilde u = (DA)^{-1/2}u` of the operator :math:`(DA)^{1/2}(sH_i + \mathrm{diag}(c))(DA)^{1/2}`:
-    :math:`(s\,u^\top H_i u + \sum_k c_k u_k^2) / \sum_k u_k^2/(DA)_k`. NaN where u = 0."""
-    quad = block_quadratic_forms(factor, u)
-    if not nm.transformed:
-        den = (u * u).sum(dim=1)
-    else:
-        d = torch.ones_like(u) if precond is None else precond.to(u)
-        if nm.lr_scale is not None:
-            d = d * nm.lr_scale.to(d)
-        c = torch.as_tensor(nm.shift, dtype=torch.float64).reshape(-1)
-        quad = nm.sign * quad + (c * u * u).sum(dim=1)
-        den = torch.where(d > 0, u * u / torch.where(d > 0, d, 1.0), 0.0).sum(dim=1)
-    return torch.where(den > 0, quad / torch.where(den > 0, den, 1.0), math.nan)
 
 
 def _equal_share(shares: Sequence[torch.Tensor]) -> float:
@@ -652,7 +635,8 @@ def analyze_cli(args: Any) -> int:
                          collapse_reference=args.collapse_reference, stable_window=args.stable_window,
                          share_min=args.share_min)
     opts = AnalysisOptions(modules=args.modules, steps=steps, stride=args.stride, all_steps=args.all_steps,
-                           batch=args.batch, curvature=args.curvature, sharpness=not args.no_sharpness, labels=labels,
+                           batch=args.batch, curvature=args.curvature, sharpness=not args.no_sharpness,
+                           motion_fractions=args.fractions, labels=labels,
                            device=args.device, dtype=args.dtype, model=args.model, model_args=args.model_args,
                            loss=args.loss, loss_args=args.loss_args, trust=args.trust, progress=not args.no_progress)
     console = Console()
