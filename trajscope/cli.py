@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", choices=("step", "probe"), default="step", help="curvature on each step's mini-batch (default) or the fixed probe batch")
     g.add_argument("--curvature", choices=("ggn", "exact"), default="ggn", help="node blocks: Gauss-Newton (default) or exact Hessian")
     g.add_argument("--no-sharpness", action="store_true", help="skip the global sharpness (Lanczos) computation")
+    g.add_argument("--train-mode", choices=("replay", "off"), default="replay",
+                   help="modules that trained in train mode (BatchNorm, dropout): replayed as trained, with batch "
+                        "statistics and the recorded dropout masks (default), or 'off': the whole model in eval mode")
     lab = pa.add_argument_group("labels")
     lab.add_argument("--preset", choices=("acted", "seed"), default="acted", help="label rules: 'acted' (default) judges only the directions the step acts on; 'seed' applies the "
                      "source paper's literal rules (all p directions, fixed eps constants; docs/concepts.md)")

@@ -18,7 +18,7 @@ from torch import nn
 
 from trajscope import capture
 from trajscope.errors import TrajscopeError
-from trajscope.store import TrajectoryReader
+from trajscope.store import ForwardState, TrajectoryReader
 from trajscope.trust import TrustPolicy, loss_spec
 
 
@@ -33,6 +33,8 @@ class Checkpoint:
     loss: float
     hparams: list[dict[str, Any]]           # per parameter group
     optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # param name -> state
+    # what each micro-batch's forward pass used (train flags, RNG state); None: not recorded by this run
+    forward: list[ForwardState] | None = None
 
     @property
     def inputs(self) -> Any:
@@ -112,7 +114,8 @@ class Run:
         r = self.reader.row_of(step)
         return Checkpoint(step=int(step), params=self.reader.params(r), buffers=self.reader.buffers(r),
                           batch=self.reader.batch(r), loss=float(self.reader.losses[r]),
-                          hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r))
+                          hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r),
+                          forward=self.reader.forward(r))
 
     def params(self, step: int) -> dict[str, torch.Tensor]:
         return self.reader.params(self.reader.row_of(step))

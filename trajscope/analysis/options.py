@@ -23,6 +23,7 @@ class AnalysisOptions:
     batch: str = "step"                 # "step" | "probe"
     curvature: str = "ggn"              # "ggn" | "exact"
     sharpness: bool = True
+    train_mode: str = "replay"          # "replay" (train-mode layers as trained) | "off" (eval mode)
     labels: LabelConfig = field(default_factory=LabelConfig)
     device: str = "cpu"
     dtype: str = "float32"
@@ -35,6 +36,7 @@ class AnalysisOptions:
 
     def __post_init__(self) -> None:
         for name, value, choices in (("batch", self.batch, ("step", "probe")), ("curvature", self.curvature, ("ggn", "exact")),
+                                     ("train_mode", self.train_mode, ("replay", "off")),
                                      ("dtype", self.dtype, ("float32", "float64"))):
             if value not in choices:
                 raise TrajscopeError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
