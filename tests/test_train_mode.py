@@ -31,10 +31,10 @@ MNIST = {"size": 12, "channels": [3, 4], "hidden": 8, "classes": 10}
 
 
 # --------------------------------------------------------------------------- recording
-def _record(path, model, opt, loss_fn, data, spec, kwargs, accumulate=1):
+def _record(path, model, opt, loss_fn, data, spec, kwargs, accumulate=1, probe=None):
     """The usual loop (train mode, `accumulate` micro-batches per step, loss / accumulate)."""
     model.train()
-    with trajscope.Recorder(path, model, opt, loss_fn, model_spec=spec, model_kwargs=kwargs) as rec:
+    with trajscope.Recorder(path, model, opt, loss_fn, model_spec=spec, model_kwargs=kwargs, probe=probe) as rec:
         for i in range(0, len(data), accumulate):
             opt.zero_grad()
             for x, y in data[i:i + accumulate]:
@@ -44,14 +44,15 @@ def _record(path, model, opt, loss_fn, data, spec, kwargs, accumulate=1):
     return trajscope.open_run(path)
 
 
-def _resnet_run(path, accumulate=1, steps=3, b=6):
+def _resnet_run(path, accumulate=1, steps=3, b=6, probe=False):
     torch.manual_seed(0)
     model = resnet_block(**RESNET).to(F64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(b, 3, 4, 4, generator=g, dtype=F64), torch.randint(0, 3, (b,), generator=g))
             for _ in range(steps * accumulate)]
-    return _record(path, model, opt, nn.CrossEntropyLoss(), data, "trajscope.zoo:resnet_block", RESNET, accumulate)
+    return _record(path, model, opt, nn.CrossEntropyLoss(), data, "trajscope.zoo:resnet_block", RESNET, accumulate,
+                   probe=data[0] if probe else None)
 
 
 def _mnist_run(path, steps=3):
@@ -312,6 +313,20 @@ def test_old_run_without_forward_state_is_replayed_in_eval_mode_and_says_so(tmp_
     _analyse(run, "--all-steps")
     out = " ".join(capsys.readouterr().out.split())
     assert "WARNING: the run does not record its forward passes' train/eval flags and RNG state" in out
+
+
+def test_probe_batch_is_replayed_in_eval_mode(tmp_path, capsys):
+    """The probe (here the same samples as step 0's batch) was never run by a recorded forward pass: eval
+    mode, said in a note (the design, not a departure), and its curvature is the eval-mode one."""
+    run = _resnet_run(tmp_path / "run", steps=2, probe=True)
+    res = _analyse(run, "--batch", "probe", "--all-steps")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "note: the probe batch is replayed in eval mode" in out and "WARNING" not in out
+    ck = run.checkpoint(0)
+    model = run.model().to(F64)
+    cr = node_curvature(model, ck.params, ck.buffers, ck.inputs, ck.targets, run.loss_fn(), recorded_node_layers(run))
+    assert res.global_series("loss")[0] == pytest.approx(float(cr.loss), rel=1e-12)
+    assert res.attrs["train_mode_replay"]["coupled_curvature"] is False
 
 
 @pytest.mark.parametrize("case", ["cuda", "compiled"])

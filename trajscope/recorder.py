@@ -364,7 +364,8 @@ class Recorder:
                 self._modules = list(self.model.named_modules())[1:]
             training = self.model.training
             differ = tuple(n for n, m in self._modules if m.training != training)
-            dev = next((p.device for p in self.model.parameters() if p.device.type == "cuda"), None)
+            first = next(self.model.parameters(), None)
+            dev = first.device if first is not None and first.device.type == "cuda" else None
             cuda = torch.cuda.get_rng_state(dev) if dev is not None else None
             self._last_forward = (training, differ, torch.get_rng_state(), cuda,
                                   None if dev is None else (dev.index if dev.index is not None else torch.cuda.current_device()))

@@ -165,7 +165,7 @@ class _Analyser:
         """How checkpoint ``ck`` is replayed on ``inputs``; a departure from training is kept for the summary."""
         rp, issue = replay_mod.plan(self.model, ck.forward, inputs, self.opts.device, mode=self.opts.train_mode,
                                     exported=self.exported, compiled=self.compiled,
-                                    recorded_sensitive=self.recorded_sensitive)
+                                    probe=self.opts.batch == "probe", recorded_sensitive=self.recorded_sensitive)
         if issue:
             self.replay_issues.setdefault(issue, []).append(ck.step)
         self.n_replayed += bool(rp.micro)
@@ -181,7 +181,7 @@ class _Analyser:
         inputs = _to(batch[0], dev, dt)
         rp, _ = replay_mod.plan(self.model, ck.forward, inputs, dev, mode=self.opts.train_mode,
                                 exported=self.exported, compiled=self.compiled,
-                                recorded_sensitive=self.recorded_sensitive)
+                                probe=self.opts.batch == "probe", recorded_sensitive=self.recorded_sensitive)
         try:
             with torch.no_grad():
                 loss = self.loss_fn(rp.forward(self.model, params, buffers, inputs), _to(batch[1], dev, dt))
@@ -509,9 +509,10 @@ def _train_mode_summary(an: _Analyser, opts: AnalysisOptions) -> dict[str, Any]:
         out["notes"].append("train-mode layers replayed as trained (BatchNorm on each micro-batch's statistics, "
                             "dropout with the recorded RNG state)" +
                             ("; BatchNorm couples the samples: node blocks include cross-sample terms" if an.coupled else ""))
+    warn = "" if opts.batch == "probe" else "WARNING: "   # the probe in eval mode is the design, not a departure
     for why, steps in an.replay_issues.items():
         shown = ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
-        out["notes"].append(f"WARNING: {why} (steps {shown})")
+        out["notes"].append(f"{warn}{why} (steps {shown})")
     return out
 
 

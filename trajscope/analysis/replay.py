@@ -177,14 +177,16 @@ def _active_dropout(model: nn.Module, micro: Sequence[ForwardState]) -> bool:
 
 
 def plan(model: nn.Module, forward: list[ForwardState] | None, inputs: Any, device: str | torch.device, *,
-         mode: str = "replay", exported: bool = False, compiled: bool = False,
+         mode: str = "replay", exported: bool = False, compiled: bool = False, probe: bool = False,
          recorded_sensitive: Sequence[str] | None = None) -> tuple[Replay, str | None]:
     """The replay of one checkpoint and, where it departs from the forward pass that was trained,
     why (one sentence; None when it does not, or when the model has no BatchNorm/dropout).
 
     ``forward`` is the checkpoint's recorded state (None: not recorded), ``inputs`` the batch to
     replay, ``exported``: the model is a ``torch.export`` program (its mode was fixed at export),
-    ``compiled``: training ran it under ``torch.compile``, ``recorded_sensitive``: the BatchNorm and
+    ``compiled``: training ran it under ``torch.compile``, ``probe``: ``inputs`` is the probe batch,
+    which no recorded forward pass saw (replayed in eval mode: a deterministic function, comparable
+    across checkpoints), ``recorded_sensitive``: the BatchNorm and
     dropout modules the Recorder saw (the model attribute ``mode_sensitive``)."""
     device = torch.device(device)
     eval_replay = Replay(device=device)
@@ -195,6 +197,9 @@ def plan(model: nn.Module, forward: list[ForwardState] | None, inputs: Any, devi
     if exported:
         return eval_replay, ("the model is the exported program, whose train/eval mode was fixed (eval) at export: "
                              "BatchNorm and dropout are replayed in eval mode (pass --model with the model's factory)")
+    if probe:
+        return eval_replay, ("the probe batch is replayed in eval mode (BatchNorm on running statistics, dropout "
+                             "off): no forward pass of it was recorded")
     if forward is None:
         return eval_replay, ("the run does not record its forward passes' train/eval flags and RNG state (recorded "
                              "by an older trajscope): BatchNorm and dropout are replayed in eval mode")
