@@ -342,3 +342,36 @@ def test_unreproducible_masks_are_a_warning(case):
     out = rp.forward(model, dict(model.named_parameters()), dict(model.named_buffers()), x)
     ref = copy.deepcopy(model).eval()(x)
     assert torch.equal(out, ref)          # dropout off, deterministic
+
+
+def test_a_validation_pass_between_backward_and_batch_does_not_replace_the_training_pass(tmp_path):
+    torch.manual_seed(0)
+    model = mnist_net(**MNIST).to(F64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn = nn.NLLLoss()
+    g = torch.Generator().manual_seed(3)
+    with trajscope.Recorder(tmp_path / "run", model, opt, loss_fn, model_spec="trajscope.zoo:mnist_net",
+                            model_kwargs=MNIST) as rec:
+        for _ in range(2):
+            x, y = torch.randn(4, 1, 12, 12, generator=g, dtype=F64), torch.randint(0, 10, (4,), generator=g)
+            model.train()
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            model.eval()
+            with torch.no_grad():            # a metric pass on other data, in eval mode
+                model(torch.randn(3, 1, 12, 12, dtype=F64))
+            model.train()
+            rec.batch(x, y)
+            opt.step()
+    run = trajscope.open_run(tmp_path / "run")
+    fw = run.checkpoint(1).forward
+    assert len(fw) == 1 and fw[0].training and fw[0].size == 4
+    res = _analyse(run, "--all-steps")
+    assert (res.global_series("loss_mismatch") <= 1e-5).all()
+
+
+def test_run_replay_loss_replays_train_mode(tmp_path):
+    run = _resnet_run(tmp_path / "run", accumulate=2, steps=1, b=3)
+    ck, model, loss_fn = run.checkpoint(0), run.model().to(F64), run.loss_fn()
+    assert run.replay_loss(ck, model, loss_fn).item() == pytest.approx(ck.loss, rel=1e-10)
+    assert run.replay_loss(ck, model, loss_fn, train_mode="off").item() != pytest.approx(ck.loss, rel=1e-4)

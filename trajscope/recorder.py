@@ -140,6 +140,7 @@ class Recorder:
         self._micro_forward: list[tuple | None] = []
         self._last_forward: tuple | None = None
         self._modules: list[tuple[str, nn.Module]] | None = None
+        self._warned_forward = False
         self._batch_step = -1
         self._hook_losses: list[torch.Tensor] = []
         self._explicit_losses: list[torch.Tensor | float] = []
@@ -356,8 +357,14 @@ class Recorder:
     def _on_forward(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook on the module the loop calls: the train/eval flags and the RNG state this
         forward pass starts from (its dropout masks are drawn from it), kept for the next batch() call.
-        ~10 us per forward pass of a recorded step (a 5 KiB copy of the CPU generator's state)."""
+        A pass without gradients (a metric or validation pass in between) does not replace a pending
+        one with gradients: the batch's gradient came from that. ~10 us per forward pass of a
+        recorded step (a 5 KiB copy of the CPU generator's state). A failure here only loses the
+        forward state (those steps replay in eval mode, said at analysis), never the recording."""
         if self.failed or self._closed or self._ignore_batches or not self.records(self._step):
+            return
+        grad = torch.is_grad_enabled()
+        if not grad and self._last_forward is not None and self._last_forward[5]:
             return
         try:
             if self._modules is None:
@@ -368,9 +375,14 @@ class Recorder:
             dev = first.device if first is not None and first.device.type == "cuda" else None
             cuda = torch.cuda.get_rng_state(dev) if dev is not None else None
             self._last_forward = (training, differ, torch.get_rng_state(), cuda,
-                                  None if dev is None else (dev.index if dev.index is not None else torch.cuda.current_device()))
-        except Exception as e:  # never break training
-            self._fail(e)
+                                  None if dev is None else (dev.index if dev.index is not None else torch.cuda.current_device()),
+                                  grad)
+        except Exception as e:  # never break training, nor stop the recording for this
+            self._last_forward = None
+            if not self._warned_forward:
+                self._warned_forward = True
+                warnings.warn(f"trajscope: the forward pass's train flags and RNG state cannot be recorded "
+                              f"({type(e).__name__}: {e}); those steps will be replayed in eval mode", RuntimeWarning)
 
     def _forward_states(self, micro: list, leaves: list) -> list[ForwardState]:
         """The forward state of each micro-batch the record holds (all of them when they were joined,

@@ -183,12 +183,19 @@ class Run:
             TrustPolicy(self.path, self.attrs, trust).require("loss", named, "--loss package.module:LossClass")
         return capture.build_loss(desc, spec, kwargs)
 
-    def replay_loss(self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None) -> torch.Tensor:
-        """L(θ_t) on the checkpoint's batch (or ``batch``), parameters substituted functionally."""
+    def replay_loss(self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None,
+                    train_mode: str = "replay") -> torch.Tensor:
+        """L(θ_t) on the checkpoint's batch (or ``batch``), parameters substituted functionally; train-mode
+        layers replayed as the step ran them (``train_mode="replay"``, see
+        :mod:`trajscope.analysis.replay`) or the model in eval mode (``"off"``)."""
+        from trajscope.analysis import replay
+
         inputs, targets = batch if batch is not None else ckpt.batch
-        state = {**ckpt.params, **ckpt.buffers}
+        device = next((p.device for p in ckpt.params.values()), torch.device("cpu"))
+        rp, _ = replay.plan(model, ckpt.forward, inputs, device, mode=train_mode, probe=batch is not None,
+                            recorded_sensitive=self.attrs["model"].get("mode_sensitive"))
         with torch.no_grad():
-            return loss_fn(capture.functional_forward(model, state, inputs), targets)
+            return loss_fn(rp.forward(model, ckpt.params, ckpt.buffers, inputs), targets)
 
 
 def open_run(path: str | Path) -> Run:

@@ -11,7 +11,11 @@ filter applied at every output position), so every block has the form
 where :math:`X_j \in \mathbb{R}^{T \times p}` holds the layer inputs of sample j at its T positions
 (rows :math:`\tilde x_{jt} = [x_{jt}; 1]`, unfolded patches for a convolution) and
 :math:`E_{ij} = \partial^2 L / \partial z_{ij}\partial z_{ij}^\top \in \mathbb{R}^{T\times T}`
-(cross-sample terms vanish for a loss that is a sum or mean over samples).
+(cross-sample terms vanish for a loss that is a sum or mean over samples). With BatchNorm on batch
+statistics (a train-mode replay, :mod:`trajscope.analysis.replay`) they do not: the blocks are then
+:math:`H_i = X^\top M_i X` over all samples and positions of a forward pass, with the cross-sample
+second derivatives in :math:`M_i` (exact) or the GGN's per-(sample, output direction) square roots,
+see :func:`_coupled_factors`. Models without such layers never take that route.
 
 * **GGN** replaces :math:`\partial^2 L/\partial z^2` by :math:`J^\top (\partial^2 L/\partial f^2) J`.
   With :math:`S_j S_j^\top = \partial^2 L/\partial f_j^2` (computed generically from C
@@ -54,6 +58,9 @@ GGN, conv/3-D  same                                     N·C·B·T·p + N·min(p
 exact, 2-D     N HVPs w.r.t. z (batched)                as GGN 2-D
 exact, conv    N·T HVPs w.r.t. z (batched); memory      N·B·T²·p + N·p³ (dense)
                N·B·T² for the position blocks
+coupled exact  N·B·T HVPs (B: largest micro-batch);     N·(BT)²·p + N·p³ or N·(BT)³
+               memory N·(BT)²
+coupled GGN    B·C backward passes; memory N·B·C·p       N·B·C·p² or N·(BC)³ (Gram)
 =============  =======================================  ===============================
 """
 from __future__ import annotations
@@ -946,7 +953,7 @@ def _exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, input_2d: bool, X
                   act_bytes: int, max_tile_bytes: int) -> LayerFactor:
     r"""Exact :math:`\partial^2 L/\partial z_i^2` of one layer by HVPs of ``gz`` = ∂L/∂z
     (built with its graph) w.r.t. the layer's ``dz``: direction "unit i (at position t) in
-    every sample"; cross-sample terms vanish."""
+    every sample"; cross-sample terms vanish (no batch statistics: else :func:`_coupled_exact_factor`)."""
     if gz is None:
         return LayerFactor(l, "zero", "exact")
     N = l.n_nodes
