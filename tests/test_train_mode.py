@@ -44,14 +44,14 @@ def _record(path, model, opt, loss_fn, data, spec, kwargs, accumulate=1, probe=N
     return trajscope.open_run(path)
 
 
-def _resnet_run(path, accumulate=1, steps=3, b=6, probe=False):
+def _resnet_run(path, accumulate=1, steps=3, b=6, probe=False, cfg=RESNET):
     torch.manual_seed(0)
-    model = resnet_block(**RESNET).to(F64)
+    model = resnet_block(**cfg).to(F64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(b, 3, 4, 4, generator=g, dtype=F64), torch.randint(0, 3, (b,), generator=g))
-            for _ in range(steps * accumulate)]
-    return _record(path, model, opt, nn.CrossEntropyLoss(), data, "trajscope.zoo:resnet_block", RESNET, accumulate,
+    data = [(torch.randn(b, cfg["in_channels"], 4, 4, generator=g, dtype=F64),
+             torch.randint(0, cfg["classes"], (b,), generator=g)) for _ in range(steps * accumulate)]
+    return _record(path, model, opt, nn.CrossEntropyLoss(), data, "trajscope.zoo:resnet_block", cfg, accumulate,
                    probe=data[0] if probe else None)
 
 
@@ -375,3 +375,41 @@ def test_run_replay_loss_replays_train_mode(tmp_path):
     ck, model, loss_fn = run.checkpoint(0), run.model().to(F64), run.loss_fn()
     assert run.replay_loss(ck, model, loss_fn).item() == pytest.approx(ck.loss, rel=1e-10)
     assert run.replay_loss(ck, model, loss_fn, train_mode="off").item() != pytest.approx(ck.loss, rel=1e-4)
+
+
+def test_bad_train_mode_is_one_line(tmp_path):
+    with pytest.raises(trajscope.errors.TrajscopeError, match="train_mode must be one of replay, off, got 'eval'"):
+        trajscope.analyze(tmp_path, train_mode="eval")
+
+
+def test_sharpness_is_that_of_the_training_loss(tmp_path):
+    """Lanczos on the replayed function: λ_max of the dense Hessian of the train-mode loss (BatchNorm on
+    the batch statistics of each of the step's two micro-batches)."""
+    from trajscope.analysis.sharpness import sharpness
+
+    run = _resnet_run(tmp_path / "run", accumulate=2, steps=1, b=3, cfg={"in_channels": 1, "width": 2, "classes": 2})
+    ck, model = run.checkpoint(0), run.model().to(F64)
+    rp, _ = replay_mod.plan(model, ck.forward, ck.inputs, "cpu")
+    got = sharpness(model, ck.params, ck.buffers, ck.inputs, ck.targets, nn.CrossEntropyLoss(), replay=rp, tol=1e-8)
+    _, loss = _bn_loss(model, ck.params, list(ck.inputs.split(3)), ck.targets, nn.CrossEntropyLoss())
+    names = list(ck.params)
+    flat = torch.cat([ck.params[k].reshape(-1) for k in names])
+    sizes = [ck.params[k].numel() for k in names]
+
+    def f(v):
+        return loss({k: t.reshape(ck.params[k].shape) for k, t in zip(names, v.split(sizes))})
+    # The dense Hessian by plain double backward, one column at a time: torch.func.hessian (and jacrev of
+    # jacrev) get the cross terms of BatchNorm weights wrong here (torch 2.13; off by up to 0.28 against
+    # finite differences of the gradient, which this agrees with).
+    v = flat.clone().requires_grad_(True)
+    g = torch.autograd.grad(f(v), v, create_graph=True)[0]
+    H = torch.stack([torch.autograd.grad(g[i], v, retain_graph=True)[0] for i in range(len(flat))])
+    i = sum(sizes[:names.index("bn2.weight")])      # a column where torch.func's Hessian is wrong
+    e = torch.zeros_like(flat)
+    e[i] = 1e-5
+    fd = (torch.func.grad(f)(flat + e) - torch.func.grad(f)(flat - e)) / 2e-5
+    assert torch.allclose(H[i], fd, atol=1e-7)
+    lam = torch.linalg.eigvalsh(0.5 * (H + H.T))[-1]
+    assert got.converged and got.value == pytest.approx(float(lam), rel=1e-6)
+    eval_value = sharpness(model, ck.params, ck.buffers, ck.inputs, ck.targets, nn.CrossEntropyLoss(), tol=1e-8).value
+    assert eval_value != pytest.approx(float(lam), rel=1e-3)
