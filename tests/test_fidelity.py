@@ -25,7 +25,8 @@ def test_faithful_replay_passes(tmp_path, capsys):
 
 
 def test_dropout_in_train_mode_is_reported(tmp_path, capsys):
-    """Training with dropout on; the replay runs the model in eval mode: another function."""
+    """Training with dropout on; the replay of the exported program runs in eval mode (fixed at export):
+    another function. Both the replay and the fidelity check say so."""
     sizes = (3, 8, 2)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)).double()
@@ -42,6 +43,7 @@ def test_dropout_in_train_mode_is_reported(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "run"), "--no-progress", "--no-sharpness"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "WARNING: the replayed loss differs from the recorded loss" in out
+    assert "WARNING: the model is the exported program, whose train/eval mode was fixed (eval) at export" in out
     attrs = open_results(tmp_path / "run").attrs
     fid = attrs["fidelity"]
     assert fid["steps_over_tolerance"] and fid["max_loss_mismatch"] > 1e-4

@@ -120,6 +120,14 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return model, wrappers
 
 
+def mode_sensitive(model: nn.Module) -> list[str]:
+    """Names of the modules whose function depends on their train/eval flag (BatchNorm, dropout)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return [n for n, m in model.named_modules() if isinstance(m, (_BatchNorm, _DropoutNd))]
+
+
 def describe_node_layers(model: nn.Module) -> list[dict[str, Any]]:
     """The node-carrying modules of the live model, as JSON (an exported program has no module types)."""
     from dataclasses import asdict

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fractions", action="store_true", help="also write, per node, the fractions of its motion along the "
                    "neutral and the unstable directions of its map (neutral_fraction, unstable_fraction; one dense "
                    "p x p eigendecomposition per node: slow for wide layers)")
+    g.add_argument("--train-mode", choices=("replay", "off"), default="replay",
+                   help="modules that trained in train mode (BatchNorm, dropout): replayed as trained, with batch "
+                        "statistics and the recorded dropout masks (default), or 'off': the whole model in eval mode")
     lab = pa.add_argument_group("labels")
     lab.add_argument("--preset", choices=("excited", "acted", "seed"), default="excited",
                      help="label rules (docs/concepts.md): 'excited' (default) judges a node by the directions its "

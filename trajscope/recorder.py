@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,8 +43,8 @@ from torch import nn
 import trajscope
 from trajscope import capture, trust
 from trajscope.errors import TrajscopeError
-from trajscope.store import (STORE_NAME, Snapshot, TrajectoryWriter, flatten_batch, is_run, make_layout,
-                             numeric_hparams, pack, shard_store_name)
+from trajscope.store import (STORE_NAME, ForwardState, Snapshot, TrajectoryWriter, flatten_batch, is_run,
+                             make_layout, numeric_hparams, pack, shard_store_name)
 
 log = logging.getLogger("trajscope")
 _STOP = object()
@@ -124,6 +125,7 @@ class Recorder:
         self.path = Path(path)
         # torch.compile / DDP wrappers prefix every name (_orig_mod., module.): record the bare model's
         # names, which are what the replayed model has.
+        root = model      # the module the loop calls: its forward pre-hook sees every forward pass
         model, self._wrappers = capture.unwrap_model(model)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.rank, self.world_size = _process_group(distributed)
@@ -146,6 +148,11 @@ class Recorder:
         # The micro-batches given to batch() during the current step (several under gradient
         # accumulation), and the loss values seen since the last step: hooked and explicit.
         self._micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]] = []
+        # what each micro-batch's forward pass used (train flags, RNG state), and the latest forward's
+        self._micro_forward: list[tuple | None] = []
+        self._last_forward: tuple | None = None
+        self._modules: list[tuple[str, nn.Module]] | None = None
+        self._warned_forward = False
         self._batch_step = -1
         self._hook_losses: list[torch.Tensor] = []
         self._explicit_losses: list[torch.Tensor | float] = []
@@ -218,6 +225,8 @@ class Recorder:
             self._thread = threading.Thread(target=self._write_loop, name="trajscope-writer", daemon=True)
             self._thread.start()
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
+        self._hooks.append(root.register_forward_pre_hook(_forward_pre_hook))
+        self._hooks.append(_ForwardHookEntry(root, self))
         if isinstance(loss_fn, nn.Module):
             self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
         atexit.register(self.close)
@@ -278,7 +287,8 @@ class Recorder:
             "model": {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                       "spec": model_spec, "kwargs": dict(model_kwargs or {}), "exported": None,
                       "export_error": None if self.export else "export not requested",
-                      "node_layers": capture.describe_node_layers(self.model), "wrapped_by": self._wrappers},
+                      "node_layers": capture.describe_node_layers(self.model), "wrapped_by": self._wrappers,
+                      "mode_sensitive": capture.mode_sensitive(self.model)},
             "loss": capture.describe_loss(self.loss_fn) if self.loss_fn is not None else None,
         }
 
@@ -321,6 +331,8 @@ class Recorder:
                 return
             spec, leaves = flatten_batch((inputs, targets))
             self._micro.append((spec, [(k, self._copy(t)) for k, t in leaves]))
+            self._micro_forward.append(self._last_forward)
+            self._last_forward = None       # a forward pass belongs to one micro-batch
             if not self._export_queued:
                 self._export_queued = True
                 self._export_now(inputs)
@@ -342,6 +354,7 @@ class Recorder:
         """Start collecting micro-batches and losses anew at the first one of a step."""
         if self._batch_step != self._step:
             self._micro, self._explicit_losses, self._batch_step = [], [], self._step
+            self._micro_forward = []
 
     def _export_now(self, inputs: Any) -> None:
         """Export a copy of the model on the training thread, before this step's update.
@@ -371,6 +384,48 @@ class Recorder:
                 except OSError:
                     pass
         self._submit("model_meta", update)   # the writer owns the store's attributes
+
+    def _on_forward(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook on the module the loop calls: the train/eval flags and the RNG state this
+        forward pass starts from (its dropout masks are drawn from it), kept for the next batch() call.
+        A pass without gradients (a metric or validation pass in between) does not replace a pending
+        one with gradients: the batch's gradient came from that. ~55 us per forward pass of a
+        recorded step for an 81-module model on a busy 2-core machine (each module's flag, and a 5 KiB
+        copy of the CPU generator's state); nothing on steps that are not recorded. A failure here only loses the
+        forward state (those steps replay in eval mode, said at analysis), never the recording."""
+        if self.failed or self._closed or self._ignore_batches or not self.records(self._step):
+            return
+        grad = torch.is_grad_enabled()
+        if not grad and self._last_forward is not None and self._last_forward[5]:
+            return
+        try:
+            if self._modules is None:
+                self._modules = list(self.model.named_modules())[1:]
+            training = self.model.training
+            differ = tuple(n for n, m in self._modules if m.training != training)
+            first = next(self.model.parameters(), None)
+            dev = first.device if first is not None and first.device.type == "cuda" else None
+            cuda = torch.cuda.get_rng_state(dev) if dev is not None else None
+            self._last_forward = (training, differ, torch.get_rng_state(), cuda,
+                                  None if dev is None else (dev.index if dev.index is not None else torch.cuda.current_device()),
+                                  grad)
+        except Exception as e:  # never break training, nor stop the recording for this
+            self._last_forward = None
+            if not self._warned_forward:
+                self._warned_forward = True
+                warnings.warn(f"trajscope: the forward pass's train flags and RNG state cannot be recorded "
+                              f"({type(e).__name__}: {e}); those steps will be replayed in eval mode", RuntimeWarning)
+
+    def _forward_states(self, micro: list, leaves: list) -> list[ForwardState]:
+        """The forward state of each micro-batch the record holds (all of them when they were joined,
+        the last one when they could not be); none unless each of those had a forward pass."""
+        parts = list(zip(micro, self._micro_forward))
+        if len(micro) > 1 and leaves is micro[-1][1]:     # not joinable: the record holds the last one only
+            parts = parts[-1:]
+        if not parts or len(self._micro_forward) != len(micro) or any(f is None for _, f in parts):
+            return []
+        return [ForwardState(size=_batch_size(m[1]), training=f[0], differ=f[1], rng_cpu=f[2], rng_cuda=f[3],
+                             cuda_device=f[4]) for m, f in parts]
 
     def _on_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.numel() == 1 and not self._ignore_batches:
@@ -469,10 +524,13 @@ class Recorder:
                     hp[g, self._hparam_names.index(k)] = v
         micro = self._micro if self._batch_step == step else []
         spec, leaves = self._join(micro) if micro else (None, [])
+        forward = self._forward_states(micro, leaves) if micro else []
         loss = self._step_loss(micro, self._explicit_losses if self._batch_step == step else [])
         self._micro, self._hook_losses, self._explicit_losses = [], [], []
+        self._micro_forward, self._last_forward = [], None
         return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
-                        hparams=hp if full else None, state_layout=layout, state=state, batch_spec=spec, batch=leaves)
+                        hparams=hp if full else None, state_layout=layout, state=state, batch_spec=spec, batch=leaves,
+                        forward=forward)
 
     def _join(self, micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]]) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
         """The step's batch: its micro-batches (gradient accumulation) joined along the batch axis."""
@@ -731,6 +789,30 @@ def _distributed_meta(meta: dict[str, Any], rank: int, world_size: int) -> dict[
                                         "shards": [shard_store_name(k) for k in range(1, world_size)]}}
     return {**meta, "params": [], "buffers": [], "trainable": [], "signature": None,
             "shard": {"rank": rank, "world_size": world_size, "of": STORE_NAME}}
+
+
+# Recorders by the id of the module whose forward passes they watch. The hook is a module-level function
+# that finds its recorder here, not a bound method: a deep copy of the model (the export twin, a user's EMA
+# copy) or torch.save of the whole module would otherwise try to copy or pickle the Recorder itself.
+_FORWARD_WATCHERS: dict[int, "weakref.ref[Recorder]"] = {}
+
+
+def _forward_pre_hook(module: nn.Module, args: Any) -> None:
+    ref = _FORWARD_WATCHERS.get(id(module))
+    rec = ref() if ref is not None else None
+    if rec is not None and rec.model is not None:
+        rec._on_forward(module, args)
+
+
+class _ForwardHookEntry:
+    """Registers a recorder for :func:`_forward_pre_hook`; ``remove()`` (as a hook handle) unregisters it."""
+
+    def __init__(self, module: nn.Module, rec: "Recorder") -> None:
+        self.key = id(module)
+        _FORWARD_WATCHERS[self.key] = weakref.ref(rec)
+
+    def remove(self) -> None:
+        _FORWARD_WATCHERS.pop(self.key, None)
 
 
 def _closure_of(args: Any, kwargs: Any) -> tuple[Any, str] | None:

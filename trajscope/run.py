@@ -18,7 +18,7 @@ from torch import nn
 
 from trajscope import capture
 from trajscope.errors import TrajscopeError
-from trajscope.store import TrajectoryReader
+from trajscope.store import ForwardState, TrajectoryReader
 from trajscope.trust import TrustPolicy, loss_spec
 
 
@@ -33,6 +33,8 @@ class Checkpoint:
     loss: float
     hparams: list[dict[str, Any]]           # per parameter group
     optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # param name -> state
+    # what each micro-batch's forward pass used (train flags, RNG state); None: not recorded by this run
+    forward: list[ForwardState] | None = None
 
     @property
     def inputs(self) -> Any:
@@ -112,7 +114,8 @@ class Run:
         r = self.reader.row_of(step)
         return Checkpoint(step=int(step), params=self.reader.params(r), buffers=self.reader.buffers(r),
                           batch=self.reader.batch(r), loss=float(self.reader.losses[r]),
-                          hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r))
+                          hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r),
+                          forward=self.reader.forward(r))
 
     def params(self, step: int) -> dict[str, torch.Tensor]:
         return self.reader.params(self.reader.row_of(step))
@@ -180,12 +183,19 @@ class Run:
             TrustPolicy(self.path, self.attrs, trust).require("loss", named, "--loss package.module:LossClass")
         return capture.build_loss(desc, spec, kwargs)
 
-    def replay_loss(self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None) -> torch.Tensor:
-        """L(θ_t) on the checkpoint's batch (or ``batch``), parameters substituted functionally."""
+    def replay_loss(self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None,
+                    train_mode: str = "replay") -> torch.Tensor:
+        """L(θ_t) on the checkpoint's batch (or ``batch``), parameters substituted functionally; train-mode
+        layers replayed as the step ran them (``train_mode="replay"``, see
+        :mod:`trajscope.analysis.replay`) or the model in eval mode (``"off"``)."""
+        from trajscope.analysis import replay
+
         inputs, targets = batch if batch is not None else ckpt.batch
-        state = {**ckpt.params, **ckpt.buffers}
+        device = next((p.device for p in ckpt.params.values()), torch.device("cpu"))
+        rp, _ = replay.plan(model, ckpt.forward, inputs, device, mode=train_mode, probe=batch is not None,
+                            recorded_sensitive=self.attrs["model"].get("mode_sensitive"))
         with torch.no_grad():
-            return loss_fn(capture.functional_forward(model, state, inputs), targets)
+            return loss_fn(rp.forward(model, ckpt.params, ckpt.buffers, inputs), targets)
 
 
 def open_run(path: str | Path) -> Run:

@@ -15,6 +15,10 @@ Layout (Zarr v3, root group attributes hold the static description)::
       batch/<leaf>  (R, Bmax, ...)    the mini-batch leaves, padded to the largest shape seen
       batch_shape/<leaf> (R, ndim) int64  each record's own shape of the leaf
       skipped       (S,)    int64     steps the recorder had to skip (writer behind, policy "skip")
+      forward/count (R,)    int64     micro-batches with a recorded forward state (0: none)  [rows >= forward_from]
+      forward/micro (R, M, 3) int64   per micro-batch: samples, mode id (attribute forward_modes), CUDA device (-1)
+      forward/rng_cpu  (R, M, n) uint8  torch.get_rng_state() at the start of each micro-batch's forward pass
+      forward/rng_cuda (R, M, n) uint8  torch.cuda.get_rng_state(device) likewise (only when trained on CUDA)
       probe/<leaf>                    optional fixed probe batch (stored once)
       extra/model.pt2                 optional ``torch.export`` program (loading it needs trust)
 
@@ -295,11 +299,30 @@ class Snapshot:
     state: dict[str, torch.Tensor]           # pack -> flat
     batch_spec: Any
     batch: list[tuple[str, torch.Tensor]]    # leaves
+    forward: list["ForwardState"] = dataclasses.field(default_factory=list)   # per micro-batch
 
     @property
     def nbytes(self) -> int:
         tensors = [*self.params.values(), *self.buffers.values(), *self.state.values(), *(t for _, t in self.batch)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclasses.dataclass
+class ForwardState:
+    """What the forward pass of one micro-batch used, taken as it started (a forward pre-hook on the
+    module given to the Recorder): which modules were in train mode and the RNG state its dropout
+    masks were drawn from. Replay restores it (``trajscope analyze --train-mode replay``)."""
+
+    size: int                                  # samples of the micro-batch
+    training: bool                             # the root module's flag
+    differ: tuple[str, ...]                    # submodules whose flag differs from the root's
+    rng_cpu: torch.Tensor                      # torch.get_rng_state() (uint8)
+    rng_cuda: torch.Tensor | None = None       # torch.cuda.get_rng_state(cuda_device) (uint8)
+    cuda_device: int | None = None             # the model's CUDA device, when it trained on one
+
+    @property
+    def mode(self) -> dict[str, Any]:
+        return {"training": bool(self.training), "differ": sorted(self.differ)}
 
 
 def _chunks_for(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -743,6 +766,7 @@ class TrajectoryWriter:
             self._write_row(f"batch/{key}", r, leaf)
             if leaf.ndim:   # leaves are stored padded to the largest shape seen: keep each one's own
                 self._write_row(f"batch_shape/{key}", r, np.array(leaf.shape, dtype=np.int64))
+        self._write_forward(r, snap.forward)
         if snap.hparams is not None:
             self._write_row("hparams", r, np.asarray(snap.hparams, dtype=np.float64))
         self._write_row("records", r, np.array([snap.step, snap.loss, batch_size, layout_id], dtype=np.float64))
@@ -753,6 +777,37 @@ class TrajectoryWriter:
         self._written_last_step = int(snap.step)
         if commit:
             self.commit()
+
+    def _write_forward(self, r: int, forward: Sequence[ForwardState]) -> None:
+        """The forward state of record r's micro-batches (``forward/*``). Written from the first record
+        that has one on (its row is the root attribute ``forward_from``; runs recorded before, or rows
+        before it in a resumed run, have none): from there every record writes ``forward/count``."""
+        if "forward_from" not in self.attrs:
+            if not forward:
+                return
+            self.set_attrs(forward_from=r)      # described before any row that uses it is committed
+        self._write_row("forward/count", r, np.array(len(forward), dtype=np.int64))
+        if not forward:
+            return
+        modes = self.attrs.get("forward_modes", [])
+        ids = []
+        for fs in forward:
+            m = _jsonable(fs.mode)
+            if m not in modes:
+                modes = [*modes, m]
+                self.set_attrs(forward_modes=modes)
+            ids.append(modes.index(m))
+        self._write_row("forward/micro", r, np.array(
+            [[fs.size, i, -1 if fs.cuda_device is None else fs.cuda_device] for fs, i in zip(forward, ids)], np.int64))
+        self._write_row("forward/rng_cpu", r, np.stack([fs.rng_cpu.numpy() for fs in forward]))
+        cuda = [fs.rng_cuda for fs in forward]
+        if any(t is not None for t in cuda):
+            n = max(t.numel() for t in cuda if t is not None)
+            rows = np.zeros((len(cuda), n), np.uint8)
+            for i, t in enumerate(cuda):
+                if t is not None:
+                    rows[i, :t.numel()] = t.numpy()
+            self._write_row("forward/rng_cuda", r, rows)
 
     def skip(self, step: int, commit: bool = True) -> None:
         n = self.n_skipped
@@ -794,6 +849,9 @@ class TrajectoryWriter:
         restarts = list(self._commit.get("restarts", []))
         restarts.append({"at_step": int(step), "dropped_records": n - keep, "time": time.time()})
         last = int(steps[keep - 1]) if keep else None
+        self.attrs = getattr(self, "attrs", None) or _read_group_attrs(self.path)   # (called from __init__ too)
+        if int(self.attrs.get("forward_from", -1)) > keep:   # the rows rewritten from keep on write forward/count
+            self.set_attrs(forward_from=keep)
         self._write_commit(records=keep, last_step=last, skipped=keep_sk, restarts=restarts)
         self.records, self.n_skipped, self._written_last_step = keep, keep_sk, last
 
@@ -948,6 +1006,39 @@ class TrajectoryReader:
         return {key: _from_numpy(self._read_row(f"batch/{key}", r, self._batch_shape(key, r)), dt)
                 for key, dt in self.attrs["batch"]["dtypes"].items()}
 
+    def forward(self, r: int) -> list[ForwardState] | None:
+        """The forward state of record r's micro-batches (see :class:`ForwardState`); None where the
+        run did not record one (recorded before trajscope recorded it, or before ``forward_from``),
+        ``[]`` where the record has none (no forward pass of the module was seen for its batch)."""
+        start = self.attrs.get("forward_from")
+        if start is None or r < int(start):
+            return None
+        m = int(self._read_row("forward/count", r))
+        if m == 0:
+            return []
+        micro = self._read_row("forward/micro", r, (m, 3))
+        cpu = self._read_row("forward/rng_cpu", r, (m, self._row_layout_checked("forward/rng_cpu", r)[2]))
+        cuda = None
+        if bool((micro[:, 2] >= 0).any()):
+            cuda = self._read_row("forward/rng_cuda", r, (m, self._row_layout_checked("forward/rng_cuda", r)[2]))
+        modes = self.attrs.get("forward_modes", [])
+        out = []
+        for i, (size, mode, dev) in enumerate(micro.tolist()):
+            if not 0 <= mode < len(modes):
+                raise self._damaged("forward/micro", r, _Damage(f"forward mode {mode} is not described"))
+            out.append(ForwardState(size=int(size), training=bool(modes[mode]["training"]),
+                                    differ=tuple(modes[mode]["differ"]), rng_cpu=torch.from_numpy(cpu[i].copy()),
+                                    rng_cuda=None if dev < 0 else torch.from_numpy(cuda[i].copy()),
+                                    cuda_device=None if dev < 0 else int(dev)))
+        return out
+
+    def _row_layout_checked(self, name: str, r: int) -> tuple[int, ...]:
+        """The current shape of a per-record array (DamagedRecordError naming row r's step if unreadable)."""
+        try:
+            return self._row_layout(name)[1]
+        except _Damage as d:
+            raise self._damaged(name, r, d) from None
+
     def _batch_shape(self, key: str, r: int) -> np.ndarray | None:
         """Record r's own shape of batch leaf ``key`` (None for a 0-d leaf: it has no batch_shape)."""
         try:
@@ -989,6 +1080,9 @@ class TrajectoryReader:
         if meta is not None:
             with_batch = np.nonzero(self._records[:, 2] >= 0)[0]
             out += [(f"batch/{key}", with_batch) for key in meta["dtypes"]]
+        start = self.attrs.get("forward_from")
+        if start is not None and int(start) < self.n_records:
+            out.append(("forward/count", np.arange(int(start), self.n_records)))
         if "shard" not in self.attrs:      # a rank's batch shards: rank 0 records the hyperparameters
             out.append(("hparams", every))
         return out
@@ -1485,5 +1579,6 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return runs
 
 
-__all__ = ["TrajectoryWriter", "TrajectoryReader", "Snapshot", "make_layout", "pack", "unpack", "flatten_batch",
-           "numeric_hparams", "find_runs", "is_run", "shard_store_name", "STORE_NAME", "FORMAT_VERSION", "READ_VERSIONS"]
+__all__ = ["TrajectoryWriter", "TrajectoryReader", "Snapshot", "ForwardState", "make_layout", "pack", "unpack",
+           "flatten_batch", "numeric_hparams", "find_runs", "is_run", "shard_store_name", "STORE_NAME", "FORMAT_VERSION",
+           "READ_VERSIONS"]

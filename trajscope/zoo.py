@@ -51,3 +51,62 @@ def cnn(in_channels: int = 1, size: int = 8, channels: Sequence[int] = (8, 16), 
         c, s = out, s // 2
     layers += [nn.Flatten(), nn.Linear(c * s * s, classes)]
     return nn.Sequential(*layers)
+
+
+class _BasicBlockNet(nn.Module):
+    """conv-BN-ReLU stem, one ResNet basic block (conv-BN-ReLU-conv-BN + identity skip, ReLU), global
+    average pooling and a linear head: the layout of ResNet-18's blocks, small."""
+
+    def __init__(self, in_channels: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn0(self.conv0(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)) + x)
+        return self.fc(self.pool(out).flatten(1))
+
+
+def resnet_block(in_channels: int = 3, width: int = 4, classes: int = 3) -> nn.Module:
+    """A small ResNet-style CNN with BatchNorm (see :class:`_BasicBlockNet`)."""
+    return _BasicBlockNet(in_channels, width, classes)
+
+
+class _MnistNet(nn.Module):
+    """The layout of pytorch/examples' MNIST net (conv, conv, max-pool, dropout2d, fc, dropout, fc,
+    log_softmax), sized by ``size`` (28 there) and ``channels``/``hidden`` (32, 64 / 128 there)."""
+
+    def __init__(self, size: int, channels: Sequence[int], hidden: int, classes: int) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(1, c1, 3, 1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, 1)
+        self.dropout1 = nn.Dropout2d(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(c2 * ((size - 4) // 2) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = self.dropout2(x)
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+def mnist_net(size: int = 28, channels: Sequence[int] = (32, 64), hidden: int = 128, classes: int = 10) -> nn.Module:
+    """pytorch/examples' MNIST net (see :class:`_MnistNet`)."""
+    return _MnistNet(size, tuple(channels), hidden, classes)

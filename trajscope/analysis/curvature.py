@@ -11,7 +11,11 @@ filter applied at every output position), so every block has the form
 where :math:`X_j \in \mathbb{R}^{T \times p}` holds the layer inputs of sample j at its T positions
 (rows :math:`\tilde x_{jt} = [x_{jt}; 1]`, unfolded patches for a convolution) and
 :math:`E_{ij} = \partial^2 L / \partial z_{ij}\partial z_{ij}^\top \in \mathbb{R}^{T\times T}`
-(cross-sample terms vanish for a loss that is a sum or mean over samples).
+(cross-sample terms vanish for a loss that is a sum or mean over samples). With BatchNorm on batch
+statistics (a train-mode replay, :mod:`trajscope.analysis.replay`) they do not: the blocks are then
+:math:`H_i = X^\top M_i X` over all samples and positions of a forward pass, with the cross-sample
+second derivatives in :math:`M_i` (exact) or the GGN's per-(sample, output direction) square roots,
+see :func:`_coupled_factors`. Models without such layers never take that route.
 
 * **GGN** replaces :math:`\partial^2 L/\partial z^2` by :math:`J^\top (\partial^2 L/\partial f^2) J`.
   With :math:`S_j S_j^\top = \partial^2 L/\partial f_j^2` (computed generically from C
@@ -54,6 +58,9 @@ GGN, conv/3-D  same                                     N·C·B·T·p + N·min(p
 exact, 2-D     N HVPs w.r.t. z (batched)                as GGN 2-D
 exact, conv    N·T HVPs w.r.t. z (batched); memory      N·B·T²·p + N·p³ (dense)
                N·B·T² for the position blocks
+coupled exact  N·B·T HVPs (B: largest micro-batch);     N·(BT)²·p + N·p³ or N·(BT)³
+               memory N·(BT)²
+coupled GGN    B·C backward passes; memory N·B·C·p       N·B·C·p² or N·(BC)³ (Gram)
 =============  =======================================  ===============================
 """
 from __future__ import annotations
@@ -331,6 +338,8 @@ class _Capture:
     """Forward hooks that store each node layer's input and add a zero tensor ``dz`` (a leaf
     that requires grad) to its output, so that ∂L/∂dz = ∂L/∂z for every layer at once."""
 
+    expected = 1     # calls of each layer per forward pass
+
     def __init__(self, model: nn.Module, layers: Sequence[NodeLayer]):
         self.inputs: dict[str, Tensor] = {}
         self.dz: dict[str, Tensor] = {}
@@ -354,6 +363,34 @@ class _Capture:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+class _MicroCapture(_Capture):
+    """:class:`_Capture` for a forward pass replayed per micro-batch (:mod:`trajscope.analysis.replay`):
+    each layer is called once per micro-batch, in order; the calls' inputs are joined, and call k's
+    output gets its rows of one ``dz`` leaf spanning the whole batch."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[NodeLayer], sizes: Sequence[int]):
+        self.sizes = list(sizes)
+        self.expected = len(self.sizes)
+        self._parts: dict[str, list[Tensor]] = {l.name: [] for l in layers}
+        super().__init__(model, layers)
+
+    def _hook(self, name: str):
+        def hook(mod, args, out):
+            k = self.calls[name]
+            self.calls[name] += 1
+            if k >= self.expected or not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor) \
+                    or out.dim() == 0 or out.shape[0] != self.sizes[k]:
+                return None
+            if k == 0:
+                self.dz[name] = out.new_zeros(sum(self.sizes), *out.shape[1:]).requires_grad_(True)
+            self._parts[name].append(args[0].detach())
+            if k == self.expected - 1:
+                self.inputs[name] = torch.cat(self._parts[name])
+            start = sum(self.sizes[:k])
+            return out + self.dz[name][start:start + self.sizes[k]]
+        return hook
 
 
 def _z_to_bnt(z: Tensor, layer: NodeLayer, lead: int = 0) -> Tensor:
@@ -696,6 +733,7 @@ def node_curvature(
     kind: str = "ggn",
     method: str = "auto",
     max_tile_bytes: int = 256 * 2**20,
+    replay: Any = None,
 ) -> CurvatureResult:
     r"""Loss, all gradients, and the spectrum of every node block :math:`H_i` of ``layers``.
 
@@ -712,6 +750,10 @@ def node_curvature(
             (:math:`\nabla^2_{\theta_i} L`, may be indefinite).
         method: ``"auto"`` (Gram when the rank bound is below p), ``"gram"`` or ``"dense"``.
         max_tile_bytes: memory bound for one tile of nodes (and for batched autograd passes).
+        replay: a :class:`trajscope.analysis.replay.Replay` (train-mode layers as recorded: one forward
+            pass per micro-batch, recorded flags and RNG state); None: one pass in eval mode. When a
+            BatchNorm normalises with batch statistics the samples are coupled and the blocks take
+            the coupled route (:func:`_coupled_factors`).
 
     Returns:
         :class:`CurvatureResult`. Non-finite parameters or loss give NaN spectra, never an error.
@@ -725,11 +767,13 @@ def node_curvature(
               for k, v in params.items()}
     diff_names = [k for k in names if leaves[k].requires_grad]
     was_training = model.training
+    coupled = replay is not None and replay.batch_statistics(model)
     model.eval()
-    cap = _Capture(model, layers)
+    cap = _MicroCapture(model, layers, replay.sizes) if replay is not None and replay.sizes else _Capture(model, layers)
     try:
         with torch.enable_grad():
-            f = functional_forward(model, {**leaves, **buffers}, inputs)
+            f = replay.forward(model, leaves, buffers, inputs) if replay is not None else \
+                functional_forward(model, {**leaves, **buffers}, inputs)
             if not isinstance(f, Tensor):
                 raise TypeError("node_curvature needs a model whose output is one tensor")
             cap.remove()  # the hooks are only needed during the forward pass
@@ -759,9 +803,9 @@ def node_curvature(
                     used = bool(grads[l.weight].abs().sum() != 0) if l.weight in grads else False
                     if used:
                         bad[l.name] = "its weight is used without calling the module"
-                elif n_calls > 1:
-                    bad[l.name] = f"the module is called {n_calls} times per forward pass"
-                elif cap.inputs[l.name].dim() < 2 or cap.inputs[l.name].shape[0] != B:
+                elif n_calls > cap.expected:
+                    bad[l.name] = f"the module is called {n_calls / cap.expected:g} times per forward pass"
+                elif l.name not in cap.inputs or cap.inputs[l.name].dim() < 2 or cap.inputs[l.name].shape[0] != B:
                     bad[l.name] = "its input's dim 0 is not the batch dimension of the output"
                 else:
                     live.append(l)
@@ -778,6 +822,10 @@ def node_curvature(
             dzs = [cap.dz[l.name] for l in live]
             act_bytes = sum(dz.numel() for dz in dzs) * dzs[0].element_size() if dzs else 1
             Xs = [_patches(cap.inputs[l.name], l) for l in live]
+            if coupled and dzs:  # batch statistics: blocks with cross-sample terms; the routes below get nothing
+                factors.update(_coupled_factors(kind, live, dzs, Xs, loss, f, fd, gf if kind == "ggn" else None,
+                                                B, C, act_bytes, max_tile_bytes, method, replay.sizes))
+                live, dzs, Xs = [], [], []
             if kind == "ggn" and dzs:
                 # reduce each chunk of output directions as it comes (bounded memory): 2-D
                 # Linear keeps e = Σ_c δ², conv / 3-D Linear the smaller of δ and all G_i
@@ -842,6 +890,35 @@ def _all_sqrt_factors(delta: Tensor, X: Tensor) -> Tensor:
     return torch.cat([_sqrt_factors(delta[:, :, g * per:(g + 1) * per], X[g]) for g in range(Gn)])
 
 
+def _output_sqrt(f: Tensor, fd: Tensor, gf: Tensor, B: int, C: int) -> Tensor | None:
+    r"""Square roots :math:`S_j` (``(B, C, C')``, float64) of the per-sample loss Hessians
+    :math:`S_j S_j^\top = \partial^2 L/\partial f_j^2`, without the directions that are null in every
+    sample; NaN rows for a sample whose Hessian is not finite; None when L has no curvature in f."""
+    # per-sample loss Hessian from C HVPs w.r.t. f (direction: output c in every sample)
+    eye = torch.eye(C, dtype=f.dtype, device=f.device).reshape(C, 1, *f.shape[1:]).expand(C, *f.shape).contiguous()
+    Hc = _batched_grad(gf, [fd], eye)[0] if gf.requires_grad else None
+    if Hc is None:  # loss linear in f: no curvature at all
+        return None
+    Hs = Hc.reshape(C, B, C).permute(1, 2, 0)  # (B, C, C): [j, c_out, c_dir]
+    Hs = 0.5 * (Hs + Hs.mT).to(torch.float64)
+    ok = torch.isfinite(Hs).flatten(1).all(1)
+    Hs = torch.where(ok[:, None, None], Hs, torch.zeros((), dtype=Hs.dtype))
+    # a square root S_j = U_j diag(sqrt(w_j)) (S_j S_j^T = H_j); directions that are null in
+    # every sample (e.g. the all-ones direction of softmax cross-entropy) are dropped
+    w, U = torch.linalg.eigh(Hs)
+    w = w.flip(-1).clamp_min(0)
+    U = U.flip(-1)
+    wmax = float(w.max()) if w.numel() else 0.0
+    live_c = (w > C * torch.finfo(f.dtype).eps * wmax).any(0)
+    if wmax == 0 or not bool(live_c.any()):
+        if bool(ok.all()):
+            return None
+        live_c = torch.ones(C, dtype=torch.bool, device=w.device)
+    S = (U * w.sqrt().unsqueeze(-2))[:, :, live_c]  # (B, C, C')
+    S = torch.where(ok[:, None, None], S, torch.full((), math.nan, dtype=S.dtype))
+    return S
+
+
 def _ggn_deltas(f: Tensor, fd: Tensor, gf: Tensor, dzs: list[Tensor], B: int, C: int,
                 act_bytes: int, max_tile_bytes: int, reducers: list[Callable[[Tensor], Tensor]],
                 ) -> tuple[list[list[Tensor] | None], int]:
@@ -856,29 +933,9 @@ def _ggn_deltas(f: Tensor, fd: Tensor, gf: Tensor, dzs: list[Tensor], B: int, C:
 
     The per-sample loss Hessians take B·C² numbers and B eigendecompositions of C × C: this
     generic route suits outputs of up to a few hundred values per sample."""
-    none = ([None] * len(dzs), 0)
-    # per-sample loss Hessian from C HVPs w.r.t. f (direction: output c in every sample)
-    eye = torch.eye(C, dtype=f.dtype, device=f.device).reshape(C, 1, *f.shape[1:]).expand(C, *f.shape).contiguous()
-    Hc = _batched_grad(gf, [fd], eye)[0] if gf.requires_grad else None
-    if Hc is None:  # loss linear in f: no curvature at all
-        return none
-    Hs = Hc.reshape(C, B, C).permute(1, 2, 0)  # (B, C, C): [j, c_out, c_dir]
-    Hs = 0.5 * (Hs + Hs.mT).to(torch.float64)
-    ok = torch.isfinite(Hs).flatten(1).all(1)
-    Hs = torch.where(ok[:, None, None], Hs, torch.zeros((), dtype=Hs.dtype))
-    # a square root S_j = U_j diag(sqrt(w_j)) (S_j S_j^T = H_j); directions that are null in
-    # every sample (e.g. the all-ones direction of softmax cross-entropy) are dropped
-    w, U = torch.linalg.eigh(Hs)
-    w = w.flip(-1).clamp_min(0)
-    U = U.flip(-1)
-    wmax = float(w.max()) if w.numel() else 0.0
-    live_c = (w > C * torch.finfo(f.dtype).eps * wmax).any(0)
-    if wmax == 0 or not bool(live_c.any()):
-        if bool(ok.all()):
-            return none
-        live_c = torch.ones(C, dtype=torch.bool, device=w.device)
-    S = (U * w.sqrt().unsqueeze(-2))[:, :, live_c]  # (B, C, C')
-    S = torch.where(ok[:, None, None], S, torch.full((), math.nan, dtype=S.dtype))
+    S = _output_sqrt(f, fd, gf, B, C)
+    if S is None:
+        return [None] * len(dzs), 0
     n_dir = S.shape[-1]
     chunk = int(max(1, min(n_dir, max_tile_bytes // max(4 * act_bytes, 1))))
     kept: list[list[Tensor] | None] = [[] for _ in dzs]
@@ -897,7 +954,7 @@ def _exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, input_2d: bool, X
                   act_bytes: int, max_tile_bytes: int) -> LayerFactor:
     r"""Exact :math:`\partial^2 L/\partial z_i^2` of one layer by HVPs of ``gz`` = ∂L/∂z
     (built with its graph) w.r.t. the layer's ``dz``: direction "unit i (at position t) in
-    every sample"; cross-sample terms vanish."""
+    every sample"; cross-sample terms vanish (no batch statistics: else :func:`_coupled_exact_factor`)."""
     if gz is None:
         return LayerFactor(l, "zero", "exact")
     N = l.n_nodes
@@ -938,6 +995,126 @@ def _exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, input_2d: bool, X
         hv = _z_to_bnt(hv.detach(), l, lead=1)  # (m, B, N, T): [k, j, i', s]
         E[ii, :, :, tt] = hv[at, :, ii, :]
     return LayerFactor(l, "block", "exact", X=X, E=E, rank_bound=B * T)
+
+
+# --------------------------------------------------------------------------------------------
+# coupled samples: BatchNorm on batch statistics
+# --------------------------------------------------------------------------------------------
+def _coupled_factors(kind: str, live: Sequence[NodeLayer], dzs: list[Tensor], Xs: list[Tensor], loss: Tensor,
+                     f: Tensor, fd: Tensor, gf: Tensor | None, B: int, C: int, act_bytes: int, max_tile_bytes: int,
+                     method: str, sizes: Sequence[int] | None = None) -> dict[str, LayerFactor]:
+    r"""Node blocks when the samples of a forward pass are coupled (a BatchNorm normalising with
+    batch statistics downstream of a layer makes :math:`\partial^2 L/\partial z_j\partial z_k \ne 0`
+    for j ≠ k). With X ``(B·T, p)`` the layer's input rows of all samples and positions:
+
+    * exact: :math:`H_i = X^\top M_i X`, :math:`M_i[(j,s),(k,t)] = \partial^2 L/\partial z_{jis}\partial z_{kit}`,
+      one HVP w.r.t. z per (node i, sample k, position t) (:func:`_coupled_exact_factor`); form
+      ``"block"`` with one B·T × B·T block per node, rank bound B·T;
+    * GGN: :math:`H_i = G_i^\top G_i`, :math:`G_i[(j,c),:] = \sum_{k,t} \delta^{(j,c)}_{k,i,t}\,\tilde x_{kt}`,
+      :math:`\delta^{(j,c)} = \partial (S_j[:,c]\cdot f_j)/\partial z`: one backward pass per
+      (sample j, output direction c) (:func:`_coupled_ggn_factors`); form ``"sqrt"``, rank bound B·C'.
+
+    ``sizes``: the micro-batches, forward passes of their own (gradient accumulation); samples of
+    different ones are not coupled, so one direction serves the same sample index in each of them:
+    the number of directions is that of the largest micro-batch. Cost: B·T (exact) or B·C' (GGN)
+    times the directions of the uncoupled routes, for one micro-batch."""
+    sizes = list(sizes) if sizes else [B]
+    if kind == "ggn":
+        facs = _coupled_ggn_factors(live, dzs, Xs, f, fd, gf, B, C, sizes, act_bytes, max_tile_bytes)
+    else:
+        gzs = torch.autograd.grad(loss, dzs, create_graph=True, allow_unused=True)
+        facs = [_coupled_exact_factor(l, gz, dz, X, B, sizes, act_bytes, max_tile_bytes)
+                for l, gz, dz, X in zip(live, gzs, dzs, Xs)]
+    out = {}
+    for l, fac in zip(live, facs):
+        if fac.form not in ("zero", "nan"):
+            fac.method = method if method != "auto" else ("gram" if fac.rank_bound < fac.p else "dense")
+        out[l.name] = fac
+    return out
+
+
+def _micro_spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """(first sample, samples) of each micro-batch."""
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    return list(zip(starts, sizes))
+
+
+def _coupled_exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, X: Tensor, B: int, sizes: Sequence[int],
+                          act_bytes: int, max_tile_bytes: int) -> LayerFactor:
+    r"""Exact blocks with cross-sample terms: column (k, t) of :math:`M_i` is the HVP of ``gz`` = ∂L/∂z
+    w.r.t. ``dz`` in the direction "unit i at sample k, position t"; one HVP holds the u-th sample of
+    every micro-batch (their blocks of :math:`M_i` do not overlap)."""
+    if gz is None or not gz.requires_grad:  # unused, or L linear in z
+        return LayerFactor(l, "zero", "exact")
+    N = l.n_nodes
+    T = _z_to_bnt(dz.detach(), l).shape[-1]
+    BT, U = B * T, max(sizes)
+    need = N * BT * BT * dz.element_size()
+    if need > 16 * max_tile_bytes:
+        raise ValueError(
+            f"exact curvature of layer {l.name!r} with batch statistics needs {N} coupled blocks of "
+            f"{BT}x{BT} ({need / 2**30:.1f} GiB, over 16 x max_tile_bytes): use kind='ggn', a smaller "
+            "batch, or a larger max_tile_bytes")
+    spans = _micro_spans(sizes)
+    n_dirs = N * U * T
+    chunk = int(max(1, min(n_dirs, 1024, max_tile_bytes // max(6 * act_bytes, 1))))
+    E = dz.new_zeros(N, BT, BT)
+    for s in range(0, n_dirs, chunk):
+        k = torch.arange(s, min(n_dirs, s + chunk), device=dz.device)
+        at = torch.arange(len(k), device=dz.device)
+        ii, u, tt = k // (U * T), (k % (U * T)) // T, k % T
+        V = dz.new_zeros(len(k), B, N, T)
+        for o, n in spans:
+            sel = u < n
+            V[at[sel], o + u[sel], ii[sel], tt[sel]] = 1
+        hv = _batched_grad(gz, [dz], _bnt_to_z(V, l, dz.shape))[0]
+        if hv is None:
+            return LayerFactor(l, "zero", "exact")
+        hv = _z_to_bnt(hv.detach(), l, lead=1)[at, :, ii, :]  # (m, B, T): row j of column (i, k, t)
+        for o, n in spans:
+            sel = u < n
+            E[ii[sel], o * T:(o + n) * T, (o + u[sel]) * T + tt[sel]] = hv[sel, o:o + n].reshape(-1, n * T)
+    E = 0.5 * (E + E.mT)
+    Gn, p = X.shape[0], X.shape[-1]
+    return LayerFactor(l, "block", "exact", X=X.reshape(Gn, 1, BT, p), E=E.unsqueeze(1), rank_bound=BT)
+
+
+def _coupled_ggn_factors(live: Sequence[NodeLayer], dzs: list[Tensor], Xs: list[Tensor], f: Tensor, fd: Tensor,
+                         gf: Tensor, B: int, C: int, sizes: Sequence[int], act_bytes: int, max_tile_bytes: int,
+                         ) -> list[LayerFactor]:
+    r"""GGN blocks with cross-sample terms: all :math:`G_i` ``(N, B·C', p)`` of every layer, from batched
+    backward passes of the output-space directions :math:`e_j \otimes S_j[:,c]`; one direction holds
+    the u-th sample of every micro-batch (each micro-batch's rows of δ are its own sample's)."""
+    S = _output_sqrt(f, fd, gf, B, C)
+    if S is None:
+        return [LayerFactor(l, "zero", "ggn") for l in live]
+    n_c, U, spans = S.shape[-1], max(sizes), _micro_spans(sizes)
+    D = U * n_c
+    dirs_all = torch.zeros(U, n_c, B, C, dtype=f.dtype, device=f.device)  # [u, c', k, :] = [k = o + u] S_k[:, c']
+    for o, n in spans:
+        u = torch.arange(n, device=f.device)
+        dirs_all[u, :, o + u, :] = S[o:o + n].permute(0, 2, 1).to(f.dtype)
+    dirs_all = dirs_all.reshape(D, *f.shape)
+    chunk = int(max(1, min(D, max_tile_bytes // max(4 * act_bytes, 1))))
+    parts: list[list[Tensor] | None] = [[] for _ in live]
+    for s in range(0, D, chunk):
+        d = _batched_grad(f, dzs, dirs_all[s:s + chunk])
+        u = torch.arange(s, min(D, s + chunk), device=f.device) // n_c
+        for k, (l, X) in enumerate(zip(live, Xs)):
+            if d[k] is None or parts[k] is None:
+                parts[k] = None
+                continue
+            delta = _z_to_bnt(d[k].detach(), l, lead=1)  # (m, B, N, T)
+            per = l.n_nodes // X.shape[0]
+            for o, n in spans:  # rows (j = o + u, c) of G_i: the samples of j's micro-batch
+                dm = delta[u < n, o:o + n]
+                parts[k].append(torch.cat([torch.einsum("mknt,ktp->nmp", dm[:, :, g * per:(g + 1) * per],
+                                                        X[g, o:o + n]) for g in range(X.shape[0])]))
+    return [LayerFactor(l, "zero", "ggn") if pk is None else
+            LayerFactor(l, "sqrt", "ggn", X=X, G=torch.cat(pk, dim=1), rank_bound=B * n_c)
+            for l, X, pk in zip(live, Xs, parts)]
 
 
 def node_hessian_extremes(eigvals: Tensor, p: int) -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ class AnalysisOptions:
     curvature: str = "ggn"              # "ggn" | "exact"
     sharpness: bool = True
     motion_fractions: bool = False      # per node: the motion's fractions along neutral / unstable directions
+    train_mode: str = "replay"          # "replay" (train-mode layers as trained) | "off" (eval mode)
     labels: LabelConfig = field(default_factory=LabelConfig)
     device: str = "cpu"
     dtype: str = "float32"
@@ -36,6 +37,7 @@ class AnalysisOptions:
 
     def __post_init__(self) -> None:
         for name, value, choices in (("batch", self.batch, ("step", "probe")), ("curvature", self.curvature, ("ggn", "exact")),
+                                     ("train_mode", self.train_mode, ("replay", "off")),
                                      ("dtype", self.dtype, ("float32", "float64"))):
             if value not in choices:
                 raise TrajscopeError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -2,15 +2,18 @@
 
 For every analysed checkpoint t (θ_t, its mini-batch, its optimizer state):
 
-1. replay the model (eval mode) with θ_t substituted functionally on the step's batch (or the probe);
+1. replay the model with θ_t substituted functionally on the step's batch (or the probe), the modules that
+   trained in train mode as they trained (:mod:`trajscope.analysis.replay`; ``--train-mode off``: eval mode);
 2. per node layer: curvature blocks H_i (GGN or exact) and their spectra, node gradients;
 3. per node: update-map spectrum for the recorded optimizer and hyperparameters (Adam: second
    moment frozen), kinematics against θ_{t+k}, label, stable label;
 4. global: loss, sharpness (Lanczos), the optimizer's stability threshold;
 5. append one row to ``RUN/analysis.zarr`` and one step to the TensorBoard events in ``RUN/``.
 
-Train/eval-only layers: replay runs the model in eval mode (dropout off; batch norm uses the running
-statistics recorded with the checkpoint), so curvature is that of a deterministic function of θ.
+Train/eval-only layers: by default replay runs every forward pass of a checkpoint as the recorded step ran it
+(per micro-batch: the modules' train/eval flags, BatchNorm on batch statistics, dropout with the recorded RNG
+state), so curvature is that of the function that was trained, a deterministic function of θ for that step.
+``--train-mode off`` runs the model in eval mode (dropout off; BatchNorm on the recorded running statistics).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, c
                                       motion_from_eigs, resolve_delta, stable_labels)
 from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.options import AnalysisOptions, parse_steps, range_text
+from trajscope.analysis import replay as replay_mod
 from trajscope.analysis.sharpness import sharpness as compute_sharpness
 from trajscope.analysis.tbevents import EventWriter
 from trajscope.analysis.updatemap import (NodeMap, UpdateRule, node_map, node_update_spectra, preconditioner,
@@ -147,21 +151,42 @@ class _Analyser:
             self.loss_override = _loss_override(run, opts.loss, self.loss_fn)
             if isinstance(self.loss_fn, torch.nn.Module):
                 self.loss_fn = self.loss_fn.to(opts.device)
+        meta = run.attrs["model"]
+        self.exported = opts.model is None and not meta.get("spec") and bool(meta.get("exported"))
+        self.compiled = "OptimizedModule" in (meta.get("wrapped_by") or [])
+        self.recorded_sensitive = meta.get("mode_sensitive") or []
+        self.replay_issues: dict[str, list[int]] = {}     # why a replay departs from training -> steps
+        self.coupled = False                              # some checkpoint used the coupled curvature route
+        self.n_replayed = 0                               # checkpoints replayed per recorded forward pass
         self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
         self.total_steps = int(run.steps[-1]) + 1 if len(run.steps) else 1
         self.horizon = _horizon(run, opts)
         self.delta = resolve_delta(opts.labels, self.total_steps, self.horizon)
+
+    def replay(self, ck: Checkpoint, inputs: Any) -> replay_mod.Replay:
+        """How checkpoint ``ck`` is replayed on ``inputs``; a departure from training is kept for the summary."""
+        rp, issue = replay_mod.plan(self.model, ck.forward, inputs, self.opts.device, mode=self.opts.train_mode,
+                                    exported=self.exported, compiled=self.compiled,
+                                    probe=self.opts.batch == "probe", recorded_sensitive=self.recorded_sensitive)
+        if issue:
+            self.replay_issues.setdefault(issue, []).append(ck.step)
+        self.n_replayed += bool(rp.micro)
+        return rp
 
     def preflight(self, ck: Checkpoint) -> None:
         """Replay the loss once before anything is written: a model or loss that cannot be evaluated on
         the recorded batch is one line for the whole run, not a failed row per checkpoint."""
         batch = self.run.probe if self.opts.batch == "probe" else ck.batch
         dev, dt = self.opts.device, self.dtype
-        state = {k: _to(v, dev, dt) for k, v in {**ck.params, **ck.buffers}.items()}
+        params = {k: _to(v, dev, dt) for k, v in ck.params.items()}
+        buffers = {k: _to(v, dev, dt) for k, v in ck.buffers.items()}
+        inputs = _to(batch[0], dev, dt)
+        rp, _ = replay_mod.plan(self.model, ck.forward, inputs, dev, mode=self.opts.train_mode,
+                                exported=self.exported, compiled=self.compiled,
+                                probe=self.opts.batch == "probe", recorded_sensitive=self.recorded_sensitive)
         try:
             with torch.no_grad():
-                loss = self.loss_fn(capture.functional_forward(self.model, state, _to(batch[0], dev, dt)),
-                                    _to(batch[1], dev, dt))
+                loss = self.loss_fn(rp.forward(self.model, params, buffers, inputs), _to(batch[1], dev, dt))
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
                 raise TypeError(f"it returned {type(loss).__name__}"
                                 f"{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}, not a scalar tensor")
@@ -201,9 +226,11 @@ class _Analyser:
         if not self.kinematics_only and finite:
             batch = run.probe if opts.batch == "probe" else ck.batch
             inputs, targets = _to(batch[0], dev, dt), _to(batch[1], dev, dt)
+            rp = self.replay(ck, inputs)
+            self.coupled |= rp.batch_statistics(self.model)
             try:
                 cr = node_curvature(self.model, params, buffers, inputs, targets, self.loss_fn, self.layers,
-                                    kind=opts.curvature)
+                                    kind=opts.curvature, replay=rp)
                 glob["loss"] = float(cr.loss)
                 if opts.batch == "step" and math.isfinite(ck.loss):
                     # fidelity: the replayed function against the one trained, at this step
@@ -221,7 +248,7 @@ class _Analyser:
             precond = {name: _precond(rules[self.group_of.get(name, 0)], ck.optimizer_state.get(name, {}),
                                       cr.grads[name], p) for name, p in params.items()}
         if not self.kinematics_only and finite and opts.sharpness:
-            glob.update(self._sharpness(params, buffers, inputs, targets, precond, rules))
+            glob.update(self._sharpness(params, buffers, inputs, targets, precond, rules, rp))
         moves = {l.name: self._motion(l, params, nxt, cr, rules, precond) for l in self.layers} if cr is not None else {}
         fair = _equal_share([m[1] for m in moves.values()])
         nodes = {}
@@ -242,15 +269,15 @@ class _Analyser:
         u = torch.where((u != 0).any(dim=1, keepdim=True), u, step)
         return u, -(g * u).sum(dim=1)
 
-    def _sharpness(self, params, buffers, inputs, targets, precond, rules) -> dict[str, float]:
+    def _sharpness(self, params, buffers, inputs, targets, precond, rules, rp) -> dict[str, float]:
         out: dict[str, float] = {}
-        res = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn)
+        res = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn, replay=rp)
         out["sharpness"], out["n_hvp"] = res.value, float(res.n_hvp)
         if precond is not None:
             # the curvature Adam's map sees: P^{1/2}(H + coupled wd)P^{1/2}, comparable with the threshold
             shift = {name: rules[self.group_of.get(name, 0)].coupled_shift for name in params}
             out["precond_sharpness"] = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn,
-                                                         precond=precond, shift=shift).value
+                                                         precond=precond, shift=shift, replay=rp).value
         return out
 
     def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms,
@@ -429,7 +456,7 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
     result_attrs = {
         "trajscope_version": trajscope.__version__,
         "labels": list(LABELS), "reasons": list(REASONS), "not_computed_code": NOT_COMPUTED,
-        "curvature": opts.curvature, "batch": opts.batch, "dtype": opts.dtype,
+        "curvature": opts.curvature, "batch": opts.batch, "dtype": opts.dtype, "train_mode": opts.train_mode,
         "delta": an.delta, "total_steps_at_first_analysis": an.total_steps, "label_horizon": an.horizon,
         "label_config": {k: v for k, v in vars(opts.labels).items()},
         "optimizer": run.optimizer_class,
@@ -502,10 +529,12 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
                 progress.advance(task)
         earlier = ({int(st): float(m) for st, m in zip(prev.steps, prev.global_series("loss_mismatch")) if np.isfinite(m)}
                    if prev is not None and "loss_mismatch" in prev.global_names else {})
+        replayed = _train_mode_summary(an, opts)
+        summary.notes += replayed["notes"]
         fidelity = _fidelity({**earlier, **summary.mismatches})
         if fidelity["note"]:
             summary.notes.append(fidelity["note"])
-        writer.update_attrs(fidelity=fidelity)
+        writer.update_attrs(fidelity=fidelity, train_mode_replay={k: v for k, v in replayed.items() if k != "notes"})
         # the WARNING lines of every analysis of the run, for the dashboard (earlier ones first, once each)
         said = list(prev.attrs.get("warnings", [])) if prev is not None else []
         writer.update_attrs(warnings=said + [n for n in summary.notes if n.startswith("WARNING") and n not in said])
@@ -514,6 +543,30 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
         events.close()
     summary.results = open_results(run.path)
     return summary
+
+
+def _train_mode_summary(an: _Analyser, opts: AnalysisOptions) -> dict[str, Any]:
+    """How train-mode layers were replayed (results attribute ``train_mode_replay``), with the summary's lines:
+    one note saying how, and one WARNING per way the replay departed from training (with its steps)."""
+    sensitive = replay_mod.mode_sensitive(an.model, an.recorded_sensitive) if an.model is not None else []
+    out: dict[str, Any] = {"mode": opts.train_mode, "modules": sensitive, "coupled_curvature": an.coupled,
+                           "replayed_checkpoints": an.n_replayed,
+                           "departures": [{"why": why, "steps": steps} for why, steps in an.replay_issues.items()],
+                           "notes": []}
+    if not sensitive:
+        return out
+    if opts.train_mode == "off":
+        out["notes"].append(f"--train-mode off: BatchNorm and dropout ({len(sensitive)} module(s)) replayed in eval "
+                            f"mode (running statistics, no dropout), not as trained")
+    elif an.n_replayed:
+        out["notes"].append("train-mode layers replayed as trained (BatchNorm on each micro-batch's statistics, "
+                            "dropout with the recorded RNG state)" +
+                            ("; BatchNorm couples the samples: node blocks include cross-sample terms" if an.coupled else ""))
+    warn = "" if opts.batch == "probe" else "WARNING: "   # the probe in eval mode is the design, not a departure
+    for why, steps in an.replay_issues.items():
+        shown = ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
+        out["notes"].append(f"{warn}{why} (steps {shown})")
+    return out
 
 
 #: relative gap between the replayed and the recorded loss above which the replay is said to differ
@@ -636,7 +689,7 @@ def analyze_cli(args: Any) -> int:
                          share_min=args.share_min)
     opts = AnalysisOptions(modules=args.modules, steps=steps, stride=args.stride, all_steps=args.all_steps,
                            batch=args.batch, curvature=args.curvature, sharpness=not args.no_sharpness,
-                           motion_fractions=args.fractions, labels=labels,
+                           motion_fractions=args.fractions, train_mode=args.train_mode, labels=labels,
                            device=args.device, dtype=args.dtype, model=args.model, model_args=args.model_args,
                            loss=args.loss, loss_args=args.loss_args, trust=args.trust, progress=not args.no_progress)
     console = Console()

@@ -106,6 +106,7 @@ def hvp_operator(
     targets: Any,
     loss_fn: Callable[[Any, Any], Tensor],
     names: Sequence[str] | None = None,
+    replay: Any = None,
 ) -> tuple[Callable[[Any], Any], int]:
     r"""The map :math:`v \mapsto \nabla^2_\theta L\, v` on the flattened parameters ``names``.
 
@@ -117,6 +118,9 @@ def hvp_operator(
 
     The gradient graph is built once here (forward + backward with ``create_graph``) and kept
     alive by the callable; each product is one extra backward pass through it.
+
+    ``replay`` (a :class:`trajscope.analysis.replay.Replay`): evaluate the model as training did
+    (train-mode layers, recorded RNG state, per micro-batch); None: one pass in eval mode.
     """
     if names is None:
         names = [k for k, v in params.items() if v.is_floating_point()]
@@ -132,7 +136,8 @@ def hvp_operator(
     model.eval()
     try:
         with torch.enable_grad():
-            out = functional_forward(model, {**leaves, **dict(buffers)}, inputs)
+            out = replay.forward(model, leaves, dict(buffers), inputs) if replay is not None else \
+                functional_forward(model, {**leaves, **dict(buffers)}, inputs)
             loss = loss_fn(out, targets)
             gs = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
     finally:
@@ -175,6 +180,7 @@ def sharpness(
     shift: Mapping[str, float] | None = None,
     tol: float = 1e-4,
     maxiter: int = 300,
+    replay: Any = None,
 ) -> SharpnessResult:
     r"""Largest eigenvalue of the full Hessian over all floating-point parameters, or of
     :math:`P^{1/2} (H + W) P^{1/2}` when ``precond`` (a positive diagonal P keyed by parameter
@@ -188,13 +194,13 @@ def sharpness(
     parameters: the Hessian is formed with ``dim`` products and solved densely.
 
     Non-finite parameters, loss or products give ``value = nan``; this function does not raise
-    for them.
+    for them. ``replay``: as for :func:`hvp_operator`.
     """
     nan = SharpnessResult(math.nan, 0, False)
     fl = {k: v for k, v in params.items() if v.is_floating_point()}
     if not all(bool(torch.isfinite(v).all()) for v in fl.values()):
         return nan
-    mv, dim = hvp_operator(model, params, buffers, inputs, targets, loss_fn)
+    mv, dim = hvp_operator(model, params, buffers, inputs, targets, loss_fn, replay=replay)
     if dim == 0 or not bool(torch.isfinite(mv.loss).all()):
         return nan
     dev = params[mv.names[0]].device  # the Lanczos vectors live with the parameters
