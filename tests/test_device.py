@@ -115,6 +115,8 @@ def test_lazy_device_analysis_matches_cpu(tmp_path):
                 base = ref[key.replace("hess_min", "hess_max")]
                 finite = np.isfinite(base)
                 scale = float(np.abs(base[finite]).max()) if finite.any() else 0.0
+                if key.endswith("loss_mismatch"):   # rounding noise of a faithful replay: judged against the loss
+                    scale = 1.0 / rtol * (1e-6 if opts["dtype"] == "float32" else 1e-12)
                 np.testing.assert_allclose(have, want, rtol=rtol, atol=rtol * scale, equal_nan=True,
                                            err_msg=f"{name} {opts} {key}")
         # the paths this case is there for did run
