@@ -725,6 +725,9 @@ def node_curvature(
     diff_names = [k for k in names if leaves[k].requires_grad]
     was_training = model.training
     model.eval()
+    # embeddings, attention projections, tied weights: blocks by products w.r.t. the parameter
+    param_layers = [l for l in layers if l.route == "param"]
+    all_layers, layers = layers, [l for l in layers if l.route != "param"]
     cap = _Capture(model, layers)
     try:
         with torch.enable_grad():
@@ -821,13 +824,17 @@ def node_curvature(
                     factors[l.name] = LayerFactor(l, "nan", kind, note=bad[l.name])
                 elif l.name not in factors:
                     factors[l.name] = LayerFactor(l, "zero", kind, note="not used by the forward pass")
+            if param_layers:
+                from trajscope.analysis.paramroute import param_factors
+                factors.update(param_factors(model, leaves, buffers, inputs, targets,
+                                             loss_fn, param_layers, kind, max_tile_bytes))
     finally:
         cap.remove()
         model.train(was_training)
 
     # all layers' eigenproblems go to the pool together (better load balance than per layer)
     eigvals, jobs = {}, []
-    for l in layers:
+    for l in all_layers:
         eigvals[l.name], js = _jobs(factors[l.name], None, 0.0, max_tile_bytes)
         jobs += js
     _run_jobs(jobs)
