@@ -8,7 +8,10 @@ which of the models' known losses it is and replays it with its own copy (torch 
 
 * ``causal_lm`` (``loss_type`` ``ForCausalLM``; ``*LMHeadModel`` classes, which fall back to it):
   labels shifted left by one (position t predicts label t+1), cross-entropy with
-  ``ignore_index=-100``, mean over the counted (non-ignored) tokens of the whole batch;
+  ``ignore_index=-100``, mean over the counted (non-ignored) tokens of the whole batch
+  (``denominator="labels"``: the sum over them divided by the non-ignored labels before the
+  shift, which is what ``transformers.Trainer`` divides by under ``num_items_in_batch`` for
+  models without a ``loss_type``, GPT-2's ``GPT2LMHeadModel`` among them);
 * ``masked_lm`` (``ForMaskedLM``) and ``token_classification`` (``ForTokenClassification``):
   the same without the shift;
 * ``sequence_classification`` (``ForSequenceClassification`` and the image, audio and video
@@ -56,25 +59,32 @@ class ModelLoss:
         task: one of ``causal_lm``, ``masked_lm``, ``token_classification``, ``sequence_classification``.
         problem_type: sequence classification only: ``config.problem_type`` (None: from the labels).
         num_labels: sequence classification only: ``config.num_labels``.
+        denominator: causal LM only: ``"shifted"`` (the mean over the predicted tokens) or
+            ``"labels"`` (their sum over the count of non-ignored labels, unshifted).
     """
 
     reduction = "mean"
 
-    def __init__(self, task: str, problem_type: str | None = None, num_labels: int | None = None) -> None:
+    def __init__(self, task: str, problem_type: str | None = None, num_labels: int | None = None,
+                 denominator: str = "shifted") -> None:
         if task not in TASKS:
             raise TrajscopeError(f"model loss task {task!r} is not one of {', '.join(TASKS)}")
         if problem_type not in PROBLEM_TYPES:
             raise TrajscopeError(f"problem_type {problem_type!r} is not one of {', '.join(map(str, PROBLEM_TYPES[1:]))}")
-        self.task, self.problem_type = task, problem_type
+        if denominator not in ("shifted", "labels"):
+            raise TrajscopeError(f"denominator {denominator!r} is not 'shifted' or 'labels'")
+        self.task, self.problem_type, self.denominator = task, problem_type, denominator
         self.num_labels = None if num_labels is None else int(num_labels)
 
     def describe(self) -> dict[str, Any]:
         """The run's loss description (:func:`trajscope.capture.build_loss` rebuilds it)."""
         return {"class": SPEC, "kwargs": {"task": self.task, "problem_type": self.problem_type,
-                                          "num_labels": self.num_labels}, "computed_by": "model"}
+                                          "num_labels": self.num_labels, "denominator": self.denominator},
+                "computed_by": "model"}
 
     def __repr__(self) -> str:
-        return f"ModelLoss({self.task!r}, problem_type={self.problem_type!r}, num_labels={self.num_labels})"
+        return (f"ModelLoss({self.task!r}, problem_type={self.problem_type!r}, num_labels={self.num_labels}, "
+                f"denominator={self.denominator!r})")
 
     # ------------------------------------------------------------------ the loss
     def _problem(self, labels: torch.Tensor) -> str:
@@ -90,7 +100,12 @@ class ModelLoss:
         logits = getattr(logits, "logits", logits)     # a model output object as well as the tensor
         labels = labels.to(logits.device)
         if self.task == "causal_lm":
-            labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            if self.denominator == "labels":
+                total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                        ignore_index=IGNORE_INDEX, reduction="sum")
+                return total / (labels != IGNORE_INDEX).sum()
+            labels = shifted
         if self.task != "sequence_classification":
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         problem = self._problem(labels)
@@ -105,7 +120,7 @@ class ModelLoss:
 
     def count(self, labels: torch.Tensor) -> int:
         """How many terms the mean runs over: the weight of a micro-batch in the step's loss."""
-        if self.task == "causal_lm":
+        if self.task == "causal_lm" and self.denominator == "shifted":
             return int((labels[..., 1:] != IGNORE_INDEX).sum())
         if self.task != "sequence_classification" or self._problem(labels) == "single_label_classification":
             return int((labels != IGNORE_INDEX).sum())

@@ -492,6 +492,8 @@ class Recorder:
         if getattr(self.loss_fn, "reduction", "mean") == "sum":
             return sum(vals)
         sizes = [self._micro_weight(m) for m in micro]
+        if sum(sizes) == 0:   # nothing counted (every label ignored): the plain mean
+            return sum(vals) / k
         return sum(v * n for v, n in zip(vals, sizes)) / sum(sizes)
 
     def _micro_weight(self, micro: tuple[Any, list[tuple[str, torch.Tensor]]]) -> int:

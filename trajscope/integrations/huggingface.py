@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import torch
 import transformers
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from trajscope.errors import TrajscopeError
 
@@ -87,24 +88,34 @@ class TrajscopeCallback(transformers.TrainerCallback):
     Args:
         path: the run folder.
         **recorder_kwargs: passed to the Recorder (``every``, ``window``, ``probe``, ``overwrite``,
-            ``resume``, ...); ``loss`` is always ``"model"`` and the model spec is the model's config.
+            ``resume``, ...); the loss is always the model's and the model spec its config.
+
+    The micro-batches of a step (every training call of the model since the last optimizer step)
+    are given to the Recorder right before the step, each with the loss the step trained on:
+    the sum of the micro-batches' ``outputs.loss`` under ``num_items_in_batch`` (each is a partial
+    sum over the step's token count), else their mean (the Trainer divides each by the
+    accumulation steps). The replayed loss is the model loss of the joined batch; at the first
+    step the callback checks which token count the Trainer divided by (the predicted tokens, or
+    the labels before the shift for models without a ``loss_type``) and records that
+    denominator, so the replay is the function trained.
 
     The Trainer gives callbacks no optimizer, so the Recorder is made at the first optimizer step
-    (a global step pre-hook finds the optimizer that steps the model's parameters), with the
-    micro-batches of that step seen so far. An existing run at ``path`` without ``overwrite`` or
-    ``resume`` is refused at ``on_train_begin``, before anything is trained; any later failure
-    warns and stops recording, never training.
+    (a global step pre-hook finds the optimizer that steps the model's parameters). An existing
+    run at ``path`` without ``overwrite`` or ``resume``, or a model whose loss trajscope cannot
+    replay, is refused at ``on_train_begin``, before anything is trained; any later failure warns
+    and stops recording, never training.
     """
 
     def __init__(self, path: str | Path, **recorder_kwargs: Any) -> None:
         for key in ("loss", "loss_fn", "model_spec", "model_kwargs"):
             if key in recorder_kwargs:
-                raise ValueError(f"TrajscopeCallback sets {key} itself (loss='model', the model's config)")
+                raise ValueError(f"TrajscopeCallback sets {key} itself (the model's loss and config)")
         self.path, self.recorder_kwargs = Path(path), recorder_kwargs
         self.recorder: Any = None
+        self.failed: str | None = None
         self._model: nn.Module | None = None
         self._loss: Any = None
-        self._pending: list[tuple[Any, Any, Any]] = []
+        self._micro: list[tuple[Any, Any, Any, Any]] = []    # (inputs, labels, loss, num_items) of this step
         self._hooks: list[Any] = []
         self._finder: Any = None
         self._step0 = 0
@@ -124,28 +135,44 @@ class TrajscopeCallback(transformers.TrainerCallback):
         self._loss = modelloss.for_model(self._model)      # an unsupported model: one line, before training
         self._step0 = int(state.global_step)
         self._hooks.append(self._model.register_forward_hook(self._on_forward, with_kwargs=True))
-        self._finder = torch.optim.optimizer.register_optimizer_step_pre_hook(self._on_first_step)
+        self._finder = register_optimizer_step_pre_hook(self._on_first_step)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.recorder:
+            self._flush()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._drop_finder()
+        if self._finder is not None and self.recorder is not None:   # not from inside the hook loop
+            self._finder.remove()
+            self._finder = None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.close()
 
     def close(self) -> None:
         """Finish the run (the Trainer's ``on_train_end`` calls it)."""
-        self._drop_finder()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        if self.recorder is not None:
+        if self._finder is not None:
+            self._finder.remove()
+            self._finder = None
+        self._unhook()
+        if self.recorder:
             self.recorder.close()
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _drop_finder(self) -> None:
-        if self._finder is not None and self.recorder is not None:   # not from inside the hook loop
-            self._finder.remove()
-            self._finder = None
+    def _unhook(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _stop(self, what: str, e: BaseException) -> None:
+        """Warn once and stop recording; training goes on."""
+        self.failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"trajscope: TrajscopeCallback stops recording ({what}): {self.failed}", stacklevel=3)
+        self._unhook()
+        self._micro.clear()
+        if self.recorder:
+            self.recorder.close()
+        self.recorder = False
 
     def _on_first_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.recorder is not None or self._model is None:
@@ -156,15 +183,27 @@ class TrajscopeCallback(transformers.TrainerCallback):
         from trajscope.recorder import Recorder
 
         try:
+            self._loss = _matching_denominator(self._loss, self._micro)
             # made inside the step's pre-hooks: its own pre-hook, added to this optimizer now, runs next
-            self.recorder = Recorder(self.path, self._model, optimizer, "model", step=self._step0, **self.recorder_kwargs)
+            self.recorder = Recorder(self.path, self._model, optimizer, self._loss, step=self._step0,
+                                     **self.recorder_kwargs)
+            self._flush()
         except Exception as e:  # never break training
-            warnings.warn(f"trajscope: TrajscopeCallback records nothing: {type(e).__name__}: {e}", stacklevel=2)
-            self.recorder, self._model = False, None
-            return
-        for item in self._pending:
-            self.recorder.batch(*item[:2], loss=item[2])
-        self._pending.clear()
+            self._stop("at its first step", e)
+
+    def _flush(self) -> None:
+        """Give the step's micro-batches to the Recorder, each with the loss of the whole step."""
+        micro, self._micro = self._micro, []
+        losses = [m[2] for m in micro]
+        step_loss = None
+        if losses and all(isinstance(v, torch.Tensor) for v in losses):
+            total = sum(float(v) for v in losses)
+            step_loss = total if micro[0][3] is not None else total / len(losses)
+        try:
+            for inputs, labels, _, _ in micro:
+                self.recorder.batch(inputs, labels, loss=step_loss)
+        except Exception as e:  # never break training
+            self._stop("giving a batch", e)
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Mapping[str, Any], output: Any) -> None:
         if not module.training or not torch.is_grad_enabled() or self.recorder is False:
@@ -175,19 +214,21 @@ class TrajscopeCallback(transformers.TrainerCallback):
                 return      # not a training call of the Trainer's (it calls model(**inputs) with labels)
             inputs, labels = self._loss.split(batch)
             loss = getattr(output, "loss", None)
-            if isinstance(loss, torch.Tensor):
-                loss = loss.detach().float()
-                n_items = kwargs.get("num_items_in_batch")
-                count = self._loss.count(labels)
-                if n_items is not None and count > 0:   # a partial sum over the step's count -> this micro-batch's mean
-                    loss = loss * float(n_items) / count
-            if self.recorder is None:
-                self._pending.append((inputs, labels, loss))
-            else:
-                self.recorder.batch(inputs, labels, loss=loss)
+            self._micro.append((inputs, labels, loss.detach() if isinstance(loss, torch.Tensor) else None,
+                                kwargs.get("num_items_in_batch")))
         except Exception as e:  # never break training
-            warnings.warn(f"trajscope: TrajscopeCallback stops recording batches: {type(e).__name__}: {e}", stacklevel=2)
-            self.recorder = False if self.recorder is None else self.recorder
-            for h in self._hooks:
-                h.remove()
-            self._hooks.clear()
+            self._stop("reading a batch", e)
+
+
+def _matching_denominator(loss: Any, micro: list[tuple[Any, Any, Any, Any]]) -> Any:
+    """The causal-LM loss whose token count is the one the Trainer divided the first step by."""
+    from trajscope.modelloss import ModelLoss
+
+    n_items = micro[0][3] if micro else None
+    if loss.task != "causal_lm" or n_items is None:
+        return loss
+    for denominator in ("shifted", "labels"):
+        candidate = ModelLoss("causal_lm", denominator=denominator)
+        if sum(candidate.count(m[1]) for m in micro) == int(n_items):
+            return candidate
+    return loss
