@@ -681,6 +681,16 @@ def _spectra(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor,
     return out
 
 
+def twice_differentiable_attention():
+    """Scaled dot-product attention on its math backend (the same function, composed of
+    differentiable ops): the fused CPU/GPU kernels have no derivative of their backward, which
+    Hessian-vector products (exact blocks) and Jacobian-vector products by double backward (the
+    parameter route) need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
@@ -730,7 +740,7 @@ def node_curvature(
     all_layers, layers = layers, [l for l in layers if l.route != "param"]
     cap = _Capture(model, layers)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable_attention():
             f = functional_forward(model, {**leaves, **buffers}, inputs)
             if not isinstance(f, Tensor):
                 raise TypeError("node_curvature needs a model whose output is one tensor")

@@ -15,7 +15,7 @@ The ``+1`` is dropped when the module has no bias. Layers of real architectures:
   entry (layer ``<mha>.in_proj``; rows ``[0, E)`` act on the query, ``[E, 2E)`` the key,
   ``[2E, 3E)`` the value) and each row of ``out_proj`` (layer ``<mha>.out_proj``);
 * ``nn.Embedding``: row r of the table (kind ``"embedding"``, no bias). Its block is
-  :math:`\partial^2 L/\partial E_r^2`, summed over every position where token r occurs (and zero
+  :math:`\\partial^2 L/\\partial E_r^2`, summed over every position where token r occurs (and zero
   for a token absent from the batch);
 * tied weights (GPT-2's ``lm_head.weight`` *is* ``transformer.wte.weight``): the parameter is one
   node layer, under the first module that owns it (``tied`` names the other uses), and its block
