@@ -76,7 +76,7 @@ def _with_node(params, layer: NodeLayer, i: int, th: torch.Tensor) -> dict[str, 
     p = dict(params)
     W = p[layer.weight].clone()
     n = W.shape[0] if layer.transposed else W[i].numel()
-    W = W.index_put((slice(None), torch.tensor(i)) if layer.transposed else (torch.tensor(i),), th[:n].reshape(-1))
+    W = W.index_put((torch.arange(n), torch.tensor(i)) if layer.transposed else (torch.tensor(i),), th[:n].reshape(W[i].shape))
     p[layer.weight] = W
     if layer.bias is not None:
         p[layer.bias] = p[layer.bias].index_put((torch.tensor(i),), th[n:].reshape(()))
