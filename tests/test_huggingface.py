@@ -135,6 +135,13 @@ def test_gpt2_hand_loop_end_to_end(tmp_path, other_user):
     assert meta["spec"] == "trajscope.integrations.huggingface:from_config" and meta["exported"] is None
     assert meta["kwargs"]["architecture"] == "GPT2LMHeadModel" and meta["kwargs"]["config"]["n_embd"] == 16
     assert run.attrs["loss"]["kwargs"]["task"] == "causal_lm"
+    # trajscope info: a Conv1D layer's node count is its weight's dim 1, the config is summarised
+    from trajscope.info import summary_tables
+    overview, table = summary_tables(run)
+    counts = dict(zip(table.columns[0]._cells, table.columns[3]._cells))
+    assert counts["transformer.h.0.attn.c_attn.weight"] == "48" and counts["transformer.wte.weight"] == "64"
+    assert counts["transformer.h.0.attn.c_attn.bias"] == ""
+    assert any("<gpt2 config" in str(c) for c in overview.columns[1]._cells)
     ck0 = run.checkpoint(0)
     assert set(ck0.inputs) == {"input_ids", "attention_mask"} and torch.equal(ck0.targets, data[0]["labels"])
 
