@@ -215,3 +215,17 @@ def test_layer_that_cannot_be_analysed_is_nan_with_a_warning():
     assert cr.factors["mha.in_proj"].form == "nan"
     for name in ("emb", "mha.out_proj", "head"):   # the other layers are analysed as usual
         assert torch.isfinite(cr.eigvals[name]).all(), name
+
+
+def test_diverged_checkpoint_is_nan_without_warning():
+    torch.manual_seed(0)
+    model = Attn().to(DT)
+    x, y = _data(11, 3)
+    params = _params(model)
+    params["mha.in_proj_weight"] = params["mha.in_proj_weight"].clone().fill_(float("inf"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # a diverged checkpoint is data, not a failure
+        cr = node_curvature(model, params, {}, x, y, seq_ce, find_node_layers(model), kind="ggn")
+    for name in ("emb", "mha.in_proj", "mha.out_proj", "head"):
+        assert torch.isnan(cr.eigvals[name]).all(), name

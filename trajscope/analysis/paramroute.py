@@ -59,10 +59,10 @@ def param_factors(model: nn.Module, leaves: Mapping[str, Tensor], buffers: Mappi
         fd = f.detach().requires_grad_(True)
         loss = loss_fn(fd, targets)
         gf = torch.autograd.grad(loss, fd, create_graph=True)[0]
+    if not bool(torch.isfinite(loss)):   # a diverged checkpoint is data: NaN spectra, as on the hook route
+        return {l.name: LayerFactor(l, "nan", kind, note="non-finite loss or parameters") for l in layers}
     for l in layers:
         try:
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError("non-finite loss")
             need = l.n_nodes * l.node_dim ** 2 * f.element_size()
             if need > 16 * max_tile_bytes:
                 raise MemoryError(f"its {l.n_nodes} blocks of {l.node_dim}x{l.node_dim} need {need / 2**30:.1f} GiB "
@@ -73,7 +73,7 @@ def param_factors(model: nn.Module, leaves: Mapping[str, Tensor], buffers: Mappi
             else:
                 product = _ggn_vp(f, fd, gf, ps)
             out[l.name] = _factor(l, kind, product, tuple(leaves[l.weight].shape), chunk, f)
-        except (RuntimeError, ValueError, MemoryError, FloatingPointError, NotImplementedError) as e:
+        except (RuntimeError, ValueError, MemoryError, NotImplementedError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             warnings.warn(f"trajscope: no curvature for node layer {l.name!r}: {msg}; its node spectra are NaN",
                           RuntimeWarning, stacklevel=3)
