@@ -275,8 +275,14 @@ def test_trainer_callback_bf16_on_cpu(tmp_path):
     assert np.all(gap < 0.05) and math.isfinite(float(gap[0]))
 
 
-def test_trainer_callback_refuses_an_existing_run_before_training(tmp_path):
+def test_trainer_callback_refuses_an_existing_run_before_training(tmp_path, capsys):
     path, _, _ = _train(tmp_path, steps=1)
+    # the command line analyses it (the loss is the model's: no --loss, no --trust)
+    from trajscope.cli import main
+    assert main(["analyze", str(path), "--modules", "transformer.h.0.mlp.c_proj", "--no-sharpness", "--dtype",
+                 "float64", "--no-progress"]) == 0
+    assert "does not say how its loss is computed" not in capsys.readouterr().out
+    assert (path / "analysis.zarr").is_dir() and list(trajscope.open_run(path).steps) == [0]
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_config())
     targs = transformers.TrainingArguments(output_dir=str(tmp_path / "out2"), max_steps=1, report_to=[], use_cpu=True,
