@@ -114,8 +114,10 @@ class LayerFactor:
     * ``"block"`` (exact, conv / Linear with extra dims): :math:`H_i = \sum_j X_{g(i),j}^\top
       E_{ij} X_{g(i),j}` with ``E`` of shape ``(N, B, T, T)``; R = B·T.
     * ``"zero"``: the layer does not influence the loss on this batch (all blocks are 0).
-    * ``"nan"``: the blocks cannot be computed (non-finite values, or a layer that is called
-      more than once per forward or outside its module call); all spectra are NaN.
+    * ``"nan"``: the blocks cannot be computed (non-finite values, or a parameter-route layer
+      over its memory bound or through an op without second derivatives); all spectra are NaN.
+      (A module called more than once per forward, or whose weight is used outside its call,
+      takes the parameter route, :mod:`trajscope.analysis.paramroute`: its blocks cover every use.)
 
     Node i belongs to group ``g(i) = i // (N / G)`` (conv ``groups``; 1 otherwise).
     ``method`` is the route the spectra take (``"gram"``: R × R problems, ``"dense"``:
@@ -777,9 +779,9 @@ def node_curvature(
                     bad[l.name] = "its input's dim 0 is not the batch dimension of the output"
                 else:
                     live.append(l)
-            for name, why in bad.items():
-                warnings.warn(f"trajscope: no curvature for node layer {name!r}: {why}; "
-                              "its node spectra are NaN", RuntimeWarning, stacklevel=2)
+            # a module called several times (a shared layer, an RNN cell), or whose weight is used
+            # without calling it: the parameter route's blocks cover every use
+            param_layers += [l for l in layers if l.name in bad]
 
             factors: dict[str, LayerFactor] = {}
             finite_params = all(bool(torch.isfinite(leaves[k]).all()) for k in diff_names)

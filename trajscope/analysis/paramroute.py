@@ -1,8 +1,9 @@
 r"""Node blocks by products w.r.t. the parameter itself: the route of the irregular node layers.
 
 Embedding rows, the rows of ``nn.MultiheadAttention``'s packed ``in_proj_weight`` and of its
-``out_proj`` (used by the functional kernel, not through a module call), and tied weights (one
-parameter used by several modules) do not reach the loss through one hooked pre-activation, so
+``out_proj`` (used by the functional kernel, not through a module call), tied weights (one
+parameter used by several modules) and modules called more than once per forward pass (a shared
+layer, an RNN cell; found at analysis time) do not reach the loss through one hooked pre-activation, so
 the hook route's :math:`X^\top E X` form does not apply. Here the block of node i is read off
 curvature-vector products with the unit directions of its own coordinates:
 
