@@ -40,11 +40,11 @@ import torch
 from torch import nn
 
 import trajscope
-from trajscope import capture, modelloss, trust
+from trajscope import capture, trust
 from trajscope.errors import TrajscopeError
 from trajscope.store import (STORE_NAME, Snapshot, TrajectoryWriter, flatten_batch, is_run, make_layout,
                              numeric_hparams, pack, unflatten_batch)
-from trajscope.modelloss import ModelLoss
+from trajscope.modelloss import ModelLoss, for_model
 
 log = logging.getLogger("trajscope")
 _STOP = object()
@@ -720,7 +720,7 @@ def _model_loss(model: nn.Module, loss_fn: Any, loss: Any) -> Any:
     if isinstance(loss_fn, str):
         if loss_fn != "model":
             raise ValueError(f"loss {loss_fn!r}: the only loss named by a string is 'model' (the model computes it)")
-        return modelloss.for_model(model)
+        return for_model(model)
     return loss_fn
 
 
