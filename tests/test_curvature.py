@@ -141,8 +141,10 @@ def test_find_node_layers_and_node_matrix():
     # even kernel under padding="same": PyTorch pads the extra one on the right
     c2 = find_node_layers(nn.Conv1d(1, 1, 4, padding="same"))[0]
     assert c2.conv["pad"] == ((1, 2),)
-    # MultiheadAttention.out_proj is not called as a module: skipped
-    assert find_node_layers(nn.MultiheadAttention(4, 2)) == []
+    # MultiheadAttention's projections are used by its functional kernel, not called as modules: the
+    # parameter route (tests/test_node_layers.py checks their blocks)
+    assert [(l.name, l.route) for l in find_node_layers(nn.MultiheadAttention(4, 2))] == [
+        ("in_proj", "param"), ("out_proj", "param")]
 
 
 # ----------------------------------------------------------------------------- Linear, 2-D
@@ -367,8 +369,10 @@ def test_nonfinite_params_give_nan():
             assert torch.isnan(res.eigvals[l.name]).all()
 
 
-def test_shared_module_gives_nan_with_warning():
-    class Tied(nn.Module):
+@pytest.mark.parametrize("kind", ["ggn", "exact"])
+def test_shared_module_blocks_cover_every_call(kind):
+    """A module called twice per forward pass: its blocks (parameter route) cover both calls."""
+    class Shared(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Linear(3, 3)
@@ -377,14 +381,21 @@ def test_shared_module_gives_nan_with_warning():
         def forward(self, x):
             return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
 
-    model = Tied().to(DT)
+    torch.manual_seed(0)
+    model = Shared().to(DT)
     x, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
     layers = find_node_layers(model)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        res = node_curvature(model, _params(model), {}, x, y, nn.MSELoss(), layers)
-    assert any("called 2 times" in str(m.message) for m in w)
-    assert torch.isnan(res.eigvals["a"]).all() and torch.isfinite(res.eigvals["b"]).all()
+    params = _params(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = node_curvature(model, params, {}, x, y, nn.MSELoss(), layers, kind=kind)
+    ref = ref_exact if kind == "exact" else ref_ggn
+    for name in ("a", "b"):
+        layer = next(l for l in layers if l.name == name)
+        blocks = dense_blocks(res.factors[name])
+        for i in range(layer.n_nodes):
+            H = ref(model, params, x, y, nn.MSELoss(), layer, i)
+            assert torch.allclose(blocks[i], H, rtol=0, atol=RTOL * float(H.abs().max())), (name, i)
 
 
 def test_unflattened_export_program():

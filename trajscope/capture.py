@@ -7,7 +7,9 @@ Model, in order of preference at replay time:
 Code named inside a run (2, 3 and the recorded loss) is used only as :mod:`trajscope.trust` allows.
 
 Loss: a ``torch.nn`` loss module is recorded as its class and constructor arguments; a plain
-function as ``module:qualname``; anything else needs ``--loss`` at replay time.
+function as ``module:qualname``; the loss a model computes itself (``loss="model"``, Hugging Face)
+as trajscope's :class:`~trajscope.modelloss.ModelLoss` and its arguments; anything else needs
+``--loss`` at replay time.
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ def parse_kwargs(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- loss
 def describe_loss(loss_fn: Any) -> dict[str, Any] | None:
     """A JSON description of ``loss_fn`` that :func:`build_loss` turns back into a callable."""
+    from trajscope.modelloss import ModelLoss
+
+    if isinstance(loss_fn, ModelLoss):
+        return loss_fn.describe()
     if isinstance(loss_fn, nn.Module):
         cls = type(loss_fn)
         kwargs: dict[str, Any] = {}
@@ -172,6 +178,16 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module
     if not isinstance(model, nn.Module):
         raise TrajscopeError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def model_spec_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """An import spec and arguments that rebuild ``model`` without the training script, where trajscope
+    knows one: a ``transformers`` model, from its config. None otherwise."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    from trajscope.integrations import huggingface
+
+    return huggingface.model_spec(model)
 
 
 def load_exported(path: str) -> nn.Module:

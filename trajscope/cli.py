@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                                "  tensorboard --logdir runs/")
     pa.add_argument("paths", nargs="+", metavar="PATH", help="run folders, or folders of run folders (like a TensorBoard logdir)")
     g = pa.add_argument_group("what to analyse")
-    g.add_argument("--modules", nargs="+", metavar="NAME", help="node layers to analyse (module names or glob patterns; default: every Linear/Conv)")
+    g.add_argument("--modules", nargs="+", metavar="NAME", help="node layers to analyse (module names or glob patterns; default: every Linear, Conv, HF Conv1D, Embedding and attention projection)")
     g.add_argument("--steps", metavar="A:B", help="step range A:B, A: or :B, e.g. 100:500 (inclusive start, exclusive end)")
     g.add_argument("--stride", type=int, default=1, help="analyse every N-th eligible checkpoint (default 1)")
     g.add_argument("--all-steps", action="store_true", help="also analyse checkpoints whose successor is not the next step (kinematics then span k steps)")

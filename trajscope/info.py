@@ -62,7 +62,10 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
     m = a["model"]
     kinds = []
     if m.get("spec"):
-        kinds.append(f"import spec {m['spec']} {m.get('kwargs') or ''}".strip())
+        kw = m.get("kwargs") or ""
+        if isinstance(kw, dict) and isinstance(kw.get("config"), dict):   # a transformers config: its class
+            kw = {**kw, "config": f"<{kw['config'].get('model_type', '?')} config, {len(kw['config'])} fields>"}
+        kinds.append(f"import spec {m['spec']} {kw}".strip())
     if m.get("exported"):
         kinds.append("torch.export program")
     overview.add_row("model capture", "; ".join(kinds) if kinds else f"none ({m.get('export_error')}); pass --model to analyze")
@@ -87,10 +90,10 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
     layers = Table(title="parameters", title_justify="left")
     for col in ("parameter", "shape", "dtype", "nodes"):
         layers.add_column(col, justify="right" if col == "nodes" else "left")
-    node_layers = {n["name"] for n in m.get("node_layers", [])}
+    # the node count sits on each node layer's weight (N is not always its dim 0: HF Conv1D, tied weights)
+    node_counts = {n["weight"]: n["n_nodes"] for n in m.get("node_layers", []) if "weight" in n}
     for name, shape in run.param_shapes.items():
-        module, _, leaf = name.rpartition(".")
-        nodes = str(shape[0]) if module in node_layers and leaf == "weight" else ""
+        nodes = str(node_counts[name]) if name in node_counts else ""
         layers.add_row(name, "×".join(map(str, shape)) or "scalar", run.param_dtypes[name], nodes)
     return [overview, layers]
 

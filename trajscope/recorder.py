@@ -43,8 +43,9 @@ from torch import nn
 import trajscope
 from trajscope import capture, trust
 from trajscope.errors import TrajscopeError
+from trajscope.modelloss import ModelLoss, for_model
 from trajscope.store import (STORE_NAME, ForwardState, Snapshot, TrajectoryWriter, flatten_batch, is_run,
-                             make_layout, numeric_hparams, pack, shard_store_name)
+                             make_layout, numeric_hparams, pack, shard_store_name, unflatten_batch)
 
 log = logging.getLogger("trajscope")
 _STOP = object()
@@ -59,7 +60,13 @@ class Recorder:
         path: the run folder (created).
         model, optimizer: the module being trained and its ``torch.optim`` optimizer.
         loss_fn: the loss; a ``torch.nn`` loss module is recorded by class and arguments (and its
-            value is captured through a forward hook), a function by import path.
+            value is captured through a forward hook), a function by import path. ``"model"``
+            (also as ``loss="model"``): the loss the model computes itself from ``labels``
+            (Hugging Face ``outputs.loss``, captured through a forward hook on the model), replayed
+            as :class:`trajscope.modelloss.ModelLoss`; then ``rec.batch(batch)`` takes the dict the
+            model was called with and records it as ``(inputs without "labels", labels)``, and a
+            ``transformers`` model needs no ``model_spec``: its config is recorded
+            (:func:`trajscope.integrations.huggingface.from_config`).
         every, window: record steps ``t`` with ``t % every < window``. The default window is 1 when
             ``every == 1`` and 2 otherwise, so θ_{t+1} is on disk for every analysed θ_t.
         model_spec, model_kwargs: ``"package.module:factory"`` and JSON-able keyword arguments that
@@ -117,7 +124,8 @@ class Recorder:
                  model_kwargs: Mapping[str, Any] | None = None, export: bool | None = None, probe: Any = None,
                  background: bool | None = None, memory_budget: int = 512 * 2**20, when_behind: str = "wait",
                  resume: bool = False,
-                 step: int | None = None, overwrite: bool = False, distributed: bool | None = None) -> None:
+                 step: int | None = None, overwrite: bool = False, distributed: bool | None = None,
+                 loss: Any = None) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
         if when_behind not in ("wait", "skip"):
@@ -127,6 +135,9 @@ class Recorder:
         # names, which are what the replayed model has.
         root = model      # the module the loop calls: its forward pre-hook sees every forward pass
         model, self._wrappers = capture.unwrap_model(model)
+        loss_fn = _model_loss(model, loss_fn, loss)
+        if model_spec is None and isinstance(loss_fn, ModelLoss):
+            model_spec, model_kwargs = capture.model_spec_of(model) or (None, model_kwargs)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.rank, self.world_size = _process_group(distributed)
         # ranks > 0 write their batch shard and loss only, to their own store
@@ -229,6 +240,8 @@ class Recorder:
         self._hooks.append(_ForwardHookEntry(root, self))
         if isinstance(loss_fn, nn.Module):
             self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
+        if isinstance(loss_fn, ModelLoss):
+            self._hooks.append(model.register_forward_hook(self._on_model_loss))
         atexit.register(self.close)
 
     def _abandon_construction(self, made: list[Path], fresh: bool) -> None:
@@ -329,6 +342,8 @@ class Recorder:
                 self._explicit_losses.append(loss)
             if not self.records(self._step):
                 return
+            if isinstance(self.loss_fn, ModelLoss):
+                inputs, targets = self.loss_fn.split(inputs, targets)
             spec, leaves = flatten_batch((inputs, targets))
             self._micro.append((spec, [(k, self._copy(t)) for k, t in leaves]))
             self._micro_forward.append(self._last_forward)
@@ -431,6 +446,10 @@ class Recorder:
         if isinstance(output, torch.Tensor) and output.numel() == 1 and not self._ignore_batches:
             self._hook_losses.append(output.detach())
             del self._hook_losses[:-64]    # a loss module also used for metrics must not grow this
+
+    def _on_model_loss(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training and torch.is_grad_enabled():   # a training forward, not an evaluation
+            self._on_loss(module, args, getattr(output, "loss", None))
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         # optimizer.step(closure) (Lightning, LBFGS): the batch and the gradient of this step are made
@@ -563,8 +582,16 @@ class Recorder:
             return vals[0]
         if getattr(self.loss_fn, "reduction", "mean") == "sum":
             return sum(vals)
-        sizes = [_batch_size(m[1]) for m in micro]
+        sizes = [self._micro_weight(m) for m in micro]
+        if sum(sizes) == 0:   # nothing counted (every label ignored): the plain mean
+            return sum(vals) / k
         return sum(v * n for v, n in zip(vals, sizes)) / sum(sizes)
+
+    def _micro_weight(self, micro: tuple[Any, list[tuple[str, torch.Tensor]]]) -> int:
+        """A micro-batch's weight in the step's mean loss: its samples, or the terms a model loss counts."""
+        if isinstance(self.loss_fn, ModelLoss):
+            return self.loss_fn.count(unflatten_batch(micro[0], dict(micro[1]))[1])
+        return _batch_size(micro[1])
 
     def _enqueue(self, snap: Snapshot) -> None:
         if not self.background:
@@ -822,6 +849,19 @@ def _closure_of(args: Any, kwargs: Any) -> tuple[Any, str] | None:
     if len(args) > 1 and callable(args[1]):   # args[0] is the optimizer itself
         return args[1], "args"
     return None
+
+
+def _model_loss(model: nn.Module, loss_fn: Any, loss: Any) -> Any:
+    """The loss to record: ``loss_fn``, or its ``loss=`` spelling; ``"model"`` becomes the model's ModelLoss."""
+    if loss is not None:
+        if loss_fn is not None:
+            raise ValueError("give the loss once: loss_fn or loss")
+        loss_fn = loss
+    if isinstance(loss_fn, str):
+        if loss_fn != "model":
+            raise ValueError(f"loss {loss_fn!r}: the only loss named by a string is 'model' (the model computes it)")
+        return for_model(model)
+    return loss_fn
 
 
 def _batch_size(leaves: list[tuple[str, torch.Tensor]]) -> int:

@@ -9,7 +9,9 @@ so each of these is imported, called or loaded only when one of these holds:
 2. the user named the code themselves: ``--model`` / ``--loss`` (then the run's spec is not used);
 3. the spec is in the allow-list below: callables that build a module from JSON arguments and
    cannot reach the file system, the network or a shell (``torch.nn`` loss classes and
-   ``torch.nn.functional`` losses by exact name, ``trajscope.zoo`` factories);
+   ``torch.nn.functional`` losses by exact name, ``trajscope.zoo`` factories, and trajscope's own
+   adapters for Hugging Face models: the model-loss class and the factory that builds a
+   ``transformers`` model from its recorded config, never downloading anything);
 4. the run carries a valid signature made by this user's key: the Recorder signs the run's
    description of its model and loss (and the SHA-256 of the exported program) with HMAC-SHA256
    under a per-user key kept outside every run, so runs recorded on this machine by this user
@@ -50,6 +52,8 @@ ALLOWED: dict[str, str] = {
     **{f"{mod}:{name}": "loss class" for mod in ("torch.nn", "torch.nn.modules.loss") for name in _TORCH_LOSS_CLASSES},
     **{f"torch.nn.functional:{name}": "loss function" for name in _TORCH_LOSS_FUNCTIONS},
     **{f"trajscope.zoo:{name}": "model factory" for name in _ZOO_FACTORIES},
+    "trajscope.modelloss:ModelLoss": "model loss",
+    "trajscope.integrations.huggingface:from_config": "model factory",
 }
 
 

@@ -122,8 +122,10 @@ class LayerFactor:
     * ``"block"`` (exact, conv / Linear with extra dims): :math:`H_i = \sum_j X_{g(i),j}^\top
       E_{ij} X_{g(i),j}` with ``E`` of shape ``(N, B, T, T)``; R = B·T.
     * ``"zero"``: the layer does not influence the loss on this batch (all blocks are 0).
-    * ``"nan"``: the blocks cannot be computed (non-finite values, or a layer that is called
-      more than once per forward or outside its module call); all spectra are NaN.
+    * ``"nan"``: the blocks cannot be computed (non-finite values, or a parameter-route layer
+      over its memory bound or through an op without second derivatives); all spectra are NaN.
+      (A module called more than once per forward, or whose weight is used outside its call,
+      takes the parameter route, :mod:`trajscope.analysis.paramroute`: its blocks cover every use.)
 
     Node i belongs to group ``g(i) = i // (N / G)`` (conv ``groups``; 1 otherwise).
     ``method`` is the route the spectra take (``"gram"``: R × R problems, ``"dense"``:
@@ -719,6 +721,16 @@ def _spectra(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor,
     return out
 
 
+def twice_differentiable_attention():
+    """Scaled dot-product attention on its math backend (the same function, composed of
+    differentiable ops): the fused CPU/GPU kernels have no derivative of their backward, which
+    Hessian-vector products (exact blocks) and Jacobian-vector products by double backward (the
+    parameter route) need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
@@ -769,9 +781,12 @@ def node_curvature(
     was_training = model.training
     coupled = replay is not None and replay.batch_statistics(model)
     model.eval()
+    # embeddings, attention projections, tied weights: blocks by products w.r.t. the parameter
+    param_layers = [l for l in layers if l.route == "param"]
+    all_layers, layers = layers, [l for l in layers if l.route != "param"]
     cap = _MicroCapture(model, layers, replay.sizes) if replay is not None and replay.sizes else _Capture(model, layers)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable_attention():
             f = replay.forward(model, leaves, buffers, inputs) if replay is not None else \
                 functional_forward(model, {**leaves, **buffers}, inputs)
             if not isinstance(f, Tensor):
@@ -809,9 +824,9 @@ def node_curvature(
                     bad[l.name] = "its input's dim 0 is not the batch dimension of the output"
                 else:
                     live.append(l)
-            for name, why in bad.items():
-                warnings.warn(f"trajscope: no curvature for node layer {name!r}: {why}; "
-                              "its node spectra are NaN", RuntimeWarning, stacklevel=2)
+            # a module called several times (a shared layer, an RNN cell), or whose weight is used
+            # without calling it: the parameter route's blocks cover every use
+            param_layers += [l for l in layers if l.name in bad]
 
             factors: dict[str, LayerFactor] = {}
             finite_params = all(bool(torch.isfinite(leaves[k]).all()) for k in diff_names)
@@ -870,13 +885,19 @@ def node_curvature(
                     factors[l.name] = LayerFactor(l, "nan", kind, note=bad[l.name])
                 elif l.name not in factors:
                     factors[l.name] = LayerFactor(l, "zero", kind, note="not used by the forward pass")
+            if param_layers:
+                from trajscope.analysis.paramroute import param_factors
+                def forward() -> Tensor:
+                    return (replay.forward(model, leaves, buffers, inputs) if replay is not None else
+                            functional_forward(model, {**leaves, **buffers}, inputs))
+                factors.update(param_factors(forward, leaves, targets, loss_fn, param_layers, kind, max_tile_bytes))
     finally:
         cap.remove()
         model.train(was_training)
 
     # all layers' eigenproblems go to the pool together (better load balance than per layer)
     eigvals, jobs = {}, []
-    for l in layers:
+    for l in all_layers:
         eigvals[l.name], js = _jobs(factors[l.name], None, 0.0, max_tile_bytes)
         jobs += js
     _run_jobs(jobs)

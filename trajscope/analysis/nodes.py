@@ -7,8 +7,25 @@ A *node* is the parameter block of one output unit:
   flattened in C order: input channel of its group major, then kernel offsets), ``p = C_in/groups
   \\cdot \\prod k + 1``.
 
-The ``+1`` is dropped when the module has no bias. Parameters of other modules (norms, embeddings,
-transposed convolutions, ...) are not nodes; they enter only the global quantities (SPEC §8).
+The ``+1`` is dropped when the module has no bias. Layers of real architectures:
+
+* Hugging Face ``Conv1D`` (GPT-2's projections, ``y = x W + b`` with W of shape (in, out)):
+  node i is column i of W plus ``bias[i]``, a Linear node of ``W^T`` (``transposed``);
+* ``nn.MultiheadAttention``: each row of the packed ``in_proj_weight`` plus its ``in_proj_bias``
+  entry (layer ``<mha>.in_proj``; rows ``[0, E)`` act on the query, ``[E, 2E)`` the key,
+  ``[2E, 3E)`` the value) and each row of ``out_proj`` (layer ``<mha>.out_proj``);
+* ``nn.Embedding``: row r of the table (kind ``"embedding"``, no bias). Its block is
+  :math:`\\partial^2 L/\\partial E_r^2`, summed over every position where token r occurs (and zero
+  for a token absent from the batch);
+* tied weights (GPT-2's ``lm_head.weight`` *is* ``transformer.wte.weight``): the parameter is one
+  node layer, under the first module that owns it (``tied`` names the other uses), and its block
+  covers every use.
+
+The module computes these without calling a submodule per unit (MHA's functional kernel), or
+uses the parameter more than once, so their blocks are not of the hook form ``X^T E X``; they
+take the parameter route (``route="param"``, :mod:`trajscope.analysis.paramroute`), which
+differentiates w.r.t. the parameter itself. Other parameters (norms, transposed convolutions, ...)
+are not nodes; they enter only the global quantities (SPEC §8).
 """
 from __future__ import annotations
 
@@ -41,6 +58,11 @@ class NodeLayer:
             ``((before, after), ...)`` pair per dimension (they differ only for an even kernel
             under ``padding="same"``, which PyTorch pads one more on the right);
             ``padding_mode`` is the module's (``"zeros"``, ``"reflect"``, ...). ``None`` for Linear.
+        transposed: the weight is stored (fan_in, N) (Hugging Face ``Conv1D``): node i is column i.
+        route: ``"hook"`` (blocks from the layer's input and output sensitivities, one forward
+            hook on module ``name``) or ``"param"`` (blocks by products w.r.t. the parameter:
+            embeddings, attention projections, tied weights).
+        tied: the other names of a weight shared with other modules (their uses are in the blocks).
     """
 
     name: str
@@ -50,6 +72,12 @@ class NodeLayer:
     n_nodes: int
     node_dim: int
     conv: dict | None = None
+    transposed: bool = False
+    route: str = "hook"
+    tied: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:   # read back from JSON, tied is a list
+        object.__setattr__(self, "tied", tuple(self.tied))
 
     @property
     def has_bias(self) -> bool:
@@ -186,41 +214,75 @@ def find_node_layers(model: nn.Module, include: Sequence[str] | None = None) -> 
     input with its own ``weight`` (optionally after an ``aten.pad``: ``padding_mode``) counts
     as the corresponding node layer.
 
-    Skipped (they cannot be analysed through a forward hook on the module, SPEC §3):
-    modules whose weight is not a registered parameter of that name (e.g. parametrized
-    weights), and ``out_proj`` of ``nn.MultiheadAttention``, whose weight is used by the
-    functional attention kernel without calling the Linear module.
+    Hugging Face ``Conv1D``, ``nn.Embedding``, ``nn.MultiheadAttention`` (``<name>.in_proj`` and
+    ``<name>.out_proj``) and tied weights are node layers too (module doc). Skipped: modules whose
+    weight is not a registered parameter of that name (e.g. parametrized weights), a module whose
+    weight is another module's (tied: counted once, under its first owner), and an MHA with
+    separate q/k/v projection weights (``kdim``/``vdim`` differ from ``embed_dim``).
     """
     if isinstance(include, str):
         include = [include]
-    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names_of: dict[int, list[str]] = {}
+    for n, t in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(t), []).append(n)
+    param_names = {n for names in names_of.values() for n in names}
     mha_children = set()
     for name, mod in model.named_modules():
         if isinstance(mod, nn.MultiheadAttention):
             mha_children.add(f"{name}.out_proj" if name else "out_proj")
     layers: list[NodeLayer] = []
     for name, mod in model.named_modules():
-        if name in mha_children or (include is not None and not matches(name, include)):
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, nn.MultiheadAttention) and (include is None or matches(prefix + "in_proj", include)):
+            layers += _layer(mod, prefix + "in_proj", "linear", prefix + "in_proj_weight", prefix + "in_proj_bias",
+                             names_of, param_names, route="param")
+        if include is not None and not matches(name, include):
             continue
+        route, transposed = "hook", False
         if isinstance(mod, nn.Linear):
             found: tuple[str, dict | None] | None = ("linear", None)
+            route = "param" if name in mha_children else "hook"  # MHA's kernel uses the weight, not the module
         elif isinstance(mod, _CONV_TYPES):
             found = ("conv", _conv_geometry(mod))
+        elif isinstance(mod, nn.Embedding):
+            found, route = ("embedding", None), "param"
+        elif _is_hf_conv1d(mod):
+            found, transposed = ("linear", None), True
         else:
             found = _exported_layer(mod)
         if found is None:
             continue
-        prefix = f"{name}." if name else ""
-        wname = prefix + "weight"
-        if wname not in param_names or not isinstance(getattr(mod, "weight", None), Tensor):
-            continue
-        bname = prefix + "bias"
-        has_bias = getattr(mod, "bias", None) is not None and bname in param_names
-        w = mod.weight
-        n = int(w.shape[0])
-        p = int(w[0].numel()) + int(has_bias)
-        layers.append(NodeLayer(name, found[0], wname, bname if has_bias else None, n, p, found[1]))
+        layers += _layer(mod, name, found[0], prefix + "weight", prefix + "bias", names_of, param_names,
+                         found[1], route, transposed)
     return layers
+
+
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (``pytorch_utils``), recognised without importing transformers."""
+    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers") \
+        and isinstance(getattr(mod, "weight", None), Tensor) and mod.weight.dim() == 2
+
+
+def _layer(mod: nn.Module, name: str, kind: str, wname: str, bname: str, names_of: Mapping[int, list[str]],
+           param_names: set[str], conv: dict | None = None, route: str = "hook",
+           transposed: bool = False) -> list[NodeLayer]:
+    """The node layer of ``mod``'s weight ``wname`` (and bias ``bname``), or none: not a registered
+    parameter, or tied to an earlier owner. A tied weight takes the parameter route."""
+    attr = wname.rsplit(".", 1)[-1]
+    w = getattr(mod, attr, None)
+    if wname not in param_names or not isinstance(w, Tensor):
+        return []
+    owners = names_of[id(w)]
+    if owners[0] != wname:   # another module's weight: counted once, by its first owner
+        return []
+    if len(owners) > 1:
+        route = "param"
+    battr = bname.rsplit(".", 1)[-1]
+    has_bias = getattr(mod, battr, None) is not None and bname in param_names
+    n = int(w.shape[1] if transposed else w.shape[0])
+    p = int(w.numel() // n) + int(has_bias)
+    return [NodeLayer(name, kind, wname, bname if has_bias else None, n, p, conv, transposed, route,
+                      tuple(owners[1:]))]
 
 
 def node_matrix(params: Mapping[str, Tensor], layer: NodeLayer) -> Tensor:
@@ -229,8 +291,20 @@ def node_matrix(params: Mapping[str, Tensor], layer: NodeLayer) -> Tensor:
     Works for any tensors laid out like the parameters (gradients, optimizer state).
     """
     w = params[layer.weight]
-    rows = w.reshape(w.shape[0], -1)
+    rows = (w.T if layer.transposed else w).reshape(layer.n_nodes, -1)
     if layer.bias is None:
         return rows
     b = params[layer.bias]
     return torch.cat([rows, b.reshape(-1, 1).to(rows.dtype)], dim=1)
+
+
+def node_to_params(rows: Tensor, layer: NodeLayer, weight_shape: Sequence[int]) -> dict[str, Tensor]:
+    """Inverse of :func:`node_matrix` for a batch ``(m, N, p)``: ``{weight: (m, *weight_shape), bias: (m, N)}``."""
+    m, n = rows.shape[0], layer.n_nodes
+    w = rows[..., : rows.shape[-1] - int(layer.has_bias)]
+    if layer.transposed:
+        w = w.transpose(1, 2)
+    out = {layer.weight: w.reshape(m, *weight_shape)}
+    if layer.has_bias:
+        out[layer.bias] = rows[..., -1].reshape(m, n)
+    return out
