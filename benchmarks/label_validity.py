@@ -676,7 +676,7 @@ def _parse_delta(text: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.validity_runs import SUITE, make_suite
+    from benchmarks.validity_runs import SUITE
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", metavar="NAME", help=f"suite runs to score (default all: {', '.join(SUITE)})")

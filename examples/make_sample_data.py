@@ -15,10 +15,8 @@ Each run folder gets a README.md saying how it was made.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -9,7 +9,7 @@ import trajscope
 from trajscope.cli import main
 from trajscope.results import open_results
 
-from helpers_analysis import batches, make_mlp, mlp_spec, simple_run
+from helpers_analysis import batches, simple_run
 
 
 def test_faithful_replay_passes(tmp_path, capsys):

@@ -31,7 +31,7 @@ import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from trajscope.analysis.curvature import LayerFactor, _batched_grad
 from trajscope.analysis.nodes import NodeLayer, node_to_params

@@ -35,7 +35,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import trajscope
-from trajscope import capture
 from trajscope.analysis.curvature import (CurvatureResult, bias_group_eigvals, node_curvature, node_hessian_extremes,
                                           preconditioned_eigvals)
 from trajscope.analysis.kinematics import node_kinematics
