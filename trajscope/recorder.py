@@ -137,6 +137,8 @@ class Recorder:
         self._batch_step = -1
         self._hook_losses: list[torch.Tensor] = []
         self._explicit_losses: list[torch.Tensor | float] = []
+        # id(parameter) -> ‖grad‖ as backward last accumulated it during a recorded step (0-d tensor)
+        self._backward_norms: dict[int, torch.Tensor] = {}
         self._warned_join = False
         self._ignore_batches = False
         self._export_queued = not self.export
@@ -205,6 +207,7 @@ class Recorder:
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
         if isinstance(loss_fn, nn.Module):
             self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
+        self._hook_gradients()
         atexit.register(self.close)
 
     def _abandon_construction(self, made: list[Path], fresh: bool) -> None:
@@ -301,8 +304,8 @@ class Recorder:
         try:
             if self._batch_step != self._step:   # the first micro-batch of this step
                 self._micro, self._explicit_losses, self._batch_step = [], [], self._step
-            if loss is not None:
-                self._explicit_losses.append(loss)
+            if loss is not None:   # detached: holding the graph until the step would keep its memory
+                self._explicit_losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             if not self.records(self._step):
                 return
             spec, leaves = flatten_batch((inputs, targets))
@@ -346,6 +349,41 @@ class Recorder:
             self._hook_losses.append(output.detach())
             del self._hook_losses[:-64]    # a loss module also used for metrics must not grow this
 
+    def _hook_gradients(self) -> None:
+        """Watch the gradient backward accumulates into every parameter the optimizer steps (see
+        :meth:`_on_grad`): its norm before the loop unscales or clips it."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p.is_leaf:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: keep ‖p.grad‖ as backward left it, as a tensor on p's device
+        (no device sync inside backward; the writer converts it). The latest call of a step wins, so
+        under gradient accumulation it is the norm of the accumulated gradient. Recorded steps only."""
+        if self.failed or self._closed or self._ignore_batches or not self.records(self._step) or p.grad is None:
+            return
+        try:
+            self._backward_norms[id(p)] = _grad_norm([p.grad])
+        except Exception:   # an odd gradient (e.g. sparse layouts): this step's norm is unknown, training goes on
+            self._backward_norms[id(p)] = torch.tensor(math.nan)
+
+    def _step_grad_norms(self) -> tuple[Any, Any]:
+        """(‖g‖ the optimizer steps with now, ‖g‖ as backward produced it) over the parameters that have
+        a gradient, as 0-d tensors (NaN where unknown: a gradient that backward did not write)."""
+        with_grad = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        try:
+            stepped = _grad_norm([p.grad for p in with_grad])
+        except Exception:
+            stepped = math.nan
+        if not with_grad or any(id(p) not in self._backward_norms for p in with_grad):
+            return stepped, math.nan
+        try:
+            backward = _grad_norm([self._backward_norms[id(p)] for p in with_grad])
+        except Exception:
+            backward = math.nan
+        return stepped, backward
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         # optimizer.step(closure) (Lightning, LBFGS): the batch and the gradient of this step are made
         # inside the closure, after this hook; the step is taken when the closure first returns.
@@ -386,6 +424,7 @@ class Recorder:
             self._commit_tail()     # on the training thread, between its own parallel ops
         if self.failed or self._closed or not self.records(step):
             self._hook_losses.clear()     # loss values of an unrecorded step belong to no record
+            self._backward_norms.clear()
             return
         try:
             snap = self._snapshot(step)
@@ -438,9 +477,12 @@ class Recorder:
         micro = self._micro if self._batch_step == step else []
         spec, leaves = self._join(micro) if micro else (None, [])
         loss = self._step_loss(micro, self._explicit_losses if self._batch_step == step else [])
+        grad_norms = self._step_grad_norms()
         self._micro, self._hook_losses, self._explicit_losses = [], [], []
+        self._backward_norms.clear()
         return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
-                        hparams=hp, state_layout=layout, state=state, batch_spec=spec, batch=leaves)
+                        hparams=hp, state_layout=layout, state=state, batch_spec=spec, batch=leaves,
+                        grad_norms=grad_norms)
 
     def _join(self, micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]]) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
         """The step's batch: its micro-batches (gradient accumulation) joined along the batch axis."""
@@ -683,6 +725,14 @@ def _closure_of(args: Any, kwargs: Any) -> tuple[Any, str] | None:
     if len(args) > 1 and callable(args[1]):   # args[0] is the optimizer itself
         return args[1], "args"
     return None
+
+
+def _grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of ``tensors`` taken together, a 0-d tensor (float32 at least, on the first one's
+    device), computed without a device sync."""
+    dense = [(t.coalesce().values() if t.is_sparse else t).detach() for t in tensors]
+    dense = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
+    return torch.nn.utils.get_total_norm(dense, error_if_nonfinite=False)
 
 
 def _batch_size(leaves: list[tuple[str, torch.Tensor]]) -> int:

@@ -33,6 +33,8 @@ class Checkpoint:
     loss: float
     hparams: list[dict[str, Any]]           # per parameter group
     optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # param name -> state
+    # global gradient norms of the step (store.GRAD_NORM_COLUMNS: "stepped", "backward"); NaN: not recorded
+    grad_norms: dict[str, float] = field(default_factory=dict)
 
     @property
     def inputs(self) -> Any:
@@ -112,7 +114,8 @@ class Run:
         r = self.reader.row_of(step)
         return Checkpoint(step=int(step), params=self.reader.params(r), buffers=self.reader.buffers(r),
                           batch=self.reader.batch(r), loss=float(self.reader.losses[r]),
-                          hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r))
+                          hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r),
+                          grad_norms=self.reader.grad_norms(r))
 
     def params(self, step: int) -> dict[str, torch.Tensor]:
         return self.reader.params(self.reader.row_of(step))
