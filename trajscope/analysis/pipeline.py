@@ -6,7 +6,9 @@ For every analysed checkpoint t (θ_t, its mini-batch, its optimizer state):
 2. per node layer: curvature blocks H_i (GGN or exact) and their spectra, node gradients;
 3. per node: update-map spectrum for the recorded optimizer and hyperparameters (Adam: second
    moment frozen), kinematics against θ_{t+k}, label, stable label;
-4. global: loss, sharpness (Lanczos), the optimizer's stability threshold;
+4. global: loss, sharpness (Lanczos), the optimizer's stability threshold; the fidelity check
+   (replayed against recorded loss, and ‖∇L(θ_t)‖ against the recorded gradient norms: the step
+   factor c_t, loss scaling, clipping — a clipped step's maps use c_t·H — or a mismatch);
 5. append one row to ``RUN/analysis.zarr`` and one step to the TensorBoard events in ``RUN/``.
 
 Train/eval-only layers: replay runs the model in eval mode (dropout off; batch norm uses the running
