@@ -371,6 +371,52 @@ def test_gpt_with_the_users_lm_loss(tmp_path, capsys, user_module):
             assert res.node("lm_head", "hess_min", k)[i] == pytest.approx(hmin, rel=1e-5, abs=1e-7)
 
 
+def test_gpt_node_spectra_by_the_replayed_spec(tmp_path, user_module):
+    """The whole spectrum of lm_head node blocks from the run's own model and loss (rebuilt by spec, signed
+    by this user) equals the eigenvalues of torch.func.hessian of the training loss, float64, exact kind."""
+    from trajscope.analysis.curvature import node_curvature
+    from trajscope.analysis.pipeline import recorded_node_layers
+
+    run = tmp_path / "gpt"
+    _train_gpt(run, user_module, user_module.lm_loss, steps=2)
+    r = trajscope.open_run(run)
+    model, loss_fn = r.model(), r.loss_fn()
+    assert loss_fn is user_module.lm_loss
+    ck = r.checkpoint(1)
+    layers = [l for l in recorded_node_layers(r) if l.name == "lm_head"]
+    cr = node_curvature(model, ck.params, ck.buffers, ck.batch[0], ck.batch[1], loss_fn, layers, kind="exact")
+    x, y = ck.batch
+    for i in (0, 7):
+        def loss_of(z, i=i):
+            params = dict(ck.params)
+            w, b = params["lm_head.weight"].clone(), params["lm_head.bias"].clone()
+            w[i], b[i] = z[:-1], z[-1]
+            params["lm_head.weight"], params["lm_head.bias"] = w, b
+            return user_module.lm_loss(torch.func.functional_call(model, params, (x,)), y)
+
+        z0 = torch.cat([ck.params["lm_head.weight"][i], ck.params["lm_head.bias"][i:i + 1]])
+        want = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(z0)).flip(0)
+        got = cr.eigvals["lm_head"][i]
+        got = torch.cat([got, got.new_zeros(len(want) - len(got))]).sort(descending=True).values
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), (i, got, want)
+
+
+def test_an_edited_loss_description_needs_trust(tmp_path, capsys, user_module):
+    """The signature covers the partial's keywords: once edited, the run's code needs --trust."""
+    import functools
+    run = tmp_path / "gpt"
+    _train_gpt(run, user_module, functools.partial(user_module.lm_loss, label_smoothing=0.1), steps=2)
+    store = run / "trajectory.zarr" / "zarr.json"
+    doc = json.loads(store.read_text())
+    doc["attributes"]["loss"]["kwargs"]["label_smoothing"] = 0.5
+    store.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--no-progress", "--no-sharpness"]) == 2
+    assert "not signed by you" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--no-progress", "--no-sharpness", "--trust"]) == 0
+    assert open_results(run).global_series("loss_mismatch")[0] > 1e-3   # the edited loss is another function
+
+
 @pytest.mark.parametrize("kind", ["partial", "module"])
 def test_partial_and_loss_class_by_spec(tmp_path, capsys, user_module, kind):
     run = tmp_path / kind

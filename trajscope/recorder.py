@@ -351,7 +351,11 @@ class Recorder:
 
     def _hook_gradients(self) -> None:
         """Watch the gradient backward accumulates into every parameter the optimizer steps (see
-        :meth:`_on_grad`): its norm before the loop unscales or clips it."""
+        :meth:`_on_grad`): its norm before the loop unscales or clips it. Not under torch.distributed
+        with several ranks: there backward's gradient is the rank's own, before the all-reduce averages
+        it into the one the step uses (its norm is recorded NaN)."""
+        if _distributed():
+            return
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.requires_grad and p.is_leaf:
@@ -733,6 +737,12 @@ def _grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     dense = [(t.coalesce().values() if t.is_sparse else t).detach() for t in tensors]
     dense = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
     return torch.nn.utils.get_total_norm(dense, error_if_nonfinite=False)
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several torch.distributed ranks."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _batch_size(leaves: list[tuple[str, torch.Tensor]]) -> int:

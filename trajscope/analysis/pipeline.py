@@ -44,9 +44,8 @@ from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.options import AnalysisOptions, parse_steps, range_text
 from trajscope.analysis.sharpness import sharpness as compute_sharpness
 from trajscope.analysis.tbevents import EventWriter
-from trajscope.analysis.updatemap import (GRAD_NORM_TOL, NodeMap, StepGradient, UpdateRule, node_map,
-                                          node_update_spectra, preconditioner, stability_threshold, step_gradient,
-                                          update_rule)
+from trajscope.analysis.updatemap import (GRAD_NORM_TOL, NodeMap, UpdateRule, node_map, node_update_spectra,
+                                          preconditioner, stability_threshold, step_gradient, update_rule)
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
                                results_exist)
