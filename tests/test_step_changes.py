@@ -459,3 +459,121 @@ def test_a_checkpoint_whose_loss_fails_is_a_nan_row(tmp_path, capsys, user_modul
     assert np.isnan(res.node("lm_head", "hess_max", 2)).all() and np.isfinite(res.node("lm_head", "hess_max", 3)).all()
     assert "Traceback" not in out and "note: step 2: curvature failed (RuntimeError: picky_loss: refuses this batch)" in out
     assert "note: step 2: sharpness failed" in out
+
+
+# --------------------------------------------------------------------------- clipping on the other map routes
+def _train_groups(path, opt_factory, steps: int = 4) -> list[float]:
+    """Every step clipped (max_norm 0.2); returns the clip factors max_norm/‖g‖ the loop applied."""
+    torch.manual_seed(0)
+    model = trajscope.zoo.mlp(SIZES, activation="tanh").to(F64)
+    opt = opt_factory(model)
+    loss_fn, factors = nn.MSELoss(), []
+    with trajscope.Recorder(path, model, opt, loss_fn, model_spec="trajscope.zoo:mlp",
+                            model_kwargs={"sizes": list(SIZES), "activation": "tanh"}) as rec:
+        for x, y in _data()[:steps]:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            rec.batch(x, y)
+            factors.append(0.2 / float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)))
+            opt.step()
+    return factors
+
+
+def _sgd_two_groups(model):
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return torch.optim.SGD([{"params": weights, "weight_decay": 0.01}, {"params": biases, "lr": 0.05}],
+                           lr=0.1, momentum=0.9)
+
+
+def test_clipped_sgd_with_a_bias_group_equals_the_real_step(tmp_path, capsys):
+    """The bias-group route (bias_group_eigvals) of a clipped step: finite differences of a real
+    torch.optim.SGD step with two groups, the gradient times the frozen clip factor."""
+    run = tmp_path / "run"
+    factors = _train_groups(run, _sgd_two_groups)
+    out = _analyze(run, capsys, "--dtype", "float64", "--curvature", "exact", "--no-sharpness")
+    res = open_results(run)
+    _assert_faithful(run, res)
+    assert "gradient clipping: 3 of 3 analysed steps were clipped" in out
+    r = trajscope.open_run(run)
+    ck, t, i = r.checkpoint(2), 2, 1
+    model = trajscope.zoo.mlp(SIZES, activation="tanh").to(F64)
+    x, y = ck.batch
+    p = ck.params["0.weight"].shape[1] + 1
+
+    def step_fn(z):
+        params = {k: v.clone().requires_grad_(True) for k, v in ck.params.items()}
+        with torch.no_grad():
+            params["0.weight"][i], params["0.bias"][i] = z[:p - 1], z[p - 1]
+        loss = nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        wts = [v for k, v in params.items() if k.endswith("weight")]
+        opt = torch.optim.SGD([{"params": wts, "weight_decay": 0.01},
+                               {"params": [v for k, v in params.items() if k.endswith("bias")], "lr": 0.05}],
+                              lr=0.1, momentum=0.9)
+        with torch.no_grad():
+            for (k, v), g in zip(params.items(), grads):
+                v.grad = g * factors[t]
+                buf = ck.optimizer_state[k]["momentum_buffer"].clone()
+                if k == "0.weight":
+                    buf[i] = z[p:2 * p - 1]
+                if k == "0.bias":
+                    buf[i] = z[2 * p - 1]
+                opt.state[v]["momentum_buffer"] = buf
+        opt.step()
+        st = opt.state
+        return torch.cat([params["0.weight"].detach()[i], params["0.bias"].detach()[i:i + 1],
+                          st[params["0.weight"]]["momentum_buffer"][i], st[params["0.bias"]]["momentum_buffer"][i:i + 1]])
+
+    z0 = torch.cat([ck.params["0.weight"][i], ck.params["0.bias"][i:i + 1],
+                    ck.optimizer_state["0.weight"]["momentum_buffer"][i],
+                    ck.optimizer_state["0.bias"]["momentum_buffer"][i:i + 1]])
+    eps, cols = 1e-6, []
+    for k in range(2 * p):
+        e = torch.zeros(2 * p, dtype=F64)
+        e[k] = eps
+        cols.append((step_fn(z0 + e) - step_fn(z0 - e)) / (2 * eps))
+    want = float(torch.linalg.eigvals(torch.stack(cols, dim=1)).abs().max())
+    assert _rel(float(res.node("0", "spectral_radius", t)[i]), want) < 1e-5
+
+
+def test_clipped_adam_uses_the_clipped_gradient(tmp_path, capsys):
+    """Adam with coupled decay, every step clipped: the node spectrum equals the one formed by hand on
+    D^{1/2}(c·H_i + wd)D^{1/2}, D from the clipped gradient c·∇L (the map's frozen second moment)."""
+    from trajscope.analysis.updatemap import node_update_spectra, preconditioner, update_rule
+
+    run = tmp_path / "run"
+    factors = _train_groups(run, lambda m: torch.optim.Adam(m.parameters(), lr=0.01, weight_decay=0.1))
+    _analyze(run, capsys, "--dtype", "float64", "--curvature", "exact", "--no-sharpness")
+    res = open_results(run)
+    _assert_faithful(run, res)
+    r = trajscope.open_run(run)
+    t, i = 2, 1
+    ck = r.checkpoint(t)
+    c = factors[t]
+    rule = update_rule(r.optimizer_class, ck.hparams[0], ck.optimizer_state["0.weight"])
+    model, loss_fn = r.model(), r.loss_fn()
+
+    def loss_of(params):
+        return loss_fn(torch.func.functional_call(model, params, (ck.inputs,)), ck.targets)
+
+    grads = torch.func.grad(loss_of)(ck.params)
+    d = torch.cat([preconditioner(rule, ck.optimizer_state["0.weight"], c * grads["0.weight"], ck.params["0.weight"])[i],
+                   preconditioner(rule, ck.optimizer_state["0.bias"], c * grads["0.bias"], ck.params["0.bias"])[i:i + 1]])
+    p = ck.params["0.weight"].shape[1] + 1
+
+    def node_loss(z):
+        params = dict(ck.params)
+        w, b = params["0.weight"].clone(), params["0.bias"].clone()
+        w[i], b[i] = z[:-1], z[-1]
+        params["0.weight"], params["0.bias"] = w, b
+        return loss_of(params)
+
+    z0 = torch.cat([ck.params["0.weight"][i], ck.params["0.bias"][i:i + 1]])
+    h = torch.func.hessian(node_loss)(z0)
+    k = d.sqrt()[:, None] * (c * h + 0.1 * torch.eye(p, dtype=F64)) * d.sqrt()[None, :]
+    want = node_update_spectra(torch.linalg.eigvalsh(k).flip(0)[None], p, rule).radius[0]
+    unclipped = node_update_spectra(torch.linalg.eigvalsh(
+        d.sqrt()[:, None] * (h + 0.1 * torch.eye(p, dtype=F64)) * d.sqrt()[None, :]).flip(0)[None], p, rule).radius[0]
+    got = float(res.node("0", "spectral_radius", t)[i])
+    assert _rel(got, float(want)) < 1e-5 and _rel(float(unclipped), float(want)) > 1e-2   # the test can fail
