@@ -577,3 +577,30 @@ def test_clipped_adam_uses_the_clipped_gradient(tmp_path, capsys):
         d.sqrt()[:, None] * (h + 0.1 * torch.eye(p, dtype=F64)) * d.sqrt()[None, :]).flip(0)[None], p, rule).radius[0]
     got = float(res.node("0", "spectral_radius", t)[i])
     assert _rel(got, float(want)) < 1e-5 and _rel(float(unclipped), float(want)) > 1e-2   # the test can fail
+
+
+def test_closure_step_records_the_closures_gradient(tmp_path):
+    """optimizer.step(closure) (Lightning's way): backward and clipping happen inside the closure, after
+    the step pre-hook; the recorded norms are those of the gradient the closure left."""
+    torch.manual_seed(0)
+    model = trajscope.zoo.mlp(SIZES).to(F64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_fn, seen = nn.MSELoss(), []
+    with trajscope.Recorder(tmp_path / "run", model, opt, loss_fn, model_spec="trajscope.zoo:mlp",
+                            model_kwargs={"sizes": list(SIZES)}) as rec:
+        for x, y in _data()[:4]:
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                rec.batch(x, y)
+                backward = _norm(p.grad for p in model.parameters())
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                seen.append((backward, _norm(p.grad for p in model.parameters())))
+                return loss
+            opt.step(closure)
+    r = trajscope.open_run(tmp_path / "run")
+    for t, (backward, stepped) in enumerate(seen):
+        got = r.checkpoint(t).grad_norms
+        assert _rel(got["backward"], backward) < 1e-12 and _rel(got["stepped"], stepped) < 1e-12
+        assert stepped < backward      # clipping was active
