@@ -6,13 +6,17 @@ Model, in order of preference at replay time:
 3. the ``torch.export`` program saved in the store (``extra/model.pt2``).
 Code named inside a run (2, 3 and the recorded loss) is used only as :mod:`trajscope.trust` allows.
 
-Loss: a ``torch.nn`` loss module is recorded as its class and constructor arguments; a plain
-function as ``module:qualname``; the loss a model computes itself (``loss="model"``, Hugging Face)
-as trajscope's :class:`~trajscope.modelloss.ModelLoss` and its arguments; anything else needs
-``--loss`` at replay time.
+Loss: any callable ``loss_fn(model_output, targets)`` importable by spec — the loop's own reshaping
+(``F.cross_entropy(logits.view(-1, V), y.view(-1))``) belongs inside it. A loss module (``torch.nn``'s
+or the user's ``nn.Module`` class) is recorded as its class and the constructor arguments it keeps as
+attributes of the same name; a module-level function as ``module:qualname``; a ``functools.partial``
+of such a function with JSON keyword arguments as that function and its keywords. The loss a model
+computes itself (``loss="model"``, Hugging Face) is trajscope's :class:`~trajscope.modelloss.ModelLoss`
+and its arguments. Anything else (a lambda, a closure, a bound method) needs ``--loss`` at replay time.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -75,6 +79,11 @@ def describe_loss(loss_fn: Any) -> dict[str, Any] | None:
                 if v is None or isinstance(v, (bool, int, float, str, list)):
                     kwargs[name] = v
         return {"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": kwargs}
+    if isinstance(loss_fn, functools.partial):
+        inner = describe_loss(loss_fn.func)
+        if inner is None or "function" not in inner or loss_fn.args or not _jsonable(loss_fn.keywords):
+            return None
+        return {"function": inner["function"], "kwargs": dict(loss_fn.keywords)}
     mod, qual = getattr(loss_fn, "__module__", None), getattr(loss_fn, "__qualname__", None)
     if mod and qual and "<" not in qual:
         return {"function": f"{mod}:{qual}"}
@@ -97,7 +106,16 @@ def build_loss(desc: Mapping[str, Any] | None, override: str | None = None,
         if isinstance(kwargs.get("pos_weight"), list):
             kwargs["pos_weight"] = torch.tensor(kwargs["pos_weight"])
         return _construct(cls, kwargs, desc["class"])
-    return resolve(desc["function"])
+    fn = resolve(desc["function"])
+    return functools.partial(fn, **desc["kwargs"]) if desc.get("kwargs") else fn
+
+
+def _jsonable(obj: Any) -> bool:
+    try:
+        json.dumps(obj, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _construct(factory: Callable, kwargs: Mapping[str, Any], spec: str) -> Any:

@@ -167,6 +167,8 @@ class Recorder:
         self._batch_step = -1
         self._hook_losses: list[torch.Tensor] = []
         self._explicit_losses: list[torch.Tensor | float] = []
+        # id(parameter) -> ‖grad‖ as backward last accumulated it during a recorded step (0-d tensor)
+        self._backward_norms: dict[int, torch.Tensor] = {}
         self._warned_join = False
         self._ignore_batches = False
         self._export_queued = not self.export
@@ -242,6 +244,7 @@ class Recorder:
             self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
         if isinstance(loss_fn, ModelLoss):
             self._hooks.append(model.register_forward_hook(self._on_model_loss))
+        self._hook_gradients()
         atexit.register(self.close)
 
     def _abandon_construction(self, made: list[Path], fresh: bool) -> None:
@@ -338,8 +341,8 @@ class Recorder:
             return
         try:
             self._this_step()
-            if loss is not None:
-                self._explicit_losses.append(loss)
+            if loss is not None:   # detached: holding the graph until the step would keep its memory
+                self._explicit_losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             if not self.records(self._step):
                 return
             if isinstance(self.loss_fn, ModelLoss):
@@ -451,6 +454,46 @@ class Recorder:
         if module.training and torch.is_grad_enabled():   # a training forward, not an evaluation
             self._on_loss(module, args, getattr(output, "loss", None))
 
+    def _hook_gradients(self) -> None:
+        """Watch the gradient backward accumulates into every parameter the optimizer steps (see
+        :meth:`_on_grad`): its norm before the loop unscales or clips it. Not under torch.distributed
+        with several ranks: there backward's gradient is the rank's own, before the all-reduce averages
+        it into the one the step uses (its norm is recorded NaN)."""
+        if _distributed():
+            return
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p.is_leaf:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: keep ‖p.grad‖ as backward left it, as a tensor on p's device
+        (no device sync inside backward; the writer converts it). The latest call of a step wins, so
+        under gradient accumulation it is the norm of the accumulated gradient. Recorded steps only."""
+        if self.failed or self._closed or self._ignore_batches or not self.records(self._step) or p.grad is None:
+            return
+        try:
+            self._backward_norms[id(p)] = _grad_norm([p.grad])
+        except Exception:   # an odd gradient (e.g. sparse layouts): this step's norm is unknown, training goes on
+            self._backward_norms[id(p)] = torch.tensor(math.nan)
+
+    def _step_grad_norms(self) -> tuple[Any, Any]:
+        """(‖g‖ the optimizer steps with now, ‖g‖ as backward produced it) over the parameters that have
+        a gradient, as 0-d tensors (NaN where unknown: a gradient that backward did not write)."""
+        with_grad = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        try:
+            stepped = _grad_norm([p.grad for p in with_grad])
+        except Exception:
+            stepped = math.nan
+        if not with_grad or any(id(p) not in self._backward_norms for p in with_grad):
+            return stepped, math.nan
+        try:
+            norms = [self._backward_norms[id(p)] for p in with_grad]
+            backward = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+        except Exception:
+            backward = math.nan
+        return stepped, backward
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         # optimizer.step(closure) (Lightning, LBFGS): the batch and the gradient of this step are made
         # inside the closure, after this hook; the step is taken when the closure first returns.
@@ -491,6 +534,7 @@ class Recorder:
             self._commit_tail()     # on the training thread, between its own parallel ops
         if self.failed or self._closed or not self.records(step):
             self._hook_losses.clear()     # loss values of an unrecorded step belong to no record
+            self._backward_norms.clear()
             return
         try:
             snap = self._snapshot(step)
@@ -545,11 +589,13 @@ class Recorder:
         spec, leaves = self._join(micro) if micro else (None, [])
         forward = self._forward_states(micro, leaves) if micro else []
         loss = self._step_loss(micro, self._explicit_losses if self._batch_step == step else [])
+        grad_norms = self._step_grad_norms()
         self._micro, self._hook_losses, self._explicit_losses = [], [], []
         self._micro_forward, self._last_forward = [], None
+        self._backward_norms.clear()
         return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
                         hparams=hp if full else None, state_layout=layout, state=state, batch_spec=spec, batch=leaves,
-                        forward=forward)
+                        forward=forward, grad_norms=grad_norms)
 
     def _join(self, micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]]) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
         """The step's batch: its micro-batches (gradient accumulation) joined along the batch axis."""
@@ -862,6 +908,23 @@ def _model_loss(model: nn.Module, loss_fn: Any, loss: Any) -> Any:
             raise ValueError(f"loss {loss_fn!r}: the only loss named by a string is 'model' (the model computes it)")
         return for_model(model)
     return loss_fn
+
+
+def _grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of ``tensors`` taken together, a 0-d tensor (float32 at least, on the first one's
+    device), computed without a device sync. One tensor (the per-parameter hook) skips the grouping
+    by device and dtype, which costs more than the norm itself on small models."""
+    dense = [(t.coalesce().values() if t.is_sparse else t).detach() for t in tensors]
+    dense = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
+    if len(dense) == 1:
+        return torch.linalg.vector_norm(dense[0])
+    return torch.nn.utils.get_total_norm(dense, error_if_nonfinite=False)
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several torch.distributed ranks."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _batch_size(leaves: list[tuple[str, torch.Tensor]]) -> int:

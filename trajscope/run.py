@@ -35,6 +35,8 @@ class Checkpoint:
     optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # param name -> state
     # what each micro-batch's forward pass used (train flags, RNG state); None: not recorded by this run
     forward: list[ForwardState] | None = None
+    # global gradient norms of the step (store.GRAD_NORM_COLUMNS: "stepped", "backward"); NaN: not recorded
+    grad_norms: dict[str, float] = field(default_factory=dict)
 
     @property
     def inputs(self) -> Any:
@@ -115,7 +117,7 @@ class Run:
         return Checkpoint(step=int(step), params=self.reader.params(r), buffers=self.reader.buffers(r),
                           batch=self.reader.batch(r), loss=float(self.reader.losses[r]),
                           hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r),
-                          forward=self.reader.forward(r))
+                          forward=self.reader.forward(r), grad_norms=self.reader.grad_norms(r))
 
     def params(self, step: int) -> dict[str, torch.Tensor]:
         return self.reader.params(self.reader.row_of(step))

@@ -9,6 +9,9 @@ Layout (Zarr v3, root group attributes hold the static description)::
       commit/zarr.json          attrs: records (valid rows), last_step, skipped, restarts  <- commit marker
       records       (R, 4)  float64   step, loss, batch size (-1: no batch), optimizer-state layout id (-1: none)
       hparams       (R, G, H) float64 per-group numeric hyperparameters in force for the update
+      grad_norms    (R, 2)  float64   the step's global gradient norms: as the optimizer stepped it, and
+                                      as backward produced it (before unscaling / clipping); NaN: unknown.
+                                      Stores made before it (no root attribute ``grad_norms``) read NaN
       params/<pack> (R, n)            every parameter, flattened and packed per storage dtype
       buffers/<pack>(R, n)            every buffer, likewise
       state/<id>/<pack> (R, n)        optimizer state (momentum, exp_avg, exp_avg_sq, step, ...)
@@ -99,6 +102,9 @@ _CHUNK_KEYS = {"name": "default", "configuration": {"separator": "."}}
 _WRITE_PIECE = 1 << 20
 _MAX_OPEN = 32   # shard files kept open by a writer (least recently used closed first)
 RECORD_COLUMNS = ("step", "loss", "batch_size", "state_layout")
+#: columns of ``grad_norms``: ‖g‖ the optimizer stepped with (at its step pre-hook: after unscaling and
+#: clipping), ‖g‖ as backward accumulated it (scaled by a GradScaler, before clipping)
+GRAD_NORM_COLUMNS = ("stepped", "backward")
 
 
 # --------------------------------------------------------------------------- dtypes and packing
@@ -300,6 +306,8 @@ class Snapshot:
     batch_spec: Any
     batch: list[tuple[str, torch.Tensor]]    # leaves
     forward: list["ForwardState"] = dataclasses.field(default_factory=list)   # per micro-batch
+    # GRAD_NORM_COLUMNS: floats, or 0-d tensors the writer converts (no device sync on the training thread)
+    grad_norms: tuple[Any, Any] = (math.nan, math.nan)
 
     @property
     def nbytes(self) -> int:
@@ -541,7 +549,7 @@ class TrajectoryWriter:
             tmp = self.run_dir / f".{name}.{uuid.uuid4().hex}.partial"
             (tmp / "commit").mkdir(parents=True)
             _write_group(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(), **meta,
-                               "state_layouts": []})
+                               "state_layouts": [], "grad_norms": list(GRAD_NORM_COLUMNS)})
             _write_group(tmp / "commit", {"records": 0, "last_step": None, "skipped": 0, "restarts": []})
             if self.path.exists():  # overwrite=True
                 shutil.rmtree(self.path)
@@ -769,6 +777,8 @@ class TrajectoryWriter:
         self._write_forward(r, snap.forward)
         if snap.hparams is not None:
             self._write_row("hparams", r, np.asarray(snap.hparams, dtype=np.float64))
+        if "grad_norms" in self.attrs:   # a store resumed from before the column goes on without it
+            self._write_row("grad_norms", r, np.array([_float(v) for v in snap.grad_norms], dtype=np.float64))
         self._write_row("records", r, np.array([snap.step, snap.loss, batch_size, layout_id], dtype=np.float64))
         if snap.batch_spec is not None and "batch" not in self.attrs:
             self.set_attrs(batch={"spec": snap.batch_spec,
@@ -948,6 +958,14 @@ class TrajectoryReader:
         own = self._records[:, 1]
         return own if self.shards is None else self.shards.mean_loss(self.steps, own)
 
+    def grad_norms(self, r: int) -> dict[str, float]:
+        """Record r's gradient norms by :data:`GRAD_NORM_COLUMNS` (NaN: not recorded, e.g. a store
+        written before the column existed)."""
+        if "grad_norms" not in self.attrs:
+            return {c: math.nan for c in GRAD_NORM_COLUMNS}
+        row = self._read_row("grad_norms", r)
+        return {c: float(v) for c, v in zip(self.attrs["grad_norms"], row)}
+
     def row_of(self, step: int) -> int:
         idx = np.nonzero(self.steps == step)[0]
         if not len(idx):
@@ -1085,6 +1103,8 @@ class TrajectoryReader:
             out.append(("forward/count", np.arange(int(start), self.n_records)))
         if "shard" not in self.attrs:      # a rank's batch shards: rank 0 records the hyperparameters
             out.append(("hparams", every))
+        if "grad_norms" in self.attrs:
+            out.append(("grad_norms", every))
         return out
 
     def check_structure(self) -> None:
@@ -1344,6 +1364,11 @@ def _check_shard(base: Path, lay: _RowShards, rows: np.ndarray, g: tuple[int, ..
             d.row = r
             raise
         raise _Damage(f"shard file {path.name} is cut short, the store was truncated", r)
+
+
+def _float(v: Any) -> float:
+    """A float from a number or a 0-d tensor (on any device: the writer thread may wait for it)."""
+    return float(v.detach().to("cpu", torch.float64)) if isinstance(v, torch.Tensor) else float(v)
 
 
 def _from_numpy(a: np.ndarray, dtype_name: str) -> torch.Tensor:

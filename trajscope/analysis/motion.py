@@ -39,13 +39,14 @@ def map_scale(nm: NodeMap, precond: Tensor | None, like: Tensor) -> Tensor:
     return d * nm.lr_scale.to(d) if nm.lr_scale is not None else d
 
 
-def motion_curvature(factor: LayerFactor, nm: NodeMap, u: Tensor, precond: Tensor | None) -> Tensor:
+def motion_curvature(factor: LayerFactor, nm: NodeMap, u: Tensor, precond: Tensor | None,
+                     clip: float = 1.0) -> Tensor:
     r"""λ_u (N,) float64: the curvature of the map's operator along the motion u (N, p).
 
     Without ``nm.transformed``: :math:`u^\top H_i u / u^\top u`; with it, in the coordinates
     :math:`\tilde u = (DA)^{-1/2}u`: :math:`(s\,u^\top H_i u + \sum_k c_k u_k^2) / \sum_k u_k^2/(DA)_k`.
-    NaN where u = 0."""
-    quad = block_quadratic_forms(factor, u)
+    ``clip`` (the step's clip factor, ≤ 1) scales H_i as the clipped step's map does. NaN where u = 0."""
+    quad = clip * block_quadratic_forms(factor, u)
     if not nm.transformed:
         den = (u * u).sum(dim=1)
     else:
@@ -57,10 +58,11 @@ def motion_curvature(factor: LayerFactor, nm: NodeMap, u: Tensor, precond: Tenso
 
 
 def motion_fractions(factor: LayerFactor, nm: NodeMap, rule: UpdateRule, u: Tensor, precond: Tensor | None,
-                     delta: float) -> tuple[Tensor, Tensor]:
+                     delta: float, clip: float = 1.0) -> tuple[Tensor, Tensor]:
     """``(neutral, unstable)`` (N,) float64: the fractions of the motion u (N, p) along the neutral and
     the unstable eigen-directions of each node's map (module docstring); NaN where u = 0 or the
-    factor is NaN. ``rule`` is the map applied to the eigenvalues of A_i (``nm.rule``).
+    factor is NaN. ``rule`` is the map applied to the eigenvalues of A_i (``nm.rule``); ``clip`` as
+    in :func:`motion_curvature`.
 
     Cost: one dense p × p symmetric eigendecomposition with vectors per node (float64), in tiles
     of at most 64 MiB."""
@@ -73,7 +75,7 @@ def motion_fractions(factor: LayerFactor, nm: NodeMap, rule: UpdateRule, u: Tens
     tile = max(1, _TILE_BYTES // (8 * 3 * p * p))
     for s in range(0, n, tile):
         ii = list(range(s, min(n, s + tile)))
-        A = dense_blocks(factor, ii).to(torch.float64).cpu()
+        A = clip * dense_blocks(factor, ii).to(torch.float64).cpu()
         if d is not None:
             c = torch.as_tensor(nm.shift, dtype=torch.float64).reshape(-1)
             sq = d[ii].sqrt()

@@ -7,7 +7,9 @@ For every analysed checkpoint t (θ_t, its mini-batch, its optimizer state):
 2. per node layer: curvature blocks H_i (GGN or exact) and their spectra, node gradients;
 3. per node: update-map spectrum for the recorded optimizer and hyperparameters (Adam: second
    moment frozen), kinematics against θ_{t+k}, label, stable label;
-4. global: loss, sharpness (Lanczos), the optimizer's stability threshold;
+4. global: loss, sharpness (Lanczos), the optimizer's stability threshold; the fidelity check
+   (replayed against recorded loss, and ‖∇L(θ_t)‖ against the recorded gradient norms: the step
+   factor c_t, loss scaling, clipping — a clipped step's maps use c_t·H — or a mismatch);
 5. append one row to ``RUN/analysis.zarr`` and one step to the TensorBoard events in ``RUN/``.
 
 Train/eval-only layers: by default replay runs every forward pass of a checkpoint as the recorded step ran it
@@ -46,8 +48,8 @@ from trajscope.analysis.options import AnalysisOptions, parse_steps, range_text
 from trajscope.analysis import replay as replay_mod
 from trajscope.analysis.sharpness import sharpness as compute_sharpness
 from trajscope.analysis.tbevents import EventWriter
-from trajscope.analysis.updatemap import (NodeMap, UpdateRule, node_map, node_update_spectra, preconditioner,
-                                          stability_threshold, update_rule)
+from trajscope.analysis.updatemap import (GRAD_NORM_TOL, NodeMap, UpdateRule, node_map, node_update_spectra,
+                                          preconditioner, stability_threshold, step_gradient, update_rule)
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
                                results_exist)
@@ -67,6 +69,7 @@ class RunSummary:
     kinematics_only: bool = False
     notes: list[str] = field(default_factory=list)
     mismatches: dict[int, float] = field(default_factory=dict)   # step -> relative replayed/recorded loss gap
+    step_rows: dict[int, dict[str, float]] = field(default_factory=dict)   # step -> STEP_SERIES values
 
 
 # --------------------------------------------------------------------------- node layers
@@ -161,6 +164,7 @@ class _Analyser:
         self.total_steps = int(run.steps[-1]) + 1 if len(run.steps) else 1
         self.horizon = _horizon(run, opts)
         self.delta = resolve_delta(opts.labels, self.total_steps, self.horizon)
+        self.failures: list[str] = []   # a part of one checkpoint that failed (its values NaN): summary lines
 
     def replay(self, ck: Checkpoint, inputs: Any) -> replay_mod.Replay:
         """How checkpoint ``ck`` is replayed on ``inputs``; a departure from training is kept for the summary."""
@@ -171,6 +175,11 @@ class _Analyser:
             self.replay_issues.setdefault(issue, []).append(ck.step)
         self.n_replayed += bool(rp.micro)
         return rp
+
+    def _failed(self, message: str) -> None:
+        """A warning now and a line in the summary: one part of one checkpoint could not be computed."""
+        warnings.warn(message)
+        self.failures.append(message)
 
     def preflight(self, ck: Checkpoint) -> None:
         """Replay the loss once before anything is written: a model or loss that cannot be evaluated on
@@ -235,25 +244,36 @@ class _Analyser:
                     # fidelity: the replayed function against the one trained, at this step
                     glob["recorded_loss"] = ck.loss
                     glob["loss_mismatch"] = abs(glob["loss"] - ck.loss) / max(abs(ck.loss), 1e-30)
+                if opts.batch == "step":
+                    glob.update(self._gradient_check(ck, cr))
             except ValueError as e:  # e.g. exact conv blocks too large for memory: say what to do
                 raise TrajscopeError(f"step {step}: {str(e).splitlines()[0]}") from None
             except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. non-finite activations from huge weights
-                warnings.warn(f"step {step}: curvature failed ({type(e).__name__}: {str(e).splitlines()[0]}); nodes get NaN")
+                self._failed(f"step {step}: curvature failed ({type(e).__name__}: {_first_line(e)}); nodes get NaN")
                 cr = None
+        # a clipped step's map is the rule's on c_t·H (c_t frozen; updatemap, "What else changes the step")
+        clip = glob.pop("map_factor", 1.0)
+        if clip != 1.0:
+            glob["threshold"] = min((_threshold(r, clip) for r in rules), default=math.nan)
         # Adam's frozen preconditioner D, once per checkpoint: the node spectra and the
         # preconditioned sharpness both use it.
         precond = None
         if cr is not None and any(r.preconditioned for r in rules):
             precond = {name: _precond(rules[self.group_of.get(name, 0)], ck.optimizer_state.get(name, {}),
-                                      cr.grads[name], p) for name, p in params.items()}
+                                      clip * cr.grads[name], p) for name, p in params.items()}
         if not self.kinematics_only and finite and opts.sharpness:
-            glob.update(self._sharpness(params, buffers, inputs, targets, precond, rules, rp))
+            try:
+                glob.update(self._sharpness(params, buffers, inputs, targets, precond, rules, rp, clip))
+            except (RuntimeError, torch.linalg.LinAlgError) as e:   # as for the curvature: NaN, not an abort
+                self._failed(f"step {step}: sharpness failed ({type(e).__name__}: {_first_line(e)}); "
+                             f"global/sharpness is NaN")
         moves = {l.name: self._motion(l, params, nxt, cr, rules, precond) for l in self.layers} if cr is not None else {}
         fair = _equal_share([m[1] for m in moves.values()])
         nodes = {}
         for layer in self.layers:
             move = (moves[layer.name][0], moves[layer.name][1] / fair) if layer.name in moves else None
-            nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, precond, glob["loss"], first_norms, move)
+            nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, precond, glob["loss"], first_norms,
+                                            move, clip)
         return glob, nodes
 
     def _motion(self, layer: NodeLayer, params, nxt, cr: CurvatureResult, rules, precond) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,19 +288,35 @@ class _Analyser:
         u = torch.where((u != 0).any(dim=1, keepdim=True), u, step)
         return u, -(g * u).sum(dim=1)
 
-    def _sharpness(self, params, buffers, inputs, targets, precond, rules, rp) -> dict[str, float]:
+    def _gradient_check(self, ck: Checkpoint, cr: Any) -> dict[str, float]:
+        """The recorded gradient norms of the step against the replayed ‖∇L(θ_t)‖ over the parameters the
+        optimizer steps (:func:`~trajscope.analysis.updatemap.step_gradient`): the global series of
+        :data:`STEP_SERIES` and ``map_factor`` (c_t where clipped, else 1)."""
+        names = [n for n in self.group_of if n in cr.grads]
+        replayed = math.sqrt(sum(float(cr.grads[n].detach().double().pow(2).sum()) for n in names))
+        sg = step_gradient(replayed, ck.grad_norms.get("stepped", math.nan), ck.grad_norms.get("backward", math.nan))
+        out = {"grad_norm": sg.replayed, "recorded_grad_norm": sg.stepped, "backward_grad_norm": sg.backward,
+               "step_factor": sg.factor, "loss_scale": sg.loss_scale, "clipped": float(sg.clipped),
+               "grad_norm_mismatch": sg.mismatch}
+        if math.isnan(sg.factor):   # nothing recorded to compare with (a run recorded before the norms were)
+            return {}
+        return {**out, "map_factor": sg.map_factor}
+
+    def _sharpness(self, params, buffers, inputs, targets, precond, rules, rp, clip: float = 1.0) -> dict[str, float]:
         out: dict[str, float] = {}
         res = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn, replay=rp)
         out["sharpness"], out["n_hvp"] = res.value, float(res.n_hvp)
         if precond is not None:
-            # the curvature Adam's map sees: P^{1/2}(H + coupled wd)P^{1/2}, comparable with the threshold
-            shift = {name: rules[self.group_of.get(name, 0)].coupled_shift for name in params}
-            out["precond_sharpness"] = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn,
-                                                         precond=precond, shift=shift, replay=rp).value
+            # the curvature Adam's map sees: P^{1/2}(c·H + coupled wd)P^{1/2} (c the clip factor), comparable
+            # with the threshold; = c·λmax(P^{1/2}(H + wd/c)P^{1/2})
+            shift = {name: rules[self.group_of.get(name, 0)].coupled_shift / clip for name in params}
+            out["precond_sharpness"] = clip * compute_sharpness(self.model, params, buffers, inputs, targets,
+                                                                self.loss_fn, precond=precond, shift=shift,
+                                                                replay=rp).value
         return out
 
     def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms,
-               move: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, np.ndarray]:
+               move: tuple[torch.Tensor, torch.Tensor] | None, clip: float = 1.0) -> dict[str, np.ndarray]:
         n, p = layer.n_nodes, layer.node_dim
         # per-node work from here on is small: on the CPU, whatever the analysis device
         theta = node_matrix(params, layer).cpu()
@@ -302,25 +338,33 @@ class _Analyser:
             grad_norm = node_matrix(cr.grads, layer).norm(dim=1).cpu()
             rule = nm.rule
             if nm.transformed:
+                # clipped (c = clip < 1): the map's curvature is c·H, and eig of (DA)^{1/2}(s·c·H + shift)(DA)^{1/2}
+                # are c × those of (DA)^{1/2}(s·H + shift/c)(DA)^{1/2}
                 factor = cr.factors[layer.name]
                 fast = None
                 if nm.lr_scale is not None and not rule.preconditioned:  # a bias in another SGD group
                     w = torch.as_tensor(nm.shift, dtype=torch.float64).reshape(-1)
-                    fast = bias_group_eigvals(factor, nm.sign, float(w[0]), float(w[-1]), float(nm.lr_scale[-1]))
+                    fast = bias_group_eigvals(factor, nm.sign, float(w[0]) / clip, float(w[-1]) / clip,
+                                              float(nm.lr_scale[-1]))
                 if fast is not None:  # the eigenvalues less wd: the rule adds wd to all p of them
-                    eig, rule = fast, replace(rule, weight_decay=float(w[0]))
+                    eig, rule = clip * fast, replace(rule, weight_decay=float(w[0]))
                 else:
                     dm = node_matrix(precond, layer) if rule.preconditioned else torch.ones(n, p, dtype=torch.float64)
                     if nm.lr_scale is not None:
                         dm = dm * nm.lr_scale.to(dm)
                     # eig of (DA)^{1/2}(s·H + shift)(DA)^{1/2}; s = -1 when maximising
-                    eig = (preconditioned_eigvals(factor, dm, shift=nm.shift) if nm.sign > 0 else
-                           -preconditioned_eigvals(factor, dm, shift=-nm.shift).flip(1))
+                    shift = nm.shift / clip
+                    eig = clip * (preconditioned_eigvals(factor, dm, shift=shift) if nm.sign > 0 else
+                                  -preconditioned_eigvals(factor, dm, shift=-shift).flip(1))
+            elif clip != 1.0:
+                eig = clip * eig   # λ' = s·c·λ + wd: decay is added after clipping
             spectra = node_update_spectra(eig, p, rule)
             pre = node_matrix(precond, layer).cpu() if nm.rule.preconditioned else None
-            motion = (*motion_from_eigs(motion_curvature(cr.factors[layer.name], nm, move[0], pre), nm.rule), move[1])
+            motion = (*motion_from_eigs(motion_curvature(cr.factors[layer.name], nm, move[0], pre, clip), nm.rule),
+                      move[1])
             if self.opts.motion_fractions:
-                neutral_f, unstable_f = motion_fractions(cr.factors[layer.name], nm, nm.rule, move[0], pre, self.delta)
+                neutral_f, unstable_f = motion_fractions(cr.factors[layer.name], nm, nm.rule, move[0], pre, self.delta,
+                                                         clip)
                 out.update(neutral_fraction=_np32(neutral_f), unstable_fraction=_np32(unstable_f))
         else:
             fill = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -372,10 +416,11 @@ def _loss_override(run: Run, spec: str | None, loss_fn: Callable) -> str | None:
             f"one trained (curvature, spectra and labels are of that function)")
 
 
-def _threshold(rule: UpdateRule) -> float:
-    """The stability threshold as a bound on the loss curvature λ (SGD's coupled decay shifts λ' = λ + wd)."""
+def _threshold(rule: UpdateRule, clip: float = 1.0) -> float:
+    """The stability threshold as a bound on the loss curvature λ (SGD's coupled decay shifts λ' = c·λ + wd,
+    c the clip factor of a clipped step); adaptive kinds: on λ̃ (precond_sharpness carries c)."""
     th = stability_threshold(rule)
-    return th if rule.preconditioned else th - rule.coupled_shift
+    return th if rule.preconditioned else (th - rule.coupled_shift) / clip
 
 
 def _precond(rule: UpdateRule, state: Mapping[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -386,6 +431,10 @@ def _precond(rule: UpdateRule, state: Mapping[str, torch.Tensor], grad: torch.Te
 
 def _opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.to(device=like.device, dtype=like.dtype)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def _np32(t: torch.Tensor) -> np.ndarray:
@@ -473,6 +522,16 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
             "null_dims": "directions the step does not act on (mu exactly 1)",
             "loss_mismatch": "|replayed loss - recorded loss| / |recorded loss| at the step (the fidelity check; "
                              "attribute 'fidelity' summarises it)",
+            "grad_norm": "||grad L(theta_t)||, the replayed gradient over the parameters the optimizer steps",
+            "recorded_grad_norm": "||g|| the optimizer stepped with (recorded at optimizer.step: after unscaling and "
+                                  "clipping)",
+            "backward_grad_norm": "||g|| as backward accumulated it (recorded; loss-scaled, before clipping)",
+            "step_factor": "c_t = recorded_grad_norm / grad_norm (< 1: clipped; the map of a clipped step uses "
+                           "c_t * H with c_t frozen)",
+            "loss_scale": "backward_grad_norm / grad_norm rounded to a power of two (GradScaler's scale; 1: none)",
+            "clipped": "1 where the step was clipped (0 < c_t < 1 - tolerance, backward explained)",
+            "grad_norm_mismatch": "relative gradient-norm gap no clipping or loss scaling explains (attribute "
+                                  "'fidelity'.grad_norm summarises it; 'step_changes' the clipping and scaling)",
             "neutral_dims": "acted-on directions with ||mu| - 1| <= delta",
             "motion_radius": "max |mu_u| of the update map along the node's recorded motion u = theta_next - theta "
                              "(lambda_u = u'Au/u'u; the excited preset's source test; NaN when the node has no motion)",
@@ -522,6 +581,8 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
                     prev_stable[l] = stable
                 if "loss_mismatch" in glob:
                     summary.mismatches[step] = glob["loss_mismatch"]
+                if "step_factor" in glob:
+                    summary.step_rows[step] = {k: glob[k] for k in STEP_SERIES}
                 writer.append(step, glob, nodes)
                 events.write(step, glob, nodes)
                 summary.analysed.append(step)
@@ -533,7 +594,12 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
         fidelity = _fidelity({**earlier, **summary.mismatches})
         if fidelity["note"]:
             summary.notes.append(fidelity["note"])
-        writer.update_attrs(fidelity=fidelity, train_mode_replay={k: v for k, v in replayed.items() if k != "notes"})
+        summary.notes += an.failures
+        rows = {**_earlier_step_rows(prev), **summary.step_rows}
+        fidelity["grad_norm"], changes = _grad_fidelity(rows), _step_changes(rows)
+        summary.notes += [n for n in (*changes["notes"], fidelity["grad_norm"]["note"]) if n]
+        writer.update_attrs(fidelity=fidelity, step_changes=changes,
+                            train_mode_replay={k: v for k, v in replayed.items() if k != "notes"})
         # the WARNING lines of every analysis of the run, for the dashboard (earlier ones first, once each)
         said = list(prev.attrs.get("warnings", [])) if prev is not None else []
         writer.update_attrs(warnings=said + [n for n in summary.notes if n.startswith("WARNING") and n not in said])
@@ -587,6 +653,60 @@ def _fidelity(mismatches: Mapping[int, float]) -> dict[str, Any]:
     return {"tolerance": FIDELITY_TOL, "checked": len(mismatches),
             "max_loss_mismatch": worst if math.isfinite(worst) else None,
             "steps_over_tolerance": over, "note": note}
+
+
+#: per-step global series of the gradient check (``_Analyser._gradient_check``)
+STEP_SERIES = ("grad_norm", "recorded_grad_norm", "backward_grad_norm", "step_factor", "loss_scale", "clipped",
+               "grad_norm_mismatch")
+
+
+def _earlier_step_rows(prev: Any) -> dict[int, dict[str, float]]:
+    """The gradient-check values of the steps analysed before (appended analyses accumulate)."""
+    if prev is None or "step_factor" not in prev.global_names:
+        return {}
+    cols = {k: prev.global_series(k) for k in STEP_SERIES if k in prev.global_names}
+    return {int(st): {k: float(v[i]) for k, v in cols.items()} for i, st in enumerate(prev.steps)
+            if np.isfinite(cols["step_factor"][i])}
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    return ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
+
+
+def _grad_fidelity(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
+    """The gradient half of the fidelity check: steps whose recorded gradient norm no clipping or loss
+    scaling explains (``grad_norm_mismatch`` over :data:`GRAD_NORM_TOL`)."""
+    gaps = {s: r["grad_norm_mismatch"] for s, r in rows.items() if math.isfinite(r["grad_norm_mismatch"])}
+    over = sorted(s for s, m in gaps.items() if m > GRAD_NORM_TOL)
+    worst = max(gaps.values(), default=math.nan)
+    note = None
+    if over:
+        note = (f"WARNING: the gradient the optimizer stepped with differs from the replayed gradient by up to "
+                f"{100 * worst:.3g}% at {len(over)} of {len(gaps)} checkpoints (steps {_steps_text(over)}), and no "
+                f"clipping (factor < 1) or loss scaling (a power of two) explains it: the gradient was changed in "
+                f"the loop before optimizer.step, or the replay computes another loss")
+    return {"tolerance": GRAD_NORM_TOL, "checked": len(gaps), "max_mismatch": worst if math.isfinite(worst) else None,
+            "steps_over_tolerance": over, "note": note}
+
+
+def _step_changes(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
+    """What changed the analysed steps, named: gradient clipping (how many steps, the smallest factor)
+    and loss scaling (the scales seen)."""
+    clipped = sorted(s for s, r in rows.items() if r["clipped"] == 1)
+    factors = [rows[s]["step_factor"] for s in clipped]
+    scaled = sorted(s for s, r in rows.items() if math.isfinite(r["loss_scale"]) and r["loss_scale"] != 1)
+    scales = sorted({rows[s]["loss_scale"] for s in scaled})
+    notes = []
+    if clipped:
+        notes.append(f"gradient clipping: {len(clipped)} of {len(rows)} analysed steps were clipped (min factor "
+                     f"{min(factors):.4g}); their update maps and thresholds use the clipped gradient, the clip "
+                     f"factor frozen")
+    if scaled:
+        notes.append(f"loss scaling: backward's gradient was scaled by {', '.join(f'{v:g}' for v in scales)} "
+                     f"(GradScaler) at {len(scaled)} of {len(rows)} analysed steps and unscaled before the step: "
+                     f"not a mismatch")
+    return {"checked": len(rows), "clipped_steps": clipped, "min_clip_factor": min(factors) if factors else None,
+            "loss_scaled_steps": scaled, "loss_scales": scales, "notes": notes}
 
 
 def _first_readable_checkpoint(run: Run, todo: Sequence[tuple[int, int | None]]) -> Checkpoint:

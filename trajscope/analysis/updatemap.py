@@ -59,6 +59,23 @@ A node whose bias sits in another parameter group than its weight row (e.g. no w
 on biases) steps with per-coordinate α_k and wd_k. With the other hyperparameters equal,
 the same blocks hold on the eigenvalues λ̃ of A^{1/2}(s·H_i + diag(wd_k))A^{1/2}, A =
 diag(α_k/α) (times D for Adam), with α the weight group's lr: see :func:`node_map`.
+
+What else changes the step (:func:`step_gradient`). The recorder keeps, per step, ‖g_stepped‖ (the
+gradient the optimizer stepped with, at its step pre-hook) and ‖g_backward‖ (as backward accumulated
+it). Against the replayed ‖∇L(θ_t)‖ the *step factor* is c_t = ‖g_stepped‖ / ‖∇L‖:
+
+* loss scaling (``torch.amp.GradScaler``): backward's gradient is S × the true one, S a power of two,
+  and ``scaler.step`` unscales before the step: ‖g_backward‖/‖∇L‖ = S, c_t = 1. Named, not a mismatch.
+* gradient clipping (``clip_grad_norm_``): c_t = max_norm/‖g‖ < 1, the step uses g_stepped = c_t·∇L.
+  Linearised with c_t frozen, the map is that of the same rule on the curvature c_t·H_i (SGD family:
+  λ' = s·c_t·λ + wd, decay is added after clipping; adaptive kinds: λ̃ of D^{1/2}(s·c_t·H_i + shift)D^{1/2}
+  with D formed from c_t·∇L). This ignores the derivative of the clip factor itself: with u = ∇L/‖∇L‖
+  the clipped gradient's Jacobian is c_t(I − uuᵀ)H, so freezing c_t drops the rank-one term
+  −c_t·uuᵀH (clipping by norm makes the step's length blind to changes of the gradient along itself;
+  restricted to a node it couples the node to the others through u). A gradient scaled down by hand
+  by the same factor everywhere is indistinguishable from clipping by norm and is treated as one.
+* anything else (c_t > 1, or backward's gradient not a power of two times the replayed one) is a
+  *gradient-norm mismatch*: the replay does not reproduce the gradient the step used.
 """
 from __future__ import annotations
 
@@ -82,6 +99,9 @@ __all__ = [
     "update_map_eigenvalues",
     "stability_threshold",
     "KINDS",
+    "GRAD_NORM_TOL",
+    "StepGradient",
+    "step_gradient",
 ]
 
 KINDS = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "rmsprop_momentum", "adagrad", "gd_fallback")
@@ -539,3 +559,56 @@ def stability_threshold(rule: UpdateRule) -> float:
     if not rule.has_buffer:
         return div(1.0 + c, a * (1.0 - b1))
     return div((1.0 + c) * (1.0 + b1), a * (1.0 - b1))
+
+
+#: relative tolerance of the gradient-norm comparisons of :func:`step_gradient` (a float32 replay of a
+#: float32 run agrees to ~1e-6; clip_grad_norm_ leaves ‖g‖ = max_norm to ~1e-6)
+GRAD_NORM_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class StepGradient:
+    """The gradient one step used, against the replayed ‖∇L(θ_t)‖ (module docstring, "What else changes
+    the step"). ``factor`` c_t = stepped/replayed; ``loss_scale`` S (a power of two; 1 without scaling;
+    NaN when backward's norm is unknown); ``clipped``: 0 < c_t < 1 − tol with backward explained;
+    ``mismatch``: the relative gap no clipping or scaling explains (0 when explained, NaN when unknown).
+    """
+
+    replayed: float
+    stepped: float
+    backward: float
+    factor: float
+    loss_scale: float
+    clipped: bool
+    mismatch: float
+
+    @property
+    def map_factor(self) -> float:
+        """c_t where the step was clipped, else 1: the factor the map's curvature is scaled by."""
+        return self.factor if self.clipped else 1.0
+
+
+def step_gradient(replayed: float, stepped: float, backward: float, tol: float = GRAD_NORM_TOL) -> StepGradient:
+    """Classify one step's recorded gradient norms against the replayed one (all non-negative floats).
+
+    With r_b = backward/replayed and S = 2^round(log2 r_b): |r_b/S − 1| > tol is a mismatch (of that
+    size); else c = stepped/replayed within tol of 1 is a plain step, c < 1 clipping, c > 1 a mismatch
+    (c − 1). Unknown norms (NaN: runs recorded before the norms were, a gradient not from backward)
+    leave what they would decide unknown: no clipping is claimed without a recorded stepped norm.
+    """
+    nan = math.nan
+    if not (math.isfinite(replayed) and math.isfinite(stepped)) or replayed < 0:
+        return StepGradient(replayed, stepped, backward, nan, nan, False, nan)
+    factor = stepped / replayed if replayed > 0 else (1.0 if stepped == 0 else math.inf)
+    scale, scale_gap = nan, 0.0
+    if math.isfinite(backward) and replayed > 0 and backward > 0:
+        ratio = backward / replayed
+        scale = 2.0 ** round(math.log2(ratio))
+        scale_gap = abs(ratio / scale - 1.0)
+    if scale_gap > tol:
+        return StepGradient(replayed, stepped, backward, factor, scale, False, scale_gap)
+    if abs(factor - 1.0) <= tol:
+        return StepGradient(replayed, stepped, backward, factor, scale, False, 0.0)
+    if 0.0 < factor < 1.0:
+        return StepGradient(replayed, stepped, backward, factor, scale, True, 0.0)
+    return StepGradient(replayed, stepped, backward, factor, scale, False, abs(factor - 1.0))
