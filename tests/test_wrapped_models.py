@@ -40,8 +40,26 @@ def _check_replay(path, wrapper: str) -> None:
     for step in run.steps:
         ck = run.checkpoint(int(step))
         assert run.replay_loss(ck, model, loss_fn).item() == pytest.approx(ck.loss, rel=1e-5, abs=0)
-    res = trajscope.analyze(path, sharpness=False)[path]
+    res = trajscope.analyze(path, sharpness=False, curvature="exact", dtype="float64")[path]
     assert len(res.steps) == len(run.steps) - 1
+    # node blocks of the bare model's loss on the step's batch (torch.func.hessian, float64)
+    k = 1
+    ck = run.checkpoint(int(res.steps[k]))
+    params = {n: v.double() for n, v in ck.params.items()}
+    x, y = ck.batch
+    bare = make_mlp(SIZES)
+    for layer, node in (("0", 0), ("0", 4), ("2", 1)):
+        w, b = params[f"{layer}.weight"], params[f"{layer}.bias"]
+
+        def loss_of(th, w=w, b=b, layer=layer, node=node):
+            p = dict(params)
+            p[f"{layer}.weight"] = torch.cat([w[:node], th[None, :-1], w[node + 1:]])
+            p[f"{layer}.bias"] = torch.cat([b[:node], th[-1:], b[node + 1:]])
+            return nn.MSELoss()(torch.func.functional_call(bare, p, (x.double(),)), y.double())
+
+        ev = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(torch.cat([w[node], b[node:node + 1]])))
+        assert res.node(layer, "hess_max")[k, node] == pytest.approx(float(ev[-1]), rel=1e-6, abs=1e-12)
+        assert res.node(layer, "hess_min")[k, node] == pytest.approx(float(ev[0]), rel=1e-6, abs=1e-9 * float(ev.abs().max()))
 
 
 def test_torch_compile(tmp_path):
