@@ -31,13 +31,27 @@ STEPS = 5
 F64 = torch.float64
 
 
-def _worker(rank: int, port: int, path: str, out: str, fail_at: int | None) -> None:
+class DropMLP(nn.Module):
+    """The MLP behind a dropout layer: each rank draws its own masks from its own generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+        self.net = make_mlp(SIZES)
+
+    def forward(self, x):
+        return self.net(self.drop(x))
+
+
+def _worker(rank: int, port: int, path: str, out: str, fail_at: int | None, dropout: bool = False) -> None:
     """One DDP rank: a real DistributedSampler shard per rank, SPEC 2's loop, everything the step used
     saved to ``out/rank<k>.pt`` as the reference. Rank 1 breaks its recorder at step ``fail_at``."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        model = make_mlp(SIZES)
+        torch.manual_seed(rank)      # the ranks' dropout masks differ
+        model = DropMLP().double() if dropout else make_mlp(SIZES)
+        spec = {"model_spec": "test_ddp:DropMLP"} if dropout else mlp_spec(SIZES)
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         loss_fn = nn.MSELoss()
@@ -48,7 +62,7 @@ def _worker(rank: int, port: int, path: str, out: str, fail_at: int | None) -> N
         seen, times = [], []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rec = trajscope.Recorder(path, ddp, opt, loss_fn, export=False, **mlp_spec(SIZES))
+            rec = trajscope.Recorder(path, ddp, opt, loss_fn, export=False, **spec)
             for t, (x, y) in enumerate(DataLoader(data, batch_size=4, sampler=sampler)):
                 start = time.perf_counter()
                 theta = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -75,9 +89,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(tmp_path, fail_at: int | None = None, timeout: float = 240.0) -> tuple[list[dict], str]:
+def _train(tmp_path, fail_at: int | None = None, timeout: float = 240.0, dropout: bool = False) -> tuple[list[dict], str]:
     path, out = str(tmp_path / "run"), str(tmp_path)
-    ctx = mp.start_processes(_worker, args=(_free_port(), path, out, fail_at), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(_worker, args=(_free_port(), path, out, fail_at, dropout), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
@@ -212,3 +226,16 @@ def test_distributed_true_without_a_process_group_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^distributed=True needs an initialised torch.distributed process group"):
         trajscope.Recorder(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1), distributed=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_dropout_masks_of_every_rank_are_replayed(tmp_path):
+    """Each rank's forward state is read with its shard: the union batch replays with every rank's masks."""
+    ranks, path = _train(tmp_path, dropout=True)
+    run = trajscope.open_run(path)
+    for t, s in enumerate(run.steps):
+        fw = run.checkpoint(int(s)).forward
+        assert [f.size for f in fw] == [4] * WORLD
+        assert run.checkpoint(int(s)).loss == pytest.approx(np.mean([r["steps"][t]["loss"] for r in ranks]), rel=1e-12)
+    (res,) = trajscope.analyze(path, dtype="float64", sharpness=False).values()
+    assert res.attrs["train_mode_replay"]["replayed_checkpoints"] == len(res.steps)
+    np.testing.assert_array_less(res.global_series("loss_mismatch"), 1e-5)

@@ -312,3 +312,29 @@ def test_fit_from_a_checkpoint_records_at_the_checkpoints_step(tmp_path, same_ru
         assert torch.equal(ck.inputs, torch.cat([m["x"] for m in seen["micro"]]))
         for name, p in seen["theta"].items():
             assert torch.equal(ck.params[name], p)
+
+
+class DropNet(Net):
+    """Dropout in the module's forward: its masks come from the RNG state of the forward pass, which
+    Lightning runs inside ``optimizer.step(closure)``, after the callback handed the batch over."""
+
+    def __init__(self, sizes: list[int] = SIZES, lr: float = 0.05, dtype: str = "float64", fail_at: int = -1) -> None:
+        super().__init__(sizes, lr, dtype, fail_at)
+        self.drop = nn.Dropout(0.4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.drop(x))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_dropout_masks_of_each_micro_batch_are_replayed(tmp_path, accumulate):
+    path = tmp_path / "run"
+    _fit(path, DropNet(), accumulate, epochs=1, val=False)
+    run = trajscope.open_run(path)
+    for s in run.steps:
+        fw = run.checkpoint(int(s)).forward
+        assert fw is not None and [f.size for f in fw] == [B] * accumulate and all(f.training for f in fw)
+    res = trajscope.analyze(path, dtype="float64", sharpness=False)[path]
+    assert res.attrs["train_mode_replay"]["replayed_checkpoints"] == len(res.steps)
+    np.testing.assert_array_less(res.global_series("loss_mismatch"), 1e-5)
+    assert not [w for w in res.attrs["warnings"] if "eval mode" in w or "replayed loss differs" in w]

@@ -416,8 +416,13 @@ def test_incremental_reanalysis_appends_only_new_checkpoints(tmp_path):
     # when both analyses ran within the same second: compare the set of steps, no duplicates
     assert sorted(e.step for e in acc.Scalars("trajscope/global/loss")) == steps
 
-    # nothing new: nothing changes (no new row, no rewritten file, no new event file)
+    # another label rule cannot append to these rows: one line, nothing written
     zdig, evs = tree_digest(run_dir / "analysis.zarr"), event_files(run_dir)
+    with pytest.raises(trajscope.TrajscopeError, match="was analysed with label preset 'excited'.*--preset excited"):
+        trajscope.analyze(run_dir, dtype="float64", preset="acted")
+    assert tree_digest(run_dir / "analysis.zarr") == zdig and event_files(run_dir) == evs
+
+    # nothing new: nothing changes (no new row, no rewritten file, no new event file)
     third = only(trajscope.analyze(run_dir, dtype="float64"))
     assert list(third.steps) == steps
     assert tree_digest(run_dir / "analysis.zarr") == zdig

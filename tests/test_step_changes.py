@@ -248,6 +248,11 @@ def test_step_gradient_rules():
     assert step_gradient(2.0, 1.0, 3.0).mismatch == pytest.approx(0.25)         # backward 1.5×: not a power of two
     assert math.isnan(step_gradient(2.0, math.nan, math.nan).mismatch)          # nothing recorded
     assert not step_gradient(2.0, 1.0, math.nan).mismatch and step_gradient(2.0, 1.0, math.nan).clipped
+    # no backward norm and a replayed loss that is not the recorded one: a mismatch, never clipping
+    unfaithful = step_gradient(2.0, 1.0, math.nan, loss_faithful=False)
+    assert not unfaithful.clipped and unfaithful.mismatch == pytest.approx(0.5)
+    # with the backward norm the factor itself tells clipping (the loss check is not needed)
+    assert step_gradient(4.0, 1.0, 4.0, loss_faithful=False).clipped
 
 
 # --------------------------------------------------------------------------- the user's loss callables

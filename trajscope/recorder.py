@@ -159,9 +159,11 @@ class Recorder:
         # The micro-batches given to batch() during the current step (several under gradient
         # accumulation), and the loss values seen since the last step: hooked and explicit.
         self._micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]] = []
-        # what each micro-batch's forward pass used (train flags, RNG state), and the latest forward's
+        # what each micro-batch's forward pass used (train flags, RNG state); the training forwards of this
+        # step not yet paired with a batch() call, and the micro-batches given before their forward pass
         self._micro_forward: list[tuple | None] = []
-        self._last_forward: tuple | None = None
+        self._unpaired_forwards: list[tuple] = []
+        self._awaiting_forward: list[int] = []
         self._modules: list[tuple[str, nn.Module]] | None = None
         self._warned_forward = False
         self._batch_step = -1
@@ -238,7 +240,6 @@ class Recorder:
             self._thread = threading.Thread(target=self._write_loop, name="trajscope-writer", daemon=True)
             self._thread.start()
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
-        self._hooks.append(root.register_forward_pre_hook(_forward_pre_hook))
         self._hooks.append(_ForwardHookEntry(root, self))
         if isinstance(loss_fn, nn.Module):
             self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
@@ -349,8 +350,14 @@ class Recorder:
                 inputs, targets = self.loss_fn.split(inputs, targets)
             spec, leaves = flatten_batch((inputs, targets))
             self._micro.append((spec, [(k, self._copy(t)) for k, t in leaves]))
-            self._micro_forward.append(self._last_forward)
-            self._last_forward = None       # a forward pass belongs to one micro-batch
+            # pair in order: the oldest unpaired forward pass of this step (plain loops: forward, backward,
+            # batch; the HF Trainer: k forwards, then k batches); none yet (Lightning hands the batch over
+            # before its closure runs the forward): the next forward pass is this micro-batch's
+            if self._unpaired_forwards:
+                self._micro_forward.append(self._unpaired_forwards.pop(0))
+            else:
+                self._awaiting_forward.append(len(self._micro_forward))
+                self._micro_forward.append(None)
             if not self._export_queued:
                 self._export_queued = True
                 self._export_now(inputs)
@@ -372,7 +379,7 @@ class Recorder:
         """Start collecting micro-batches and losses anew at the first one of a step."""
         if self._batch_step != self._step:
             self._micro, self._explicit_losses, self._batch_step = [], [], self._step
-            self._micro_forward = []
+            self._micro_forward, self._awaiting_forward = [], []
 
     def _export_now(self, inputs: Any) -> None:
         """Export a copy of the model on the training thread, before this step's update.
@@ -405,16 +412,14 @@ class Recorder:
 
     def _on_forward(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook on the module the loop calls: the train/eval flags and the RNG state this
-        forward pass starts from (its dropout masks are drawn from it), kept for the next batch() call.
-        A pass without gradients (a metric or validation pass in between) does not replace a pending
-        one with gradients: the batch's gradient came from that. ~55 us per forward pass of a
-        recorded step for an 81-module model on a busy 2-core machine (each module's flag, and a 5 KiB
-        copy of the CPU generator's state); nothing on steps that are not recorded. A failure here only loses the
+        forward pass starts from (its dropout masks are drawn from it), paired in order with the
+        step's batch() calls (see :meth:`batch`). A pass without gradients (a metric or validation pass
+        in between) made no gradient and is not kept. ~55 us per forward pass of a recorded step for an
+        81-module model on a busy 2-core machine (each module's flag, and a 5 KiB copy of the CPU
+        generator's state); nothing on steps that are not recorded. A failure here only loses the
         forward state (those steps replay in eval mode, said at analysis), never the recording."""
-        if self.failed or self._closed or self._ignore_batches or not self.records(self._step):
-            return
-        grad = torch.is_grad_enabled()
-        if not grad and self._last_forward is not None and self._last_forward[5]:
+        if self.failed or self._closed or self._ignore_batches or not self.records(self._step) \
+                or not torch.is_grad_enabled():
             return
         try:
             if self._modules is None:
@@ -424,11 +429,13 @@ class Recorder:
             first = next(self.model.parameters(), None)
             dev = first.device if first is not None and first.device.type == "cuda" else None
             cuda = torch.cuda.get_rng_state(dev) if dev is not None else None
-            self._last_forward = (training, differ, torch.get_rng_state(), cuda,
-                                  None if dev is None else (dev.index if dev.index is not None else torch.cuda.current_device()),
-                                  grad)
+            state = (training, differ, torch.get_rng_state(), cuda,
+                     None if dev is None else (dev.index if dev.index is not None else torch.cuda.current_device()))
+            if self._awaiting_forward and self._batch_step == self._step:
+                self._micro_forward[self._awaiting_forward.pop(0)] = state
+            elif len(self._unpaired_forwards) < _MAX_UNPAIRED_FORWARDS:
+                self._unpaired_forwards.append(state)
         except Exception as e:  # never break training, nor stop the recording for this
-            self._last_forward = None
             if not self._warned_forward:
                 self._warned_forward = True
                 warnings.warn(f"trajscope: the forward pass's train flags and RNG state cannot be recorded "
@@ -591,7 +598,7 @@ class Recorder:
         loss = self._step_loss(micro, self._explicit_losses if self._batch_step == step else [])
         grad_norms = self._step_grad_norms()
         self._micro, self._hook_losses, self._explicit_losses = [], [], []
-        self._micro_forward, self._last_forward = [], None
+        self._micro_forward, self._unpaired_forwards, self._awaiting_forward = [], [], []
         self._backward_norms.clear()
         return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
                         hparams=hp if full else None, state_layout=layout, state=state, batch_spec=spec, batch=leaves,
@@ -864,17 +871,23 @@ def _distributed_meta(meta: dict[str, Any], rank: int, world_size: int) -> dict[
             "shard": {"rank": rank, "world_size": world_size, "of": STORE_NAME}}
 
 
-# Recorders by the id of the module whose forward passes they watch. The hook is a module-level function
-# that finds its recorder here, not a bound method: a deep copy of the model (the export twin, a user's EMA
-# copy) or torch.save of the whole module would otherwise try to copy or pickle the Recorder itself.
-_FORWARD_WATCHERS: dict[int, "weakref.ref[Recorder]"] = {}
+#: training forward passes of one step kept for pairing with its batch() calls (more: a loop that runs
+#: the model with gradients for something else; the surplus is not kept)
+_MAX_UNPAIRED_FORWARDS = 64
+
+# Recorders by the id of the module whose forward passes they watch (several may watch one model). The
+# hook is a module-level function that finds its recorders here, not a bound method: a deep copy of the
+# model (the export twin, a user's EMA copy) or torch.save of the whole module would otherwise try to copy
+# or pickle the Recorder itself. It is registered once per module, while some recorder watches it.
+_FORWARD_WATCHERS: dict[int, list["weakref.ref[Recorder]"]] = {}
+_FORWARD_HANDLES: dict[int, Any] = {}
 
 
 def _forward_pre_hook(module: nn.Module, args: Any) -> None:
-    ref = _FORWARD_WATCHERS.get(id(module))
-    rec = ref() if ref is not None else None
-    if rec is not None and rec.model is not None:
-        rec._on_forward(module, args)
+    for ref in list(_FORWARD_WATCHERS.get(id(module), ())):
+        rec = ref()
+        if rec is not None and rec.model is not None:
+            rec._on_forward(module, args)
 
 
 class _ForwardHookEntry:
@@ -882,10 +895,18 @@ class _ForwardHookEntry:
 
     def __init__(self, module: nn.Module, rec: "Recorder") -> None:
         self.key = id(module)
-        _FORWARD_WATCHERS[self.key] = weakref.ref(rec)
+        self.ref = weakref.ref(rec)
+        if self.key not in _FORWARD_WATCHERS:
+            _FORWARD_HANDLES[self.key] = module.register_forward_pre_hook(_forward_pre_hook)
+        _FORWARD_WATCHERS.setdefault(self.key, []).append(self.ref)
 
     def remove(self) -> None:
-        _FORWARD_WATCHERS.pop(self.key, None)
+        watchers = _FORWARD_WATCHERS.get(self.key, [])
+        if self.ref in watchers:
+            watchers.remove(self.ref)
+        if not watchers and self.key in _FORWARD_WATCHERS:
+            del _FORWARD_WATCHERS[self.key]
+            _FORWARD_HANDLES.pop(self.key).remove()
 
 
 def _closure_of(args: Any, kwargs: Any) -> tuple[Any, str] | None:

@@ -1027,7 +1027,15 @@ class TrajectoryReader:
     def forward(self, r: int) -> list[ForwardState] | None:
         """The forward state of record r's micro-batches (see :class:`ForwardState`); None where the
         run did not record one (recorded before trajscope recorded it, or before ``forward_from``),
-        ``[]`` where the record has none (no forward pass of the module was seen for its batch)."""
+        ``[]`` where the record has none (no forward pass of the module was seen for its batch).
+        Distributed runs: rank 0's micro-batches, then those of ranks 1 .. W-1, as :meth:`batch` joins
+        their rows (each rank drew its dropout masks from its own generator); ``[]`` unless every rank
+        recorded its forward state for the step."""
+        own = self._own_forward(r)
+        return own if self.shards is None or not own else self.shards.forward(self._step(r), own)
+
+    def _own_forward(self, r: int) -> list[ForwardState] | None:
+        """Record r's forward state as recorded by this store's own process."""
         start = self.attrs.get("forward_from")
         if start is None or r < int(start):
             return None
@@ -1274,6 +1282,18 @@ class _RankShards:
                 losses.append(np.array([theirs[rows[s]] if s in rows else np.nan for s in steps.tolist()]))
             self._mean = np.mean(losses, axis=0)
         return self._mean
+
+    def forward(self, step: int, own: list[ForwardState]) -> list[ForwardState]:
+        """Rank 0's forward states ``own`` of ``step`` followed by those of ranks 1 .. W-1 (``[]`` where a
+        rank has none: the step then replays in eval mode, said at analysis)."""
+        out = list(own)
+        for k in range(1, self.world_size):
+            rd, r = self._row(k, step)
+            theirs = rd._own_forward(r) if isinstance(rd, TrajectoryReader) and r is not None else None
+            if not theirs:
+                return []
+            out += theirs
+        return out
 
     def join(self, store: Path, step: int, meta: Mapping[str, Any], leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rank 0's ``leaves`` of ``step`` followed, along the batch axis, by those of ranks 1 .. W-1."""

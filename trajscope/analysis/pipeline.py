@@ -245,7 +245,7 @@ class _Analyser:
                     glob["recorded_loss"] = ck.loss
                     glob["loss_mismatch"] = abs(glob["loss"] - ck.loss) / max(abs(ck.loss), 1e-30)
                 if opts.batch == "step":
-                    glob.update(self._gradient_check(ck, cr))
+                    glob.update(self._gradient_check(ck, cr, not glob.get("loss_mismatch", 0.0) > FIDELITY_TOL))
             except ValueError as e:  # e.g. exact conv blocks too large for memory: say what to do
                 raise TrajscopeError(f"step {step}: {str(e).splitlines()[0]}") from None
             except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. non-finite activations from huge weights
@@ -288,13 +288,14 @@ class _Analyser:
         u = torch.where((u != 0).any(dim=1, keepdim=True), u, step)
         return u, -(g * u).sum(dim=1)
 
-    def _gradient_check(self, ck: Checkpoint, cr: Any) -> dict[str, float]:
+    def _gradient_check(self, ck: Checkpoint, cr: Any, loss_faithful: bool = True) -> dict[str, float]:
         """The recorded gradient norms of the step against the replayed ‖∇L(θ_t)‖ over the parameters the
         optimizer steps (:func:`~trajscope.analysis.updatemap.step_gradient`): the global series of
         :data:`STEP_SERIES` and ``map_factor`` (c_t where clipped, else 1)."""
         names = [n for n in self.group_of if n in cr.grads]
         replayed = math.sqrt(sum(float(cr.grads[n].detach().double().pow(2).sum()) for n in names))
-        sg = step_gradient(replayed, ck.grad_norms.get("stepped", math.nan), ck.grad_norms.get("backward", math.nan))
+        sg = step_gradient(replayed, ck.grad_norms.get("stepped", math.nan), ck.grad_norms.get("backward", math.nan),
+                           loss_faithful=loss_faithful)
         out = {"grad_norm": sg.replayed, "recorded_grad_norm": sg.stepped, "backward_grad_norm": sg.backward,
                "step_factor": sg.factor, "loss_scale": sg.loss_scale, "clipped": float(sg.clipped),
                "grad_norm_mismatch": sg.mismatch}
@@ -349,9 +350,8 @@ class _Analyser:
                 if fast is not None:  # the eigenvalues less wd: the rule adds wd to all p of them
                     eig, rule = clip * fast, replace(rule, weight_decay=float(w[0]))
                 else:
-                    dm = node_matrix(precond, layer) if rule.preconditioned else torch.ones(n, p, dtype=torch.float64)
-                    if nm.lr_scale is not None:
-                        dm = dm * nm.lr_scale.to(dm)
+                    dm = map_scale(nm, node_matrix(precond, layer) if rule.preconditioned else None,
+                                   torch.empty(n, p, dtype=torch.float64))
                     # eig of (DA)^{1/2}(s·H + shift)(DA)^{1/2}; s = -1 when maximising
                     shift = nm.shift / clip
                     eig = clip * (preconditioned_eigvals(factor, dm, shift=shift) if nm.sign > 0 else
@@ -462,7 +462,12 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
     prev = open_results(run.path) if results_exist(run.path) else None
     done = [int(s) for s in prev.steps] if prev is not None else []
     attrs = prev.attrs if prev is not None else {}
-    # δ is fixed at the first analysis of a run so that appended labels stay comparable.
+    # the label rule and δ are fixed at the first analysis of a run so that appended labels stay comparable
+    # (stores written before the label_config attribute named its preset used the acted rule)
+    was = (attrs.get("label_config") or {}).get("preset", "acted") if prev is not None and done else None
+    if was is not None and was != opts.labels.preset:
+        raise TrajscopeError(f"{run.path} was analysed with label preset {was!r}; appended labels must use the same: "
+                             f"pass --preset {was}, or move {run.path / 'analysis.zarr'} aside to re-analyse from scratch")
     if "delta" in attrs:
         if opts.labels.delta is not None and not math.isclose(opts.labels.delta, attrs["delta"]):
             raise TrajscopeError(f"{run.path} was analysed with delta {attrs['delta']:g}; appended labels must use the "
@@ -694,7 +699,8 @@ def _step_changes(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
     and loss scaling (the scales seen)."""
     clipped = sorted(s for s, r in rows.items() if r["clipped"] == 1)
     factors = [rows[s]["step_factor"] for s in clipped]
-    scaled = sorted(s for s, r in rows.items() if math.isfinite(r["loss_scale"]) and r["loss_scale"] != 1)
+    scaled = sorted(s for s, r in rows.items() if math.isfinite(r["loss_scale"]) and r["loss_scale"] != 1
+                    and r["grad_norm_mismatch"] == 0)   # a mismatch's nearest power of two is no loss scale
     scales = sorted({rows[s]["loss_scale"] for s in scaled})
     notes = []
     if clipped:

@@ -588,13 +588,17 @@ class StepGradient:
         return self.factor if self.clipped else 1.0
 
 
-def step_gradient(replayed: float, stepped: float, backward: float, tol: float = GRAD_NORM_TOL) -> StepGradient:
+def step_gradient(replayed: float, stepped: float, backward: float, tol: float = GRAD_NORM_TOL,
+                  loss_faithful: bool = True) -> StepGradient:
     """Classify one step's recorded gradient norms against the replayed one (all non-negative floats).
 
     With r_b = backward/replayed and S = 2^round(log2 r_b): |r_b/S − 1| > tol is a mismatch (of that
     size); else c = stepped/replayed within tol of 1 is a plain step, c < 1 clipping, c > 1 a mismatch
     (c − 1). Unknown norms (NaN: runs recorded before the norms were, a gradient not from backward)
     leave what they would decide unknown: no clipping is claimed without a recorded stepped norm.
+    Without the backward norm (several DDP ranks, a callback's first step) c < 1 is clipping only
+    when the replayed loss is the recorded one (``loss_faithful``), else a mismatch: a replay of
+    another function must not be taken for clipping and rescale the maps.
     """
     nan = math.nan
     if not (math.isfinite(replayed) and math.isfinite(stepped)) or replayed < 0:
@@ -609,6 +613,6 @@ def step_gradient(replayed: float, stepped: float, backward: float, tol: float =
         return StepGradient(replayed, stepped, backward, factor, scale, False, scale_gap)
     if abs(factor - 1.0) <= tol:
         return StepGradient(replayed, stepped, backward, factor, scale, False, 0.0)
-    if 0.0 < factor < 1.0:
+    if 0.0 < factor < 1.0 and (loss_faithful or math.isfinite(backward)):
         return StepGradient(replayed, stepped, backward, factor, scale, True, 0.0)
     return StepGradient(replayed, stepped, backward, factor, scale, False, abs(factor - 1.0))
