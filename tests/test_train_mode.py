@@ -276,6 +276,48 @@ def test_train_mode_off_is_the_eval_mode_analysis(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- what the store holds
+@pytest.mark.parametrize("order", ["forward_first", "batch_first", "all_forwards_first"])
+def test_forward_passes_pair_with_batches_in_order(tmp_path, order):
+    """A plain loop (forward, backward, batch), Lightning (batch, then the closure's forward) and the HF
+    Trainer (k forwards, then k batch calls) pair each micro-batch with its own forward pass; two
+    Recorders on one model both see them, and closing one leaves the other watching."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).to(F64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = trajscope.Recorder(tmp_path / "other", model, opt, nn.MSELoss(), export=False)
+    states = []
+    with trajscope.Recorder(tmp_path / "run", model, opt, nn.MSELoss(), export=False) as rec:
+        def give(x, y):
+            rec.batch(x, y)
+            other.batch(x, y)      # a no-op once closed
+
+        for t in range(3):
+            if t == 2:
+                other.close()
+            xs = [(torch.randn(3, 3, dtype=F64), torch.randn(3, 2, dtype=F64)) for _ in range(2)]
+            if order == "all_forwards_first":
+                for x, y in xs:
+                    states.append(torch.get_rng_state())
+                    nn.MSELoss()(model(x), y).backward()
+                for x, y in xs:
+                    give(x, y)
+            for x, y in xs if order != "all_forwards_first" else ():
+                if order == "batch_first":
+                    give(x, y)
+                states.append(torch.get_rng_state())
+                nn.MSELoss()(model(x), y).backward()
+                if order == "forward_first":
+                    give(x, y)
+            opt.step()
+            opt.zero_grad()
+    for path, steps in ((tmp_path / "run", 3), (tmp_path / "other", 2)):
+        run = trajscope.open_run(path)
+        assert len(run.steps) == steps
+        for t in range(steps):
+            fw = run.checkpoint(t).forward
+            assert len(fw) == 2 and all(torch.equal(fs.rng_cpu, states[2 * t + k]) for k, fs in enumerate(fw))
+
+
 def test_forward_state_recorded_per_micro_batch(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)).to(F64)
