@@ -5,13 +5,15 @@ Labels (codes used everywhere): 0 ``healthy_sink``, 1 ``degenerate_sink``, 2 ``p
 
 Preset ``"excited"`` (default) judges a node by the directions its motion actually excites,
 over the horizon the linearisation is used for. Let u_i be the node's recorded motion
-(θ_{t+1} − θ_t, or the step direction D·g_i when θ_{t+1} is not recorded) and
+(θ_{t'} − θ_t to the next recorded step t', which is t + 1 in a window-2 recording, or the step
+direction D·g_i where the node did not move or no later step is recorded) and
 
 .. math::  \lambda_u = \frac{\tilde u^\top A_i \tilde u}{\tilde u^\top \tilde u},
            \qquad \tilde u = D^{-1/2} u_i,
 
 the curvature of the map's operator A_i (H_i for the SGD family, D^{1/2}(s H_i + c)D^{1/2} for
-the adaptive optimizers; :mod:`~trajscope.analysis.updatemap`) along that motion. The roots
+the adaptive optimizers; :mod:`~trajscope.analysis.updatemap`, :mod:`~trajscope.analysis.motion`)
+along that motion. The roots
 μ_u of the update map of a direction with curvature λ_u say what the step does to the motion:
 ``motion_radius`` = max |μ_u| and ``motion_neutral`` = min |μ_u − 1| (``motion_from_eigs``).
 
@@ -37,8 +39,9 @@ horizon ((1 ± 1/K)^K ≈ e^{±1}): one closer to 1 neither converges nor grows 
 map is re-evaluated; one further from 1 does so appreciably. The cap keeps analyses of
 densely analysed runs no looser than the seed's band.
 
-Preset ``"acted"`` (the default before the label-validity benchmark, docs/concepts.md) looks only at the directions the step acts on (the |μ| in
-:class:`~trajscope.analysis.updatemap.NodeSpectra` ``mu_abs``); with r = max acted |μ|:
+Preset ``"acted"`` (the default before the label-validity benchmark, docs/concepts.md) looks at
+every direction the step acts on (the |μ| in :class:`~trajscope.analysis.updatemap.NodeSpectra`
+``mu_abs``); with r = max acted |μ|:
 
 1. ``source``  if r > 1 + δ                                           (reason ``expanding``);
 2. ``plateau`` if no parameter direction is acted on, i.e. null_dims = p (a dead node:
