@@ -240,12 +240,12 @@ class Recorder:
             self._thread = threading.Thread(target=self._write_loop, name="trajscope-writer", daemon=True)
             self._thread.start()
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
-        self._hooks.append(_ForwardHookEntry(root, self))
         if isinstance(loss_fn, nn.Module):
             self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
         if isinstance(loss_fn, ModelLoss):
             self._hooks.append(model.register_forward_hook(self._on_model_loss))
-        self._hook_gradients()
+        self._root, self._step_hooks = root, []
+        self._arm_step_hooks()
         atexit.register(self.close)
 
     def _abandon_construction(self, made: list[Path], fresh: bool) -> None:
@@ -461,17 +461,27 @@ class Recorder:
         if module.training and torch.is_grad_enabled():   # a training forward, not an evaluation
             self._on_loss(module, args, getattr(output, "loss", None))
 
-    def _hook_gradients(self) -> None:
+    def _arm_step_hooks(self) -> None:
+        """Hooks that watch a step while it runs (the forward pass's state, backward's gradient norms)
+        are installed only while the coming step is recorded: on the others their calls into Python
+        (one per forward pass, one per parameter in backward) would cost ~0.1 ms a step for nothing."""
+        want = not (self.failed or self._closed) and self.records(self._step)
+        if want and not self._step_hooks:
+            self._step_hooks = [_ForwardHookEntry(self._root, self), *self._gradient_hooks()]
+        elif not want:
+            for h in self._step_hooks:
+                h.remove()
+            self._step_hooks = []
+
+    def _gradient_hooks(self) -> list[Any]:
         """Watch the gradient backward accumulates into every parameter the optimizer steps (see
         :meth:`_on_grad`): its norm before the loop unscales or clips it. Not under torch.distributed
         with several ranks: there backward's gradient is the rank's own, before the all-reduce averages
         it into the one the step uses (its norm is recorded NaN)."""
         if _distributed():
-            return
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and p.is_leaf:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            return []
+        return [p.register_post_accumulate_grad_hook(self._on_grad) for group in self.optimizer.param_groups
+                for p in group["params"] if p.requires_grad and p.is_leaf]
 
     def _on_grad(self, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook: keep ‖p.grad‖ as backward left it, as a tensor on p's device
@@ -539,15 +549,18 @@ class Recorder:
         self._last_step_time = now = time.monotonic()
         if self._timer is not None and now - self._last_commit >= _COMMIT_INTERVAL:
             self._commit_tail()     # on the training thread, between its own parallel ops
-        if self.failed or self._closed or not self.records(step):
-            self._hook_losses.clear()     # loss values of an unrecorded step belong to no record
-            self._backward_norms.clear()
-            return
         try:
-            snap = self._snapshot(step)
-            self._enqueue(snap)
-        except Exception as e:
-            self._fail(e)
+            if self.failed or self._closed or not self.records(step):
+                self._hook_losses.clear()     # loss values of an unrecorded step belong to no record
+                self._backward_norms.clear()
+                return
+            try:
+                snap = self._snapshot(step)
+                self._enqueue(snap)
+            except Exception as e:
+                self._fail(e)
+        finally:
+            self._arm_step_hooks()      # for the coming step
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         free = self._pool.get((tuple(shape), dtype))
@@ -818,8 +831,9 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        for h in self._hooks:
+        for h in [*self._hooks, *self._step_hooks]:
             h.remove()
+        self._step_hooks = []
         if self._thread is not None:
             self._queue.put((_STOP, None))
             self._thread.join(timeout)
