@@ -77,6 +77,17 @@ def regression_problem():
     return X, y, A
 
 
+def record_regression(path, lr: float, steps: int) -> None:
+    """Full-batch GD on :func:`regression_problem` from a fixed start, every step recorded."""
+    X, y, _ = regression_problem()
+    model = make_linear(3, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.3, 0.2]], dtype=F64))
+        model.bias.fill_(-0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    record(path, model, opt, nn.MSELoss(), [(X, y)] * steps, **linear_spec(3))
+
+
 @pytest.mark.parametrize("case, lr_factor, label, reason", [
     ("below", 1.0, "healthy_sink", "contracting"),   # α = 1/λ_max: max|μ| = 1 − λ_min/λ_max ≈ 0.61
     ("at", 2.0, "plateau", "neutral_direction"),     # α = 2/λ_max: μ_max = −1 exactly, |μ| within δ of 1
@@ -84,14 +95,8 @@ def regression_problem():
 ])
 def test_linear_regression_closed_form(tmp_path, case, lr_factor, label, reason):
     X, y, A = regression_problem()
-    lr = lr_factor / LAM_MAX
-    steps = 30
-    model = make_linear(3, 1)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[1.0, 0.3, 0.2]], dtype=F64))
-        model.bias.fill_(-0.3)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    record(tmp_path / "run", model, opt, nn.MSELoss(), [(X, y)] * steps, **linear_spec(3))
+    lr, steps = lr_factor / LAM_MAX, 30
+    record_regression(tmp_path / "run", lr, steps)
 
     res = only(trajscope.analyze(tmp_path / "run", dtype="float64", delta=DELTA_LIN, preset="acted"))
     assert list(res.steps) == list(range(steps - 1))   # the last step has no recorded successor
@@ -138,14 +143,8 @@ def test_linear_regression_excited_preset_follows_the_motion(tmp_path, lr_factor
     period-2 oscillation along the top direction (μ_u → −1): a sink, not a plateau; above it the
     motion expands (μ_u → −1.4): a source once it dominates."""
     X, y, A = regression_problem()
-    lr = lr_factor / LAM_MAX
-    steps = 30
-    model = make_linear(3, 1)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[1.0, 0.3, 0.2]], dtype=F64))
-        model.bias.fill_(-0.3)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    record(tmp_path / "run", model, opt, nn.MSELoss(), [(X, y)] * steps, **linear_spec(3))
+    lr, steps = lr_factor / LAM_MAX, 30
+    record_regression(tmp_path / "run", lr, steps)
     res = only(trajscope.analyze(tmp_path / "run", dtype="float64", delta=DELTA_LIN))
     assert res.attrs["label_config"]["preset"] == "excited"
     run = trajscope.open_run(tmp_path / "run")

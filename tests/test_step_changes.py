@@ -25,6 +25,8 @@ from trajscope.cli import main
 from trajscope.results import open_results
 
 from helpers_analysis import event_files
+from test_curvature import ref_exact
+from trajscope.analysis.nodes import find_node_layers
 
 F64 = torch.float64
 REL = 1e-5
@@ -339,22 +341,20 @@ def _train_gpt(path, mod, loss_fn, steps: int = 4, first_target: int | None = No
             opt.step()
 
 
+def _lm_head_hessian(model, ck, loss_fn, i: int) -> torch.Tensor:
+    """torch.func.hessian of the training loss w.r.t. lm_head row i and bias i, float64."""
+    layer = next(l for l in find_node_layers(model) if l.name == "lm_head")
+    x, y = ck.batch
+    return ref_exact(model, dict(ck.params), x, y, loss_fn, layer, i)
+
+
 def _hessian_extremes(run, mod, step: int, rows: list[int]) -> list[tuple[float, float]]:
-    """λmax, λmin of torch.func.hessian of the training loss w.r.t. lm_head row i and bias i, float64."""
+    """λmax, λmin of :func:`_lm_head_hessian` for the nodes ``rows``."""
     ck = trajscope.open_run(run).checkpoint(step)
     model = mod.TinyGPT(VOCAB, 8, CTX).to(F64)
-    x, y = ck.batch
     out = []
     for i in rows:
-        def loss_of(z):
-            params = dict(ck.params)
-            w, b = params["lm_head.weight"].clone(), params["lm_head.bias"].clone()
-            w[i], b[i] = z[:-1], z[-1]
-            params["lm_head.weight"], params["lm_head.bias"] = w, b
-            return mod.lm_loss(torch.func.functional_call(model, params, (x,)), y)
-
-        z0 = torch.cat([ck.params["lm_head.weight"][i], ck.params["lm_head.bias"][i:i + 1]])
-        ev = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(z0))
+        ev = torch.linalg.eigvalsh(_lm_head_hessian(model, ck, mod.lm_loss, i))
         out.append((float(ev[-1]), float(ev[0])))
     return out
 
@@ -390,17 +390,8 @@ def test_gpt_node_spectra_by_the_replayed_spec(tmp_path, user_module):
     ck = r.checkpoint(1)
     layers = [l for l in recorded_node_layers(r) if l.name == "lm_head"]
     cr = node_curvature(model, ck.params, ck.buffers, ck.batch[0], ck.batch[1], loss_fn, layers, kind="exact")
-    x, y = ck.batch
     for i in (0, 7):
-        def loss_of(z, i=i):
-            params = dict(ck.params)
-            w, b = params["lm_head.weight"].clone(), params["lm_head.bias"].clone()
-            w[i], b[i] = z[:-1], z[-1]
-            params["lm_head.weight"], params["lm_head.bias"] = w, b
-            return user_module.lm_loss(torch.func.functional_call(model, params, (x,)), y)
-
-        z0 = torch.cat([ck.params["lm_head.weight"][i], ck.params["lm_head.bias"][i:i + 1]])
-        want = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(z0)).flip(0)
+        want = torch.linalg.eigvalsh(_lm_head_hessian(model, ck, user_module.lm_loss, i)).flip(0)
         got = cr.eigvals["lm_head"][i]
         got = torch.cat([got, got.new_zeros(len(want) - len(got))]).sort(descending=True).values
         assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), (i, got, want)

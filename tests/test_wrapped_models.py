@@ -14,6 +14,8 @@ import trajscope
 from trajscope.capture import unwrap_model
 
 from helpers_analysis import batches, make_mlp, mlp_spec
+from test_curvature import ref_exact
+from trajscope.analysis.nodes import find_node_layers
 
 SIZES = (3, 5, 2)
 
@@ -48,16 +50,10 @@ def _check_replay(path, wrapper: str) -> None:
     params = {n: v.double() for n, v in ck.params.items()}
     x, y = ck.batch
     bare = make_mlp(SIZES)
+    layers = {l.name: l for l in find_node_layers(bare)}
     for layer, node in (("0", 0), ("0", 4), ("2", 1)):
-        w, b = params[f"{layer}.weight"], params[f"{layer}.bias"]
-
-        def loss_of(th, w=w, b=b, layer=layer, node=node):
-            p = dict(params)
-            p[f"{layer}.weight"] = torch.cat([w[:node], th[None, :-1], w[node + 1:]])
-            p[f"{layer}.bias"] = torch.cat([b[:node], th[-1:], b[node + 1:]])
-            return nn.MSELoss()(torch.func.functional_call(bare, p, (x.double(),)), y.double())
-
-        ev = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(torch.cat([w[node], b[node:node + 1]])))
+        H = ref_exact(bare, params, x.double(), y.double(), nn.MSELoss(), layers[layer], node)
+        ev = torch.linalg.eigvalsh(H)
         assert res.node(layer, "hess_max")[k, node] == pytest.approx(float(ev[-1]), rel=1e-6, abs=1e-12)
         assert res.node(layer, "hess_min")[k, node] == pytest.approx(float(ev[0]), rel=1e-6, abs=1e-9 * float(ev.abs().max()))
 
