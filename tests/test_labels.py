@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from trajscope.analysis.labels import (
-    LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, motion_from_eigs, resolve_delta, stable_labels,
+    LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta, stable_labels,
 )
+from trajscope.analysis.motion import motion_from_eigs
 from trajscope.analysis.updatemap import UpdateRule, node_update_spectra, update_rule
 from trajscope.errors import TrajscopeError
 

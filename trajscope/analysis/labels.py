@@ -15,7 +15,8 @@ the curvature of the map's operator A_i (H_i for the SGD family, D^{1/2}(s H_i +
 the adaptive optimizers; :mod:`~trajscope.analysis.updatemap`, :mod:`~trajscope.analysis.motion`)
 along that motion. The roots
 μ_u of the update map of a direction with curvature λ_u say what the step does to the motion:
-``motion_radius`` = max |μ_u| and ``motion_neutral`` = min |μ_u − 1| (``motion_from_eigs``).
+``motion_radius`` = max |μ_u| and ``motion_neutral`` = min |μ_u − 1|
+(:func:`~trajscope.analysis.motion.motion_from_eigs`).
 
 1. ``source`` if motion_radius > 1 + δ: the motion itself grows (``expanding``);
 2. ``degenerate_sink`` if ‖θ_i‖ ≤ collapse_ratio · reference                 (``collapsed``);
@@ -89,12 +90,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trajscope.analysis.updatemap import NodeSpectra, UpdateRule, update_map_eigenvalues
+from trajscope.analysis.updatemap import NodeSpectra
 from trajscope.errors import TrajscopeError
 
 __all__ = [
     "LABELS", "REASONS", "REASON_DOCS", "PRESETS", "LabelConfig", "resolve_delta",
-    "collapse_reference_norm", "classify", "stable_labels", "motion_from_eigs",
+    "collapse_reference_norm", "classify", "stable_labels",
 ]
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")
@@ -172,22 +173,6 @@ def resolve_delta(config: LabelConfig, total_steps: int, horizon: int | None = N
     return min(1.0 / max(int(span), 1), float(config.eps_contract))
 
 
-def motion_from_eigs(lam_u: Tensor, rule: UpdateRule) -> tuple[Tensor, Tensor]:
-    """``(motion_radius, motion_neutral)`` (N,) float64 from the motion curvature λ_u (N,).
-
-    The roots μ_u of the update map of one direction with curvature λ_u (the same map
-    :func:`~trajscope.analysis.updatemap.node_update_spectra` applies to every eigenvalue):
-    max |μ_u| and min |μ_u − 1|. NaN λ_u (no motion) gives NaN for both.
-    """
-    lam = lam_u.to(torch.float64).reshape(-1, 1)
-    mu, _null = update_map_eigenvalues(lam, 1, rule)
-    bad = torch.isnan(lam[:, 0])
-    nan = torch.full_like(lam[:, 0], math.nan)
-    radius = torch.where(bad, nan, mu.abs().amax(dim=1))
-    neutral = torch.where(bad, nan, (mu - 1).abs().amin(dim=1))
-    return radius, neutral
-
-
 def collapse_reference_norm(config: LabelConfig, param_norm: Tensor, first_norm: Tensor | None = None) -> Tensor:
     """The collapse reference per node: its first analysed norm, or the layer's median norm now.
 
@@ -210,7 +195,7 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
     ``grad_norm`` ‖∇_{θ_i}L‖, ``hess_min`` the smallest eigenvalue of H_i over all p
     directions (seed preset; with ``hess_max`` the excited preset's H_i = 0 test), ``loss`` the
     checkpoint's loss (seed preset only), ``motion`` = (motion_radius, motion_neutral, loss_share):
-    the first two from :func:`motion_from_eigs`, the third the node's share of the step's
+    the first two from :func:`~trajscope.analysis.motion.motion_from_eigs`, the third the node's share of the step's
     first-order loss decrease over an equal share (excited preset; None: no motion known).
     Vectorised; never raises on non-finite values.
     """

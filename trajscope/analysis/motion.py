@@ -12,6 +12,8 @@ excites the directions it has components along:
 
 * :func:`motion_curvature`: the Rayleigh quotient :math:`\lambda_u = \tilde u^\top A_i \tilde u /
   \tilde u^\top\tilde u`, from the layer factor (no block formed);
+* :func:`motion_from_eigs`: the roots μ_u of the map of a direction with curvature λ_u, as
+  max |μ_u| (``motion_radius``) and min |μ_u − 1| (what the excited label preset tests);
 * :func:`motion_fractions`: the fractions :math:`\sum_{k \in S} (v_k^\top \tilde u)^2 / \|\tilde u\|^2`
   of the motion along the eigenvectors v_k of A_i whose map is neutral (some |μ(a_k) − 1| ≤ δ) or
   unstable (some |μ(a_k)| > 1 + δ); dense p × p eigenvectors, so opt-in (``motion_fractions=True``).
@@ -26,7 +28,7 @@ from torch import Tensor
 from trajscope.analysis.curvature import LayerFactor, block_quadratic_forms, dense_blocks
 from trajscope.analysis.updatemap import NodeMap, UpdateRule, update_map_eigenvalues
 
-__all__ = ["map_scale", "motion_curvature", "motion_fractions"]
+__all__ = ["map_scale", "motion_curvature", "motion_from_eigs", "motion_fractions"]
 
 #: nodes per tile of dense p × p eigenproblems in :func:`motion_fractions` is bounded by this many bytes
 _TILE_BYTES = 64 * 2**20
@@ -55,6 +57,22 @@ def motion_curvature(factor: LayerFactor, nm: NodeMap, u: Tensor, precond: Tenso
         quad = nm.sign * quad + (c * u * u).sum(dim=1)
         den = torch.where(d > 0, u * u / torch.where(d > 0, d, 1.0), 0.0).sum(dim=1)
     return torch.where(den > 0, quad / torch.where(den > 0, den, 1.0), math.nan)
+
+
+def motion_from_eigs(lam_u: Tensor, rule: UpdateRule) -> tuple[Tensor, Tensor]:
+    """``(motion_radius, motion_neutral)`` (N,) float64 from the motion curvature λ_u (N,).
+
+    The roots μ_u of the update map of one direction with curvature λ_u (the same map
+    :func:`~trajscope.analysis.updatemap.node_update_spectra` applies to every eigenvalue):
+    max |μ_u| and min |μ_u − 1|. NaN λ_u (no motion) gives NaN for both.
+    """
+    lam = lam_u.to(torch.float64).reshape(-1, 1)
+    mu, _null = update_map_eigenvalues(lam, 1, rule)
+    bad = torch.isnan(lam[:, 0])
+    nan = torch.full_like(lam[:, 0], math.nan)
+    radius = torch.where(bad, nan, mu.abs().amax(dim=1))
+    neutral = torch.where(bad, nan, (mu - 1).abs().amin(dim=1))
+    return radius, neutral
 
 
 def motion_fractions(factor: LayerFactor, nm: NodeMap, rule: UpdateRule, u: Tensor, precond: Tensor | None,

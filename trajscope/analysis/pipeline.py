@@ -40,9 +40,9 @@ import trajscope
 from trajscope.analysis.curvature import (CurvatureResult, bias_group_eigvals, node_curvature, node_hessian_extremes,
                                           preconditioned_eigvals)
 from trajscope.analysis.kinematics import node_kinematics
-from trajscope.analysis.motion import map_scale, motion_curvature, motion_fractions
-from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm,
-                                      motion_from_eigs, resolve_delta, stable_labels)
+from trajscope.analysis.motion import map_scale, motion_curvature, motion_fractions, motion_from_eigs
+from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta,
+                                      stable_labels)
 from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.options import AnalysisOptions, parse_steps, range_text
 from trajscope.analysis import replay as replay_mod
