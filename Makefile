@@ -12,7 +12,7 @@ install: $(STAMP)
 # torch==2.13.0 first: it is the CPU wheel on this machine's disk; a bare `torch`
 # requirement would pull a multi-GB CUDA build. BackPACK (benchmarks only) is installed
 # without its dependencies because it would otherwise drag in torchvision and a newer torch.
-$(STAMP): pyproject.toml setup.py trajscope/analysis/_smalleig.c plugins/pyproject.toml
+$(STAMP): pyproject.toml setup.py trajscope/linalg/_smalleig.c plugins/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]' -e ./plugins

@@ -1,6 +1,6 @@
 """Build of the optional C kernel (everything else is in pyproject.toml).
 
-``trajscope.analysis._smalleig`` computes the eigenvalues of many small symmetric matrices
+``trajscope.linalg._smalleig`` computes the eigenvalues of many small symmetric matrices
 several times faster than LAPACK one by one; where it cannot be compiled, the install still
 succeeds and the analysis uses ``torch.linalg.eigvalsh`` (same results, slower)."""
 import sys
@@ -8,5 +8,5 @@ import sys
 from setuptools import Extension, setup
 
 flags = [] if sys.platform == "win32" else ["-O3", "-fopenmp-simd"]
-setup(ext_modules=[Extension("trajscope.analysis._smalleig", ["trajscope/analysis/_smalleig.c"],
+setup(ext_modules=[Extension("trajscope.linalg._smalleig", ["trajscope/linalg/_smalleig.c"],
                              extra_compile_args=flags, optional=True)])

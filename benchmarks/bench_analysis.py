@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from trajscope.analysis import eigen
-from trajscope.analysis.curvature import node_curvature
-from trajscope.analysis.nodes import find_node_layers, node_matrix
-from trajscope.analysis.sharpness import hvp_operator, sharpness
+from trajscope.linalg import eigen
+from trajscope.curvature.blocks import node_curvature
+from trajscope.nodes import find_node_layers, node_matrix
+from trajscope.curvature.sharpness import hvp_operator, sharpness
 
 
 def build(seed: int = 0):
@@ -213,7 +213,7 @@ def main() -> None:
     for a_, b_, c_ in rows:
         print(f"{a_:<48} {b_}  {c_}")
     print("-" * 110)
-    print(f"eigensolver: {'C kernel (trajscope.analysis._smalleig)' if eigen.kernel_available() else 'LAPACK (kernel not built)'}")
+    print(f"eigensolver: {'C kernel (trajscope.linalg._smalleig)' if eigen.kernel_available() else 'LAPACK (kernel not built)'}")
     print(f"ours, LAPACK variant and BackPACK: {args.reps} runs each, interleaved; sharpness/power "
           f"method: 3 runs each, interleaved; reference lambda_max {ref_value:.6g} (ARPACK, {ref_hvp} HVPs at tol 1e-10)")
     print(f"checks: our spectra vs naive hessian max rel.err {spec_err:.1e}; per-layer trace of our "

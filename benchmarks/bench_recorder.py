@@ -147,7 +147,7 @@ def main(argv=None) -> None:
           f"after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"one-off costs in a fresh process, excluded by warm-up runs: first Recorder {warm:.2f} s, "
           f"first torch.export {warm_export:.2f} s")
-    placement = "background thread" if trajscope.recorder._free_core_for_writer(mlp(SIZES)) else "training thread"
+    placement = "background thread" if trajscope.record.recorder._free_core_for_writer(mlp(SIZES)) else "training thread"
     print(f"the Recorder's default writer here: {placement}; 'thread' rows force the background thread\n")
     head = f"{'configuration':<30}{'recorded':>9}{'wall s':>9}{'min..max s':>14}{'vs none':>9}{'vs naive':>10}" \
            f"{'paired':>8}{'MiB/rec step':>14}{'params/raw':>12}{'batch KiB':>11}"

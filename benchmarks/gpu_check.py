@@ -30,7 +30,7 @@ from torch import nn
 
 import trajscope
 from trajscope import zoo
-from trajscope.analysis import eigen
+from trajscope.linalg import eigen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cost import record as record_mlp  # noqa: E402

@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:  # the suite's model_spec "benchmarks.validity_mod
     sys.path.insert(0, str(ROOT))
 
 import trajscope  # noqa: E402
-from trajscope.results import open_results  # noqa: E402
+from trajscope.io.results import open_results  # noqa: E402
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")
 HEALTHY, DEGENERATE, PLATEAU, SOURCE = range(4)

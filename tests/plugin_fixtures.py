@@ -6,7 +6,7 @@ training run recorded with :class:`trajscope.Recorder` and analysed with
 
 ``build_logdir(tmp_path)`` writes a TensorBoard logdir of two runs, each with an
 ``analysis.zarr`` and event files written through the real writers
-(:class:`trajscope.results.ResultsWriter`, :class:`trajscope.analysis.tbevents.EventWriter`)
+(:class:`trajscope.io.results.ResultsWriter`, :class:`trajscope.io.tbevents.EventWriter`)
 from synthetic but plausible data: two layers (16 and 5 nodes, dotted module names),
 12 analysed steps, every label present in every layer, one dead node (zero norm -> NaN ρ
 and drift). ``tensorboard_server(logdir)`` runs a real ``tensorboard`` for end-to-end tests.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trajscope.results import LABELS, ResultsWriter
+from trajscope.io.results import LABELS, ResultsWriter
 
 LAYERS: dict[str, int] = {"net.0": 16, "net.2": 5}
 N_STEPS = 12
@@ -151,7 +151,7 @@ SYNTH_WARNING = ("WARNING: trajscope has no update map for Adadelta: the spectra
 
 def write_run(run_dir: Path, data: dict) -> Path:
     """Write ``data`` (from :func:`synthetic_run`) through ResultsWriter + EventWriter."""
-    from trajscope.analysis.tbevents import EventWriter  # imports torch: only when writing
+    from trajscope.io.tbevents import EventWriter  # imports torch: only when writing
 
     run_dir.mkdir(parents=True, exist_ok=True)
     rw = ResultsWriter(run_dir, run_attrs(), data["layers"])

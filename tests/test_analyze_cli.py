@@ -1,5 +1,5 @@
 """``trajscope analyze`` from the command line (SPEC §1, §9, §10): real recorded runs, analysed
-through ``trajscope.cli.main`` (and once through ``python -m trajscope``)."""
+through ``trajscope.cli.main.main`` (and once through ``python -m trajscope``)."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trajscope.cli import main
-from trajscope.results import open_results
+from trajscope.cli.main import main
+from trajscope.io.results import open_results
 
 from helpers_analysis import event_files, simple_run
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import trajscope
-from trajscope.cli import main
+from trajscope.cli.main import main
 from trajscope.errors import TrajscopeError
-from trajscope.results import open_results
+from trajscope.io.results import open_results
 
 from helpers_analysis import simple_run, tree_digest
 

@@ -1,4 +1,4 @@
-"""Concurrent analyses of one run and analysis of a run still being recorded (trajscope.runlock):
+"""Concurrent analyses of one run and analysis of a run still being recorded (trajscope.io.runlock):
 no lost results, no message advising to delete valid ones, results equal to a single analysis."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import trajscope
-from trajscope.cli import main
-from trajscope.results import open_results
-from trajscope.runlock import LOCK_NAME, analysis_lock, holder
+from trajscope.cli.main import main
+from trajscope.io.results import open_results
+from trajscope.io.runlock import LOCK_NAME, analysis_lock, holder
 
 from helpers_analysis import batches, make_mlp, mlp_spec, simple_run, store_arrays
 
@@ -158,7 +158,7 @@ def test_a_file_in_place_of_the_analysis_store_is_one_line(tmp_path, capsys):
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    code = (f"import time; from trajscope.runlock import analysis_lock\n"
+    code = (f"import time; from trajscope.io.runlock import analysis_lock\n"
             f"with analysis_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -175,6 +175,6 @@ def test_read_only_run_folder_is_one_line(tmp_path, monkeypatch):
     run = tmp_path / "run"
     simple_run(run, steps=3)
 
-    monkeypatch.setattr("trajscope.runlock.LOCK_NAME", "no-such-folder/lock")   # cannot be created
+    monkeypatch.setattr("trajscope.io.runlock.LOCK_NAME", "no-such-folder/lock")   # cannot be created
     with pytest.raises(trajscope.TrajscopeError, match="writable folder"):
         trajscope.analyze(run)

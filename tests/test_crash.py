@@ -29,9 +29,9 @@ import pytest
 import torch
 
 import trajscope
-from trajscope.cli import main as cli_main
-from trajscope.recorder import Recorder
-from trajscope.store import is_run
+from trajscope.cli.main import main as cli_main
+from trajscope.record.recorder import Recorder
+from trajscope.io.trajectory import is_run
 
 from helpers_recording import (assert_bitexact, assert_state_bitexact, assert_tensors_bitexact, copy_state_dict,
                                crash_batch, crash_model, crash_optimizer, crash_step)
@@ -44,14 +44,14 @@ import os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
-import trajscope, trajscope.recorder, trajscope.store, zarr, numpy
+import trajscope, trajscope.record.recorder, trajscope.io.trajectory, zarr, numpy
 from helpers_recording import crash_model, crash_optimizer, crash_step
 
 def child(run_dir, background, steps=5000):
     model = crash_model()
     opt = crash_optimizer(model)
     loss_fn = torch.nn.MSELoss()
-    rec = trajscope.recorder.Recorder(run_dir, model, opt, loss_fn, every=1, export=False, background=background)
+    rec = trajscope.record.recorder.Recorder(run_dir, model, opt, loss_fn, every=1, export=False, background=background)
     for t in range(steps):
         crash_step(model, opt, loss_fn, t, rec)
     rec.close()

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from trajscope.analysis.curvature import (
+from trajscope.curvature.blocks import (
     dense_blocks,
     node_curvature,
     node_hessian_extremes,
     preconditioned_eigvals,
 )
-from trajscope.analysis.nodes import find_node_layers, node_matrix
+from trajscope.nodes import find_node_layers, node_matrix
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning"),

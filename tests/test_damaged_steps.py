@@ -9,8 +9,8 @@ import pytest
 
 import trajscope
 from trajscope.errors import DamagedRecordError
-from trajscope.results import open_results
-from trajscope.run import Run
+from trajscope.io.results import open_results
+from trajscope.replay.run import Run
 
 from helpers_analysis import simple_run
 
@@ -53,7 +53,7 @@ def test_damaged_step_is_a_marked_nan_row_and_the_rest_is_unchanged(tmp_path, mo
 
 
 def test_every_step_damaged_is_one_line(tmp_path, monkeypatch, capsys):
-    from trajscope.cli import main
+    from trajscope.cli.main import main
     run = tmp_path / "run"
     simple_run(run, steps=3)
     _damage(monkeypatch, {0, 1, 2})
@@ -83,7 +83,7 @@ def test_a_checkpoint_whose_analysis_fails_is_a_failed_row_not_an_abort(tmp_path
 
 
 def test_a_loss_that_cannot_be_replayed_is_one_line_before_anything_is_written(tmp_path, capsys):
-    from trajscope.cli import main
+    from trajscope.cli.main import main
     run = tmp_path / "run"
     simple_run(run, steps=3)
     capsys.readouterr()

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import trajscope
-from trajscope.cli import main
-from trajscope.store import STORE_NAME, find_runs, shard_store_name
+from trajscope.cli.main import main
+from trajscope.io.trajectory import STORE_NAME, find_runs, shard_store_name
 
 from helpers_analysis import make_mlp, mlp_spec, node_rows
 

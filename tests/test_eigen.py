@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from trajscope.analysis import eigen
+from trajscope.linalg import eigen
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -42,7 +42,7 @@ def max_err(ev: torch.Tensor, ref: np.ndarray) -> float:
 
 def test_kernel_is_built():
     # CI has a C compiler: a kernel that silently failed to build would make analyses ~4x slower
-    assert eigen._smalleig is not None, "trajscope.analysis._smalleig was not compiled (pip install -e .)"
+    assert eigen._smalleig is not None, "trajscope.linalg._smalleig was not compiled (pip install -e .)"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 15, 16, 17, 64, 73, 128, 200])
@@ -155,8 +155,8 @@ def test_routing(monkeypatch):
 
 
 def test_node_spectra_same_with_kernel_and_lapack(monkeypatch):
-    from trajscope.analysis.curvature import node_curvature
-    from trajscope.analysis.nodes import find_node_layers
+    from trajscope.curvature.blocks import node_curvature
+    from trajscope.nodes import find_node_layers
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.ReLU(), torch.nn.Linear(48, 48),

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from trajscope.analysis import eigen
+from trajscope.linalg import eigen
 
 EPS32 = float(np.finfo(np.float32).eps)
 C = 2.0

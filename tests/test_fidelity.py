@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import trajscope
-from trajscope.cli import main
-from trajscope.results import open_results
+from trajscope.cli.main import main
+from trajscope.io.results import open_results
 
 from helpers_analysis import batches, simple_run
 

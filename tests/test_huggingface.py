@@ -20,8 +20,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import trajscope
 from trajscope import capture, modelloss, trust
-from trajscope.analysis.curvature import dense_blocks, node_curvature, twice_differentiable_attention
-from trajscope.analysis.nodes import find_node_layers
+from trajscope.curvature.blocks import dense_blocks, node_curvature, twice_differentiable_attention
+from trajscope.nodes import find_node_layers
 from trajscope.errors import TrajscopeError
 from trajscope.integrations.huggingface import TrajscopeCallback, from_config
 
@@ -136,7 +136,7 @@ def test_gpt2_hand_loop_end_to_end(tmp_path, other_user):
     assert meta["kwargs"]["architecture"] == "GPT2LMHeadModel" and meta["kwargs"]["config"]["n_embd"] == 16
     assert run.attrs["loss"]["kwargs"]["task"] == "causal_lm"
     # trajscope info: a Conv1D layer's node count is its weight's dim 1, the config is summarised
-    from trajscope.info import summary_tables
+    from trajscope.cli.info import summary_tables
     overview, table = summary_tables(run)
     counts = dict(zip(table.columns[0]._cells, table.columns[3]._cells))
     assert counts["transformer.h.0.attn.c_attn.weight"] == "48" and counts["transformer.wte.weight"] == "64"
@@ -278,7 +278,7 @@ def test_trainer_callback_bf16_on_cpu(tmp_path):
 def test_trainer_callback_refuses_an_existing_run_before_training(tmp_path, capsys):
     path, _, _ = _train(tmp_path, steps=1)
     # the command line analyses it (the loss is the model's: no --loss, no --trust)
-    from trajscope.cli import main
+    from trajscope.cli.main import main
     assert main(["analyze", str(path), "--modules", "transformer.h.0.mlp.c_proj", "--no-sharpness", "--dtype",
                  "float64", "--no-progress"]) == 0
     assert "does not say how its loss is computed" not in capsys.readouterr().out

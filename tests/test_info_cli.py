@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from trajscope.cli import main
-from trajscope.recorder import Recorder
+from trajscope.cli.main import main
+from trajscope.record.recorder import Recorder
 
 from helpers_recording import drop_chunks, make_batches, make_model
 

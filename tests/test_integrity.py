@@ -25,13 +25,13 @@ import torch
 import zarr
 
 import trajscope
-from trajscope import store
-from trajscope.cli import main
+from trajscope.io import trajectory as store
+from trajscope.cli.main import main
 from trajscope.errors import DamagedRecordError, TrajscopeError
-from trajscope.info import info, verify
-from trajscope.recorder import Recorder
-from trajscope.results import ResultsWriter
-from trajscope.store import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, pack
+from trajscope.cli.info import info, verify
+from trajscope.record.recorder import Recorder
+from trajscope.io.results import ResultsWriter
+from trajscope.io.trajectory import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, pack
 
 from helpers_recording import assert_batch_equal, make_model, per_record_arrays, train
 
@@ -400,7 +400,7 @@ def test_incomplete_analysis_store_is_not_called_damaged(run, capsys):
 
 # --------------------------------------------------------------------------- readers racing the writer
 class _TornOnce:
-    """Stands in for ``os`` in trajscope.store: the first ``n`` preads of a shard index return it
+    """Stands in for ``os`` in trajscope.io.trajectory: the first ``n`` preads of a shard index return it
     half rewritten (new entry, old CRC), as a reader can see while the writer rewrites it."""
 
     def __init__(self, n: int) -> None:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trajscope.analysis.kinematics import node_kinematics
+from trajscope.dynamics.kinematics import node_kinematics
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

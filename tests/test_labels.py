@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from trajscope.analysis.labels import (
+from trajscope.dynamics.labels import (
     LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta, stable_labels,
 )
-from trajscope.analysis.motion import motion_from_eigs
-from trajscope.analysis.updatemap import UpdateRule, node_update_spectra, update_rule
+from trajscope.dynamics.motion import motion_from_eigs
+from trajscope.dynamics.updatemap import UpdateRule, node_update_spectra, update_rule
 from trajscope.errors import TrajscopeError
 
 F64 = torch.float64

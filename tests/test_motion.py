@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from trajscope.analysis.curvature import block_quadratic_forms, dense_blocks, node_curvature
-from trajscope.analysis.nodes import find_node_layers, node_matrix
+from trajscope.curvature.blocks import block_quadratic_forms, dense_blocks, node_curvature
+from trajscope.nodes import find_node_layers, node_matrix
 
 from test_curvature import DT, SeqMLP, _params, mlp, mlp_data, ref_exact, small_cnn
 
@@ -74,10 +74,10 @@ def test_zero_and_nan_factors():
 # ----------------------------------------------------------------------------- fractions of the motion
 def test_motion_fractions_split_the_motion_over_the_map_directions():
     """A block with known eigenvectors (a rotation Q of diag(a)); GD with lr 1: μ = 1 − a."""
-    from trajscope.analysis.curvature import LayerFactor
-    from trajscope.analysis.motion import motion_fractions
-    from trajscope.analysis.nodes import NodeLayer
-    from trajscope.analysis.updatemap import node_map, update_rule
+    from trajscope.curvature.blocks import LayerFactor
+    from trajscope.dynamics.motion import motion_fractions
+    from trajscope.nodes import NodeLayer
+    from trajscope.dynamics.updatemap import node_map, update_rule
 
     a = torch.tensor([0.5, 1e-4, 2.3], dtype=DT)        # contracting, neutral (δ = 1e-3), unstable (μ = −1.3)
     Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=DT))

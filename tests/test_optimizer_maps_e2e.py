@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import trajscope
-from trajscope.analysis.updatemap import node_update_spectra, preconditioner, update_rule
-from trajscope.cli import main
+from trajscope.dynamics.updatemap import node_update_spectra, preconditioner, update_rule
+from trajscope.cli.main import main
 
 from helpers_analysis import batches, make_mlp, mlp_spec, node_rows
 
@@ -40,7 +40,7 @@ def test_rmsprop_adagrad_runs_use_their_maps(tmp_path, capsys, name, factory, ki
     assert main(["analyze", str(path), "--no-progress", "--curvature", "exact", "--dtype", "float64"]) == 0
     out = capsys.readouterr().out
     assert "no update map" not in out
-    res = trajscope.results.open_results(path)
+    res = trajscope.io.results.open_results(path)
     assert [m["kind"] for m in res.attrs["optimizer_map"]] == [kind]
     # node 1 of layer 0 at step 2 against a hand-made spectrum from the dense block
     run = trajscope.open_run(path)

@@ -9,7 +9,7 @@ from torch import nn
 
 import trajscope
 from helpers_analysis import linear_spec, make_linear, record
-from trajscope.analysis.updatemap import node_map, node_update_spectra, update_rule
+from trajscope.dynamics.updatemap import node_map, node_update_spectra, update_rule
 
 F64 = torch.float64
 
@@ -82,8 +82,8 @@ def test_node_spanning_two_groups_matches_the_real_step(tmp_path, case, d_in):
 @pytest.mark.parametrize("kind", ["ggn", "exact"])
 @pytest.mark.parametrize("batch", [5, 40])  # Gram route (B + 1 < p) and dense route
 def test_bias_group_eigvals_match_the_dense_transform(kind, batch):
-    from trajscope.analysis.curvature import bias_group_eigvals, node_curvature, preconditioned_eigvals
-    from trajscope.analysis.nodes import find_node_layers
+    from trajscope.curvature.blocks import bias_group_eigvals, node_curvature, preconditioned_eigvals
+    from trajscope.nodes import find_node_layers
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)

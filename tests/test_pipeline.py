@@ -317,7 +317,7 @@ def test_output_contract_zarr_and_events(tmp_path):
     assert attrs["trajscope_version"] == trajscope.__version__
     assert "semantics" in attrs and "optimizer_map" in attrs
     assert attrs["optimizer_map"][0]["kind"] == "sgd"
-    # the same numbers through trajscope.results
+    # the same numbers through trajscope.io.results
     np.testing.assert_array_equal(res.steps, root["steps"][...])
     np.testing.assert_array_equal(res.node("0", "label"), root["nodes/0/label"][...])
     threshold = root["global/threshold"][...]

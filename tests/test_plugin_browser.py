@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from plugin_fixtures import DEAD_UNIT, REAL_RUN, SYNTH_WARNING, build_logdir, real_logdir, tensorboard_server
-from trajscope.results import open_results
+from trajscope.io.results import open_results
 
 pytestmark = pytest.mark.slow
 

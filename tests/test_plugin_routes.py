@@ -2,7 +2,7 @@
 
 The contract tests run on a real run: recorded with ``trajscope.Recorder`` and analysed with
 ``trajscope.analyze`` (``plugin_fixtures.real_logdir``); every answer must equal what
-``trajscope.results.open_results`` and the run's event files hold. The synthetic logdir
+``trajscope.io.results.open_results`` and the run's event files hold. The synthetic logdir
 (``plugin_fixtures.build_logdir``) covers what a small real run cannot show: every label in one
 layer, dotted module names, a zero-norm node (NaN ρ and drift), a one-layer model, labels not
 computed.
@@ -29,7 +29,7 @@ from werkzeug.test import Client
 
 from plugin_fixtures import (DEAD_UNIT, LAYERS, N_STEPS, REAL_LAYERS, REAL_RUN, REAL_STEPS, RUNS, SYNTH_WARNING, build_logdir,
                              event_labels, read_events, real_logdir)
-from trajscope.results import LABELS, open_results
+from trajscope.io.results import LABELS, open_results
 from trajscope_tensorboard.loader import TrajscopeLoader
 
 P = "/data/plugin/trajscope"
@@ -359,7 +359,7 @@ def test_loader_keeps_every_step():
 
 
 def test_plugin_imports_no_torch():
-    code = ("import sys, trajscope_tensorboard.loader, trajscope_tensorboard.plugin, trajscope.results; "
+    code = ("import sys, trajscope_tensorboard.loader, trajscope_tensorboard.plugin, trajscope.io.results; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

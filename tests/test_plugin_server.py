@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from plugin_fixtures import REAL_RUN, event_labels, read_events, real_logdir, tensorboard_server
-from trajscope.results import open_results
+from trajscope.io.results import open_results
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import re
 import shlex
 from pathlib import Path
 
-from trajscope.cli import main as cli
+from trajscope.cli.main import main as cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Commands that set up the repo or start a server are exercised elsewhere (CI runs `make test`;

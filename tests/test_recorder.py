@@ -9,8 +9,8 @@ import torch
 
 import trajscope
 from trajscope import TrajscopeError
-from trajscope.recorder import Recorder
-from trajscope.store import TrajectoryWriter
+from trajscope.record.recorder import Recorder
+from trajscope.io.trajectory import TrajectoryWriter
 
 from helpers_recording import (Ref, assert_batch_equal, assert_state_bitexact,
                                assert_tensors_bitexact, make_batches, make_model, train)
@@ -333,7 +333,7 @@ def test_when_behind_skip_notes_skipped_steps(tmp_path, monkeypatch, capsys):
     assert {0, 6, 10} <= set(recorded)
     check_against(run, ref, recorded, opt)
 
-    from trajscope.cli import main
+    from trajscope.cli.main import main
     assert main(["info", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "skipped steps" in out and f"{len(skipped)} ({', '.join(map(str, skipped[:3]))}" in out
@@ -369,7 +369,7 @@ def test_records_become_visible_while_training_runs(tmp_path, background):
 
 def test_writer_placement_follows_free_cores(monkeypatch):
     """Default placement: a writer thread only where it does not preempt torch's own threads."""
-    from trajscope import recorder as recorder_mod
+    from trajscope.record import recorder as recorder_mod
     model = make_model("tensor")
     monkeypatch.setattr(recorder_mod.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     for threads, expected in [(4, False), (2, True), (8, False)]:

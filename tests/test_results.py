@@ -10,7 +10,7 @@ import zarr
 
 from plugin_fixtures import LAYERS, N_STEPS, synthetic_run, write_run
 from trajscope.errors import TrajscopeError
-from trajscope.results import (GLOBAL, LABELS, NODE_FLOAT, NODE_INT, NODE_U8, UNSET_U8, ResultsWriter,
+from trajscope.io.results import (GLOBAL, LABELS, NODE_FLOAT, NODE_INT, NODE_U8, UNSET_U8, ResultsWriter,
                                group_name, open_results)
 
 
@@ -152,7 +152,7 @@ def test_interrupted_write_is_invisible(tmp_path, monkeypatch):
 def test_killed_process_leaves_committed_rows(tmp_path):
     code = f"""
 import os, numpy as np
-from trajscope.results import ResultsWriter
+from trajscope.io.results import ResultsWriter
 w = ResultsWriter({str(tmp_path)!r}, {{}}, {{"fc": 4}})
 for k in range(5):
     w.append(k, {{"loss": float(k)}}, {{"fc": {{"rho": np.full(4, k, np.float32)}}}})
@@ -186,7 +186,7 @@ def test_missing_store_is_one_line_error(tmp_path):
 
 
 def test_no_torch_import():
-    code = "import sys, trajscope.results; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, trajscope.io.results; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

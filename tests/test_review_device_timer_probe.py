@@ -41,11 +41,12 @@ import zarr
 from torch import nn
 
 import trajscope
-from trajscope import recorder as recorder_mod
-from trajscope import store, zoo
-from trajscope.analysis.curvature import node_curvature
-from trajscope.analysis.nodes import find_node_layers
-from trajscope.recorder import Recorder
+from trajscope.record import recorder as recorder_mod
+from trajscope import zoo
+from trajscope.io import trajectory as store
+from trajscope.curvature.blocks import node_curvature
+from trajscope.nodes import find_node_layers
+from trajscope.record.recorder import Recorder
 
 from helpers_analysis import F64, record, store_arrays
 from helpers_recording import Ref, make_batches, make_model, train
@@ -67,9 +68,10 @@ torch.set_num_threads(1)  # lazy tensors are not thread-safe: no eigen pool
 import numpy as np
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
-from trajscope.analysis import curvature as C, eigen
-from trajscope.analysis.nodes import find_node_layers, node_matrix
-from trajscope.analysis.sharpness import hvp_operator, sharpness
+from trajscope.curvature import blocks as C
+from trajscope.linalg import eigen
+from trajscope.nodes import find_node_layers, node_matrix
+from trajscope.curvature.sharpness import hvp_operator, sharpness
 
 warnings.simplefilter("ignore")
 F64 = torch.float64
@@ -710,8 +712,8 @@ def test_many_open_close_cycles_and_close_as_the_timer_fires_leave_no_timer(tmp_
 ATEXIT_CHILD = textwrap.dedent("""
     import sys, threading, torch
     from helpers_recording import make_batches, make_model, train
-    import trajscope.recorder as R
-    from trajscope.recorder import Recorder
+    import trajscope.record.recorder as R
+    from trajscope.record.recorder import Recorder
     R._COMMIT_INTERVAL = 5.0  # the last records surely wait for the timer when the script ends
     model = make_model("tensor")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import trajscope
-from trajscope.analysis.labels import LABELS
+from trajscope.dynamics.labels import LABELS
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_data"
@@ -55,7 +55,7 @@ def test_digits_mlp_shows_every_label(tmp_path):
     # first layer (no weight decay): six dead ReLUs are plateaus with reason "dead" from the start
     dead0 = res.node("0", "reason")[0, :6]
     assert (res.node("0", "label")[first, :6] == PLATEAU).all()
-    assert all(trajscope.results.open_results(run).attrs["reasons"][r] == "dead" for r in dead0)
+    assert all(trajscope.io.results.open_results(run).attrs["reasons"][r] == "dead" for r in dead0)
     assert (res.node("0", "grad_norm")[first, :6] == 0).all()
     # the live units are not plateaus because of their low-variance pixels' tiny eigenvalues (issue
     # #12: the acted preset called all 32 plateaus): most are healthy sinks

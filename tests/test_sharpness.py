@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from trajscope.analysis.curvature import node_curvature
-from trajscope.analysis.nodes import find_node_layers
-from trajscope.analysis.sharpness import hvp_operator, sharpness
+from trajscope.curvature.blocks import node_curvature
+from trajscope.nodes import find_node_layers
+from trajscope.curvature.sharpness import hvp_operator, sharpness
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64
@@ -141,7 +141,7 @@ def _sym_op(A):
 
 
 def test_lanczos_on_explicit_spectra():
-    from trajscope.analysis.sharpness import _lanczos_max
+    from trajscope.curvature.sharpness import _lanczos_max
 
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=DT))
@@ -166,7 +166,7 @@ def test_lanczos_on_explicit_spectra():
 
 
 def test_lanczos_stops_exactly_on_an_invariant_subspace():
-    from trajscope.analysis.sharpness import _lanczos_max
+    from trajscope.curvature.sharpness import _lanczos_max
 
     A = torch.diag(torch.tensor([4.0, 1.0, -2.0] + [0.5] * 60, dtype=DT))
     v0 = torch.zeros(63, dtype=DT)

@@ -15,7 +15,7 @@ from scipy.sparse.linalg import eigsh
 from torch import nn
 from torch.func import functional_call, hessian
 
-from trajscope.analysis.sharpness import _DENSE_DIM, _lanczos_max, _NonFinite, hvp_operator, sharpness
+from trajscope.curvature.sharpness import _DENSE_DIM, _lanczos_max, _NonFinite, hvp_operator, sharpness
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64

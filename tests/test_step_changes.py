@@ -20,13 +20,13 @@ from tensorboard.backend.event_processing import event_accumulator
 from torch import nn
 
 import trajscope
-from trajscope.analysis.updatemap import step_gradient
-from trajscope.cli import main
-from trajscope.results import open_results
+from trajscope.dynamics.updatemap import step_gradient
+from trajscope.cli.main import main
+from trajscope.io.results import open_results
 
 from helpers_analysis import event_files
 from test_curvature import ref_exact
-from trajscope.analysis.nodes import find_node_layers
+from trajscope.nodes import find_node_layers
 
 F64 = torch.float64
 REL = 1e-5
@@ -379,7 +379,7 @@ def test_gpt_with_the_users_lm_loss(tmp_path, capsys, user_module):
 def test_gpt_node_spectra_by_the_replayed_spec(tmp_path, user_module):
     """The whole spectrum of lm_head node blocks from the run's own model and loss (rebuilt by spec, signed
     by this user) equals the eigenvalues of torch.func.hessian of the training loss, float64, exact kind."""
-    from trajscope.analysis.curvature import node_curvature
+    from trajscope.curvature.blocks import node_curvature
     from trajscope.analysis.pipeline import recorded_node_layers
 
     run = tmp_path / "gpt"
@@ -536,7 +536,7 @@ def test_clipped_sgd_with_a_bias_group_equals_the_real_step(tmp_path, capsys):
 def test_clipped_adam_uses_the_clipped_gradient(tmp_path, capsys):
     """Adam with coupled decay, every step clipped: the node spectrum equals the one formed by hand on
     D^{1/2}(c·H_i + wd)D^{1/2}, D from the clipped gradient c·∇L (the map's frozen second moment)."""
-    from trajscope.analysis.updatemap import node_update_spectra, preconditioner, update_rule
+    from trajscope.dynamics.updatemap import node_update_spectra, preconditioner, update_rule
 
     run = tmp_path / "run"
     factors = _train_groups(run, lambda m: torch.optim.Adam(m.parameters(), lr=0.01, weight_decay=0.1))

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import trajscope
-from trajscope import TrajscopeError, store
+from trajscope import TrajscopeError
+from trajscope.io import trajectory as store
 from trajscope.errors import DamagedRecordError
-from trajscope.recorder import Recorder
-from trajscope.store import (Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout,
+from trajscope.record.recorder import Recorder
+from trajscope.io.trajectory import (Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout,
                              numeric_hparams, pack, restore_hparams, unflatten_batch, unpack)
 
 from helpers_recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import trajscope
-from trajscope import TrajscopeError, store
-from trajscope.recorder import Recorder
-from trajscope.store import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
+from trajscope import TrajscopeError
+from trajscope.io import trajectory as store
+from trajscope.record.recorder import Recorder
+from trajscope.io.trajectory import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
 
 from helpers_recording import assert_batch_equal, assert_bitexact, make_model, per_record_arrays, reseal_index, train
 

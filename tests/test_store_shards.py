@@ -39,11 +39,12 @@ import torch
 import zarr
 
 import trajscope
-from trajscope import TrajscopeError, store
+from trajscope import TrajscopeError
+from trajscope.io import trajectory as store
 from trajscope.errors import DamagedRecordError
-from trajscope import recorder as recorder_mod
-from trajscope.recorder import Recorder
-from trajscope.store import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
+from trajscope.record import recorder as recorder_mod
+from trajscope.record.recorder import Recorder
+from trajscope.io.trajectory import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
 
 from helpers_recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
                                assert_tensors_bitexact, drop_chunks, make_model, per_record_arrays, train)
@@ -308,7 +309,7 @@ RESUME_CHILD = """
 import sys, threading, torch
 sys.path.insert(0, sys.argv[2])
 from test_store_shards import LOSS, batches, train, trainer_before
-from trajscope.recorder import Recorder
+from trajscope.record.recorder import Recorder
 data = batches(70)
 model, opt = trainer_before(data, 66)
 with Recorder(sys.argv[1], model, opt, LOSS, export=False, background=False, resume=True, step=66) as rec:
@@ -381,7 +382,7 @@ class Killed(BaseException):
 
 
 class _KillingOs:
-    """Stands in for ``os`` inside trajscope.store: dies right before the k-th write-like call
+    """Stands in for ``os`` inside trajscope.io.trajectory: dies right before the k-th write-like call
     (pwrite, pwritev, replace, rename). With ``partial``, a data write writes half of its bytes
     first (SIGKILL can stop a long write between pages; this is pessimistic for short ones). The
     shard index rewrite (offset 0, inside the first page) is all or nothing, as it is under SIGKILL:

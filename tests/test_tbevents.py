@@ -12,8 +12,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 
 from plugin_fixtures import LAYERS, N_STEPS, synthetic_run, write_run
-from trajscope.analysis.tbevents import HIST_METRICS, EventWriter, histogram_bins
-from trajscope.results import LABELS
+from trajscope.io.tbevents import HIST_METRICS, EventWriter, histogram_bins
+from trajscope.io.results import LABELS
 
 
 @pytest.fixture(scope="module")

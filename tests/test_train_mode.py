@@ -17,12 +17,12 @@ import torch.nn.functional as TF
 from torch import nn
 
 import trajscope
-from trajscope.analysis import replay as replay_mod
-from trajscope.analysis.curvature import dense_blocks, node_curvature
+from trajscope.replay import trainmode as replay_mod
+from trajscope.curvature.blocks import dense_blocks, node_curvature
 from trajscope.analysis.pipeline import recorded_node_layers
-from trajscope.cli import main
-from trajscope.results import open_results
-from trajscope.store import ForwardState
+from trajscope.cli.main import main
+from trajscope.io.results import open_results
+from trajscope.io.trajectory import ForwardState
 from trajscope.zoo import mnist_net, resnet_block
 
 F64 = torch.float64
@@ -348,7 +348,7 @@ def test_old_run_without_forward_state_is_replayed_in_eval_mode_and_says_so(tmp_
     run = _mnist_run(tmp_path / "run", steps=2)
     attrs = dict(run.attrs)
     del attrs["forward_from"]                  # as a run recorded before the forward state was
-    from trajscope.store import _write_group
+    from trajscope.io.trajectory import _write_group
     _write_group(run.reader.path, attrs)
     run = trajscope.open_run(run.path)
     assert run.checkpoint(0).forward is None
@@ -427,7 +427,7 @@ def test_bad_train_mode_is_one_line(tmp_path):
 def test_sharpness_is_that_of_the_training_loss(tmp_path):
     """Lanczos on the replayed function: λ_max of the dense Hessian of the train-mode loss (BatchNorm on
     the batch statistics of each of the step's two micro-batches)."""
-    from trajscope.analysis.sharpness import sharpness
+    from trajscope.curvature.sharpness import sharpness
 
     run = _resnet_run(tmp_path / "run", accumulate=2, steps=1, b=3, cfg={"in_channels": 1, "width": 2, "classes": 2})
     ck, model = run.checkpoint(0), run.model().to(F64)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import trajscope
-from trajscope.cli import main
+from trajscope.cli.main import main
 from trajscope.errors import TrajscopeError
-from trajscope.results import open_results
+from trajscope.io.results import open_results
 from trajscope.trust import ALLOWED, TrustPolicy, key_path, sign, signed_by_me
 
 from helpers_analysis import event_files, simple_run

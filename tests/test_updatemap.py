@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from trajscope.analysis.updatemap import (
+from trajscope.dynamics.updatemap import (
     UpdateRule,
     adam_preconditioner,
     node_update_spectra,

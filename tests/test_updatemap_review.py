@@ -24,10 +24,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from trajscope.analysis.kinematics import node_kinematics
-from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm,
+from trajscope.dynamics.kinematics import node_kinematics
+from trajscope.dynamics.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm,
                                        resolve_delta, stable_labels)
-from trajscope.analysis.updatemap import (NodeSpectra, UpdateRule, adam_preconditioner, node_update_spectra,
+from trajscope.dynamics.updatemap import (NodeSpectra, UpdateRule, adam_preconditioner, node_update_spectra,
                                           stability_threshold, update_map_eigenvalues, update_rule)
 
 F64 = torch.float64

@@ -15,7 +15,7 @@ from trajscope.capture import unwrap_model
 
 from helpers_analysis import batches, make_mlp, mlp_spec
 from test_curvature import ref_exact
-from trajscope.analysis.nodes import find_node_layers
+from trajscope.nodes import find_node_layers
 
 SIZES = (3, 5, 2)
 

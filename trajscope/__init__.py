@@ -2,7 +2,7 @@
 
 Public API: :class:`Recorder`, :func:`open_run`, :func:`analyze`.
 Imports are lazy so that light consumers (the TensorBoard plugin reads
-``trajscope.results``) never pay for importing torch.
+``trajscope.io.results``) never pay for importing torch.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ __all__ = ["Recorder", "open_run", "analyze", "TrajscopeError", "__version__"]
 
 def __getattr__(name: str):
     if name == "Recorder":
-        from trajscope.recorder import Recorder
+        from trajscope.record.recorder import Recorder
         return Recorder
     if name == "open_run":
-        from trajscope.run import open_run
+        from trajscope.replay.run import open_run
         return open_run
     if name == "analyze":
         from trajscope.analysis.pipeline import analyze

@@ -156,7 +156,7 @@ def describe_node_layers(model: nn.Module) -> list[dict[str, Any]]:
     """The node-carrying modules of the live model, as JSON (an exported program has no module types)."""
     from dataclasses import asdict
 
-    from trajscope.analysis.nodes import find_node_layers
+    from trajscope.nodes import find_node_layers
 
     return [asdict(layer) for layer in find_node_layers(model)]
 

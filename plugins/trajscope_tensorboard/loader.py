@@ -2,7 +2,7 @@
 
 TensorBoard imports entry points before it starts and dies if one fails to import, so this
 module imports only TensorBoard's own ``base_plugin``; the plugin module (numpy, zarr,
-trajscope.results) is imported in :meth:`TrajscopeLoader.load`, where TensorBoard logs a
+trajscope.io.results) is imported in :meth:`TrajscopeLoader.load`, where TensorBoard logs a
 failure and carries on without the tab.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ Where the data comes from, and why:
   keep every step), and marks the tab active when such tensors exist.
 * **Per-node metrics** (ρ, drift, spectral radius, λ_max/λ_min of the block, norms, null
   and neutral dimensions) and the global series come from ``analysis.zarr`` in the run
-  folder, read with :mod:`trajscope.results` and located as ``<logdir>/<run name>``. The
+  folder, read with :mod:`trajscope.io.results` and located as ``<logdir>/<run name>``. The
   data provider has no per-node float series (histograms lose which node is which), and
   writing K×N×10 floats as event tensors would duplicate the store through TensorBoard's
   slow record path. The store only exposes committed rows, so a running analysis is safe
@@ -110,7 +110,7 @@ def _jlist(a: np.ndarray) -> list:
 
 def _results_module():
     try:
-        from trajscope import results
+        from trajscope.io import results
     except ImportError:
         return None
     return results
@@ -206,7 +206,7 @@ class TrajscopePlugin(base_plugin.TBPlugin):
         return path
 
     def _results(self, run: str, required: bool = True):
-        """trajscope.results.Results of the run, cached until the store commits again."""
+        """trajscope.io.results.Results of the run, cached until the store commits again."""
         mod = _results_module()
         path = self._run_dir(run)
         store = os.path.join(path, "analysis.zarr") if path else None

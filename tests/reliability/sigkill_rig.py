@@ -46,7 +46,7 @@ for _p in (str(TESTS), str(HERE)):
 
 from helpers_recording import CRASH_SIZES, crash_batch, crash_model, crash_optimizer  # noqa: E402
 
-from trajscope.recorder import _COMMIT_INTERVAL  # noqa: E402
+from trajscope.record.recorder import _COMMIT_INTERVAL  # noqa: E402
 
 # A recorded step is committed at most _COMMIT_INTERVAL (0.25 s, documented in the Recorder and
 # docs/guide.md) after it was written, while steps keep coming. LOSS_WINDOW adds 0.5 s for what
@@ -63,7 +63,7 @@ import os, sys
 sys.path[:0] = sys.argv[1:3]
 import torch
 torch.set_num_threads(1)
-import trajscope, trajscope.recorder, trajscope.store, zarr, numpy
+import trajscope, trajscope.record.recorder, trajscope.io.trajectory, zarr, numpy
 import sigkill_rig
 
 import tempfile
@@ -98,7 +98,7 @@ def theta_hash(tensors) -> str:
 
 def child(run_dir: str, log_path: str, background: bool, every: int, window: int, steps: int = 10**7) -> None:
     """Train under a Recorder, logging ``step time sha256(θ_t)`` (fsync'd) before each update."""
-    from trajscope.recorder import Recorder
+    from trajscope.record.recorder import Recorder
     model = crash_model()
     opt = crash_optimizer(model)
     loss_fn = torch.nn.MSELoss()
@@ -222,7 +222,7 @@ def kill_one(zygote: Zygote, ref: Reference, folder: Path, mode: str, every: int
              resume_steps: int | None = None) -> Kill:
     """One child: record, SIGKILL ``delay`` s after the Recorder exists, check everything."""
     import trajscope
-    from trajscope.recorder import Recorder
+    from trajscope.record.recorder import Recorder
 
     window = 1 if every == 1 else 2
     run_dir, log = folder / "run", folder / "theta.log"

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from trajscope.cli import main
+from trajscope.cli.main import main
 
 from helpers_analysis import simple_run, tree_digest
 

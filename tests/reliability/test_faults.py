@@ -25,7 +25,7 @@ import torch
 
 import trajscope
 from trajscope import TrajscopeError
-from trajscope.recorder import Recorder
+from trajscope.record.recorder import Recorder
 from trajscope.zoo import mlp
 
 from helpers_recording import Ref, assert_tensors_bitexact, make_batches, make_model, train
@@ -120,7 +120,7 @@ def test_name_too_long(tmp_path):
 
 UNPRIVILEGED = r'''
 import sys, torch, trajscope
-from trajscope.recorder import Recorder
+from trajscope.record.recorder import Recorder
 model = torch.nn.Linear(3, 2)
 try:
     Recorder(sys.argv[1], model, torch.optim.SGD(model.parameters(), lr=0.1), export=False)

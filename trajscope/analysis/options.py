@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from trajscope import capture
-from trajscope.analysis.labels import LabelConfig
+from trajscope.dynamics.labels import LabelConfig
 from trajscope.errors import TrajscopeError
 
 

@@ -3,7 +3,7 @@
 For every analysed checkpoint t (θ_t, its mini-batch, its optimizer state):
 
 1. replay the model with θ_t substituted functionally on the step's batch (or the probe), the modules that
-   trained in train mode as they trained (:mod:`trajscope.analysis.replay`; ``--train-mode off``: eval mode);
+   trained in train mode as they trained (:mod:`trajscope.replay.trainmode`; ``--train-mode off``: eval mode);
 2. per node layer: curvature blocks H_i (GGN or exact) and their spectra, node gradients;
 3. per node: update-map spectrum for the recorded optimizer and hyperparameters (Adam: second
    moment frozen), kinematics against θ_{t+k}, label, stable label;
@@ -37,26 +37,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import trajscope
-from trajscope.analysis.curvature import (CurvatureResult, bias_group_eigvals, node_curvature, node_hessian_extremes,
+from trajscope.curvature.blocks import (CurvatureResult, bias_group_eigvals, node_curvature, node_hessian_extremes,
                                           preconditioned_eigvals)
-from trajscope.analysis.kinematics import node_kinematics
-from trajscope.analysis.motion import map_scale, motion_curvature, motion_fractions, motion_from_eigs
-from trajscope.analysis.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta,
+from trajscope.dynamics.kinematics import node_kinematics
+from trajscope.dynamics.motion import map_scale, motion_curvature, motion_fractions, motion_from_eigs
+from trajscope.dynamics.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta,
                                       stable_labels)
-from trajscope.analysis.nodes import NodeLayer, matches, node_matrix
+from trajscope.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.options import AnalysisOptions, parse_steps, range_text
-from trajscope.analysis import replay as replay_mod
-from trajscope.analysis.sharpness import sharpness as compute_sharpness
-from trajscope.analysis.tbevents import EventWriter
-from trajscope.analysis.updatemap import (GRAD_NORM_TOL, NodeMap, UpdateRule, node_map, node_update_spectra,
+from trajscope.replay import trainmode as replay_mod
+from trajscope.curvature.sharpness import sharpness as compute_sharpness
+from trajscope.io.tbevents import EventWriter
+from trajscope.dynamics.updatemap import (GRAD_NORM_TOL, NodeMap, UpdateRule, node_map, node_update_spectra,
                                           preconditioner, stability_threshold, step_gradient, update_rule)
 from trajscope.errors import DamagedRecordError, TrajscopeError
-from trajscope.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
+from trajscope.io.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
                                results_exist)
-from trajscope.run import Checkpoint, Run, open_run
-from trajscope.runlock import analysis_lock
+from trajscope.replay.run import Checkpoint, Run, open_run
+from trajscope.io.runlock import analysis_lock
 from trajscope.trust import loss_spec
-from trajscope.store import find_runs
+from trajscope.io.trajectory import find_runs
 
 NOT_COMPUTED = 255  # label code written when a run has no batches (kinematics only)
 
@@ -290,7 +290,7 @@ class _Analyser:
 
     def _gradient_check(self, ck: Checkpoint, cr: Any, loss_faithful: bool = True) -> dict[str, float]:
         """The recorded gradient norms of the step against the replayed ‖∇L(θ_t)‖ over the parameters the
-        optimizer steps (:func:`~trajscope.analysis.updatemap.step_gradient`): the global series of
+        optimizer steps (:func:`~trajscope.dynamics.updatemap.step_gradient`): the global series of
         :data:`STEP_SERIES` and ``map_factor`` (c_t where clipped, else 1)."""
         names = [n for n in self.group_of if n in cr.grads]
         replayed = math.sqrt(sum(float(cr.grads[n].detach().double().pow(2).sum()) for n in names))
@@ -741,7 +741,7 @@ def _nan_row(layers: Sequence[NodeLayer], marker: str) -> tuple[dict[str, float]
 
 # --------------------------------------------------------------------------- many runs, API and CLI
 def analyze(paths: str | Path | Sequence[str | Path], *, console: Console | None = None, **options: Any) -> dict[Path, Any]:
-    """Analyse run folders (or folders of runs). Returns ``{run folder: trajscope.results.Results}``.
+    """Analyse run folders (or folders of runs). Returns ``{run folder: trajscope.io.results.Results}``.
 
     Keyword options are the fields of :class:`AnalysisOptions`; label options may be given either as
     ``labels=LabelConfig(...)`` or flat (``preset=``, ``delta=``, ``collapse_ratio=``, ...).
@@ -807,7 +807,7 @@ def _summary_table(s: RunSummary) -> Table:
 
 
 def analyze_cli(args: Any) -> int:
-    """Entry point for ``trajscope analyze`` (argparse namespace from :mod:`trajscope.cli`)."""
+    """Entry point for ``trajscope analyze`` (argparse namespace from :mod:`trajscope.cli.main`)."""
     steps = parse_steps(args.steps) if args.steps is not None else None
     labels = LabelConfig(preset=args.preset, delta=args.delta, collapse_ratio=args.collapse_ratio,
                          collapse_reference=args.collapse_reference, stable_window=args.stable_window,

@@ -124,7 +124,7 @@ class TrajscopeCallback(transformers.TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any) -> None:
         from trajscope import modelloss
         from trajscope.capture import unwrap_model
-        from trajscope.store import is_run
+        from trajscope.io.trajectory import is_run
 
         if model is None:
             raise TrajscopeError("TrajscopeCallback: the Trainer gave no model to record")
@@ -180,7 +180,7 @@ class TrajscopeCallback(transformers.TrainerCallback):
         mine = {id(p) for p in self._model.parameters()}
         if not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
             return
-        from trajscope.recorder import Recorder
+        from trajscope.record.recorder import Recorder
 
         try:
             self._loss = _matching_denominator(self._loss, self._micro)

@@ -43,7 +43,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from trajscope.recorder import Recorder
+from trajscope.record.recorder import Recorder
 
 Split = Callable[[Any], "tuple[Any, Any]"]
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from trajscope import capture
 from trajscope.errors import TrajscopeError
-from trajscope.store import ForwardState, TrajectoryReader
+from trajscope.io.trajectory import ForwardState, TrajectoryReader
 from trajscope.trust import TrustPolicy, loss_spec
 
 
@@ -189,8 +189,8 @@ class Run:
                     train_mode: str = "replay") -> torch.Tensor:
         """L(θ_t) on the checkpoint's batch (or ``batch``), parameters substituted functionally; train-mode
         layers replayed as the step ran them (``train_mode="replay"``, see
-        :mod:`trajscope.analysis.replay`) or the model in eval mode (``"off"``)."""
-        from trajscope.analysis import replay
+        :mod:`trajscope.replay.trainmode`) or the model in eval mode (``"off"``)."""
+        from trajscope.replay import trainmode as replay
 
         inputs, targets = batch if batch is not None else ckpt.batch
         device = next((p.device for p in ckpt.params.values()), torch.device("cpu"))

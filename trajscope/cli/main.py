@@ -93,11 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "info":
-            from trajscope.info import info
+            from trajscope.cli.info import info
             info(args.run, verify=args.verify)
             return 0
         if args.command == "verify":
-            from trajscope.info import verify
+            from trajscope.cli.info import verify
             verify(args.run)
             return 0
         if args.command == "analyze":

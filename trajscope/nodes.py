@@ -23,7 +23,7 @@ The ``+1`` is dropped when the module has no bias. Layers of real architectures:
 
 The module computes these without calling a submodule per unit (MHA's functional kernel), or
 uses the parameter more than once, so their blocks are not of the hook form ``X^T E X``; they
-take the parameter route (``route="param"``, :mod:`trajscope.analysis.paramroute`), which
+take the parameter route (``route="param"``, :mod:`trajscope.curvature.paramroute`), which
 differentiates w.r.t. the parameter itself. Other parameters (norms, transposed convolutions, ...)
 are not nodes; they enter only the global quantities (SPEC §8).
 """

@@ -35,7 +35,7 @@ from tensorboard.compat.proto import summary_pb2
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
-from trajscope.results import LABELS
+from trajscope.io.results import LABELS
 
 __all__ = ["EventWriter", "HIST_METRICS", "PLUGIN_NAME", "LABELS_CONTENT_VERSION", "MAX_BINS", "histogram_bins",
            "event_file_second"]

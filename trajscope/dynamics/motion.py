@@ -7,7 +7,7 @@ optimizer, through the symmetric operator
            A_i = (DA)^{1/2}\,(s H_i + \mathrm{diag}(c))\,(DA)^{1/2} \ \text{(adaptive, maximising, mixed groups)},
 
 whose eigenvalue a of each direction gives that direction's multipliers μ(a) (the roots of
-:mod:`~trajscope.analysis.updatemap`). The node's motion u_i (θ_next − θ, or the step direction)
+:mod:`~trajscope.dynamics.updatemap`). The node's motion u_i (θ_next − θ, or the step direction)
 excites the directions it has components along:
 
 * :func:`motion_curvature`: the Rayleigh quotient :math:`\lambda_u = \tilde u^\top A_i \tilde u /
@@ -25,8 +25,8 @@ import math
 import torch
 from torch import Tensor
 
-from trajscope.analysis.curvature import LayerFactor, block_quadratic_forms, dense_blocks
-from trajscope.analysis.updatemap import NodeMap, UpdateRule, update_map_eigenvalues
+from trajscope.curvature.blocks import LayerFactor, block_quadratic_forms, dense_blocks
+from trajscope.dynamics.updatemap import NodeMap, UpdateRule, update_map_eigenvalues
 
 __all__ = ["map_scale", "motion_curvature", "motion_from_eigs", "motion_fractions"]
 
@@ -63,7 +63,7 @@ def motion_from_eigs(lam_u: Tensor, rule: UpdateRule) -> tuple[Tensor, Tensor]:
     """``(motion_radius, motion_neutral)`` (N,) float64 from the motion curvature λ_u (N,).
 
     The roots μ_u of the update map of one direction with curvature λ_u (the same map
-    :func:`~trajscope.analysis.updatemap.node_update_spectra` applies to every eigenvalue):
+    :func:`~trajscope.dynamics.updatemap.node_update_spectra` applies to every eigenvalue):
     max |μ_u| and min |μ_u − 1|. NaN λ_u (no motion) gives NaN for both.
     """
     lam = lam_u.to(torch.float64).reshape(-1, 1)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 try:
-    from trajscope.analysis import _smalleig
+    from trajscope.linalg import _smalleig
 except ImportError:  # built without a C compiler: LAPACK only
     _smalleig = None
 

@@ -17,9 +17,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from trajscope import results
+from trajscope.io import results
 from trajscope.errors import DamagedRecordError, TrajscopeError
-from trajscope.run import Run, open_run
+from trajscope.replay.run import Run, open_run
 from trajscope.trust import TrustPolicy, loss_spec
 from trajscope.trust import allowed as trust_allowed
 

@@ -23,7 +23,7 @@ backward passes through the model, batched ``m`` at a time with
 ``m ≤ 256``; memory N·p² for the blocks, refused (NaN for the layer, a warning) above
 ``16 · max_tile_bytes``. Exact and simple, not fast: meant for the embedding tables and attention
 projections of small models. The blocks are stored as dense ``"block"`` factors
-(:math:`H_i = I\,E_i\,I`), so every spectrum of :mod:`trajscope.analysis.curvature` applies.
+(:math:`H_i = I\,E_i\,I`), so every spectrum of :mod:`trajscope.curvature.blocks` applies.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from trajscope.analysis.curvature import LayerFactor, _batched_grad
-from trajscope.analysis.nodes import NodeLayer, node_to_params
+from trajscope.curvature.blocks import LayerFactor, _batched_grad
+from trajscope.nodes import NodeLayer, node_to_params
 
 __all__ = ["param_factors"]
 

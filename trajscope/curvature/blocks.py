@@ -12,7 +12,7 @@ where :math:`X_j \in \mathbb{R}^{T \times p}` holds the layer inputs of sample j
 (rows :math:`\tilde x_{jt} = [x_{jt}; 1]`, unfolded patches for a convolution) and
 :math:`E_{ij} = \partial^2 L / \partial z_{ij}\partial z_{ij}^\top \in \mathbb{R}^{T\times T}`
 (cross-sample terms vanish for a loss that is a sum or mean over samples). With BatchNorm on batch
-statistics (a train-mode replay, :mod:`trajscope.analysis.replay`) they do not: the blocks are then
+statistics (a train-mode replay, :mod:`trajscope.replay.trainmode`) they do not: the blocks are then
 :math:`H_i = X^\top M_i X` over all samples and positions of a forward pass, with the cross-sample
 second derivatives in :math:`M_i` (exact) or the GGN's per-(sample, output direction) square roots,
 see :func:`_coupled_factors`. Models without such layers never take that route.
@@ -40,7 +40,7 @@ node of the layer, and only the samples with :math:`e_{ij} \ne 0` enter (dead Re
 out). Otherwise dense p × p blocks are formed with batched matmuls. Big matmuls run in the
 analysis dtype (the parameters'), the eigenproblems in that precision too (float32 below
 float64, see :func:`_solve_dtype`; float32 batches go to the vectorised kernel of
-:mod:`trajscope.analysis.eigen`); the spectra are returned as float64.
+:mod:`trajscope.linalg.eigen`); the spectra are returned as float64.
 
 Memory and parallelism: nodes are processed in tiles built lazily by a small pool of worker
 threads (one per torch thread, each solving single-threaded: batched eigensolvers on small
@@ -76,8 +76,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from trajscope.analysis import eigen
-from trajscope.analysis.nodes import NodeLayer, node_matrix
+from trajscope.linalg import eigen
+from trajscope.nodes import NodeLayer, node_matrix
 from trajscope.capture import functional_forward
 
 __all__ = [
@@ -125,7 +125,7 @@ class LayerFactor:
     * ``"nan"``: the blocks cannot be computed (non-finite values, or a parameter-route layer
       over its memory bound or through an op without second derivatives); all spectra are NaN.
       (A module called more than once per forward, or whose weight is used outside its call,
-      takes the parameter route, :mod:`trajscope.analysis.paramroute`: its blocks cover every use.)
+      takes the parameter route, :mod:`trajscope.curvature.paramroute`: its blocks cover every use.)
 
     Node i belongs to group ``g(i) = i // (N / G)`` (conv ``groups``; 1 otherwise).
     ``method`` is the route the spectra take (``"gram"``: R × R problems, ``"dense"``:
@@ -368,7 +368,7 @@ class _Capture:
 
 
 class _MicroCapture(_Capture):
-    """:class:`_Capture` for a forward pass replayed per micro-batch (:mod:`trajscope.analysis.replay`):
+    """:class:`_Capture` for a forward pass replayed per micro-batch (:mod:`trajscope.replay.trainmode`):
     each layer is called once per micro-batch, in order; the calls' inputs are joined, and call k's
     output gets its rows of one ``dz`` leaf spanning the whole batch."""
 
@@ -535,7 +535,7 @@ def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
     are assembled in the analysis dtype, so their entries already carry its rounding error
     (~p·eps·‖H_i‖); a float32 solve adds ~m·eps·‖H_i‖, well under the rank tolerance of
     :func:`_finalize`, at about 2/3 of the float64 LAPACK time (and 1/4 of it again with the
-    kernel of :mod:`trajscope.analysis.eigen`)."""
+    kernel of :mod:`trajscope.linalg.eigen`)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -757,12 +757,12 @@ def node_curvature(
         targets: second argument of ``loss_fn(output, targets)``.
         loss_fn: a loss that is a sum or mean of per-sample terms over the batch (dim 0 of the
             model output); the model output must be a tensor.
-        layers: the node layers (:func:`~trajscope.analysis.nodes.find_node_layers`).
+        layers: the node layers (:func:`~trajscope.nodes.find_node_layers`).
         kind: ``"ggn"`` (:math:`\sum_j J_{ij}^\top \partial^2_f L\, J_{ij}`, ⪰ 0) or ``"exact"``
             (:math:`\nabla^2_{\theta_i} L`, may be indefinite).
         method: ``"auto"`` (Gram when the rank bound is below p), ``"gram"`` or ``"dense"``.
         max_tile_bytes: memory bound for one tile of nodes (and for batched autograd passes).
-        replay: a :class:`trajscope.analysis.replay.Replay` (train-mode layers as recorded: one forward
+        replay: a :class:`trajscope.replay.trainmode.Replay` (train-mode layers as recorded: one forward
             pass per micro-batch, recorded flags and RNG state); None: one pass in eval mode. When a
             BatchNorm normalises with batch statistics the samples are coupled and the blocks take
             the coupled route (:func:`_coupled_factors`).
@@ -886,7 +886,7 @@ def node_curvature(
                 elif l.name not in factors:
                     factors[l.name] = LayerFactor(l, "zero", kind, note="not used by the forward pass")
             if param_layers:
-                from trajscope.analysis.paramroute import param_factors
+                from trajscope.curvature.paramroute import param_factors
                 def forward() -> Tensor:
                     return (replay.forward(model, leaves, buffers, inputs) if replay is not None else
                             functional_forward(model, {**leaves, **buffers}, inputs))

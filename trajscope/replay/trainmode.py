@@ -1,7 +1,7 @@
 r"""Replaying the forward pass of a recorded step as training ran it (``--train-mode replay``).
 
 The Recorder keeps, per micro-batch of a recorded step, what its forward pass used
-(:class:`~trajscope.store.ForwardState`): the modules' train/eval flags and the RNG state the pass
+(:class:`~trajscope.io.trajectory.ForwardState`): the modules' train/eval flags and the RNG state the pass
 started from. Replay evaluates
 
 .. math:: f = \big[f_{\theta}^{(1)}(x^{(1)});\ \dots;\ f_{\theta}^{(M)}(x^{(M)})\big],
@@ -15,7 +15,7 @@ fidelity check) goes through :meth:`Replay.forward`, so all of them see the same
 The caller's RNG state and module flags are restored afterwards.
 
 With BatchNorm on batch statistics the loss no longer is a sum of per-sample terms in the layer
-outputs (the samples of a micro-batch are coupled), which :mod:`trajscope.analysis.curvature`
+outputs (the samples of a micro-batch are coupled), which :mod:`trajscope.curvature.blocks`
 handles with its coupled route (:meth:`Replay.batch_statistics`).
 
 Masks that cannot be reproduced, said once per run as a WARNING: dropout drawn from a CUDA
@@ -34,7 +34,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from trajscope import capture
 from trajscope.capture import functional_forward
-from trajscope.store import ForwardState
+from trajscope.io.trajectory import ForwardState
 
 __all__ = ["TRAIN_MODES", "Replay", "mode_sensitive", "plan"]
 

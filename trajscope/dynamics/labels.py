@@ -12,11 +12,11 @@ direction D·g_i where the node did not move or no later step is recorded) and
            \qquad \tilde u = D^{-1/2} u_i,
 
 the curvature of the map's operator A_i (H_i for the SGD family, D^{1/2}(s H_i + c)D^{1/2} for
-the adaptive optimizers; :mod:`~trajscope.analysis.updatemap`, :mod:`~trajscope.analysis.motion`)
+the adaptive optimizers; :mod:`~trajscope.dynamics.updatemap`, :mod:`~trajscope.dynamics.motion`)
 along that motion. The roots
 μ_u of the update map of a direction with curvature λ_u say what the step does to the motion:
 ``motion_radius`` = max |μ_u| and ``motion_neutral`` = min |μ_u − 1|
-(:func:`~trajscope.analysis.motion.motion_from_eigs`).
+(:func:`~trajscope.dynamics.motion.motion_from_eigs`).
 
 1. ``source`` if motion_radius > 1 + δ: the motion itself grows (``expanding``);
 2. ``degenerate_sink`` if ‖θ_i‖ ≤ collapse_ratio · reference                 (``collapsed``);
@@ -41,7 +41,7 @@ map is re-evaluated; one further from 1 does so appreciably. The cap keeps analy
 densely analysed runs no looser than the seed's band.
 
 Preset ``"acted"`` (the default before the label-validity benchmark, docs/concepts.md) looks at
-every direction the step acts on (the |μ| in :class:`~trajscope.analysis.updatemap.NodeSpectra`
+every direction the step acts on (the |μ| in :class:`~trajscope.dynamics.updatemap.NodeSpectra`
 ``mu_abs``); with r = max acted |μ|:
 
 1. ``source``  if r > 1 + δ                                           (reason ``expanding``);
@@ -90,7 +90,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trajscope.analysis.updatemap import NodeSpectra
+from trajscope.dynamics.updatemap import NodeSpectra
 from trajscope.errors import TrajscopeError
 
 __all__ = [
@@ -195,7 +195,7 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
     ``grad_norm`` ‖∇_{θ_i}L‖, ``hess_min`` the smallest eigenvalue of H_i over all p
     directions (seed preset; with ``hess_max`` the excited preset's H_i = 0 test), ``loss`` the
     checkpoint's loss (seed preset only), ``motion`` = (motion_radius, motion_neutral, loss_share):
-    the first two from :func:`~trajscope.analysis.motion.motion_from_eigs`, the third the node's share of the step's
+    the first two from :func:`~trajscope.dynamics.motion.motion_from_eigs`, the third the node's share of the step's
     first-order loss decrease over an equal share (excited preset; None: no motion known).
     Vectorised; never raises on non-finite values.
     """

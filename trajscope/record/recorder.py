@@ -44,7 +44,7 @@ import trajscope
 from trajscope import capture, trust
 from trajscope.errors import TrajscopeError
 from trajscope.modelloss import ModelLoss, for_model
-from trajscope.store import (STORE_NAME, ForwardState, Snapshot, TrajectoryWriter, flatten_batch, is_run,
+from trajscope.io.trajectory import (STORE_NAME, ForwardState, Snapshot, TrajectoryWriter, flatten_batch, is_run,
                              make_layout, numeric_hparams, pack, shard_store_name, unflatten_batch)
 
 log = logging.getLogger("trajscope")

@@ -119,7 +119,7 @@ def hvp_operator(
     The gradient graph is built once here (forward + backward with ``create_graph``) and kept
     alive by the callable; each product is one extra backward pass through it.
 
-    ``replay`` (a :class:`trajscope.analysis.replay.Replay`): evaluate the model as training did
+    ``replay`` (a :class:`trajscope.replay.trainmode.Replay`): evaluate the model as training did
     (train-mode layers, recorded RNG state, per micro-batch); None: one pass in eval mode.
     """
     if names is None:

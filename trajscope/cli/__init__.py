@@ -1,0 +1,4 @@
+"""The ``trajscope`` command (``python -m trajscope``)."""
+from trajscope.cli.main import main
+
+__all__ = ["main"]

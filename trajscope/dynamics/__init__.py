@@ -1,0 +1,1 @@
+"""The dynamics of a node: its update map and spectrum, kinematics, motion, labels."""

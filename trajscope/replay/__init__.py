@@ -1,0 +1,1 @@
+"""Replay of a recorded run: the run opened as checkpoints, and the forward pass as the step ran it."""
