@@ -61,10 +61,15 @@ def _parser() -> argparse.ArgumentParser:
                         "statistics and the recorded dropout masks (default), or 'off': the whole model in eval mode")
     lab = pa.add_argument_group("labels")
     lab.add_argument("--preset", choices=("excited", "acted", "seed"), default="excited",
-                     help="label rules (docs/concepts.md): 'excited' (default) judges a node by the directions its "
-                     "recorded motion excites; 'acted' by every direction the step acts on (the rule before the "
-                     "label-validity benchmark); 'seed' by the theory note's literal recipe (all p directions, "
-                     "fixed eps constants)")
+                     help="label rules (docs/spec.md section 7, docs/concepts.md): 'excited' (default) judges a "
+                     "node by the directions its recorded motion excites (source if the motion grows, plateau if "
+                     "dead or moving flatly without reducing the loss), delta = min(1/K, 0.01) for K steps between "
+                     "analysed checkpoints; 'acted' by every direction the step acts on (plateau if any is within "
+                     "delta of |mu|=1; the rule before the label-validity benchmark), delta = min(1/T, 0.01) for T "
+                     "recorded steps; 'seed' by the theory note's literal recipe (docs/theory.md section 7): all p "
+                     "directions including the ones the step does not act on, |mu| in [0.99, 1.01] neutral, "
+                     "plateau also when the gradient norm is < 1e-6 while the loss is > 1e-4 or the smallest "
+                     "curvature is < 1e-4, collapsed below an absolute norm of 1e-4")
     lab.add_argument("--delta", type=float, help="neutral band around |mu|=1, finite and >= 0 (default: 1/K for K steps "
                      "between analysed checkpoints, at most 0.01; docs/concepts.md)")
     lab.add_argument("--share-min", type=float, default=0.01, help="excited preset: a flat-moving node is a plateau when "
