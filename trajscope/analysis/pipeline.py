@@ -56,7 +56,7 @@ from trajscope.io.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, Resu
 from trajscope.replay.run import Checkpoint, Run, open_run
 from trajscope.io.runlock import analysis_lock
 from trajscope.trust import loss_spec
-from trajscope.io.trajectory import find_runs
+from trajscope.io.layout import find_runs
 
 NOT_COMPUTED = 255  # label code written when a run has no batches (kinematics only)
 
