@@ -30,7 +30,7 @@ from trajscope.cli.main import main
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.cli.info import info, verify
 from trajscope.record.recorder import Recorder
-from trajscope.io.results import ResultsWriter
+from trajscope.io.resultswriter import ResultsWriter
 from trajscope.io.packing import flatten_batch, pack
 from trajscope.io.reader import TrajectoryReader
 from trajscope.io.records import Snapshot
