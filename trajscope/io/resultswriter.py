@@ -47,56 +47,66 @@ class ResultsWriter:
         self._pending: list[tuple[int, dict[str, float], dict[tuple[str, str], np.ndarray]]] = []
         self.flush_every = BLOCK
         if (self.path / "zarr.json").exists():
-            root = _open_group(self.path, "r+")
-            _check_format(root, self.path)
-            have = [dict(d) for d in root.attrs.get("layers", [])]
-            if have != want:
-                raise TrajscopeError(
-                    f"{self.path} holds layers {_describe(have)}, this analysis has {_describe(want)}: "
-                    f"analyse into a fresh run folder or move {self.path.name} aside")
-            self._root = root
-            self._n = int(root.attrs.get("committed", 0))
-            root.attrs.update(dict(attrs))
+            self._root, self._n = self._reopen(attrs, want)
         else:
-            if self.path.exists() and any(self.path.iterdir()):
-                raise TrajscopeError(f"{self.path} exists but is not a Zarr store: move it aside and try again")
-            # Built under a temporary name and renamed into place: a reader (the dashboard, another
-            # process) never sees a half-made store, and a kill during creation leaves none.
-            tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.partial")
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            # The label vocabulary is part of the contract (SPEC §9): default to SPEC §7's.
-            root.attrs.update({"labels": list(LABELS), **dict(attrs),
-                               "trajscope_format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
-                               "layers": want, "committed": 0})
-            rows = max(0, int(expected))
-            root.create_array("steps", shape=(rows,), chunks=(BLOCK,), dtype=np.int64, fill_value=-1,
-                              dimension_names=("step",))
-            g = root.require_group("global")
-            for name in GLOBAL:
-                g.create_array(name, shape=(rows,), chunks=(BLOCK,), dtype=np.float64, fill_value=float("nan"),
-                               dimension_names=("step",))
-            nodes = root.require_group("nodes")
-            for layer in want:
-                lg = nodes.require_group(layer["group"])
-                for metric in NODE_METRICS:
-                    self._create_node_array(lg, metric, layer["nodes"], _dtype_of(metric), rows)
-            if self.path.exists():
-                self.path.rmdir()  # an empty folder (checked above)
-            os.rename(tmp, self.path)
-            self._root = _open_group(self.path, "r+")
-            self._n = 0
+            self._root, self._n = self._create(attrs, want, max(0, int(expected))), 0
         self._layers = {d["name"]: d for d in want}
-        # Array handles, opened once: every lookup by path is a metadata read.
+        self._open_arrays()
+        self._ensure_capacity(self._n + int(expected), exact=True)
+        # Resume after an interruption: rows beyond `committed` are garbage to be overwritten.
+        steps = np.asarray(self._steps_arr[: self._n]) if self._n else np.zeros(0, np.int64)
+        self._steps = [int(s) for s in steps]
+
+    def _reopen(self, attrs: Mapping[str, Any], want: list[dict]) -> tuple[zarr.Group, int]:
+        """The existing store, checked to be this format with these layers, ``attrs`` merged in, and its
+        committed row count."""
+        root = _open_group(self.path, "r+")
+        _check_format(root, self.path)
+        have = [dict(d) for d in root.attrs.get("layers", [])]
+        if have != want:
+            raise TrajscopeError(
+                f"{self.path} holds layers {_describe(have)}, this analysis has {_describe(want)}: "
+                f"analyse into a fresh run folder or move {self.path.name} aside")
+        committed = int(root.attrs.get("committed", 0))
+        root.attrs.update(dict(attrs))
+        return root, committed
+
+    def _create(self, attrs: Mapping[str, Any], want: list[dict], rows: int) -> zarr.Group:
+        """A new store with every standard array ``rows`` long, nothing committed."""
+        if self.path.exists() and any(self.path.iterdir()):
+            raise TrajscopeError(f"{self.path} exists but is not a Zarr store: move it aside and try again")
+        # Built under a temporary name and renamed into place: a reader (the dashboard, another
+        # process) never sees a half-made store, and a kill during creation leaves none.
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.partial")
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        # The label vocabulary is part of the contract (SPEC §9): default to SPEC §7's.
+        root.attrs.update({"labels": list(LABELS), **dict(attrs),
+                           "trajscope_format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+                           "layers": want, "committed": 0})
+        root.create_array("steps", shape=(rows,), chunks=(BLOCK,), dtype=np.int64, fill_value=-1,
+                          dimension_names=("step",))
+        g = root.require_group("global")
+        for name in GLOBAL:
+            g.create_array(name, shape=(rows,), chunks=(BLOCK,), dtype=np.float64, fill_value=float("nan"),
+                           dimension_names=("step",))
+        nodes = root.require_group("nodes")
+        for layer in want:
+            lg = nodes.require_group(layer["group"])
+            for metric in NODE_METRICS:
+                self._create_node_array(lg, metric, layer["nodes"], _dtype_of(metric), rows)
+        if self.path.exists():
+            self.path.rmdir()  # an empty folder (checked above)
+        os.rename(tmp, self.path)
+        return _open_group(self.path, "r+")
+
+    def _open_arrays(self) -> None:
+        """Array handles, opened once: every lookup by path is a metadata read."""
         self._steps_arr = self._root["steps"]
         self._global_group = self._root["global"]
         self._globals = dict(self._global_group.arrays())
         self._node_groups = {m: self._root[f"nodes/{d['group']}"] for m, d in self._layers.items()}
         self._node_arrays = {m: dict(g.arrays()) for m, g in self._node_groups.items()}
         self._cap = self._steps_arr.shape[0]
-        self._ensure_capacity(self._n + int(expected), exact=True)
-        # Resume after an interruption: rows beyond `committed` are garbage to be overwritten.
-        steps = np.asarray(self._steps_arr[: self._n]) if self._n else np.zeros(0, np.int64)
-        self._steps = [int(s) for s in steps]
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -171,6 +181,15 @@ class ResultsWriter:
         row0, k = self._n, len(self._pending)
         self._ensure_capacity(row0 + k)
         rows = slice(row0, row0 + k)
+        self._write_globals(rows)
+        self._write_nodes(rows, k)
+        self._steps_arr[rows] = np.array([st for st, _, _ in self._pending], dtype=np.int64)
+        self._commit(row0 + k)
+        self._n = row0 + k
+        self._pending = []
+
+    def _write_globals(self, rows: slice) -> None:
+        """The buffered global series as rows ``rows`` (NaN where a checkpoint lacks one)."""
         names = {name for _, g, _ in self._pending for name in g}
         for name in names:
             if name not in self._globals:  # an extra global series appears: earlier rows read NaN
@@ -179,6 +198,10 @@ class ResultsWriter:
                     dimension_names=("step",))
         for name, arr in self._globals.items():
             arr[rows] = np.array([g.get(name, np.nan) for _, g, _ in self._pending], dtype=np.float64)
+
+    def _write_nodes(self, rows: slice, k: int) -> None:
+        """The ``k`` buffered checkpoints' per-node metrics as rows ``rows`` of every node array
+        ("not computed" where a checkpoint lacks a metric; non-finite floats too in integer arrays)."""
         keys = {key for _, _, nr in self._pending for key in nr}
         for module, metric in keys:
             arrays = self._node_arrays[module]
@@ -198,10 +221,6 @@ class ResultsWriter:
                         a = np.where(np.isfinite(a), a, fill)
                     block[i] = a.astype(arr.dtype, copy=False)
                 arr[rows, :] = block
-        self._steps_arr[rows] = np.array([st for st, _, _ in self._pending], dtype=np.int64)
-        self._commit(row0 + k)
-        self._n = row0 + k
-        self._pending = []
 
     def _commit(self, n: int) -> None:
         # The marker: written after every chunk of the row (SPEC: interrupted -> invisible).
