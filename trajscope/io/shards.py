@@ -283,7 +283,26 @@ def _whole_array(store: Path, name: str, checksums: bool, read: bool = True) -> 
     zarr gave it in earlier versions), checked against the CRC32C in its attributes with
     ``checksums``; _Damage if it is not. With ``read=False`` only the document and the chunk
     file's size are checked."""
-    doc = _array_meta(store, name)
+    shape, chunk, dtype, crc = _plain_layout(_array_meta(store, name), checksums)
+    if not math.prod(shape):
+        return np.zeros(shape, dtype.newbyteorder("="))
+    if checksums and crc is None:
+        raise _Damage("its zarr.json has no crc32c attribute")
+    path = store / name / ".".join(["c"] + ["0"] * len(shape))
+    raw = _plain_chunk(path, math.prod(chunk) * dtype.itemsize, read)
+    if raw is None:
+        return None
+    if checksums and google_crc32c.value(raw) != crc:
+        raise _Mismatch("checksum mismatch")
+    a = np.frombuffer(raw, dtype, count=math.prod(chunk)).reshape(chunk)
+    if chunk != shape:
+        a = a[tuple(slice(0, n) for n in shape)]
+    return a.astype(dtype.newbyteorder("="))
+
+
+def _plain_layout(doc: Mapping[str, Any], checksums: bool) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype, Any]:
+    """(shape, chunk shape, dtype in its stored byte order, CRC32C attribute or None) of a
+    single-chunk array document; _Damage unless it describes one."""
     try:
         shape = tuple(int(n) for n in doc["shape"])
         chunk = tuple(int(c) for c in doc["chunk_grid"]["configuration"]["chunk_shape"])
@@ -300,26 +319,19 @@ def _whole_array(store: Path, name: str, checksums: bool, read: bool = True) -> 
         raise _Damage(f"its zarr.json does not describe format version {CHECKSUM_VERSION if checksums else 2}")
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder(">" if big else "<")
-    if not math.prod(shape):
-        return np.zeros(shape, dtype.newbyteorder("="))
-    path = store / name / ".".join(["c"] + ["0"] * len(shape))
-    if checksums and crc is None:
-        raise _Damage("its zarr.json has no crc32c attribute")
-    want = math.prod(chunk) * dtype.itemsize
+    return shape, chunk, dtype, crc
+
+
+def _plain_chunk(path: Path, want: int, read: bool) -> bytes | None:
+    """The bytes of a single-chunk array's chunk file (None with ``read=False``: only its size is
+    checked); _Damage unless the file is there and ``want`` bytes long."""
     try:
         raw = path.read_bytes() if read else None
-        size = len(raw) if read else path.stat().st_size
+        size = len(raw) if raw is not None else path.stat().st_size
     except FileNotFoundError:
         raise _Damage(f"its chunk file {path.name} is missing") from None
     except OSError as e:
         raise _Damage(f"its chunk file {path.name} cannot be read ({type(e).__name__})") from None
     if size != want:
         raise _Damage(f"its chunk file {path.name} has {size} bytes, not {want}")
-    if not read:
-        return None
-    if checksums and google_crc32c.value(raw) != crc:
-        raise _Mismatch("checksum mismatch")
-    a = np.frombuffer(raw, dtype, count=math.prod(chunk)).reshape(chunk)
-    if chunk != shape:
-        a = a[tuple(slice(0, n) for n in shape)]
-    return a.astype(dtype.newbyteorder("="))
+    return raw

@@ -44,20 +44,7 @@ class TrajectoryWriter:
         else:
             if meta is None:
                 raise TrajscopeError(f"{self.path} does not exist: nothing to resume")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # Build the empty store (root attributes + commit marker) under a temporary name and rename
-            # it into place, so a process killed during creation never leaves a half-made store that
-            # looks like a run but cannot be opened.
-            for stray in self.run_dir.glob(f".{name}.*.partial"):
-                shutil.rmtree(stray, ignore_errors=True)
-            tmp = self.run_dir / f".{name}.{uuid.uuid4().hex}.partial"
-            (tmp / "commit").mkdir(parents=True)
-            _write_group(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(), **meta,
-                               "state_layouts": [], "grad_norms": list(GRAD_NORM_COLUMNS)})
-            _write_group(tmp / "commit", {"records": 0, "last_step": None, "skipped": 0, "restarts": []})
-            if self.path.exists():  # overwrite=True
-                shutil.rmtree(self.path)
-            files.rename(tmp, self.path)
+            self._create(meta)
             self._commit = _commit_attrs(self.path)
             self.checksums = True
         self.attrs = _read_group_attrs(self.path)
@@ -69,6 +56,23 @@ class TrajectoryWriter:
         # per (array, chunk column): (shard number, open file, its index as written)
         self._files: dict[tuple[str, tuple[int, ...]], tuple[int, Any, np.ndarray]] = {}
         self._state_layouts = [[Slot.from_json(s) for s in lay] for lay in self.attrs.get("state_layouts", [])]
+
+    def _create(self, meta: Mapping[str, Any]) -> None:
+        """The empty store (root attributes ``meta`` + commit marker), built under a temporary name and
+        renamed into place, so a process killed during creation never leaves a half-made store that
+        looks like a run but cannot be opened (an existing store at the path is replaced)."""
+        name = self.path.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stray in self.run_dir.glob(f".{name}.*.partial"):
+            shutil.rmtree(stray, ignore_errors=True)
+        tmp = self.run_dir / f".{name}.{uuid.uuid4().hex}.partial"
+        (tmp / "commit").mkdir(parents=True)
+        _write_group(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(), **meta,
+                           "state_layouts": [], "grad_norms": list(GRAD_NORM_COLUMNS)})
+        _write_group(tmp / "commit", {"records": 0, "last_step": None, "skipped": 0, "restarts": []})
+        if self.path.exists():  # overwrite=True
+            shutil.rmtree(self.path)
+        files.rename(tmp, self.path)
 
     @property
     def last_step(self) -> int | None:
