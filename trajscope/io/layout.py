@@ -29,7 +29,7 @@ Layout (Zarr v3, root group attributes hold the static description)::
 
     trajectory.rank<k>.zarr/    distributed runs only (attribute ``distributed``): rank k's batch shard
                                 and loss per step, in this same layout without params, buffers, state
-                                or hparams (attribute ``shard``); :class:`TrajectoryReader` joins them
+                                or hparams (attribute ``shard``); the reader joins them
 
 Every per-record array is sharded along its rows (Zarr v3 ``sharding_indexed``): a shard file
 ``c.<s>.<j>`` holds rows ``64 s .. 64 s + 63`` (uncompressed, row i of the shard at a fixed offset
@@ -44,9 +44,9 @@ too. The reader checks the CRC of every chunk and index it reads; damage to one 
 mismatch, missing or cut-short shard, missing or unreadable array document) is a
 :class:`~trajscope.errors.DamagedRecordError` naming the array and the step, damage to what every
 record needs (root or commit document, ``records``, ``skipped``) a TrajscopeError at open.
-:meth:`TrajectoryReader.check_structure` checks the files without reading the data,
-:meth:`TrajectoryReader.verify_records` reads and checks everything. Version 2 stores (no checksums)
-are still read and resumed as they are.
+:meth:`~trajscope.io.reader.TrajectoryReader.check_structure` checks the files without reading the
+data, :meth:`~trajscope.io.reader.TrajectoryReader.verify_records` reads and checks everything.
+Version 2 stores (no checksums) are still read and resumed as they are.
 Small tensors are packed into one flat array per storage dtype so a small model costs a handful
 of chunk writes per step. bfloat16 has no Zarr dtype: it is stored as
 its uint16 bit pattern (pack name ``bfloat16``) and viewed back, so it round-trips bit-exactly.
@@ -62,7 +62,7 @@ from trajscope.errors import TrajscopeError
 
 FORMAT = "trajscope-trajectory"
 FORMAT_VERSION = 3         # 3: CRC32C per chunk and shard index; 2: row shards, no checksums; 1: a file per row
-READ_VERSIONS = (2, 3)     # versions this module reads (and resumes, keeping their layout)
+READ_VERSIONS = (2, 3)     # versions trajscope reads (and resumes, keeping their layout)
 CHECKSUM_VERSION = 3       # the first version with checksums
 _CRC_BYTES = 4             # a little-endian CRC32C after each chunk and each shard index
 STORE_NAME = "trajectory.zarr"
@@ -157,7 +157,7 @@ def _check_version(attrs: Mapping[str, Any], path: Path) -> None:
 
 
 def _version(attrs: Mapping[str, Any], path: Path) -> int:
-    """The store's format version, checked to be one this module reads."""
+    """The store's format version, checked to be one trajscope reads."""
     _check_version(attrs, path)
     return int(attrs["format_version"])
 
