@@ -17,7 +17,7 @@ import torch
 
 import trajscope
 from trajscope import zoo
-from trajscope.io.trajectory import TrajectoryReader
+from trajscope.io.reader import TrajectoryReader
 
 SIZES = [[64, 32, 16, 10], [784, 128, 10], [784, 512, 512, 10], [784, 1024, 1024, 1024, 10]]
 STEPS, BATCH = 12, 128

@@ -6,7 +6,7 @@ training run recorded with :class:`trajscope.Recorder` and analysed with
 
 ``build_logdir(tmp_path)`` writes a TensorBoard logdir of two runs, each with an
 ``analysis.zarr`` and event files written through the real writers
-(:class:`trajscope.io.results.ResultsWriter`, :class:`trajscope.io.tbevents.EventWriter`)
+(:class:`trajscope.io.resultswriter.ResultsWriter`, :class:`trajscope.io.tbevents.EventWriter`)
 from synthetic but plausible data: two layers (16 and 5 nodes, dotted module names),
 12 analysed steps, every label present in every layer, one dead node (zero norm -> NaN ρ
 and drift). ``tensorboard_server(logdir)`` runs a real ``tensorboard`` for end-to-end tests.
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trajscope.io.results import LABELS, ResultsWriter
+from trajscope.io.results import LABELS
+from trajscope.io.resultswriter import ResultsWriter
 
 LAYERS: dict[str, int] = {"net.0": 16, "net.2": 5}
 N_STEPS = 12

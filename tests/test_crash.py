@@ -31,7 +31,7 @@ import torch
 import trajscope
 from trajscope.cli.main import main as cli_main
 from trajscope.record.recorder import Recorder
-from trajscope.io.trajectory import is_run
+from trajscope.io.layout import is_run
 
 from helpers_recording import (assert_bitexact, assert_state_bitexact, assert_tensors_bitexact, copy_state_dict,
                                crash_batch, crash_model, crash_optimizer, crash_step)
@@ -44,7 +44,7 @@ import os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
-import trajscope, trajscope.record.recorder, trajscope.io.trajectory, zarr, numpy
+import trajscope, trajscope.record.recorder, trajscope.io.writer, zarr, numpy
 from helpers_recording import crash_model, crash_optimizer, crash_step
 
 def child(run_dir, background, steps=5000):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import trajscope
 from trajscope.cli.main import main
-from trajscope.io.trajectory import STORE_NAME, find_runs, shard_store_name
+from trajscope.io.layout import STORE_NAME, find_runs, shard_store_name
 
 from helpers_analysis import make_mlp, mlp_spec, node_rows
 

@@ -25,13 +25,16 @@ import torch
 import zarr
 
 import trajscope
-from trajscope.io import trajectory as store
+from trajscope.io import layout as store, shards
 from trajscope.cli.main import main
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.cli.info import info, verify
 from trajscope.record.recorder import Recorder
-from trajscope.io.results import ResultsWriter
-from trajscope.io.trajectory import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, pack
+from trajscope.io.resultswriter import ResultsWriter
+from trajscope.io.packing import flatten_batch, pack
+from trajscope.io.reader import TrajectoryReader
+from trajscope.io.records import Snapshot
+from trajscope.io.writer import TrajectoryWriter
 
 from helpers_recording import assert_batch_equal, make_model, per_record_arrays, train
 
@@ -400,7 +403,7 @@ def test_incomplete_analysis_store_is_not_called_damaged(run, capsys):
 
 # --------------------------------------------------------------------------- readers racing the writer
 class _TornOnce:
-    """Stands in for ``os`` in trajscope.io.trajectory: the first ``n`` preads of a shard index return it
+    """Stands in for ``os`` in trajscope.io.shards (the reads): the first ``n`` preads of a shard index return it
     half rewritten (new entry, old CRC), as a reader can see while the writer rewrites it."""
 
     def __init__(self, n: int) -> None:
@@ -420,12 +423,12 @@ class _TornOnce:
 def test_a_torn_index_read_is_read_again(run, monkeypatch):
     r = TrajectoryReader(run)
     want = r._read_row("params/float32", 3)
-    monkeypatch.setattr(store, "os", _TornOnce(1))
+    monkeypatch.setattr(shards, "os", _TornOnce(1))
     assert r._read_row("params/float32", 3).tobytes() == want.tobytes()
-    monkeypatch.setattr(store, "os", _TornOnce(2))       # the same twice: real damage
+    monkeypatch.setattr(shards, "os", _TornOnce(2))       # the same twice: real damage
     with pytest.raises(DamagedRecordError, match="index checksum mismatch"):
         r._read_row("params/float32", 3)
-    monkeypatch.setattr(store, "os", _TornOnce(1))
+    monkeypatch.setattr(shards, "os", _TornOnce(1))
     r.check_structure()
 
 

@@ -10,7 +10,7 @@ import torch
 import trajscope
 from trajscope import TrajscopeError
 from trajscope.record.recorder import Recorder
-from trajscope.io.trajectory import TrajectoryWriter
+from trajscope.io.writer import TrajectoryWriter
 
 from helpers_recording import (Ref, assert_batch_equal, assert_state_bitexact,
                                assert_tensors_bitexact, make_batches, make_model, train)

@@ -10,8 +10,9 @@ import zarr
 
 from plugin_fixtures import LAYERS, N_STEPS, synthetic_run, write_run
 from trajscope.errors import TrajscopeError
-from trajscope.io.results import (GLOBAL, LABELS, NODE_FLOAT, NODE_INT, NODE_U8, UNSET_U8, ResultsWriter,
+from trajscope.io.results import (GLOBAL, LABELS, NODE_FLOAT, NODE_INT, NODE_U8, UNSET_U8,
                                group_name, open_results)
+from trajscope.io.resultswriter import ResultsWriter
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_interrupted_write_is_invisible(tmp_path, monkeypatch):
 def test_killed_process_leaves_committed_rows(tmp_path):
     code = f"""
 import os, numpy as np
-from trajscope.io.results import ResultsWriter
+from trajscope.io.resultswriter import ResultsWriter
 w = ResultsWriter({str(tmp_path)!r}, {{}}, {{"fc": 4}})
 for k in range(5):
     w.append(k, {{"loss": float(k)}}, {{"fc": {{"rho": np.full(4, k, np.float32)}}}})

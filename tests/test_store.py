@@ -10,11 +10,14 @@ import torch
 
 import trajscope
 from trajscope import TrajscopeError
-from trajscope.io import trajectory as store
+from trajscope.io import files, layout as store, packing
 from trajscope.errors import DamagedRecordError
 from trajscope.record.recorder import Recorder
-from trajscope.io.trajectory import (Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout,
-                             numeric_hparams, pack, restore_hparams, unflatten_batch, unpack)
+from trajscope.io.packing import (flatten_batch, make_layout, numeric_hparams, pack, restore_hparams, unflatten_batch,
+                                  unpack)
+from trajscope.io.reader import TrajectoryReader
+from trajscope.io.records import Snapshot
+from trajscope.io.writer import TrajectoryWriter
 
 from helpers_recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
                                assert_tensors_bitexact, drop_chunks, make_batches, make_model, train)
@@ -45,7 +48,7 @@ def test_pack_unpack_roundtrip(dtype):
     items = [("a", a), ("c", c), ("b", b)]
     layout = make_layout(items)
     packed = pack(layout, [t for _, t in items])
-    rows = {k: store._to_numpy(v) for k, v in packed.items()}
+    rows = {k: packing._to_numpy(v) for k, v in packed.items()}
     out = unpack(layout, rows)
     for name, t in items:
         assert_bitexact(out[name], t, name)
@@ -157,7 +160,7 @@ def test_store_creation_is_atomic(tmp_path, monkeypatch):
 
     def die(*a, **k):
         raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(store.os, "rename", die)
+    monkeypatch.setattr(files.os, "rename", die)
     with pytest.raises(KeyboardInterrupt):
         TrajectoryWriter(tmp_path / "run", _meta(layout))
     assert not store.is_run(tmp_path / "run")

@@ -17,9 +17,12 @@ import torch
 
 import trajscope
 from trajscope import TrajscopeError
-from trajscope.io import trajectory as store
+from trajscope.io import layout as store
 from trajscope.record.recorder import Recorder
-from trajscope.io.trajectory import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
+from trajscope.io.packing import flatten_batch, make_layout, pack
+from trajscope.io.reader import TrajectoryReader
+from trajscope.io.records import Snapshot
+from trajscope.io.writer import TrajectoryWriter
 
 from helpers_recording import assert_batch_equal, assert_bitexact, make_model, per_record_arrays, reseal_index, train
 

@@ -40,11 +40,14 @@ import zarr
 
 import trajscope
 from trajscope import TrajscopeError
-from trajscope.io import trajectory as store
+from trajscope.io import files, layout as store, packing
 from trajscope.errors import DamagedRecordError
 from trajscope.record import recorder as recorder_mod
 from trajscope.record.recorder import Recorder
-from trajscope.io.trajectory import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
+from trajscope.io.packing import flatten_batch, make_layout, pack
+from trajscope.io.reader import TrajectoryReader
+from trajscope.io.records import Snapshot
+from trajscope.io.writer import TrajectoryWriter
 
 from helpers_recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
                                assert_tensors_bitexact, drop_chunks, make_model, per_record_arrays, train)
@@ -184,7 +187,7 @@ def check_store(run_dir: Path, ref: Ref, data: list, boundary_rows: Any = (), fi
     same_bytes(records[:, 2], np.array([len(y) for _, y in data], dtype=np.float64), "records.batch_size")
     assert {"records", "hparams", "params/float32", "buffers/float32", "buffers/int64", "buffers/bool",
             "state/0/float32", "batch/.0", "batch/.1"} <= set(whole), sorted(whole)
-    layouts = [[store.Slot.from_json(s) for s in lay] for lay in attrs["state_layouts"]]
+    layouts = [[packing.Slot.from_json(s) for s in lay] for lay in attrs["state_layouts"]]
     raw = {name: RawArray(spath / name) for name in whole}
     for r in range(first, n):
         i = r - first
@@ -207,10 +210,10 @@ def check_store(run_dir: Path, ref: Ref, data: list, boundary_rows: Any = (), fi
                 region = tuple(slice(0, e) for e in extents)
                 same_bytes(raw[name].row(r, extents)[region], rows[i][region], f"raw vs zarr {name}[{r}]")
         # semantics of the packed rows, against the reference (not through trajscope's unpack)
-        for s in (store.Slot.from_json(j) for j in attrs["params"]):
+        for s in (packing.Slot.from_json(j) for j in attrs["params"]):
             assert whole[f"params/{s.pack}"][i, s.offset:s.offset + s.numel].tobytes() == \
                 tensor_bytes(ref.params[r][s.name]), f"params {s.name}[{r}]"
-        for s in (store.Slot.from_json(j) for j in attrs["buffers"]):
+        for s in (packing.Slot.from_json(j) for j in attrs["buffers"]):
             want = ref.buffers[r][s.name]
             got = whole[f"buffers/{s.pack}"][i, s.offset:s.offset + s.numel]
             assert got.tobytes() == tensor_bytes(want), f"buffers {s.name}[{r}]"
@@ -382,7 +385,7 @@ class Killed(BaseException):
 
 
 class _KillingOs:
-    """Stands in for ``os`` inside trajscope.io.trajectory: dies right before the k-th write-like call
+    """Stands in for ``os`` inside trajscope.io.files: dies right before the k-th write-like call
     (pwrite, pwritev, replace, rename). With ``partial``, a data write writes half of its bytes
     first (SIGKILL can stop a long write between pages; this is pessimistic for short ones). The
     shard index rewrite (offset 0, inside the first page) is all or nothing, as it is under SIGKILL:
@@ -496,9 +499,9 @@ def test_writer_stopped_at_any_write_leaves_committed_rows_intact(tmp_path, monk
         return real_append(self, *a, **k)
 
     monkeypatch.setattr(TrajectoryWriter, "append", marking_append)
-    monkeypatch.setattr(store, "os", counter)
+    monkeypatch.setattr(files, "os", counter)
     _write_kill_run(tmp_path / "whole", layout, [])
-    monkeypatch.setattr(store, "os", os)
+    monkeypatch.setattr(files, "os", os)
     monkeypatch.setattr(TrajectoryWriter, "append", real_append)
     total = counter.calls
     assert len(marks) == 6 and total > 100
@@ -507,10 +510,10 @@ def test_writer_stopped_at_any_write_leaves_committed_rows_intact(tmp_path, monk
     for k in points:
         run_dir = tmp_path / f"k{k}"
         progress = [0]
-        monkeypatch.setattr(store, "os", _KillingOs(k, partial=True))
+        monkeypatch.setattr(files, "os", _KillingOs(k, partial=True))
         with pytest.raises(Killed):
             _write_kill_run(run_dir, layout, progress)
-        monkeypatch.setattr(store, "os", os)
+        monkeypatch.setattr(files, "os", os)
         if not store.is_run(run_dir):
             assert k <= 3                  # killed while the empty store was being made
             continue

@@ -22,7 +22,7 @@ from trajscope.curvature.blocks import dense_blocks, node_curvature
 from trajscope.analysis.pipeline import recorded_node_layers
 from trajscope.cli.main import main
 from trajscope.io.results import open_results
-from trajscope.io.trajectory import ForwardState
+from trajscope.io.records import ForwardState
 from trajscope.zoo import mnist_net, resnet_block
 
 F64 = torch.float64
@@ -348,7 +348,7 @@ def test_old_run_without_forward_state_is_replayed_in_eval_mode_and_says_so(tmp_
     run = _mnist_run(tmp_path / "run", steps=2)
     attrs = dict(run.attrs)
     del attrs["forward_from"]                  # as a run recorded before the forward state was
-    from trajscope.io.trajectory import _write_group
+    from trajscope.io.files import _write_group
     _write_group(run.reader.path, attrs)
     run = trajscope.open_run(run.path)
     assert run.checkpoint(0).forward is None

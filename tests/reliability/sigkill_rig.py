@@ -63,7 +63,7 @@ import os, sys
 sys.path[:0] = sys.argv[1:3]
 import torch
 torch.set_num_threads(1)
-import trajscope, trajscope.record.recorder, trajscope.io.trajectory, zarr, numpy
+import trajscope, trajscope.record.recorder, trajscope.io.writer, zarr, numpy
 import sigkill_rig
 
 import tempfile

@@ -51,12 +51,13 @@ from trajscope.io.tbevents import EventWriter
 from trajscope.dynamics.updatemap import (GRAD_NORM_TOL, NodeMap, UpdateRule, node_map, node_update_spectra,
                                           preconditioner, stability_threshold, step_gradient, update_rule)
 from trajscope.errors import DamagedRecordError, TrajscopeError
-from trajscope.io.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
+from trajscope.io.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, discard_partial_stores, open_results,
                                results_exist)
+from trajscope.io.resultswriter import ResultsWriter
 from trajscope.replay.run import Checkpoint, Run, open_run
 from trajscope.io.runlock import analysis_lock
 from trajscope.trust import loss_spec
-from trajscope.io.trajectory import find_runs
+from trajscope.io.layout import find_runs
 
 NOT_COMPUTED = 255  # label code written when a run has no batches (kinematics only)
 

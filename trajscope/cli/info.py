@@ -244,7 +244,7 @@ def _committed(attrs: dict) -> int:
 
 
 def _analysis_arrays(attrs: dict) -> list[str]:
-    """The arrays every analysis store has (results.ResultsWriter creates them all at once)."""
+    """The arrays every analysis store has (resultswriter.ResultsWriter creates them all at once)."""
     names = ["steps", *(f"global/{g}" for g in results.GLOBAL)]
     layers = [d for d in attrs.get("layers", []) if isinstance(d, dict) and isinstance(d.get("group"), str)]
     return names + [f"nodes/{d['group']}/{metric}" for d in layers for metric in results.NODE_METRICS]

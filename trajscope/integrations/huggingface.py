@@ -124,7 +124,7 @@ class TrajscopeCallback(transformers.TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any) -> None:
         from trajscope import modelloss
         from trajscope.capture import unwrap_model
-        from trajscope.io.trajectory import is_run
+        from trajscope.io.layout import is_run
 
         if model is None:
             raise TrajscopeError("TrajscopeCallback: the Trainer gave no model to record")

@@ -44,8 +44,10 @@ import trajscope
 from trajscope import capture, trust
 from trajscope.errors import TrajscopeError
 from trajscope.modelloss import ModelLoss, for_model
-from trajscope.io.trajectory import (STORE_NAME, ForwardState, Snapshot, TrajectoryWriter, flatten_batch, is_run,
-                             make_layout, numeric_hparams, pack, shard_store_name, unflatten_batch)
+from trajscope.io.layout import STORE_NAME, is_run, shard_store_name
+from trajscope.io.packing import flatten_batch, make_layout, numeric_hparams, pack, unflatten_batch
+from trajscope.io.records import ForwardState, Snapshot
+from trajscope.io.writer import TrajectoryWriter
 
 log = logging.getLogger("trajscope")
 _STOP = object()

@@ -18,7 +18,8 @@ from torch import nn
 
 from trajscope import capture
 from trajscope.errors import TrajscopeError
-from trajscope.io.trajectory import ForwardState, TrajectoryReader
+from trajscope.io.reader import TrajectoryReader
+from trajscope.io.records import ForwardState
 from trajscope.trust import TrustPolicy, loss_spec
 
 

@@ -1,7 +1,7 @@
 r"""Replaying the forward pass of a recorded step as training ran it (``--train-mode replay``).
 
 The Recorder keeps, per micro-batch of a recorded step, what its forward pass used
-(:class:`~trajscope.io.trajectory.ForwardState`): the modules' train/eval flags and the RNG state the pass
+(:class:`~trajscope.io.records.ForwardState`): the modules' train/eval flags and the RNG state the pass
 started from. Replay evaluates
 
 .. math:: f = \big[f_{\theta}^{(1)}(x^{(1)});\ \dots;\ f_{\theta}^{(M)}(x^{(M)})\big],
@@ -34,7 +34,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from trajscope import capture
 from trajscope.capture import functional_forward
-from trajscope.io.trajectory import ForwardState
+from trajscope.io.records import ForwardState
 
 __all__ = ["TRAIN_MODES", "Replay", "mode_sensitive", "plan"]
 
