@@ -37,7 +37,7 @@ from trajscope.analysis.fidelity import (STEP_SERIES, _earlier_step_rows, _fidel
                                          _train_mode_summary)
 from trajscope.analysis.options import AnalysisOptions
 from trajscope.analysis.selection import _check_selection, eligible_steps, recorded_node_layers
-from trajscope.dynamics.labels import LABELS, REASONS, LabelConfig, stable_labels
+from trajscope.dynamics.labels import LABELS, REASONS, LabelConfig, StableLabelState
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.io.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
                                results_exist)
@@ -105,18 +105,14 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
         return summary
     # first norms (collapse reference) and label history for stable labels, from earlier analyses
     first_norms: dict[str, torch.Tensor] = {}
-    history: dict[str, list[np.ndarray]] = {l: [] for l in layers}
-    prev_stable: dict[str, np.ndarray | None] = {l: None for l in layers}
-    window = max(1, opts.labels.stable_window)
+    stable = StableLabelState(layers, opts.labels.stable_window)
     if prev is not None and len(done):
         damaged = prev.global_series("damaged") if "damaged" in prev.global_names else np.zeros(len(done))
         first = int(np.argmax(damaged != 1)) if (damaged != 1).any() else None
         for l in layers:
             if first is not None:  # the collapse reference: the first row that is not damaged
                 first_norms[l] = torch.from_numpy(np.asarray(prev.node(l, "param_norm", first), np.float64))
-            lab = prev.node(l, "label")
-            history[l] = [row for row in lab[-(window - 1):]] if window > 1 else []
-            prev_stable[l] = prev.node(l, "stable_label", len(done) - 1)
+            stable.resume(l, prev.node(l, "label"), prev.node(l, "stable_label", len(done) - 1))
     ck0 = _first_readable_checkpoint(run, todo)
     if not an.kinematics_only:
         an.preflight(ck0)
@@ -194,16 +190,7 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
                 if not first_norms:  # the first analysed row is the collapse reference of the run
                     first_norms = {l: torch.from_numpy(nodes[l]["param_norm"].astype(np.float64)) for l in layers}
                 for l in layers:
-                    lab = nodes[l]["label"]
-                    if an.kinematics_only:
-                        stable = lab
-                    else:
-                        hist = torch.from_numpy(np.stack(history[l])) if history[l] else None
-                        ps = torch.from_numpy(prev_stable[l]) if prev_stable[l] is not None else None
-                        stable = stable_labels(hist, ps, torch.from_numpy(lab), window).numpy().astype(np.uint8)
-                    nodes[l]["stable_label"] = stable
-                    history[l] = (history[l] + [lab])[-(window - 1):] if window > 1 else []
-                    prev_stable[l] = stable
+                    nodes[l]["stable_label"] = stable.update(l, nodes[l]["label"], hysteresis=not an.kinematics_only)
                 if "loss_mismatch" in glob:
                     summary.mismatches[step] = glob["loss_mismatch"]
                 if "step_factor" in glob:

@@ -86,7 +86,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,7 +97,7 @@ from trajscope.errors import TrajscopeError
 
 __all__ = [
     "LABELS", "REASONS", "REASON_DOCS", "PRESETS", "LabelConfig", "resolve_delta",
-    "collapse_reference_norm", "classify", "stable_labels",
+    "collapse_reference_norm", "classify", "stable_labels", "StableLabelState",
 ]
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")
@@ -277,3 +279,44 @@ def stable_labels(history: Tensor | None, previous_stable: Tensor | None, label:
         return prev.clone()
     held = (history[-need:].to(torch.uint8) == label[None, :]).all(dim=0)
     return torch.where(held, label, prev)
+
+
+class StableLabelState:
+    """The stable-label hysteresis carried across the checkpoints of a run, per layer.
+
+    Per layer it keeps the last ``window − 1`` instantaneous labels and the last stable label
+    (:func:`stable_labels`); an appended analysis resumes from what the earlier ones wrote.
+
+    Args:
+        layers: the layer names.
+        window: checkpoints a label must persist to become the stable label (``LabelConfig.stable_window``;
+            values below 1 count as 1).
+    """
+
+    def __init__(self, layers: Iterable[str], window: int) -> None:
+        self.window = max(1, window)
+        self.history: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+        self.stable: dict[str, np.ndarray | None] = {l: None for l in self.history}
+
+    def resume(self, layer: str, labels: np.ndarray, stable: np.ndarray) -> None:
+        """Continue from an earlier analysis: ``labels`` (k, N) its instantaneous labels, oldest first,
+        ``stable`` (N,) its last stable label."""
+        self.history[layer] = [row for row in labels[-(self.window - 1):]] if self.window > 1 else []
+        self.stable[layer] = stable
+
+    def update(self, layer: str, label: np.ndarray, hysteresis: bool = True) -> np.ndarray:
+        """The stable label (uint8 (N,)) of the next checkpoint, whose instantaneous label is ``label``;
+        ``hysteresis`` False (labels not computed): the label itself.
+
+        Returns:
+            the stable label, which is also remembered for the next checkpoint.
+        """
+        if not hysteresis:
+            stable = label
+        else:
+            hist = torch.from_numpy(np.stack(self.history[layer])) if self.history[layer] else None
+            ps = torch.from_numpy(self.stable[layer]) if self.stable[layer] is not None else None
+            stable = stable_labels(hist, ps, torch.from_numpy(label), self.window).numpy().astype(np.uint8)
+        self.history[layer] = (self.history[layer] + [label])[-(self.window - 1):] if self.window > 1 else []
+        self.stable[layer] = stable
+        return stable
