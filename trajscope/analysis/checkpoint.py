@@ -3,30 +3,27 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
 from trajscope.analysis.fidelity import FIDELITY_TOL
+from trajscope.analysis.layer import NOT_COMPUTED, LayerInputs, analyse_layer, equal_share, node_motion
 from trajscope.analysis.options import AnalysisOptions
 from trajscope.analysis.selection import _horizon, recorded_node_layers
-from trajscope.curvature.blocks import (CurvatureResult, bias_group_eigvals, node_curvature, node_hessian_extremes,
-                                          preconditioned_eigvals)
+from trajscope.curvature.blocks import CurvatureResult, node_curvature
 from trajscope.curvature.sharpness import sharpness as compute_sharpness
-from trajscope.dynamics.kinematics import node_kinematics
-from trajscope.dynamics.labels import classify, collapse_reference_norm, resolve_delta
-from trajscope.dynamics.motion import map_scale, motion_curvature, motion_fractions, motion_from_eigs
-from trajscope.dynamics.updatemap import (NodeMap, UpdateRule, node_map, node_update_spectra, preconditioner,
-                                          stability_threshold, step_gradient, update_rule)
+from trajscope.dynamics.labels import resolve_delta
+from trajscope.dynamics.updatemap import (NodeMap, UpdateRule, node_map, preconditioner, stability_threshold,
+                                          step_gradient, update_rule)
 from trajscope.errors import TrajscopeError
 from trajscope.nodes import NodeLayer, node_matrix
 from trajscope.replay import trainmode as replay_mod
 from trajscope.replay.run import Checkpoint, Run
 from trajscope.trust import loss_spec
 
-NOT_COMPUTED = 255  # label code written when a run has no batches (kinematics only)
+__all__ = ["Analyser", "_Analyser", "NOT_COMPUTED"]
 
 # --------------------------------------------------------------------------- one checkpoint
 def _to(x: Any, device: str, dtype: torch.dtype) -> Any:
@@ -46,7 +43,7 @@ def _finite(tensors: Iterable[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
-class _Analyser:
+class Analyser:
     """Analyses the checkpoints of one run; holds what is shared between them."""
 
     def __init__(self, run: Run, opts: AnalysisOptions) -> None:
@@ -132,75 +129,99 @@ class _Analyser:
 
     def checkpoint(self, step: int, succ: int | None, first_norms: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
         """(global values, per-layer node arrays) of one checkpoint."""
-        run, opts = self.run, self.opts
-        ck = run.checkpoint(step)
-        dev, dt = opts.device, self.dtype
-        params = {k: _to(v, dev, dt) for k, v in ck.params.items()}
-        buffers = {k: _to(v, dev, dt) for k, v in ck.buffers.items()}
-        # θ_{t+k} only feeds the kinematics, which run on the CPU
-        nxt = {k: _to(v, "cpu", dt) for k, v in run.params(succ).items()} if succ is not None else None
+        ck = self.run.checkpoint(step)
+        params, buffers, nxt = self._tensors(ck, succ)
         rules = self.rules(ck)
         threshold = min((_threshold(r) for r in rules), default=math.nan)
-        finite = _finite(params.values())
+        live = not self.kinematics_only and _finite(params.values())
         glob: dict[str, float] = {"loss": ck.loss, "sharpness": math.nan, "threshold": threshold,
                                   "step_gap": float(succ - step) if succ is not None else math.nan}
-        cr = None
-        if not self.kinematics_only and finite:
-            batch = run.probe if opts.batch == "probe" else ck.batch
-            inputs, targets = _to(batch[0], dev, dt), _to(batch[1], dev, dt)
-            rp = self.replay(ck, inputs)
-            self.coupled |= rp.batch_statistics(self.model)
-            try:
-                cr = node_curvature(self.model, params, buffers, inputs, targets, self.loss_fn, self.layers,
-                                    kind=opts.curvature, replay=rp)
-                glob["loss"] = float(cr.loss)
-                if opts.batch == "step" and math.isfinite(ck.loss):
-                    # fidelity: the replayed function against the one trained, at this step
-                    glob["recorded_loss"] = ck.loss
-                    glob["loss_mismatch"] = abs(glob["loss"] - ck.loss) / max(abs(ck.loss), 1e-30)
-                if opts.batch == "step":
-                    glob.update(self._gradient_check(ck, cr, not glob.get("loss_mismatch", 0.0) > FIDELITY_TOL))
-            except ValueError as e:  # e.g. exact conv blocks too large for memory: say what to do
-                raise TrajscopeError(f"step {step}: {str(e).splitlines()[0]}") from None
-            except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. non-finite activations from huge weights
-                self._failed(f"step {step}: curvature failed ({type(e).__name__}: {_first_line(e)}); nodes get NaN")
-                cr = None
+        cr, (inputs, targets, rp) = self._curvature(ck, params, buffers, glob) if live else (None, (None, None, None))
         # a clipped step's map is the rule's on c_t·H (c_t frozen; updatemap, "What else changes the step")
         clip = glob.pop("map_factor", 1.0)
         if clip != 1.0:
             glob["threshold"] = min((_threshold(r, clip) for r in rules), default=math.nan)
-        # Adam's frozen preconditioner D, once per checkpoint: the node spectra and the
-        # preconditioned sharpness both use it.
-        precond = None
-        if cr is not None and any(r.preconditioned for r in rules):
-            precond = {name: _precond(rules[self.group_of.get(name, 0)], ck.optimizer_state.get(name, {}),
-                                      clip * cr.grads[name], p) for name, p in params.items()}
-        if not self.kinematics_only and finite and opts.sharpness:
+        precond = self._preconditioners(ck, cr, rules, params, clip)
+        if live and self.opts.sharpness:
             try:
                 glob.update(self._sharpness(params, buffers, inputs, targets, precond, rules, rp, clip))
             except (RuntimeError, torch.linalg.LinAlgError) as e:   # as for the curvature: NaN, not an abort
                 self._failed(f"step {step}: sharpness failed ({type(e).__name__}: {_first_line(e)}); "
                              f"global/sharpness is NaN")
-        moves = {l.name: self._motion(l, params, nxt, cr, rules, precond) for l in self.layers} if cr is not None else {}
-        fair = _equal_share([m[1] for m in moves.values()])
-        nodes = {}
-        for layer in self.layers:
-            move = (moves[layer.name][0], moves[layer.name][1] / fair) if layer.name in moves else None
-            nodes[layer.name] = self._layer(layer, params, nxt, succ, step, cr, rules, precond, glob["loss"], first_norms,
-                                            move, clip)
-        return glob, nodes
+        k = (succ - step) if succ is not None else 1
+        layers = [self._layer_inputs(l, params, nxt, k, cr, rules, precond, glob["loss"], first_norms, clip)
+                  for l in self.layers]
+        return glob, self._nodes(layers)
 
-    def _motion(self, layer: NodeLayer, params, nxt, cr: CurvatureResult, rules, precond) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(u (N, p), s (N,))``: the node's motion (labels.py) and the first-order loss decrease
-        it accounts for, s_i = −g_i·u_i (float64, CPU)."""
-        nm = self.node_map(layer, rules)
-        theta = node_matrix(params, layer).cpu().to(torch.float64)
-        g = node_matrix(cr.grads, layer).cpu().to(torch.float64)
-        d = map_scale(nm, node_matrix(precond, layer).cpu() if nm.rule.preconditioned else None, g)
-        step = -nm.sign * d * g
-        u = node_matrix(nxt, layer).to(torch.float64) - theta if nxt is not None else step
-        u = torch.where((u != 0).any(dim=1, keepdim=True), u, step)
-        return u, -(g * u).sum(dim=1)
+    def _tensors(self, ck: Checkpoint, succ: int | None) -> tuple[dict, dict, dict | None]:
+        """θ_t and the buffers on the analysis device and dtype, θ_{t+k} (None without a successor)."""
+        dev, dt = self.opts.device, self.dtype
+        params = {k: _to(v, dev, dt) for k, v in ck.params.items()}
+        buffers = {k: _to(v, dev, dt) for k, v in ck.buffers.items()}
+        # θ_{t+k} only feeds the kinematics, which run on the CPU
+        nxt = {k: _to(v, "cpu", dt) for k, v in self.run.params(succ).items()} if succ is not None else None
+        return params, buffers, nxt
+
+    def _curvature(self, ck: Checkpoint, params: dict, buffers: dict, glob: dict[str, float]
+                   ) -> tuple[CurvatureResult | None, tuple[Any, Any, replay_mod.Replay]]:
+        """The node curvature of the checkpoint (None where it failed: nodes get NaN) and the batch it was
+        replayed on, ``(inputs, targets, replay)``; the loss, fidelity and gradient check go into ``glob``."""
+        opts, step = self.opts, ck.step
+        dev, dt = opts.device, self.dtype
+        batch = self.run.probe if opts.batch == "probe" else ck.batch
+        inputs, targets = _to(batch[0], dev, dt), _to(batch[1], dev, dt)
+        rp = self.replay(ck, inputs)
+        self.coupled |= rp.batch_statistics(self.model)
+        try:
+            cr = node_curvature(self.model, params, buffers, inputs, targets, self.loss_fn, self.layers,
+                                kind=opts.curvature, replay=rp)
+            glob["loss"] = float(cr.loss)
+            if opts.batch == "step" and math.isfinite(ck.loss):
+                # fidelity: the replayed function against the one trained, at this step
+                glob["recorded_loss"] = ck.loss
+                glob["loss_mismatch"] = abs(glob["loss"] - ck.loss) / max(abs(ck.loss), 1e-30)
+            if opts.batch == "step":
+                glob.update(self._gradient_check(ck, cr, not glob.get("loss_mismatch", 0.0) > FIDELITY_TOL))
+        except ValueError as e:  # e.g. exact conv blocks too large for memory: say what to do
+            raise TrajscopeError(f"step {step}: {str(e).splitlines()[0]}") from None
+        except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. non-finite activations from huge weights
+            self._failed(f"step {step}: curvature failed ({type(e).__name__}: {_first_line(e)}); nodes get NaN")
+            cr = None
+        return cr, (inputs, targets, rp)
+
+    def _preconditioners(self, ck: Checkpoint, cr: CurvatureResult | None, rules: list[UpdateRule], params: dict,
+                         clip: float) -> dict[str, torch.Tensor] | None:
+        """Adam's frozen preconditioner D per parameter, once per checkpoint (None: no rule is preconditioned,
+        or no curvature): the node spectra and the preconditioned sharpness both use it."""
+        if cr is None or not any(r.preconditioned for r in rules):
+            return None
+        return {name: _precond(rules[self.group_of.get(name, 0)], ck.optimizer_state.get(name, {}),
+                               clip * cr.grads[name], p) for name, p in params.items()}
+
+    def _layer_inputs(self, layer: NodeLayer, params: dict, nxt: dict | None, k: int, cr: CurvatureResult | None,
+                      rules: list[UpdateRule], precond: dict | None, loss: float,
+                      first_norms: dict[str, torch.Tensor] | None, clip: float) -> LayerInputs:
+        """One layer's rows of θ_t, θ_{t+k}, ∇L and D (each :func:`~trajscope.nodes.node_matrix` done once)."""
+        nm = None if self.kinematics_only else self.node_map(layer, rules)
+        pre = node_matrix(precond, layer) if cr is not None and nm is not None and nm.rule.preconditioned else None
+        # per-node work from here on is small: on the CPU, whatever the analysis device
+        return LayerInputs(layer=layer, theta=node_matrix(params, layer).cpu(),
+                           theta_next=node_matrix(nxt, layer).cpu() if nxt is not None else None, k=k, nmap=nm, cr=cr,
+                           grads=node_matrix(cr.grads, layer) if cr is not None else None, precond=pre,
+                           precond_cpu=pre.cpu() if pre is not None else None, loss=loss,
+                           first_norm=first_norms.get(layer.name) if first_norms else None, clip=clip)
+
+    def _nodes(self, layers: list[LayerInputs]) -> dict[str, dict[str, np.ndarray]]:
+        """The node arrays of every layer: the motions first (the loss shares are over an equal share of
+        every node of every layer), then each layer's analysis."""
+        moves = {inp.layer.name: node_motion(inp) for inp in layers if inp.cr is not None}
+        fair = equal_share([m[1] for m in moves.values()])
+        nodes = {}
+        for inp in layers:
+            if inp.layer.name in moves:
+                inp.move = (moves[inp.layer.name][0], moves[inp.layer.name][1] / fair)
+            nodes[inp.layer.name] = analyse_layer(inp, self.opts.labels, self.delta, self.opts.motion_fractions)
+        return nodes
 
     def _gradient_check(self, ck: Checkpoint, cr: Any, loss_faithful: bool = True) -> dict[str, float]:
         """The recorded gradient norms of the step against the replayed ‖∇L(θ_t)‖ over the parameters the
@@ -229,82 +250,6 @@ class _Analyser:
                                                                 self.loss_fn, precond=precond, shift=shift,
                                                                 replay=rp).value
         return out
-
-    def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms,
-               move: tuple[torch.Tensor, torch.Tensor] | None, clip: float = 1.0) -> dict[str, np.ndarray]:
-        n, p = layer.n_nodes, layer.node_dim
-        # per-node work from here on is small: on the CPU, whatever the analysis device
-        theta = node_matrix(params, layer).cpu()
-        theta_next = node_matrix(nxt, layer).cpu() if nxt is not None else None
-        k = (succ - step) if succ is not None else 1
-        kin = node_kinematics(theta, theta_next, k)
-        nan = np.full(n, np.nan, np.float32)
-        out: dict[str, np.ndarray] = {"param_norm": _np32(kin["param_norm"]), "rho": _np32(kin["rho"]),
-                                      "drift": _np32(kin["drift"])}
-        if self.kinematics_only:
-            out.update(motion_radius=nan, loss_share=nan, hess_max=nan, hess_min=nan, spectral_radius=nan, grad_norm=nan,
-                       null_dims=np.zeros(n, np.int32), neutral_dims=np.zeros(n, np.int32),
-                       label=np.full(n, NOT_COMPUTED, np.uint8), reason=np.full(n, NOT_COMPUTED, np.uint8))
-            return out
-        nm = self.node_map(layer, rules)
-        if cr is not None:
-            eig = cr.eigvals[layer.name]
-            hmax, hmin = node_hessian_extremes(eig, p)
-            grad_norm = node_matrix(cr.grads, layer).norm(dim=1).cpu()
-            rule = nm.rule
-            if nm.transformed:
-                # clipped (c = clip < 1): the map's curvature is c·H, and eig of (DA)^{1/2}(s·c·H + shift)(DA)^{1/2}
-                # are c × those of (DA)^{1/2}(s·H + shift/c)(DA)^{1/2}
-                factor = cr.factors[layer.name]
-                fast = None
-                if nm.lr_scale is not None and not rule.preconditioned:  # a bias in another SGD group
-                    w = torch.as_tensor(nm.shift, dtype=torch.float64).reshape(-1)
-                    fast = bias_group_eigvals(factor, nm.sign, float(w[0]) / clip, float(w[-1]) / clip,
-                                              float(nm.lr_scale[-1]))
-                if fast is not None:  # the eigenvalues less wd: the rule adds wd to all p of them
-                    eig, rule = clip * fast, replace(rule, weight_decay=float(w[0]))
-                else:
-                    dm = map_scale(nm, node_matrix(precond, layer) if rule.preconditioned else None,
-                                   torch.empty(n, p, dtype=torch.float64))
-                    # eig of (DA)^{1/2}(s·H + shift)(DA)^{1/2}; s = -1 when maximising
-                    shift = nm.shift / clip
-                    eig = clip * (preconditioned_eigvals(factor, dm, shift=shift) if nm.sign > 0 else
-                                  -preconditioned_eigvals(factor, dm, shift=-shift).flip(1))
-            elif clip != 1.0:
-                eig = clip * eig   # λ' = s·c·λ + wd: decay is added after clipping
-            spectra = node_update_spectra(eig, p, rule)
-            pre = node_matrix(precond, layer).cpu() if nm.rule.preconditioned else None
-            motion = (*motion_from_eigs(motion_curvature(cr.factors[layer.name], nm, move[0], pre, clip), nm.rule),
-                      move[1])
-            if self.opts.motion_fractions:
-                neutral_f, unstable_f = motion_fractions(cr.factors[layer.name], nm, nm.rule, move[0], pre, self.delta,
-                                                         clip)
-                out.update(neutral_fraction=_np32(neutral_f), unstable_fraction=_np32(unstable_f))
-        else:
-            fill = torch.full((n,), float("nan"), dtype=torch.float64)
-            hmax, hmin, grad_norm = fill, fill, fill
-            spectra = node_update_spectra(torch.full((n, 1), float("nan"), dtype=torch.float64), p, nm.rule)
-            motion = None
-        norms = kin["param_norm"].to(torch.float64)
-        ref = collapse_reference_norm(self.opts.labels, norms, first_norms.get(layer.name) if first_norms else None)
-        label, reason, neutral = classify(spectra, norms, ref, grad_norm.to(torch.float64), hmin.to(torch.float64),
-                                          float(loss), self.opts.labels, self.delta, motion=motion,
-                                          hess_max=hmax.to(torch.float64))
-        out.update(motion_radius=_np32(motion[0]) if motion is not None else nan,
-                   loss_share=_np32(motion[2]) if motion is not None else nan,
-                   hess_max=_np32(hmax), hess_min=_np32(hmin), spectral_radius=_np32(spectra.radius),
-                   grad_norm=_np32(grad_norm), null_dims=spectra.null_dims.cpu().numpy().astype(np.int32),
-                   neutral_dims=neutral.cpu().numpy().astype(np.int32), label=label.cpu().numpy().astype(np.uint8),
-                   reason=reason.cpu().numpy().astype(np.uint8))
-        return out
-
-
-def _equal_share(shares: Sequence[torch.Tensor]) -> float:
-    """An equal share of the step's first-order loss decrease: Σ_j |s_j| / N over every node of
-    every layer (inf when there is none, so that shares divided by it are 0)."""
-    n = sum(int(s.numel()) for s in shares)
-    tot = sum(float(torch.nansum(s.abs())) for s in shares)
-    return tot / n if n and tot > 0 else math.inf
 
 
 def _loss_override(run: Run, spec: str | None, loss_fn: Callable) -> str | None:
@@ -341,6 +286,4 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
-def _np32(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float32).numpy()
-
+_Analyser = Analyser   # the name tests and the pipeline used before the split
