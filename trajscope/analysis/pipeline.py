@@ -24,20 +24,21 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import trajscope
-from trajscope.analysis.checkpoint import NOT_COMPUTED, _Analyser
+from trajscope.analysis.attrs import result_attrs
+from trajscope.analysis.checkpoint import _Analyser
 from trajscope.analysis.fidelity import (STEP_SERIES, _earlier_step_rows, _fidelity, _grad_fidelity, _step_changes,
                                          _train_mode_summary)
+from trajscope.analysis.layer import NOT_COMPUTED
 from trajscope.analysis.options import AnalysisOptions
+from trajscope.analysis.progress import analysis_progress
 from trajscope.analysis.selection import _check_selection, eligible_steps, recorded_node_layers
-from trajscope.dynamics.labels import LABELS, REASONS, LabelConfig, StableLabelState
+from trajscope.dynamics.labels import LabelConfig, StableLabelState
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.io.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
                                results_exist)
@@ -76,6 +77,44 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
 
 def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Console) -> RunSummary:
     layers = {l.name: l.n_nodes for l in an.layers}
+    prev = _previous(run, an, opts)
+    done = [int(s) for s in prev.steps] if prev is not None else []
+    todo = eligible_steps(run, opts, done)
+    summary = RunSummary(run=run.path, analysed=[], results=None, kinematics_only=an.kinematics_only)
+    if an.loss_override:
+        summary.notes.append(an.loss_override)
+    if an.kinematics_only:
+        summary.notes.append("the run has no recorded batches: kinematics only (no curvature, spectra or labels)")
+    if not todo:
+        summary.notes.append("nothing new to analyse" if done else "no checkpoint matches the selection")
+        summary.results = prev
+        return summary
+    first_norms, stable = _resume(prev, done, layers, opts)
+    ck0 = _first_readable_checkpoint(run, todo)
+    if not an.kinematics_only:
+        an.preflight(ck0)
+    rules0 = an.rules(ck0)
+    maps0 = {l.name: an.node_map(l, rules0).note for l in an.layers}
+    summary.notes += _map_notes(rules0, maps0)
+    writer = ResultsWriter(run.path, result_attrs(run, an, opts, rules0, maps0), layers, expected=len(todo))
+    events = EventWriter(run.path, list(layers))
+    try:
+        with analysis_progress(console, opts.progress) as progress:
+            task = progress.add_task(f"{run.path.name}", total=len(todo))
+            for step, succ in todo:
+                first_norms = _append_step(an, step, succ, first_norms, stable, summary, writer, events)
+                progress.advance(task)
+        _finish(an, opts, prev, summary, writer)
+    finally:
+        writer.close()
+        events.close()
+    summary.results = open_results(run.path)
+    return summary
+
+
+def _previous(run: Run, an: _Analyser, opts: AnalysisOptions) -> Any:
+    """The run's earlier results (None: none yet), after checking that appended labels keep their rule and δ
+    (``an.delta`` becomes the stored δ)."""
     discard_partial_stores(run.path)
     # Only a missing store means "nothing analysed yet": a damaged one is an error, never a fresh start
     # (appending to it from scratch would duplicate its rows).
@@ -93,17 +132,12 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
             raise TrajscopeError(f"{run.path} was analysed with delta {attrs['delta']:g}; appended labels must use the "
                                  f"same: drop --delta, or move {run.path / 'analysis.zarr'} aside to re-analyse from scratch")
         an.delta = float(attrs["delta"])
-    todo = eligible_steps(run, opts, done)
-    summary = RunSummary(run=run.path, analysed=[], results=None, kinematics_only=an.kinematics_only)
-    if an.loss_override:
-        summary.notes.append(an.loss_override)
-    if an.kinematics_only:
-        summary.notes.append("the run has no recorded batches: kinematics only (no curvature, spectra or labels)")
-    if not todo:
-        summary.notes.append("nothing new to analyse" if done else "no checkpoint matches the selection")
-        summary.results = prev
-        return summary
-    # first norms (collapse reference) and label history for stable labels, from earlier analyses
+    return prev
+
+
+def _resume(prev: Any, done: Sequence[int], layers: Mapping[str, int], opts: AnalysisOptions
+            ) -> tuple[dict[str, torch.Tensor], StableLabelState]:
+    """First norms (collapse reference) and label history for stable labels, from earlier analyses."""
     first_norms: dict[str, torch.Tensor] = {}
     stable = StableLabelState(layers, opts.labels.stable_window)
     if prev is not None and len(done):
@@ -113,114 +147,68 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
             if first is not None:  # the collapse reference: the first row that is not damaged
                 first_norms[l] = torch.from_numpy(np.asarray(prev.node(l, "param_norm", first), np.float64))
             stable.resume(l, prev.node(l, "label"), prev.node(l, "stable_label", len(done) - 1))
-    ck0 = _first_readable_checkpoint(run, todo)
-    if not an.kinematics_only:
-        an.preflight(ck0)
-    rules0 = an.rules(ck0)
-    maps0 = {l.name: an.node_map(l, rules0).note for l in an.layers}
-    summary.notes += [f"{name}: {note}" for name, note in maps0.items() if note]
-    if any(r.kind == "gd_fallback" for r in rules0):
-        summary.notes.append(f"WARNING: trajscope has no update map for {rules0[0].optimizer.rsplit('.', 1)[-1]}: the "
-                             f"spectra, thresholds and labels use plain gradient descent with the group's lr")
-    result_attrs = {
-        "trajscope_version": trajscope.__version__,
-        "labels": list(LABELS), "reasons": list(REASONS), "not_computed_code": NOT_COMPUTED,
-        "curvature": opts.curvature, "batch": opts.batch, "dtype": opts.dtype, "train_mode": opts.train_mode,
-        "delta": an.delta, "total_steps_at_first_analysis": an.total_steps, "label_horizon": an.horizon,
-        "label_config": {k: v for k, v in vars(opts.labels).items()},
-        "optimizer": run.optimizer_class,
-        "optimizer_map": [{"kind": r.kind, "note": r.note} for r in rules0],
-        "kinematics_only": an.kinematics_only,
-        "loss_override": an.loss_override,
-        "semantics": {
-            "step": "training step t of the checkpoint; theta_t is the parameters just before update t",
-            "hess_max/hess_min": "extreme eigenvalues of the node curvature block H_i (GGN or exact, see 'curvature')",
-            "spectral_radius": "max |mu| of the node's linearised update map (all directions)",
-            "rho": "per-step decay ratio (||theta_{t+k}|| / ||theta_t||)^(1/k)",
-            "drift": "||u_{t+k} - u_t||, u = theta/||theta|| (a k-step drift when checkpoints are k apart)",
-            "step_gap": "k, the steps between the checkpoint and the successor that rho and drift use "
-                        "(global/step_gap; NaN without a successor)",
-            "null_dims": "directions the step does not act on (mu exactly 1)",
-            "loss_mismatch": "|replayed loss - recorded loss| / |recorded loss| at the step (the fidelity check; "
-                             "attribute 'fidelity' summarises it)",
-            "grad_norm": "||grad L(theta_t)||, the replayed gradient over the parameters the optimizer steps",
-            "recorded_grad_norm": "||g|| the optimizer stepped with (recorded at optimizer.step: after unscaling and "
-                                  "clipping)",
-            "backward_grad_norm": "||g|| as backward accumulated it (recorded; loss-scaled, before clipping)",
-            "step_factor": "c_t = recorded_grad_norm / grad_norm (< 1: clipped; the map of a clipped step uses "
-                           "c_t * H with c_t frozen)",
-            "loss_scale": "backward_grad_norm / grad_norm rounded to a power of two (GradScaler's scale; 1: none)",
-            "clipped": "1 where the step was clipped (0 < c_t < 1 - tolerance, backward explained)",
-            "grad_norm_mismatch": "relative gradient-norm gap no clipping or loss scaling explains (attribute "
-                                  "'fidelity'.grad_norm summarises it; 'step_changes' the clipping and scaling)",
-            "neutral_dims": "acted-on directions with ||mu| - 1| <= delta",
-            "motion_radius": "max |mu_u| of the update map along the node's recorded motion u = theta_next - theta "
-                             "(lambda_u = u'Au/u'u; the excited preset's source test; NaN when the node has no motion)",
-            "loss_share": "-g_i.u_i, the node's first-order loss decrease at the step, over an equal share "
-                          "(mean |g_j.u_j| over every node of every layer): below label_config.share_min with a "
-                          "flat motion the excited preset calls it a plateau",
-            "threshold": "curvature at which the optimizer's map loses stability (min over param groups); "
-                         "for Adam compare with precond_sharpness, lambda_max of P^{1/2}(H + coupled wd)P^{1/2}",
-        },
-        "layer_info": {l.name: {"kind": l.kind, "n_nodes": l.n_nodes, "node_dim": l.node_dim,
-                                **({"map_note": maps0[l.name]} if maps0[l.name] else {})} for l in an.layers},
-    }
-    writer = ResultsWriter(run.path, result_attrs, layers, expected=len(todo))
-    events = EventWriter(run.path, list(layers))
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=console, disable=not opts.progress, transient=False)
-    try:
-        with progress:
-            task = progress.add_task(f"{run.path.name}", total=len(todo))
-            for step, succ in todo:
-                try:
-                    glob, nodes = an.checkpoint(step, succ, first_norms)
-                except Exception as e:
-                    # Local failure (SPEC 10): this row is NaN and says so; the other steps go on.
-                    if isinstance(e, TrajscopeError) and not isinstance(e, DamagedRecordError):
-                        raise          # bad input that holds for every step: one line, not a row per step
-                    marker = "damaged" if isinstance(e, DamagedRecordError) else "failed"
-                    why = str(e) if marker == "damaged" else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    warnings.warn(f"step {step}: {why}; its row is NaN (global/{marker} = 1)")
-                    summary.notes.append(f"step {step} not analysed: {why}")
-                    writer.append(step, *_nan_row(an.layers, marker))
-                    summary.analysed.append(step)
-                    progress.advance(task)
-                    continue
-                if not first_norms:  # the first analysed row is the collapse reference of the run
-                    first_norms = {l: torch.from_numpy(nodes[l]["param_norm"].astype(np.float64)) for l in layers}
-                for l in layers:
-                    nodes[l]["stable_label"] = stable.update(l, nodes[l]["label"], hysteresis=not an.kinematics_only)
-                if "loss_mismatch" in glob:
-                    summary.mismatches[step] = glob["loss_mismatch"]
-                if "step_factor" in glob:
-                    summary.step_rows[step] = {k: glob[k] for k in STEP_SERIES}
-                writer.append(step, glob, nodes)
-                events.write(step, glob, nodes)
-                summary.analysed.append(step)
-                progress.advance(task)
-        earlier = ({int(st): float(m) for st, m in zip(prev.steps, prev.global_series("loss_mismatch")) if np.isfinite(m)}
-                   if prev is not None and "loss_mismatch" in prev.global_names else {})
-        replayed = _train_mode_summary(an, opts)
-        summary.notes += replayed["notes"]
-        fidelity = _fidelity({**earlier, **summary.mismatches})
-        if fidelity["note"]:
-            summary.notes.append(fidelity["note"])
-        summary.notes += an.failures
-        rows = {**_earlier_step_rows(prev), **summary.step_rows}
-        fidelity["grad_norm"], changes = _grad_fidelity(rows), _step_changes(rows)
-        summary.notes += [n for n in (*changes["notes"], fidelity["grad_norm"]["note"]) if n]
-        writer.update_attrs(fidelity=fidelity, step_changes=changes,
-                            train_mode_replay={k: v for k, v in replayed.items() if k != "notes"})
-        # the WARNING lines of every analysis of the run, for the dashboard (earlier ones first, once each)
-        said = list(prev.attrs.get("warnings", [])) if prev is not None else []
-        writer.update_attrs(warnings=said + [n for n in summary.notes if n.startswith("WARNING") and n not in said])
-    finally:
-        writer.close()
-        events.close()
-    summary.results = open_results(run.path)
-    return summary
+    return first_norms, stable
 
+
+def _map_notes(rules0: Sequence[Any], maps0: Mapping[str, str | None]) -> list[str]:
+    """The summary's lines on the update maps of the run (per layer, and no map for the optimizer)."""
+    notes = [f"{name}: {note}" for name, note in maps0.items() if note]
+    if any(r.kind == "gd_fallback" for r in rules0):
+        notes.append(f"WARNING: trajscope has no update map for {rules0[0].optimizer.rsplit('.', 1)[-1]}: the "
+                     f"spectra, thresholds and labels use plain gradient descent with the group's lr")
+    return notes
+
+
+def _append_step(an: _Analyser, step: int, succ: int | None, first_norms: dict[str, torch.Tensor],
+                 stable: StableLabelState, summary: RunSummary, writer: ResultsWriter, events: EventWriter
+                 ) -> dict[str, torch.Tensor]:
+    """Analyse one checkpoint and append its row (a NaN row where it failed); returns the first norms."""
+    try:
+        glob, nodes = an.checkpoint(step, succ, first_norms)
+    except Exception as e:
+        # Local failure (SPEC 10): this row is NaN and says so; the other steps go on.
+        if isinstance(e, TrajscopeError) and not isinstance(e, DamagedRecordError):
+            raise          # bad input that holds for every step: one line, not a row per step
+        marker = "damaged" if isinstance(e, DamagedRecordError) else "failed"
+        why = str(e) if marker == "damaged" else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(f"step {step}: {why}; its row is NaN (global/{marker} = 1)")
+        summary.notes.append(f"step {step} not analysed: {why}")
+        writer.append(step, *_nan_row(an.layers, marker))
+        summary.analysed.append(step)
+        return first_norms
+    if not first_norms:  # the first analysed row is the collapse reference of the run
+        first_norms = {l: torch.from_numpy(nodes[l]["param_norm"].astype(np.float64)) for l in nodes}
+    for l in nodes:
+        nodes[l]["stable_label"] = stable.update(l, nodes[l]["label"], hysteresis=not an.kinematics_only)
+    if "loss_mismatch" in glob:
+        summary.mismatches[step] = glob["loss_mismatch"]
+    if "step_factor" in glob:
+        summary.step_rows[step] = {k: glob[k] for k in STEP_SERIES}
+    writer.append(step, glob, nodes)
+    events.write(step, glob, nodes)
+    summary.analysed.append(step)
+    return first_norms
+
+
+def _finish(an: _Analyser, opts: AnalysisOptions, prev: Any, summary: RunSummary, writer: ResultsWriter) -> None:
+    """The run-level checks over every analysed step (this analysis and the earlier ones): summary notes and
+    results attributes."""
+    earlier = ({int(st): float(m) for st, m in zip(prev.steps, prev.global_series("loss_mismatch")) if np.isfinite(m)}
+               if prev is not None and "loss_mismatch" in prev.global_names else {})
+    replayed = _train_mode_summary(an, opts)
+    summary.notes += replayed["notes"]
+    fidelity = _fidelity({**earlier, **summary.mismatches})
+    if fidelity["note"]:
+        summary.notes.append(fidelity["note"])
+    summary.notes += an.failures
+    rows = {**_earlier_step_rows(prev), **summary.step_rows}
+    fidelity["grad_norm"], changes = _grad_fidelity(rows), _step_changes(rows)
+    summary.notes += [n for n in (*changes["notes"], fidelity["grad_norm"]["note"]) if n]
+    writer.update_attrs(fidelity=fidelity, step_changes=changes,
+                        train_mode_replay={k: v for k, v in replayed.items() if k != "notes"})
+    # the WARNING lines of every analysis of the run, for the dashboard (earlier ones first, once each)
+    said = list(prev.attrs.get("warnings", [])) if prev is not None else []
+    writer.update_attrs(warnings=said + [n for n in summary.notes if n.startswith("WARNING") and n not in said])
 
 
 def _first_readable_checkpoint(run: Run, todo: Sequence[tuple[int, int | None]]) -> Checkpoint:
