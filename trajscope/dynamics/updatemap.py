@@ -248,54 +248,84 @@ def update_rule(optimizer_class: str, hparams: Mapping[str, Any], state: Mapping
     """
     name = str(optimizer_class).rsplit(".", 1)[-1]
     hp = dict(hparams or {})
-    st = dict(state or {})
-    lr = _scalar(hp.get("lr"), math.nan)
-    wd = _scalar(hp.get("weight_decay"), 0.0)
-    maximize = bool(hp.get("maximize", False))
-    notes = []
-    if maximize:
-        notes.append("maximize=True: curvature enters mirrored (λ -> -λ)")
-
-    if name == "SGD":
-        beta = _scalar(hp.get("momentum"), 0.0)
-        damp = _scalar(hp.get("dampening"), 0.0)
-        nesterov = bool(hp.get("nesterov", False))
-        kind = "sgd" if beta == 0.0 else ("nesterov" if nesterov else "sgd_momentum")
-        has_buffer = kind != "sgd" and st.get("momentum_buffer") is not None
-        if kind != "sgd" and not has_buffer:
-            notes.append("no momentum buffer yet (first step): single-step map")
-        return UpdateRule(kind, lr, wd, momentum=beta, dampening=damp if kind != "sgd" else 0.0,
-                          has_buffer=has_buffer, maximize=maximize, optimizer=str(optimizer_class),
-                          note="; ".join(notes))
-    if name in ("Adam", "AdamW"):
-        betas = hp.get("betas", (0.9, 0.999))
-        b1, b2 = _scalar(betas[0], 0.9), _scalar(betas[1], 0.999)
-        decoupled = name == "AdamW" or bool(hp.get("decoupled_weight_decay", False))
-        has_buffer = st.get("exp_avg") is not None
-        step = int(_scalar(st.get("step"), 0.0)) if has_buffer or "step" in st else 0
-        if not has_buffer:
-            notes.append("no exp_avg yet (first step): single-step map")
-        return UpdateRule("adamw" if decoupled else "adam", lr, wd, has_buffer=has_buffer,
-                          beta1=b1, beta2=b2, eps=_scalar(hp.get("eps"), 1e-8), step=step,
-                          amsgrad=bool(hp.get("amsgrad", False)), maximize=maximize,
-                          optimizer=str(optimizer_class), note="; ".join(notes))
-    if name == "RMSprop":
-        beta = _scalar(hp.get("momentum"), 0.0)
-        has_buffer = beta != 0.0 and st.get("momentum_buffer") is not None
-        if beta != 0.0 and not has_buffer:
-            notes.append("no momentum buffer yet (first step): single-step map")
-        return UpdateRule("rmsprop_momentum" if beta != 0.0 else "rmsprop", lr, wd, momentum=beta, has_buffer=has_buffer,
-                          beta2=_scalar(hp.get("alpha"), 0.99), eps=_scalar(hp.get("eps"), 1e-8),
-                          step=int(_scalar(st.get("step"), 0.0)), centered=bool(hp.get("centered", False)),
-                          maximize=maximize, optimizer=str(optimizer_class), note="; ".join(notes))
-    if name == "Adagrad":
-        return UpdateRule("adagrad", lr, wd, eps=_scalar(hp.get("eps"), 1e-10), step=int(_scalar(st.get("step"), 0.0)),
-                          lr_decay=_scalar(hp.get("lr_decay"), 0.0), maximize=maximize,
-                          optimizer=str(optimizer_class), note="; ".join(notes))
+    g = _Group(name, hp, dict(state or {}), _scalar(hp.get("lr"), math.nan), _scalar(hp.get("weight_decay"), 0.0),
+               bool(hp.get("maximize", False)), str(optimizer_class), [])
+    if g.maximize:
+        g.notes.append("maximize=True: curvature enters mirrored (λ -> -λ)")
+    build = _RULES.get("Adam" if name == "AdamW" else name)
+    if build is not None:
+        return build(g)
     notes = [f"unsupported optimizer {name}: plain gradient-descent map with the group's lr"]
-    if maximize:
+    if g.maximize:
         notes.append("maximize=True is not modelled by this map")
-    return UpdateRule("gd_fallback", lr, wd, optimizer=str(optimizer_class), note="; ".join(notes))
+    return UpdateRule("gd_fallback", g.lr, g.wd, optimizer=g.optimizer, note="; ".join(notes))
+
+
+@dataclass
+class _Group:
+    """What :func:`update_rule` reads of one parameter group: the optimizer's bare class name, its
+    hyperparameters and one parameter's state, the parsed lr / weight decay / maximize, and the notes so far."""
+
+    name: str
+    hp: dict
+    st: dict
+    lr: float
+    wd: float
+    maximize: bool
+    optimizer: str
+    notes: list
+
+
+def _sgd_rule(g: _Group) -> UpdateRule:
+    hp, st, notes = g.hp, g.st, g.notes
+    beta = _scalar(hp.get("momentum"), 0.0)
+    damp = _scalar(hp.get("dampening"), 0.0)
+    nesterov = bool(hp.get("nesterov", False))
+    kind = "sgd" if beta == 0.0 else ("nesterov" if nesterov else "sgd_momentum")
+    has_buffer = kind != "sgd" and st.get("momentum_buffer") is not None
+    if kind != "sgd" and not has_buffer:
+        notes.append("no momentum buffer yet (first step): single-step map")
+    return UpdateRule(kind, g.lr, g.wd, momentum=beta, dampening=damp if kind != "sgd" else 0.0,
+                      has_buffer=has_buffer, maximize=g.maximize, optimizer=g.optimizer,
+                      note="; ".join(notes))
+
+
+def _adam_rule(g: _Group) -> UpdateRule:
+    hp, st, notes = g.hp, g.st, g.notes
+    betas = hp.get("betas", (0.9, 0.999))
+    b1, b2 = _scalar(betas[0], 0.9), _scalar(betas[1], 0.999)
+    decoupled = g.name == "AdamW" or bool(hp.get("decoupled_weight_decay", False))
+    has_buffer = st.get("exp_avg") is not None
+    step = int(_scalar(st.get("step"), 0.0)) if has_buffer or "step" in st else 0
+    if not has_buffer:
+        notes.append("no exp_avg yet (first step): single-step map")
+    return UpdateRule("adamw" if decoupled else "adam", g.lr, g.wd, has_buffer=has_buffer,
+                      beta1=b1, beta2=b2, eps=_scalar(hp.get("eps"), 1e-8), step=step,
+                      amsgrad=bool(hp.get("amsgrad", False)), maximize=g.maximize,
+                      optimizer=g.optimizer, note="; ".join(notes))
+
+
+def _rmsprop_rule(g: _Group) -> UpdateRule:
+    hp, st, notes = g.hp, g.st, g.notes
+    beta = _scalar(hp.get("momentum"), 0.0)
+    has_buffer = beta != 0.0 and st.get("momentum_buffer") is not None
+    if beta != 0.0 and not has_buffer:
+        notes.append("no momentum buffer yet (first step): single-step map")
+    return UpdateRule("rmsprop_momentum" if beta != 0.0 else "rmsprop", g.lr, g.wd, momentum=beta, has_buffer=has_buffer,
+                      beta2=_scalar(hp.get("alpha"), 0.99), eps=_scalar(hp.get("eps"), 1e-8),
+                      step=int(_scalar(st.get("step"), 0.0)), centered=bool(hp.get("centered", False)),
+                      maximize=g.maximize, optimizer=g.optimizer, note="; ".join(notes))
+
+
+def _adagrad_rule(g: _Group) -> UpdateRule:
+    hp, st = g.hp, g.st
+    return UpdateRule("adagrad", g.lr, g.wd, eps=_scalar(hp.get("eps"), 1e-10), step=int(_scalar(st.get("step"), 0.0)),
+                      lr_decay=_scalar(hp.get("lr_decay"), 0.0), maximize=g.maximize,
+                      optimizer=g.optimizer, note="; ".join(g.notes))
+
+
+#: the optimizers with an update map, by bare class name (AdamW is Adam's)
+_RULES = {"SGD": _sgd_rule, "Adam": _adam_rule, "RMSprop": _rmsprop_rule, "Adagrad": _adagrad_rule}
 
 
 def preconditioner(rule: UpdateRule, state: Mapping[str, Tensor], grad: Tensor, param: Tensor | None = None) -> Tensor:
