@@ -86,7 +86,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -204,7 +204,6 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
     mu = spectra.mu_abs.to(torch.float64)
     n, m = mu.shape
     acted = spectra.acted.to(torch.int64)
-    null = spectra.null_dims.to(torch.int64)
     pn = param_norm.to(torch.float64).reshape(n)
     gn = grad_norm.to(torch.float64).reshape(n)
     # Row i holds acted[i] values, then NaN padding. NaN fails every comparison, so the tests
@@ -226,40 +225,69 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
         label.masked_fill_(mask, lab)
         reason.masked_fill_(mask, _R[why])
 
+    args = (put, spectra, pn, gn, reference_norm, hess_min, config, delta)
     if config.preset == "excited":
-        nan = torch.full((n,), math.nan, dtype=torch.float64)
-        m_radius, m_neutral, share = (nan, nan, nan) if motion is None else \
-            (m.to(torch.float64).reshape(n) for m in motion)
-        hmax = nan if hess_max is None else hess_max.to(torch.float64).reshape(n)
-        hmin = hess_min.to(torch.float64).reshape(n)
-        put((m_neutral <= delta) & ~(share.abs() >= config.share_min), PLATEAU, "flat_motion")
-        no_dir = null >= spectra.p if spectra.p else acted == 0
-        put(no_dir & (gn > 0), PLATEAU, "drifting")
-        put((no_dir | ((hmax == 0) & (hmin == 0))) & ~(gn > 0), PLATEAU, "dead")
-        put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
-        put(m_radius - 1.0 > delta, SOURCE, "expanding")
+        _excited(*args, motion, hess_max)
     elif config.preset == "acted":
-        put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
-        put(neutral_dims > 0, PLATEAU, "neutral_direction")
-        no_dir = null >= spectra.p if spectra.p else acted == 0
-        put(no_dir & (gn > 0), PLATEAU, "drifting")
-        put(no_dir & ~(gn > 0), PLATEAU, "dead")
-        put(acted_max - 1.0 > delta, SOURCE, "expanding")  # not > fl(1 + δ): the neutral test is |μ| − 1 ≤ δ
+        _acted(*args, neutral_dims, acted_max)
     else:
-        eps = float(config.eps_contract)
-        put(pn < config.eps_param, DEGENERATE_SINK, "collapsed")
-        unit = (dev1 <= eps).any(dim=1) | (null > 0)  # null directions have μ = 1
-        put(unit, PLATEAU, "seed_unit_eigenvalue")
-        zero_eig = spectra.zero_eig_dims
-        zero_curv = hess_min.to(torch.float64).reshape(n) < config.eps_curv
-        if zero_eig is not None:
-            zero_curv = zero_curv | (zero_eig > 0)
-        put(zero_curv, PLATEAU, "seed_zero_curvature")
-        loss_v = math.nan if loss is None else float(loss)
-        put((gn < config.eps_grad) & (loss_v > config.eps_loss), PLATEAU, "seed_flat_gradient")
-        put(spectra.radius.to(torch.float64) - 1.0 > eps, SOURCE, "expanding")
+        _seed(*args, dev1, loss)
     put(nonfinite, SOURCE, "nonfinite")
     return label, reason, neutral_dims
+
+
+_Put = Callable[[Tensor, int, str], None]
+
+
+def _excited(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
+             config: LabelConfig, delta: float, motion: tuple[Tensor, Tensor, Tensor] | None,
+             hess_max: Tensor | None) -> None:
+    """The excited preset's rules, in reverse precedence order (module docstring)."""
+    n = pn.shape[0]
+    acted, null = spectra.acted.to(torch.int64), spectra.null_dims.to(torch.int64)
+    nan = torch.full((n,), math.nan, dtype=torch.float64)
+    m_radius, m_neutral, share = (nan, nan, nan) if motion is None else \
+        (m.to(torch.float64).reshape(n) for m in motion)
+    hmax = nan if hess_max is None else hess_max.to(torch.float64).reshape(n)
+    hmin = hess_min.to(torch.float64).reshape(n)
+    put((m_neutral <= delta) & ~(share.abs() >= config.share_min), PLATEAU, "flat_motion")
+    no_dir = null >= spectra.p if spectra.p else acted == 0
+    put(no_dir & (gn > 0), PLATEAU, "drifting")
+    put((no_dir | ((hmax == 0) & (hmin == 0))) & ~(gn > 0), PLATEAU, "dead")
+    put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
+    put(m_radius - 1.0 > delta, SOURCE, "expanding")
+
+
+def _acted(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
+           config: LabelConfig, delta: float, neutral_dims: Tensor, acted_max: Tensor) -> None:
+    """The acted preset's rules, in reverse precedence order (module docstring)."""
+    n = pn.shape[0]
+    acted, null = spectra.acted.to(torch.int64), spectra.null_dims.to(torch.int64)
+    put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
+    put(neutral_dims > 0, PLATEAU, "neutral_direction")
+    no_dir = null >= spectra.p if spectra.p else acted == 0
+    put(no_dir & (gn > 0), PLATEAU, "drifting")
+    put(no_dir & ~(gn > 0), PLATEAU, "dead")
+    put(acted_max - 1.0 > delta, SOURCE, "expanding")  # not > fl(1 + δ): the neutral test is |μ| − 1 ≤ δ
+
+
+def _seed(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
+          config: LabelConfig, delta: float, dev1: Tensor, loss: float | None) -> None:
+    """The seed preset's rules, in reverse precedence order (module docstring)."""
+    n = pn.shape[0]
+    null = spectra.null_dims.to(torch.int64)
+    eps = float(config.eps_contract)
+    put(pn < config.eps_param, DEGENERATE_SINK, "collapsed")
+    unit = (dev1 <= eps).any(dim=1) | (null > 0)  # null directions have μ = 1
+    put(unit, PLATEAU, "seed_unit_eigenvalue")
+    zero_eig = spectra.zero_eig_dims
+    zero_curv = hess_min.to(torch.float64).reshape(n) < config.eps_curv
+    if zero_eig is not None:
+        zero_curv = zero_curv | (zero_eig > 0)
+    put(zero_curv, PLATEAU, "seed_zero_curvature")
+    loss_v = math.nan if loss is None else float(loss)
+    put((gn < config.eps_grad) & (loss_v > config.eps_loss), PLATEAU, "seed_flat_gradient")
+    put(spectra.radius.to(torch.float64) - 1.0 > eps, SOURCE, "expanding")
 
 
 def stable_labels(history: Tensor | None, previous_stable: Tensor | None, label: Tensor, window: int) -> Tensor:
