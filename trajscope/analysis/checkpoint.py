@@ -11,7 +11,7 @@ import torch
 from trajscope.analysis.fidelity import FIDELITY_TOL
 from trajscope.analysis.layer import NOT_COMPUTED, LayerInputs, analyse_layer, equal_share, node_motion
 from trajscope.analysis.options import AnalysisOptions
-from trajscope.analysis.selection import _horizon, recorded_node_layers
+from trajscope.analysis.selection import horizon, recorded_node_layers
 from trajscope.curvature.blocks import CurvatureResult, node_curvature
 from trajscope.curvature.sharpness import sharpness as compute_sharpness
 from trajscope.dynamics.labels import resolve_delta
@@ -23,7 +23,7 @@ from trajscope.replay import trainmode as replay_mod
 from trajscope.replay.run import Checkpoint, Run
 from trajscope.trust import loss_spec
 
-__all__ = ["Analyser", "_Analyser", "NOT_COMPUTED"]
+__all__ = ["Analyser", "NOT_COMPUTED"]
 
 # --------------------------------------------------------------------------- one checkpoint
 def _to(x: Any, device: str, dtype: torch.dtype) -> Any:
@@ -73,7 +73,7 @@ class Analyser:
         self.n_replayed = 0                               # checkpoints replayed per recorded forward pass
         self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
         self.total_steps = int(run.steps[-1]) + 1 if len(run.steps) else 1
-        self.horizon = _horizon(run, opts)
+        self.horizon = horizon(run, opts)
         self.delta = resolve_delta(opts.labels, self.total_steps, self.horizon)
         self.failures: list[str] = []   # a part of one checkpoint that failed (its values NaN): summary lines
 
@@ -284,6 +284,3 @@ def _opt(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
-
-
-_Analyser = Analyser   # the name tests and the pipeline used before the split

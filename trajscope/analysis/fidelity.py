@@ -11,7 +11,7 @@ from trajscope.dynamics.updatemap import GRAD_NORM_TOL
 from trajscope.replay import trainmode as replay_mod
 
 
-def _train_mode_summary(an: Any, opts: Any) -> dict[str, Any]:
+def train_mode_summary(an: Any, opts: Any) -> dict[str, Any]:
     """How train-mode layers were replayed (results attribute ``train_mode_replay``), with the summary's lines:
     one note saying how, and one WARNING per way the replay departed from training (with its steps)."""
     sensitive = replay_mod.mode_sensitive(an.model, an.recorded_sensitive) if an.model is not None else []
@@ -40,7 +40,7 @@ def _train_mode_summary(an: Any, opts: Any) -> dict[str, Any]:
 FIDELITY_TOL = 1e-4
 
 
-def _fidelity(mismatches: Mapping[int, float]) -> dict[str, Any]:
+def loss_fidelity(mismatches: Mapping[int, float]) -> dict[str, Any]:
     """The fidelity check of the analysed checkpoints: how far the replayed loss is from the recorded one."""
     over = sorted(s for s, m in mismatches.items() if not m <= FIDELITY_TOL)
     worst = max(mismatches.values(), default=math.nan)
@@ -61,7 +61,7 @@ STEP_SERIES = ("grad_norm", "recorded_grad_norm", "backward_grad_norm", "step_fa
                "grad_norm_mismatch")
 
 
-def _earlier_step_rows(prev: Any) -> dict[int, dict[str, float]]:
+def earlier_step_rows(prev: Any) -> dict[int, dict[str, float]]:
     """The gradient-check values of the steps analysed before (appended analyses accumulate)."""
     if prev is None or "step_factor" not in prev.global_names:
         return {}
@@ -74,7 +74,7 @@ def _steps_text(steps: Sequence[int]) -> str:
     return ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
 
 
-def _grad_fidelity(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
+def grad_fidelity(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
     """The gradient half of the fidelity check: steps whose recorded gradient norm no clipping or loss
     scaling explains (``grad_norm_mismatch`` over :data:`GRAD_NORM_TOL`)."""
     gaps = {s: r["grad_norm_mismatch"] for s, r in rows.items() if math.isfinite(r["grad_norm_mismatch"])}
@@ -90,7 +90,7 @@ def _grad_fidelity(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
             "steps_over_tolerance": over, "note": note}
 
 
-def _step_changes(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
+def step_changes(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
     """What changed the analysed steps, named: gradient clipping (how many steps, the smallest factor)
     and loss scaling (the scales seen)."""
     clipped = sorted(s for s, r in rows.items() if r["clipped"] == 1)

@@ -16,6 +16,12 @@ Train/eval-only layers: by default replay runs every forward pass of a checkpoin
 (per micro-batch: the modules' train/eval flags, BatchNorm on batch statistics, dropout with the recorded RNG
 state), so curvature is that of the function that was trained, a deterministic function of θ for that step.
 ``--train-mode off`` runs the model in eval mode (dropout off; BatchNorm on the recorded running statistics).
+
+This module runs the analyses of runs (locking, appending, writing); the steps live beside it:
+:mod:`~trajscope.analysis.selection` (which layers and checkpoints), :mod:`~trajscope.analysis.checkpoint`
+(one checkpoint, 1.–4.), :mod:`~trajscope.analysis.layer` (one node layer of it),
+:mod:`~trajscope.analysis.fidelity` (the run-level checks), :mod:`~trajscope.analysis.attrs` (the results
+attributes), :mod:`~trajscope.analysis.progress`; the command line is :mod:`trajscope.cli.analyze`.
 """
 from __future__ import annotations
 
@@ -31,13 +37,13 @@ import torch
 from rich.console import Console
 
 from trajscope.analysis.attrs import result_attrs
-from trajscope.analysis.checkpoint import _Analyser
-from trajscope.analysis.fidelity import (STEP_SERIES, _earlier_step_rows, _fidelity, _grad_fidelity, _step_changes,
-                                         _train_mode_summary)
+from trajscope.analysis.checkpoint import Analyser
+from trajscope.analysis.fidelity import (STEP_SERIES, earlier_step_rows, grad_fidelity, loss_fidelity, step_changes,
+                                         train_mode_summary)
 from trajscope.analysis.layer import NOT_COMPUTED
 from trajscope.analysis.options import AnalysisOptions
 from trajscope.analysis.progress import analysis_progress
-from trajscope.analysis.selection import _check_selection, eligible_steps, recorded_node_layers
+from trajscope.analysis.selection import check_selection, eligible_steps, recorded_node_layers
 from trajscope.dynamics.labels import LabelConfig, StableLabelState
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.io.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, ResultsWriter, discard_partial_stores, open_results,
@@ -47,6 +53,8 @@ from trajscope.io.tbevents import EventWriter
 from trajscope.io.trajectory import find_runs
 from trajscope.nodes import NodeLayer
 from trajscope.replay.run import Checkpoint, Run, open_run
+
+_Analyser = Analyser   # its name before the split (tests patch pipeline._Analyser.checkpoint)
 
 __all__ = ["RunSummary", "analyze", "analyze_run", "eligible_steps", "recorded_node_layers", "NOT_COMPUTED"]
 
@@ -69,13 +77,13 @@ def analyze_run(path: str | Path, opts: AnalysisOptions, console: Console | None
     run = open_run(path)
     if not len(run.steps):
         raise TrajscopeError(f"{run.path} has no committed checkpoint yet: nothing to analyse")
-    an = _Analyser(run, opts)
+    an = Analyser(run, opts)
     # One analysis of a run at a time: the second waits, then analyses what is still new.
     with analysis_lock(run.path, on_wait=lambda msg: print(f"trajscope: {msg}", file=sys.stderr, flush=True)):
         return _analyze_locked(run, an, opts, console)
 
 
-def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Console) -> RunSummary:
+def _analyze_locked(run: Run, an: Analyser, opts: AnalysisOptions, console: Console) -> RunSummary:
     layers = {l.name: l.n_nodes for l in an.layers}
     prev = _previous(run, an, opts)
     done = [int(s) for s in prev.steps] if prev is not None else []
@@ -112,7 +120,7 @@ def _analyze_locked(run: Run, an: _Analyser, opts: AnalysisOptions, console: Con
     return summary
 
 
-def _previous(run: Run, an: _Analyser, opts: AnalysisOptions) -> Any:
+def _previous(run: Run, an: Analyser, opts: AnalysisOptions) -> Any:
     """The run's earlier results (None: none yet), after checking that appended labels keep their rule and δ
     (``an.delta`` becomes the stored δ)."""
     discard_partial_stores(run.path)
@@ -159,7 +167,7 @@ def _map_notes(rules0: Sequence[Any], maps0: Mapping[str, str | None]) -> list[s
     return notes
 
 
-def _append_step(an: _Analyser, step: int, succ: int | None, first_norms: dict[str, torch.Tensor],
+def _append_step(an: Analyser, step: int, succ: int | None, first_norms: dict[str, torch.Tensor],
                  stable: StableLabelState, summary: RunSummary, writer: ResultsWriter, events: EventWriter
                  ) -> dict[str, torch.Tensor]:
     """Analyse one checkpoint and append its row (a NaN row where it failed); returns the first norms."""
@@ -190,19 +198,19 @@ def _append_step(an: _Analyser, step: int, succ: int | None, first_norms: dict[s
     return first_norms
 
 
-def _finish(an: _Analyser, opts: AnalysisOptions, prev: Any, summary: RunSummary, writer: ResultsWriter) -> None:
+def _finish(an: Analyser, opts: AnalysisOptions, prev: Any, summary: RunSummary, writer: ResultsWriter) -> None:
     """The run-level checks over every analysed step (this analysis and the earlier ones): summary notes and
     results attributes."""
     earlier = ({int(st): float(m) for st, m in zip(prev.steps, prev.global_series("loss_mismatch")) if np.isfinite(m)}
                if prev is not None and "loss_mismatch" in prev.global_names else {})
-    replayed = _train_mode_summary(an, opts)
+    replayed = train_mode_summary(an, opts)
     summary.notes += replayed["notes"]
-    fidelity = _fidelity({**earlier, **summary.mismatches})
+    fidelity = loss_fidelity({**earlier, **summary.mismatches})
     if fidelity["note"]:
         summary.notes.append(fidelity["note"])
     summary.notes += an.failures
-    rows = {**_earlier_step_rows(prev), **summary.step_rows}
-    fidelity["grad_norm"], changes = _grad_fidelity(rows), _step_changes(rows)
+    rows = {**earlier_step_rows(prev), **summary.step_rows}
+    fidelity["grad_norm"], changes = grad_fidelity(rows), step_changes(rows)
     summary.notes += [n for n in (*changes["notes"], fidelity["grad_norm"]["note"]) if n]
     writer.update_attrs(fidelity=fidelity, step_changes=changes,
                         train_mode_replay={k: v for k, v in replayed.items() if k != "notes"})
@@ -243,7 +251,7 @@ def analyze(paths: str | Path | Sequence[str | Path], *, console: Console | None
     ``labels=LabelConfig(...)`` or flat (``preset=``, ``delta=``, ``collapse_ratio=``, ...).
     """
     opts = _options(**options)
-    return {s.run: s.results for s in _analyze_many(paths, opts, console)}
+    return {s.run: s.results for s in analyze_many(paths, opts, console)}
 
 
 def _options(**options: Any) -> AnalysisOptions:
@@ -255,7 +263,8 @@ def _options(**options: Any) -> AnalysisOptions:
     return AnalysisOptions(**options)
 
 
-def _analyze_many(paths: str | Path | Sequence[str | Path], opts: AnalysisOptions, console: Console | None) -> list[RunSummary]:
+def analyze_many(paths: str | Path | Sequence[str | Path], opts: AnalysisOptions, console: Console | None) -> list[RunSummary]:
+    """Analyse every run under ``paths`` (run folders or folders of runs); one summary per run, in order."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if any(not str(p).strip() for p in paths):
@@ -267,6 +276,6 @@ def _analyze_many(paths: str | Path | Sequence[str | Path], opts: AnalysisOption
     if not runs:
         raise TrajscopeError(f"no trajscope run under {', '.join(map(str, paths))}: a run folder holds trajectory.zarr (written by trajscope.Recorder)")
     if opts.steps is not None:
-        _check_selection(runs, opts)
+        check_selection(runs, opts)
     return [analyze_run(r, opts, console) for r in runs]
 

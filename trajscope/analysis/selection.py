@@ -54,7 +54,7 @@ def eligible_steps(run: Run, opts: AnalysisOptions, done: Sequence[int]) -> list
     last = max(done) if done else None
     return [(s, n) for s, n in pairs if last is None or s > last]
 
-def _horizon(run: Run, opts: AnalysisOptions) -> int:
+def horizon(run: Run, opts: AnalysisOptions) -> int:
     """K: the training steps between analysed checkpoints (the median gap; the recording
     interval when one checkpoint is analysed), over which one checkpoint's map stands for the
     dynamics (labels.resolve_delta)."""
@@ -63,7 +63,7 @@ def _horizon(run: Run, opts: AnalysisOptions) -> int:
         return max(1, int(np.median(np.diff(steps))))
     return max(1, int(run.every or 1))
 
-def _check_selection(runs: Sequence[Path], opts: AnalysisOptions) -> None:
+def check_selection(runs: Sequence[Path], opts: AnalysisOptions) -> None:
     """One line, before anything is written, when ``--steps`` selects no checkpoint of any run."""
     spans = []
     for path in runs:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trajscope.analysis.options import AnalysisOptions, parse_steps
-from trajscope.analysis.pipeline import RunSummary, _analyze_many
+from trajscope.analysis.pipeline import RunSummary, analyze_many
 from trajscope.dynamics.labels import LABELS, LabelConfig
 
 
@@ -35,31 +35,41 @@ def _summary_table(s: RunSummary) -> Table:
     return t
 
 
-def analyze_cli(args: Any) -> int:
-    """Entry point for ``trajscope analyze`` (argparse namespace from :mod:`trajscope.cli.main`)."""
+def options_from_args(args: Any) -> AnalysisOptions:
+    """The analysis options of a ``trajscope analyze`` command line (argparse namespace from :mod:`trajscope.cli.main`)."""
     steps = parse_steps(args.steps) if args.steps is not None else None
     labels = LabelConfig(preset=args.preset, delta=args.delta, collapse_ratio=args.collapse_ratio,
                          collapse_reference=args.collapse_reference, stable_window=args.stable_window,
                          share_min=args.share_min)
-    opts = AnalysisOptions(modules=args.modules, steps=steps, stride=args.stride, all_steps=args.all_steps,
+    return AnalysisOptions(modules=args.modules, steps=steps, stride=args.stride, all_steps=args.all_steps,
                            batch=args.batch, curvature=args.curvature, sharpness=not args.no_sharpness,
                            motion_fractions=args.fractions, train_mode=args.train_mode, labels=labels,
                            device=args.device, dtype=args.dtype, model=args.model, model_args=args.model_args,
                            loss=args.loss, loss_args=args.loss_args, trust=args.trust, progress=not args.no_progress)
+
+
+def _print_run(console: Console, s: RunSummary) -> None:
+    """One run's table, its last step's global values and its notes."""
+    console.print(_summary_table(s))
+    res = s.results
+    if res is not None and len(res.steps):
+        sh, th = res.global_series("sharpness")[-1], res.global_series("threshold")[-1]
+        line = f"  last step {int(res.steps[-1])}: loss {res.global_series('loss')[-1]:.4g}, sharpness {sh:.4g} vs threshold {th:.4g}"
+        if "precond_sharpness" in res.global_names:
+            line += f" (preconditioned sharpness {res.global_series('precond_sharpness')[-1]:.4g})"
+        print(line)
+    for note in s.notes:
+        print(f"  note: {note}")
+
+
+def analyze_cli(args: Any) -> int:
+    """Entry point for ``trajscope analyze`` (argparse namespace from :mod:`trajscope.cli.main`)."""
+    opts = options_from_args(args)
     console = Console()
     t0 = time.perf_counter()
-    summaries = _analyze_many(args.paths, opts, Console(stderr=True))
+    summaries = analyze_many(args.paths, opts, Console(stderr=True))
     for s in summaries:
-        console.print(_summary_table(s))
-        res = s.results
-        if res is not None and len(res.steps):
-            sh, th = res.global_series("sharpness")[-1], res.global_series("threshold")[-1]
-            line = f"  last step {int(res.steps[-1])}: loss {res.global_series('loss')[-1]:.4g}, sharpness {sh:.4g} vs threshold {th:.4g}"
-            if "precond_sharpness" in res.global_names:
-                line += f" (preconditioned sharpness {res.global_series('precond_sharpness')[-1]:.4g})"
-            print(line)
-        for note in s.notes:
-            print(f"  note: {note}")
+        _print_run(console, s)
     # Plain print, not rich: the command must survive pipes (no wrapping) and odd folder names (no markup).
     logdir = os.path.commonpath([str(s.run.parent.resolve()) for s in summaries])
     print(f"analysed {sum(len(s.analysed) for s in summaries)} checkpoints of {len(summaries)} run(s) in "
