@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify(args.run)
             return 0
         if args.command == "analyze":
-            from trajscope.analysis.pipeline import analyze_cli
+            from trajscope.cli.analyze import analyze_cli
             return analyze_cli(args)
     except TrajscopeError as e:
         print(f"trajscope: error: {e}", file=sys.stderr)

@@ -86,7 +86,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,7 +97,7 @@ from trajscope.errors import TrajscopeError
 
 __all__ = [
     "LABELS", "REASONS", "REASON_DOCS", "PRESETS", "LabelConfig", "resolve_delta",
-    "collapse_reference_norm", "classify", "stable_labels",
+    "collapse_reference_norm", "classify", "stable_labels", "StableLabelState",
 ]
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")
@@ -202,7 +204,6 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
     mu = spectra.mu_abs.to(torch.float64)
     n, m = mu.shape
     acted = spectra.acted.to(torch.int64)
-    null = spectra.null_dims.to(torch.int64)
     pn = param_norm.to(torch.float64).reshape(n)
     gn = grad_norm.to(torch.float64).reshape(n)
     # Row i holds acted[i] values, then NaN padding. NaN fails every comparison, so the tests
@@ -224,40 +225,69 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
         label.masked_fill_(mask, lab)
         reason.masked_fill_(mask, _R[why])
 
+    args = (put, spectra, pn, gn, reference_norm, hess_min, config, delta)
     if config.preset == "excited":
-        nan = torch.full((n,), math.nan, dtype=torch.float64)
-        m_radius, m_neutral, share = (nan, nan, nan) if motion is None else \
-            (m.to(torch.float64).reshape(n) for m in motion)
-        hmax = nan if hess_max is None else hess_max.to(torch.float64).reshape(n)
-        hmin = hess_min.to(torch.float64).reshape(n)
-        put((m_neutral <= delta) & ~(share.abs() >= config.share_min), PLATEAU, "flat_motion")
-        no_dir = null >= spectra.p if spectra.p else acted == 0
-        put(no_dir & (gn > 0), PLATEAU, "drifting")
-        put((no_dir | ((hmax == 0) & (hmin == 0))) & ~(gn > 0), PLATEAU, "dead")
-        put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
-        put(m_radius - 1.0 > delta, SOURCE, "expanding")
+        _excited(*args, motion, hess_max)
     elif config.preset == "acted":
-        put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
-        put(neutral_dims > 0, PLATEAU, "neutral_direction")
-        no_dir = null >= spectra.p if spectra.p else acted == 0
-        put(no_dir & (gn > 0), PLATEAU, "drifting")
-        put(no_dir & ~(gn > 0), PLATEAU, "dead")
-        put(acted_max - 1.0 > delta, SOURCE, "expanding")  # not > fl(1 + δ): the neutral test is |μ| − 1 ≤ δ
+        _acted(*args, neutral_dims, acted_max)
     else:
-        eps = float(config.eps_contract)
-        put(pn < config.eps_param, DEGENERATE_SINK, "collapsed")
-        unit = (dev1 <= eps).any(dim=1) | (null > 0)  # null directions have μ = 1
-        put(unit, PLATEAU, "seed_unit_eigenvalue")
-        zero_eig = spectra.zero_eig_dims
-        zero_curv = hess_min.to(torch.float64).reshape(n) < config.eps_curv
-        if zero_eig is not None:
-            zero_curv = zero_curv | (zero_eig > 0)
-        put(zero_curv, PLATEAU, "seed_zero_curvature")
-        loss_v = math.nan if loss is None else float(loss)
-        put((gn < config.eps_grad) & (loss_v > config.eps_loss), PLATEAU, "seed_flat_gradient")
-        put(spectra.radius.to(torch.float64) - 1.0 > eps, SOURCE, "expanding")
+        _seed(*args, dev1, loss)
     put(nonfinite, SOURCE, "nonfinite")
     return label, reason, neutral_dims
+
+
+_Put = Callable[[Tensor, int, str], None]
+
+
+def _excited(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
+             config: LabelConfig, delta: float, motion: tuple[Tensor, Tensor, Tensor] | None,
+             hess_max: Tensor | None) -> None:
+    """The excited preset's rules, in reverse precedence order (module docstring)."""
+    n = pn.shape[0]
+    acted, null = spectra.acted.to(torch.int64), spectra.null_dims.to(torch.int64)
+    nan = torch.full((n,), math.nan, dtype=torch.float64)
+    m_radius, m_neutral, share = (nan, nan, nan) if motion is None else \
+        (m.to(torch.float64).reshape(n) for m in motion)
+    hmax = nan if hess_max is None else hess_max.to(torch.float64).reshape(n)
+    hmin = hess_min.to(torch.float64).reshape(n)
+    put((m_neutral <= delta) & ~(share.abs() >= config.share_min), PLATEAU, "flat_motion")
+    no_dir = null >= spectra.p if spectra.p else acted == 0
+    put(no_dir & (gn > 0), PLATEAU, "drifting")
+    put((no_dir | ((hmax == 0) & (hmin == 0))) & ~(gn > 0), PLATEAU, "dead")
+    put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
+    put(m_radius - 1.0 > delta, SOURCE, "expanding")
+
+
+def _acted(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
+           config: LabelConfig, delta: float, neutral_dims: Tensor, acted_max: Tensor) -> None:
+    """The acted preset's rules, in reverse precedence order (module docstring)."""
+    n = pn.shape[0]
+    acted, null = spectra.acted.to(torch.int64), spectra.null_dims.to(torch.int64)
+    put(pn <= config.collapse_ratio * reference_norm.to(torch.float64).reshape(n), DEGENERATE_SINK, "collapsed")
+    put(neutral_dims > 0, PLATEAU, "neutral_direction")
+    no_dir = null >= spectra.p if spectra.p else acted == 0
+    put(no_dir & (gn > 0), PLATEAU, "drifting")
+    put(no_dir & ~(gn > 0), PLATEAU, "dead")
+    put(acted_max - 1.0 > delta, SOURCE, "expanding")  # not > fl(1 + δ): the neutral test is |μ| − 1 ≤ δ
+
+
+def _seed(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
+          config: LabelConfig, delta: float, dev1: Tensor, loss: float | None) -> None:
+    """The seed preset's rules, in reverse precedence order (module docstring)."""
+    n = pn.shape[0]
+    null = spectra.null_dims.to(torch.int64)
+    eps = float(config.eps_contract)
+    put(pn < config.eps_param, DEGENERATE_SINK, "collapsed")
+    unit = (dev1 <= eps).any(dim=1) | (null > 0)  # null directions have μ = 1
+    put(unit, PLATEAU, "seed_unit_eigenvalue")
+    zero_eig = spectra.zero_eig_dims
+    zero_curv = hess_min.to(torch.float64).reshape(n) < config.eps_curv
+    if zero_eig is not None:
+        zero_curv = zero_curv | (zero_eig > 0)
+    put(zero_curv, PLATEAU, "seed_zero_curvature")
+    loss_v = math.nan if loss is None else float(loss)
+    put((gn < config.eps_grad) & (loss_v > config.eps_loss), PLATEAU, "seed_flat_gradient")
+    put(spectra.radius.to(torch.float64) - 1.0 > eps, SOURCE, "expanding")
 
 
 def stable_labels(history: Tensor | None, previous_stable: Tensor | None, label: Tensor, window: int) -> Tensor:
@@ -277,3 +307,44 @@ def stable_labels(history: Tensor | None, previous_stable: Tensor | None, label:
         return prev.clone()
     held = (history[-need:].to(torch.uint8) == label[None, :]).all(dim=0)
     return torch.where(held, label, prev)
+
+
+class StableLabelState:
+    """The stable-label hysteresis carried across the checkpoints of a run, per layer.
+
+    Per layer it keeps the last ``window − 1`` instantaneous labels and the last stable label
+    (:func:`stable_labels`); an appended analysis resumes from what the earlier ones wrote.
+
+    Args:
+        layers: the layer names.
+        window: checkpoints a label must persist to become the stable label (``LabelConfig.stable_window``;
+            values below 1 count as 1).
+    """
+
+    def __init__(self, layers: Iterable[str], window: int) -> None:
+        self.window = max(1, window)
+        self.history: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+        self.stable: dict[str, np.ndarray | None] = {l: None for l in self.history}
+
+    def resume(self, layer: str, labels: np.ndarray, stable: np.ndarray) -> None:
+        """Continue from an earlier analysis: ``labels`` (k, N) its instantaneous labels, oldest first,
+        ``stable`` (N,) its last stable label."""
+        self.history[layer] = [row for row in labels[-(self.window - 1):]] if self.window > 1 else []
+        self.stable[layer] = stable
+
+    def update(self, layer: str, label: np.ndarray, hysteresis: bool = True) -> np.ndarray:
+        """The stable label (uint8 (N,)) of the next checkpoint, whose instantaneous label is ``label``;
+        ``hysteresis`` False (labels not computed): the label itself.
+
+        Returns:
+            the stable label, which is also remembered for the next checkpoint.
+        """
+        if not hysteresis:
+            stable = label
+        else:
+            hist = torch.from_numpy(np.stack(self.history[layer])) if self.history[layer] else None
+            ps = torch.from_numpy(self.stable[layer]) if self.stable[layer] is not None else None
+            stable = stable_labels(hist, ps, torch.from_numpy(label), self.window).numpy().astype(np.uint8)
+        self.history[layer] = (self.history[layer] + [label])[-(self.window - 1):] if self.window > 1 else []
+        self.stable[layer] = stable
+        return stable

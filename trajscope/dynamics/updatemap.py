@@ -76,16 +76,23 @@ it). Against the replayed ‖∇L(θ_t)‖ the *step factor* is c_t = ‖g_stepp
   by the same factor everywhere is indistinguishable from clipping by norm and is treated as one.
 * anything else (c_t > 1, or backward's gradient not a power of two times the replayed one) is a
   *gradient-norm mismatch*: the replay does not reproduce the gradient the step used.
+
+The rules themselves (:class:`UpdateRule` from the recorded hyperparameters and state, :class:`NodeMap`,
+the preconditioner D) are in :mod:`trajscope.dynamics.optimizers`, the step factor in
+:mod:`trajscope.dynamics.stepgrad`; this module holds the maps' spectra and thresholds.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+
+# the rules and the step gradient live in their own modules; their names stay importable from here
+from trajscope.dynamics.optimizers import (KINDS, PRECONDITIONED, NodeMap, UpdateRule, adam_preconditioner, node_map,
+                                           preconditioner, update_rule)
+from trajscope.dynamics.stepgrad import GRAD_NORM_TOL, StepGradient, step_gradient
 
 __all__ = [
     "UpdateRule",
@@ -103,253 +110,6 @@ __all__ = [
     "StepGradient",
     "step_gradient",
 ]
-
-KINDS = ("sgd", "sgd_momentum", "nesterov", "adam", "adamw", "rmsprop", "rmsprop_momentum", "adagrad", "gd_fallback")
-#: kinds whose spectra take λ̃ of D^{1/2}(s·H + coupled_shift)D^{1/2}
-PRECONDITIONED = ("adam", "adamw", "rmsprop", "rmsprop_momentum", "adagrad")
-
-
-@dataclass(frozen=True)
-class UpdateRule:
-    """The linearised update rule of one parameter group at one step.
-
-    Fields: ``kind`` (one of :data:`KINDS`); ``lr`` α; ``weight_decay`` wd; SGD:
-    ``momentum`` β, ``dampening`` d, ``has_buffer`` (a momentum buffer exists before the
-    step; for Adam: ``exp_avg`` exists), Adam: ``beta1``, ``beta2``, ``eps``, ``step``
-    (the recorded state step BEFORE the update; the update uses t = step + 1),
-    ``amsgrad``; ``maximize`` (the optimizer ascends: the curvature enters mirrored,
-    s = −1); ``optimizer`` (class name as recorded) and ``note`` (why a map was chosen,
-    e.g. a fallback). Added beyond the brief: ``maximize``.
-    """
-
-    kind: str
-    lr: float
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    dampening: float = 0.0
-    has_buffer: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    step: int = 0
-    amsgrad: bool = False
-    centered: bool = False
-    lr_decay: float = 0.0
-    maximize: bool = False
-    optimizer: str = ""
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown update rule kind {self.kind!r}; expected one of {KINDS}")
-
-    @property
-    def preconditioned(self) -> bool:
-        """Adam/AdamW, RMSprop, Adagrad: the spectra take λ̃ of D^{1/2}(s·H + coupled_shift)D^{1/2}."""
-        return self.kind in PRECONDITIONED
-
-    @property
-    def coupled_shift(self) -> float:
-        """wd added to the curvature by coupled L2 decay (SGD family, Adam, RMSprop, Adagrad); 0 for AdamW/fallback."""
-        coupled = ("sgd", "sgd_momentum", "nesterov", "adam", "rmsprop", "rmsprop_momentum", "adagrad")
-        return float(self.weight_decay) if self.kind in coupled else 0.0
-
-    @property
-    def curvature_sign(self) -> float:
-        """s = −1 when the optimizer maximises (gradient negated before decay), else 1."""
-        return -1.0 if self.maximize else 1.0
-
-    @property
-    def decay_factor(self) -> float:
-        """c: the factor θ is multiplied by before the step (1 − α·wd for AdamW, else 1)."""
-        return 1.0 - float(self.lr) * float(self.weight_decay) if self.kind == "adamw" else 1.0
-
-    @property
-    def step_lr(self) -> float:
-        """The step size the update multiplies D·g by: Adagrad's decayed α/(1 + step·lr_decay), else α."""
-        if self.kind == "adagrad":
-            return float(self.lr) / (1.0 + int(self.step) * float(self.lr_decay))
-        return float(self.lr)
-
-    @property
-    def bias_corrected_lr(self) -> float:
-        """a = α/(1 − β1^(step+1)), Adam's step size at the update's step count."""
-        return float(self.lr) / (1.0 - float(self.beta1) ** (int(self.step) + 1))
-
-
-@dataclass(frozen=True)
-class NodeMap:
-    r"""How to get one node's update-map spectrum: ``rule`` gives μ from curvature eigenvalues.
-    With ``transformed`` those are the λ̃ of :math:`(DA)^{1/2}(s H_i + \mathrm{diag}(shift))(DA)^{1/2}`
-    (s = ``sign``, D = Adam's preconditioner or I, A = diag(``lr_scale``) or I), else of H_i
-    itself. ``note`` says when the map is only approximate."""
-
-    rule: UpdateRule
-    transformed: bool
-    sign: float = 1.0
-    shift: float | Tensor = 0.0
-    lr_scale: Tensor | None = None
-    note: str = ""
-
-
-def node_map(weight_rule: UpdateRule, bias_rule: UpdateRule | None, p: int) -> NodeMap:
-    """The map of a node of p parameters (the last one the bias when ``bias_rule`` is given)
-    whose weight row steps with ``weight_rule`` and bias with ``bias_rule``.
-
-    One group (or equal rules): the group's map. Two groups that differ only in lr and weight
-    decay (for AdamW: with equal decay factors 1 − α·wd): exact, with per-coordinate
-    ``lr_scale`` α_k/α and ``shift`` (coupled wd_k). Otherwise the weight group's map, with a
-    ``note`` saying which hyperparameters differ."""
-    w, b = weight_rule, bias_rule
-    plain = NodeMap(w, w.preconditioned, w.curvature_sign, w.coupled_shift)
-    if b is None or b == w:
-        return plain
-    differ = [f for f in ("kind", "momentum", "dampening", "has_buffer", "beta1", "beta2", "eps", "step",
-                          "amsgrad", "maximize") if getattr(b, f) != getattr(w, f)]
-    if w.kind == "adamw" and not math.isclose(b.decay_factor, w.decay_factor, rel_tol=1e-12, abs_tol=0.0):
-        differ.append("decoupled decay factor (1 - lr*weight_decay)")
-    if not (math.isfinite(w.lr) and w.lr > 0 and math.isfinite(b.lr) and b.lr >= 0):
-        differ.append("lr")
-    if differ:
-        return dataclasses.replace(plain, note=f"bias in a parameter group with a different {', '.join(differ)}: "
-                                               "the weight group's map is used for the whole node (approximate)")
-    scale = torch.ones(p, dtype=torch.float64)
-    scale[-1] = b.lr / w.lr
-    if w.kind == "gd_fallback":  # the fallback ignores decay and sign
-        return NodeMap(w, True, 1.0, 0.0, scale)
-    shift = torch.full((p,), w.coupled_shift, dtype=torch.float64)
-    shift[-1] = b.coupled_shift
-    # λ̃ carries the sign and the shift; the SGD family's formulas then take λ' = λ̃
-    rule = w if w.preconditioned else dataclasses.replace(w, weight_decay=0.0, maximize=False)
-    return NodeMap(rule, True, w.curvature_sign, shift, scale)
-
-
-def _scalar(value: Any, default: float) -> float:
-    """A float from a recorded hyperparameter or state entry (number, 0-d tensor, None)."""
-    if value is None:
-        return default
-    if isinstance(value, Tensor):
-        return float(value.detach().reshape(-1)[0]) if value.numel() else default
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def update_rule(optimizer_class: str, hparams: Mapping[str, Any], state: Mapping[str, Any] | None) -> UpdateRule:
-    """The :class:`UpdateRule` of one parameter group from what the recorder stored.
-
-    ``optimizer_class`` is the class name, bare (``"SGD"``) or qualified
-    (``"torch.optim.sgd.SGD"``); ``hparams`` the group's PyTorch hyperparameters;
-    ``state`` one parameter's optimizer state before the update (may be None/empty).
-    ``torch.optim.Adam`` with ``decoupled_weight_decay=True`` is AdamW (which is how
-    torch implements AdamW). Other optimizers get the plain gradient-descent map
-    μ = 1 − αλ with the group's lr (NaN when the group has no lr) and a note.
-    """
-    name = str(optimizer_class).rsplit(".", 1)[-1]
-    hp = dict(hparams or {})
-    st = dict(state or {})
-    lr = _scalar(hp.get("lr"), math.nan)
-    wd = _scalar(hp.get("weight_decay"), 0.0)
-    maximize = bool(hp.get("maximize", False))
-    notes = []
-    if maximize:
-        notes.append("maximize=True: curvature enters mirrored (λ -> -λ)")
-
-    if name == "SGD":
-        beta = _scalar(hp.get("momentum"), 0.0)
-        damp = _scalar(hp.get("dampening"), 0.0)
-        nesterov = bool(hp.get("nesterov", False))
-        kind = "sgd" if beta == 0.0 else ("nesterov" if nesterov else "sgd_momentum")
-        has_buffer = kind != "sgd" and st.get("momentum_buffer") is not None
-        if kind != "sgd" and not has_buffer:
-            notes.append("no momentum buffer yet (first step): single-step map")
-        return UpdateRule(kind, lr, wd, momentum=beta, dampening=damp if kind != "sgd" else 0.0,
-                          has_buffer=has_buffer, maximize=maximize, optimizer=str(optimizer_class),
-                          note="; ".join(notes))
-    if name in ("Adam", "AdamW"):
-        betas = hp.get("betas", (0.9, 0.999))
-        b1, b2 = _scalar(betas[0], 0.9), _scalar(betas[1], 0.999)
-        decoupled = name == "AdamW" or bool(hp.get("decoupled_weight_decay", False))
-        has_buffer = st.get("exp_avg") is not None
-        step = int(_scalar(st.get("step"), 0.0)) if has_buffer or "step" in st else 0
-        if not has_buffer:
-            notes.append("no exp_avg yet (first step): single-step map")
-        return UpdateRule("adamw" if decoupled else "adam", lr, wd, has_buffer=has_buffer,
-                          beta1=b1, beta2=b2, eps=_scalar(hp.get("eps"), 1e-8), step=step,
-                          amsgrad=bool(hp.get("amsgrad", False)), maximize=maximize,
-                          optimizer=str(optimizer_class), note="; ".join(notes))
-    if name == "RMSprop":
-        beta = _scalar(hp.get("momentum"), 0.0)
-        has_buffer = beta != 0.0 and st.get("momentum_buffer") is not None
-        if beta != 0.0 and not has_buffer:
-            notes.append("no momentum buffer yet (first step): single-step map")
-        return UpdateRule("rmsprop_momentum" if beta != 0.0 else "rmsprop", lr, wd, momentum=beta, has_buffer=has_buffer,
-                          beta2=_scalar(hp.get("alpha"), 0.99), eps=_scalar(hp.get("eps"), 1e-8),
-                          step=int(_scalar(st.get("step"), 0.0)), centered=bool(hp.get("centered", False)),
-                          maximize=maximize, optimizer=str(optimizer_class), note="; ".join(notes))
-    if name == "Adagrad":
-        return UpdateRule("adagrad", lr, wd, eps=_scalar(hp.get("eps"), 1e-10), step=int(_scalar(st.get("step"), 0.0)),
-                          lr_decay=_scalar(hp.get("lr_decay"), 0.0), maximize=maximize,
-                          optimizer=str(optimizer_class), note="; ".join(notes))
-    notes = [f"unsupported optimizer {name}: plain gradient-descent map with the group's lr"]
-    if maximize:
-        notes.append("maximize=True is not modelled by this map")
-    return UpdateRule("gd_fallback", lr, wd, optimizer=str(optimizer_class), note="; ".join(notes))
-
-
-def preconditioner(rule: UpdateRule, state: Mapping[str, Tensor], grad: Tensor, param: Tensor | None = None) -> Tensor:
-    """The diagonal D the real step divides the gradient by, from one parameter's recorded state.
-
-    Adam/AdamW: :func:`adam_preconditioner`. RMSprop: 1/(√v_used + ε), v_used = ρ·square_avg +
-    (1−ρ)g² (centered: minus (ρ·grad_avg + (1−ρ)g)²). Adagrad: 1/(√(sum + g²) + ε). g is the
-    gradient the step feeds its moments: s·grad + wd·θ (coupled decay).
-    """
-    if rule.kind in ("adam", "adamw"):
-        return adam_preconditioner(rule, state.get("exp_avg_sq"), grad, state.get("max_exp_avg_sq"), param=param)
-    g = _moment_gradient(rule, grad, param)
-
-    def moment(key: str) -> Tensor:
-        v = state.get(key)
-        return torch.zeros_like(g) if v is None else v.detach().to(torch.result_type(g, v))
-
-    if rule.kind == "adagrad":
-        return 1.0 / (torch.sqrt(moment("sum") + g * g) + float(rule.eps))
-    rho = float(rule.beta2)
-    v_used = rho * moment("square_avg") + (1.0 - rho) * g * g
-    if rule.centered:
-        mean = rho * moment("grad_avg") + (1.0 - rho) * g
-        v_used = v_used - mean * mean
-    return 1.0 / (torch.sqrt(v_used) + float(rule.eps))
-
-
-def _moment_gradient(rule: UpdateRule, grad: Tensor, param: Tensor | None) -> Tensor:
-    """The gradient an adaptive step feeds its moments: s·grad, plus wd·θ under coupled decay."""
-    g = -grad.detach() if rule.maximize else grad.detach()
-    if rule.coupled_shift != 0 and param is not None:
-        g = g + rule.coupled_shift * param.detach().to(g.dtype)
-    return g
-
-
-def adam_preconditioner(rule: UpdateRule, exp_avg_sq: Tensor | None, grad: Tensor,
-                        max_exp_avg_sq: Tensor | None = None, param: Tensor | None = None) -> Tensor:
-    """D = 1/(√(v_used/(1 − β2^(step+1))) + ε), the diagonal the real Adam step divides by.
-
-    v_used = β2·v + (1−β2)·g² is the second moment after the step's own update (v = 0
-    before the first step; with amsgrad, v_used = max(max_exp_avg_sq, v_used)), where g is
-    the gradient the step feeds into v: s·grad (+ wd·θ for Adam's coupled L2 decay).
-    ``grad`` is the raw loss gradient; pass ``param`` (θ_t, added beyond the brief) so that
-    the coupled decay enters g as in torch (without it, ``grad`` is used as g).
-    Same shape as the parameter, dtype of ``grad`` promoted with the state.
-    """
-    b2 = float(rule.beta2)
-    g = _moment_gradient(rule, grad, param)
-    v = torch.zeros_like(g) if exp_avg_sq is None else exp_avg_sq.detach().to(torch.result_type(g, exp_avg_sq))
-    v_used = b2 * v + (1.0 - b2) * g * g
-    if rule.amsgrad and max_exp_avg_sq is not None:
-        v_used = torch.maximum(max_exp_avg_sq.detach().to(v_used.dtype), v_used)
-    bc2 = 1.0 - b2 ** (int(rule.step) + 1)
-    return 1.0 / (torch.sqrt(v_used / bc2) + float(rule.eps))
 
 
 @dataclass
@@ -559,60 +319,3 @@ def stability_threshold(rule: UpdateRule) -> float:
     if not rule.has_buffer:
         return div(1.0 + c, a * (1.0 - b1))
     return div((1.0 + c) * (1.0 + b1), a * (1.0 - b1))
-
-
-#: relative tolerance of the gradient-norm comparisons of :func:`step_gradient` (a float32 replay of a
-#: float32 run agrees to ~1e-6; clip_grad_norm_ leaves ‖g‖ = max_norm to ~1e-6)
-GRAD_NORM_TOL = 1e-3
-
-
-@dataclass(frozen=True)
-class StepGradient:
-    """The gradient one step used, against the replayed ‖∇L(θ_t)‖ (module docstring, "What else changes
-    the step"). ``factor`` c_t = stepped/replayed; ``loss_scale`` S (a power of two; 1 without scaling;
-    NaN when backward's norm is unknown); ``clipped``: 0 < c_t < 1 − tol with backward explained;
-    ``mismatch``: the relative gap no clipping or scaling explains (0 when explained, NaN when unknown).
-    """
-
-    replayed: float
-    stepped: float
-    backward: float
-    factor: float
-    loss_scale: float
-    clipped: bool
-    mismatch: float
-
-    @property
-    def map_factor(self) -> float:
-        """c_t where the step was clipped, else 1: the factor the map's curvature is scaled by."""
-        return self.factor if self.clipped else 1.0
-
-
-def step_gradient(replayed: float, stepped: float, backward: float, tol: float = GRAD_NORM_TOL,
-                  loss_faithful: bool = True) -> StepGradient:
-    """Classify one step's recorded gradient norms against the replayed one (all non-negative floats).
-
-    With r_b = backward/replayed and S = 2^round(log2 r_b): |r_b/S − 1| > tol is a mismatch (of that
-    size); else c = stepped/replayed within tol of 1 is a plain step, c < 1 clipping, c > 1 a mismatch
-    (c − 1). Unknown norms (NaN: runs recorded before the norms were, a gradient not from backward)
-    leave what they would decide unknown: no clipping is claimed without a recorded stepped norm.
-    Without the backward norm (several DDP ranks, a callback's first step) c < 1 is clipping only
-    when the replayed loss is the recorded one (``loss_faithful``), else a mismatch: a replay of
-    another function must not be taken for clipping and rescale the maps.
-    """
-    nan = math.nan
-    if not (math.isfinite(replayed) and math.isfinite(stepped)) or replayed < 0:
-        return StepGradient(replayed, stepped, backward, nan, nan, False, nan)
-    factor = stepped / replayed if replayed > 0 else (1.0 if stepped == 0 else math.inf)
-    scale, scale_gap = nan, 0.0
-    if math.isfinite(backward) and replayed > 0 and backward > 0:
-        ratio = backward / replayed
-        scale = 2.0 ** round(math.log2(ratio))
-        scale_gap = abs(ratio / scale - 1.0)
-    if scale_gap > tol:
-        return StepGradient(replayed, stepped, backward, factor, scale, False, scale_gap)
-    if abs(factor - 1.0) <= tol:
-        return StepGradient(replayed, stepped, backward, factor, scale, False, 0.0)
-    if 0.0 < factor < 1.0 and (loss_faithful or math.isfinite(backward)):
-        return StepGradient(replayed, stepped, backward, factor, scale, True, 0.0)
-    return StepGradient(replayed, stepped, backward, factor, scale, False, abs(factor - 1.0))
