@@ -42,7 +42,7 @@ import trajscope
 from trajscope import TrajscopeError
 from trajscope.io import trajectory as store
 from trajscope.errors import DamagedRecordError
-from trajscope.record import recorder as recorder_mod
+from trajscope.record import writer_thread as recorder_mod
 from trajscope.record.recorder import Recorder
 from trajscope.io.trajectory import Snapshot, TrajectoryReader, TrajectoryWriter, flatten_batch, make_layout, pack
 

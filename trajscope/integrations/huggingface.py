@@ -123,7 +123,7 @@ class TrajscopeCallback(transformers.TrainerCallback):
     # -- Trainer events ------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any) -> None:
         from trajscope import modelloss
-        from trajscope.capture import unwrap_model
+        from trajscope.io.specs import unwrap_model
         from trajscope.io.trajectory import is_run
 
         if model is None:
