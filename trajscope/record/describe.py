@@ -12,7 +12,8 @@ import trajscope
 from trajscope import trust
 from trajscope.errors import TrajscopeError
 from trajscope.io import specs
-from trajscope.io.trajectory import numeric_hparams
+from trajscope.io.trajectory import make_layout, numeric_hparams
+from trajscope.record.distributed import _distributed_meta
 
 log = logging.getLogger("trajscope")
 
@@ -21,6 +22,21 @@ class RunDescription:
     """How the :class:`~trajscope.record.recorder.Recorder` describes its run."""
 
     # ------------------------------------------------------------------ description of the run
+    def _describe_run(self, model_spec: str | None, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The root attributes of this rank's store, and the layouts that snapshots of the run follow."""
+        self._names = self._param_names()
+        self._param_items = list(self.model.named_parameters())
+        self._buffer_items = [(n, b) for n, b in self.model.named_buffers() if b is not None]
+        self._param_layout = make_layout(self._param_items)
+        self._buffer_layout = make_layout(self._buffer_items)
+        self._hparam_names, self._hparam_bools = self._hparam_schema()
+        self._n_groups = len(self.optimizer.param_groups)
+        meta = self._meta(model_spec, model_kwargs)
+        meta["signature"] = _signature(meta["model"], meta["loss"], None)
+        if self.world_size > 1:
+            meta = _distributed_meta(meta, self.rank, self.world_size)
+        return meta
+
     def _param_names(self) -> dict[int, str]:
         names = {id(p): n for n, p in self.model.named_parameters()}
         for g, group in enumerate(self.optimizer.param_groups):

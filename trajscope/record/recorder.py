@@ -21,7 +21,6 @@ cannot write its run at all raises one TrajscopeError at construction, before an
 from __future__ import annotations
 
 import atexit
-import copy
 import logging
 import math
 import os
@@ -37,15 +36,13 @@ import torch
 from torch import nn
 
 from trajscope.errors import TrajscopeError
-from trajscope.io import specs
-from trajscope.io.trajectory import STORE_NAME, TrajectoryWriter, flatten_batch, is_run, make_layout, shard_store_name
+from trajscope.io.trajectory import TrajectoryWriter, flatten_batch, is_run
 from trajscope.modelloss import ModelLoss
 from trajscope.record import export as _export
 from trajscope.record import writer_thread
-from trajscope.record.config import _model_loss
+from trajscope.record.config import RecorderConfig, configure
 from trajscope.record.construction import _cannot_record, _check_writable, _missing_folders
-from trajscope.record.describe import RunDescription, _signature
-from trajscope.record.distributed import _distributed_meta, _process_group
+from trajscope.record.describe import RunDescription
 from trajscope.record.hooks import StepHooks
 from trajscope.record.snapshot import Snapshots, _detached_copy
 from trajscope.record.writer_thread import _STOP, WriterSide, _free_core_for_writer  # noqa: F401 (benchmarks use it here)
@@ -126,31 +123,25 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
                  resume: bool = False,
                  step: int | None = None, overwrite: bool = False, distributed: bool | None = None,
                  loss: Any = None) -> None:
-        if every < 1:
-            raise ValueError("every must be >= 1")
-        if when_behind not in ("wait", "skip"):
-            raise ValueError("when_behind must be 'wait' or 'skip'")
+        cfg = configure(model, loss_fn, every=every, window=window, model_spec=model_spec, model_kwargs=model_kwargs,
+                        export=export, probe=probe, background=background, memory_budget=memory_budget,
+                        when_behind=when_behind, resume=resume, step=step, overwrite=overwrite,
+                        distributed=distributed, loss=loss)
         self.path = Path(path)
-        # torch.compile / DDP wrappers prefix every name (_orig_mod., module.): record the bare model's
-        # names, which are what the replayed model has.
-        root = model      # the module the loop calls: its forward pre-hook sees every forward pass
-        model, self._wrappers = specs.unwrap_model(model)
-        loss_fn = _model_loss(model, loss_fn, loss)
-        if model_spec is None and isinstance(loss_fn, ModelLoss):
-            model_spec, model_kwargs = specs.model_spec_of(model) or (None, model_kwargs)
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.rank, self.world_size = _process_group(distributed)
-        # ranks > 0 write their batch shard and loss only, to their own store
-        self._store = shard_store_name(self.rank) if self.rank else STORE_NAME
-        if self.rank:
-            export = False
-        self.every = int(every)
-        self.window = int(window if window is not None else (1 if every == 1 else 2))
-        # By default the exported program is the fallback for runs without an import spec (README): it
-        # costs the training thread ~80 ms for a small MLP, far more for large models.
-        self.export = bool(export) if export is not None else model_spec is None
-        self.memory_budget = int(memory_budget)
-        self.when_behind = when_behind
+        self.model, self._wrappers, self.optimizer, self.loss_fn = cfg.model, cfg.wrappers, optimizer, cfg.loss_fn
+        self.rank, self.world_size, self._store = cfg.rank, cfg.world_size, cfg.store
+        self.every, self.window, self.export = cfg.every, cfg.window, cfg.export
+        self.memory_budget, self.when_behind = cfg.memory_budget, cfg.when_behind
+        self._init_state()
+        self._open_store(cfg)
+        last = self.writer.last_step
+        self._step = int(step) if step is not None else (last + 1 if last is not None else 0)
+        self.start_step = self._step
+        # root: the module the loop calls (wrappers included): its forward pre-hook sees every forward pass
+        self._start(root=model, background=background)
+
+    def _init_state(self) -> None:
+        """The recording's state before the first step: counters, the step's collections, the writer's queue."""
         self.n_recorded = 0
         self.n_skipped = 0
         self.failed: str | None = None
@@ -187,30 +178,21 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         # record for a 2.6 MiB model on a busy 2-core machine against ~0.1 ms for a copy into a
         # buffer already in memory. (shape, dtype) -> free CPU tensors.
         self._pool: dict[tuple, list[torch.Tensor]] = {}
-
         self._thread: threading.Thread | None = None
-        # Everything that touches the file system happens here, before any thread, timer, hook or
-        # atexit handler exists: an OSError then leaves nothing behind to undo but files (see the
-        # class docstring, "Raises").
+
+    def _open_store(self, cfg: RecorderConfig) -> None:
+        """Create (or open, to resume) this rank's store and describe the run in it. Everything that
+        touches the file system happens here, before any thread, timer, hook or atexit handler exists:
+        an OSError then leaves nothing behind to undo but files (see the class docstring, "Raises")."""
         made = _missing_folders(self.path)
         fresh = False
         try:
-            if is_run(self.path, self._store) and not (resume or overwrite):
+            if is_run(self.path, self._store) and not (cfg.resume or cfg.overwrite):
                 raise TrajscopeError(f"{self.path} already holds a recorded run{f' (rank {self.rank})' if self.rank else ''}: "
                                      f"pass resume=True to continue it or overwrite=True to replace it")
-            self._names = self._param_names()
-            self._param_items = list(model.named_parameters())
-            self._buffer_items = [(n, b) for n, b in model.named_buffers() if b is not None]
-            self._param_layout = make_layout(self._param_items)
-            self._buffer_layout = make_layout(self._buffer_items)
-            self._hparam_names, self._hparam_bools = self._hparam_schema()
-            self._n_groups = len(optimizer.param_groups)
-            meta = self._meta(model_spec, model_kwargs)
-            meta["signature"] = _signature(meta["model"], meta["loss"], None)
-            if self.world_size > 1:
-                meta = _distributed_meta(meta, self.rank, self.world_size)
+            meta = self._describe_run(cfg.model_spec, cfg.model_kwargs)
 
-            writer_resume = bool(resume and is_run(self.path, self._store))
+            writer_resume = bool(cfg.resume and is_run(self.path, self._store))
             self.writer = TrajectoryWriter(self.path, None if writer_resume else meta, resume=writer_resume,
                                            name=self._store)
             fresh = not writer_resume
@@ -218,12 +200,12 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
                 # Check before truncating: a refused resume must not lose recorded steps.
                 self._check_resumable(self.writer.attrs, meta)
                 _check_writable(self.writer.path)   # nothing else writes before the first record
-                if step is not None:
-                    self.writer._truncate_from(int(step))
-            if probe is not None and not self.rank:     # rank 0 stores the probe for the run
+                if cfg.step is not None:
+                    self.writer._truncate_from(int(cfg.step))
+            if cfg.probe is not None and not self.rank:     # rank 0 stores the probe for the run
                 # Written here, on the constructing thread, so that a full disk fails the constructor.
                 try:
-                    self.writer.write_probe(_detached_copy(probe))
+                    self.writer.write_probe(_detached_copy(cfg.probe))
                 except Exception as e:
                     if isinstance(e, OSError):
                         raise
@@ -231,19 +213,18 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         except OSError as e:
             self._abandon_construction(made, fresh)
             raise TrajscopeError(_cannot_record(self.path, e)) from e
-        last = self.writer.last_step
-        self._step = int(step) if step is not None else (last + 1 if last is not None else 0)
-        self.start_step = self._step
 
-        self.background = _free_core_for_writer(model) if background is None else bool(background)
+    def _start(self, root: nn.Module, background: bool | None) -> None:
+        """Start recording: the writer thread (where one runs), the hooks, the atexit handler."""
+        self.background = _free_core_for_writer(self.model) if background is None else bool(background)
         if self.background:
             self._thread = threading.Thread(target=self._write_loop, name="trajscope-writer", daemon=True)
             self._thread.start()
-        self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
-        if isinstance(loss_fn, nn.Module):
-            self._hooks.append(loss_fn.register_forward_hook(self._on_loss))
-        if isinstance(loss_fn, ModelLoss):
-            self._hooks.append(model.register_forward_hook(self._on_model_loss))
+        self._hooks.append(self.optimizer.register_step_pre_hook(self._pre_step))
+        if isinstance(self.loss_fn, nn.Module):
+            self._hooks.append(self.loss_fn.register_forward_hook(self._on_loss))
+        if isinstance(self.loss_fn, ModelLoss):
+            self._hooks.append(self.model.register_forward_hook(self._on_model_loss))
         self._root, self._step_hooks = root, []
         self._arm_step_hooks()
         atexit.register(self.close)
@@ -330,26 +311,9 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         training thread takes its compile-time code path (Adam/AdamW then round differently) and
         the recorded trajectory would no longer be the one trained without the recorder.
         """
-        path = tmp = None
-        try:
-            # memo: a loss module inside the model carries this recorder's forward hook, not to be copied
-            twin = copy.deepcopy(self.model, {id(self): self}).to("cpu").eval()
-            path = self.writer.extra_path("model.pt2")
-            # Write aside and rename: a kill mid-save (or a resumed run re-exporting) never leaves a
-            # truncated program where the attributes point. torch.export.save wants a .pt2 suffix.
-            tmp = path.with_name(path.stem + ".partial.pt2")
-            _export.export_model(twin, _detached_copy(inputs), str(tmp))
-            os.replace(tmp, path)
-            update = {"exported": "extra/model.pt2", "export_error": None}
-        except Exception as e:  # export is best effort: replay can use the import spec
-            update = {"exported": None, "export_error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-            log.info("trajscope: torch.export failed (%s); replay will need model_spec or --model", e)
-            if tmp is not None:
-                try:
-                    tmp.unlink(missing_ok=True)
-                except OSError:
-                    pass
+        update = _export.export_twin(self.model, inputs, self.writer.extra_path, memo={id(self): self})
         self._submit("model_meta", update)   # the writer owns the store's attributes
+
     def _take_step(self) -> None:
         step = self._step
         self._step += 1
