@@ -1,4 +1,5 @@
-"""How the model and the loss are described for offline replay, and rebuilt from that description.
+"""How a run names its code (part of the run format): the model and the loss described for offline
+replay, and rebuilt from that description. Recording writes these descriptions, replay reads them.
 
 Model, in order of preference at replay time:
 1. an override given to ``analyze``/``open_run`` (``--model package.module:factory`` + JSON kwargs);

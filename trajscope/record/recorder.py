@@ -17,6 +17,13 @@ when no CPU core is free for such a thread, the training thread writes them itse
 ``background``). Any failure inside the recorder warns once, stops recording and leaves the
 committed part of the store readable; it never raises into the training loop. A Recorder that
 cannot write its run at all raises one TrajscopeError at construction, before anything is trained.
+
+This module holds the public class, its construction and its training-thread entry points; the
+Recorder's other parts are mixins and helpers beside it: :mod:`~trajscope.record.config` (the options),
+:mod:`~trajscope.record.describe` (the run's attributes), :mod:`~trajscope.record.hooks` (watching a
+step), :mod:`~trajscope.record.snapshot` (the step's copy), :mod:`~trajscope.record.writer_thread`
+(writing and commits), :mod:`~trajscope.record.export`, :mod:`~trajscope.record.distributed` and
+:mod:`~trajscope.record.construction` (the file system at construction).
 """
 from __future__ import annotations
 
@@ -39,7 +46,6 @@ from trajscope.errors import TrajscopeError
 from trajscope.io.trajectory import TrajectoryWriter, flatten_batch, is_run
 from trajscope.modelloss import ModelLoss
 from trajscope.record import export as _export
-from trajscope.record import writer_thread
 from trajscope.record.config import RecorderConfig, configure
 from trajscope.record.construction import _cannot_record, _check_writable, _missing_folders
 from trajscope.record.describe import RunDescription
@@ -315,11 +321,12 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         self._submit("model_meta", update)   # the writer owns the store's attributes
 
     def _take_step(self) -> None:
+        """The optimizer is about to update θ_t: snapshot the step if it is recorded, then arm the hooks
+        for the next one."""
         step = self._step
         self._step += 1
         self._last_step_time = now = time.monotonic()
-        if self._timer is not None and now - self._last_commit >= writer_thread._COMMIT_INTERVAL:
-            self._commit_tail()     # on the training thread, between its own parallel ops
+        self._commit_if_due(now)
         try:
             if self.failed or self._closed or not self.records(step):
                 self._hook_losses.clear()     # loss values of an unrecorded step belong to no record

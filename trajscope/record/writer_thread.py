@@ -73,6 +73,12 @@ class WriterSide:
             self._fail(e)
         self._last_commit = time.monotonic()
 
+    def _commit_if_due(self, now: float) -> None:
+        """At a step taken at ``now``: commit what the training thread wrote once the last commit is
+        _COMMIT_INTERVAL old, here on the training thread, between its own parallel ops."""
+        if self._timer is not None and now - self._last_commit >= _COMMIT_INTERVAL:
+            self._commit_tail()
+
     def _commit_tail(self, from_timer: bool = False) -> None:
         """Commit records the training thread left uncommitted. While steps keep coming the next
         step's pre-hook does it (a commit on the timer thread preempts one of torch's threads and
