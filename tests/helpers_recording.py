@@ -17,7 +17,7 @@ import torch
 import zarr
 from torch import nn
 
-from trajscope.capture import call_model
+from trajscope.replay.functional import call_model
 
 
 # --------------------------------------------------------------------------- models

@@ -19,7 +19,8 @@ import transformers   # the dev extra installs it (and accelerate, which the Tra
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import trajscope
-from trajscope import capture, modelloss, trust
+from trajscope import modelloss, trust
+from trajscope.io import specs as capture
 from trajscope.curvature.blocks import dense_blocks, node_curvature, twice_differentiable_attention
 from trajscope.nodes import find_node_layers
 from trajscope.errors import TrajscopeError

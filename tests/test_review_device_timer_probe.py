@@ -41,7 +41,7 @@ import zarr
 from torch import nn
 
 import trajscope
-from trajscope.record import recorder as recorder_mod
+from trajscope.record import writer_thread as recorder_mod
 from trajscope import zoo
 from trajscope.io import layout as store
 from trajscope.curvature.blocks import node_curvature
@@ -712,7 +712,7 @@ def test_many_open_close_cycles_and_close_as_the_timer_fires_leave_no_timer(tmp_
 ATEXIT_CHILD = textwrap.dedent("""
     import sys, threading, torch
     from helpers_recording import make_batches, make_model, train
-    import trajscope.record.recorder as R
+    import trajscope.record.writer_thread as R
     from trajscope.record.recorder import Recorder
     R._COMMIT_INTERVAL = 5.0  # the last records surely wait for the timer when the script ends
     model = make_model("tensor")

@@ -42,7 +42,7 @@ import trajscope
 from trajscope import TrajscopeError
 from trajscope.io import files, layout as store, packing
 from trajscope.errors import DamagedRecordError
-from trajscope.record import recorder as recorder_mod
+from trajscope.record import writer_thread as recorder_mod
 from trajscope.record.recorder import Recorder
 from trajscope.io.packing import flatten_batch, make_layout, pack
 from trajscope.io.reader import TrajectoryReader

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import trajscope
-from trajscope.capture import unwrap_model
+from trajscope.io.specs import unwrap_model
 
 from helpers_analysis import batches, make_mlp, mlp_spec
 from test_curvature import ref_exact

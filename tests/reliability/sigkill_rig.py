@@ -46,7 +46,7 @@ for _p in (str(TESTS), str(HERE)):
 
 from helpers_recording import CRASH_SIZES, crash_batch, crash_model, crash_optimizer  # noqa: E402
 
-from trajscope.record.recorder import _COMMIT_INTERVAL  # noqa: E402
+from trajscope.record.writer_thread import _COMMIT_INTERVAL  # noqa: E402
 
 # A recorded step is committed at most _COMMIT_INTERVAL (0.25 s, documented in the Recorder and
 # docs/guide.md) after it was written, while steps keep coming. LOSS_WINDOW adds 0.5 s for what

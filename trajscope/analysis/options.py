@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from trajscope import capture
+from trajscope.io import specs as capture
 from trajscope.dynamics.labels import LabelConfig
 from trajscope.errors import TrajscopeError
 

@@ -78,7 +78,7 @@ from torch import Tensor, nn
 
 from trajscope.linalg import eigen
 from trajscope.nodes import NodeLayer, node_matrix
-from trajscope.capture import functional_forward
+from trajscope.replay.functional import functional_forward
 
 __all__ = [
     "LayerFactor",

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trajscope.capture import functional_forward
+from trajscope.replay.functional import functional_forward
 
 __all__ = ["SharpnessResult", "hvp_operator", "sharpness"]
 

@@ -123,8 +123,8 @@ class TrajscopeCallback(transformers.TrainerCallback):
     # -- Trainer events ------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any) -> None:
         from trajscope import modelloss
-        from trajscope.capture import unwrap_model
         from trajscope.io.layout import is_run
+        from trajscope.io.specs import unwrap_model
 
         if model is None:
             raise TrajscopeError("TrajscopeCallback: the Trainer gave no model to record")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trajscope import capture
+from trajscope.io import specs as capture
 from trajscope.errors import TrajscopeError
 from trajscope.io.reader import TrajectoryReader
 from trajscope.io.records import ForwardState

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from trajscope import capture
-from trajscope.capture import functional_forward
+from trajscope.io import specs as capture
 from trajscope.io.records import ForwardState
+from trajscope.replay.functional import functional_forward
 
 __all__ = ["TRAIN_MODES", "Replay", "mode_sensitive", "plan"]
 
