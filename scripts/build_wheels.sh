@@ -16,7 +16,12 @@ PYTHON=${PYTHON:-python3}
 RELVENV=${RELVENV:-/tmp/relvenv}
 DIST=${DIST:-dist}
 CHECKVENV=$(mktemp -d /tmp/trajscope-wheelcheck.XXXXXX)
-trap 'rm -rf "$CHECKVENV"' EXIT
+# setuptools leaves *.egg-info in the tree; importlib.metadata would read a stale one from there
+# (tests run with PYTHONPATH=.), so remove those this script made, not an editable install's.
+new_egginfo=()
+for d in trajscope.egg-info plugins/trajscope_tensorboard.egg-info; do [ -e "$d" ] || new_egginfo+=("$d"); done
+cleanup() { rm -rf "$CHECKVENV" build plugins/build "${new_egginfo[@]}"; }
+trap cleanup EXIT
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -83,6 +88,6 @@ if [ "${CHECK_DEPS:-0}" = 1 ]; then
   (cd "$CHECKVENV" && "$CHECKVENV/bin/trajscope" --version)
 fi
 
-rm -rf "$DIST/raw" build
+rm -rf "$DIST/raw"
 step "dist/"
 ls -l "$DIST"

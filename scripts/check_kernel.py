@@ -4,6 +4,7 @@ Imports ``trajscope.linalg._smalleig`` from the installed package (run it outsid
 tree) and solves two 2 x 2 symmetric matrices whose eigenvalues are known: diag(2, 1) -> (1, 2)
 and [[2, 1], [1, 2]] -> (1, 3).
 """
+
 from __future__ import annotations
 
 import array
