@@ -27,7 +27,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 
+# format first (it splits `a; b` lines, which --fix cannot), then the safe fixes (import order,
+# typing imports), then format again for what the fixes moved
 format: $(STAMP)
+	$(PY) -m ruff format $(LINT_PATHS)
 	$(PY) -m ruff check --fix $(LINT_PATHS)
 	$(PY) -m ruff format $(LINT_PATHS)
 
