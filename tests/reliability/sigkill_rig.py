@@ -44,7 +44,7 @@ for _p in (str(TESTS), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from helpers_recording import CRASH_SIZES, crash_batch, crash_model, crash_optimizer  # noqa: E402
+from tests.helpers.recording import CRASH_SIZES, crash_batch, crash_model, crash_optimizer  # noqa: E402
 
 from trajscope.record.recorder import _COMMIT_INTERVAL  # noqa: E402
 
@@ -64,7 +64,7 @@ sys.path[:0] = sys.argv[1:3]
 import torch
 torch.set_num_threads(1)
 import trajscope, trajscope.record.recorder, trajscope.io.trajectory, zarr, numpy
-import sigkill_rig
+from tests.reliability import sigkill_rig
 
 import tempfile
 with tempfile.TemporaryDirectory() as d:   # warm up: lazy imports, first torch ops, both writers

@@ -28,7 +28,7 @@ from trajscope import TrajscopeError
 from trajscope.record.recorder import Recorder
 from trajscope.zoo import mlp
 
-from helpers_recording import Ref, assert_tensors_bitexact, make_batches, make_model, train
+from tests.helpers.recording import Ref, assert_tensors_bitexact, make_batches, make_model, train
 
 
 def trainer(kind_sizes=None):
