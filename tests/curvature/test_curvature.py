@@ -24,6 +24,37 @@ from trajscope.nodes import find_node_layers, node_matrix
 from tests.helpers.references import (DT, RTOL, SeqMLP, _call, _params, _with_node, check_layer, mlp, mlp_data, ref_exact, ref_ggn,
                                       small_cnn, spectrum_close)
 
+# imports of the cases folded from test_review_device_timer_probe (below)
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+import trajscope
+from trajscope.record import recorder as recorder_mod
+from trajscope import zoo
+from trajscope.io import trajectory as store
+from trajscope.curvature.blocks import node_curvature
+from trajscope.nodes import find_node_layers
+from trajscope.record.recorder import Recorder
+
+from tests.helpers.analysis import F64, record, store_arrays
+from tests.helpers.recording import Ref, make_batches, make_model, train
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
@@ -345,3 +376,30 @@ def test_float32_analysis_matches_float64_reference(act, kind):
         for i in (0, l.n_nodes // 2, l.n_nodes - 1):
             H = ref(m64, p64, x.to(DT), y, loss_fn, l, i)
             spectrum_close(res.eigvals[l.name][i], H, l.node_dim, tol=2e-5)
+
+
+
+# ==============================================================================================
+# folded from test_review_device_timer_probe (adversarial review of device handling, the
+# commit timer and the plain-Zarr probe writer): the part about this module
+# ==============================================================================================
+
+# --------------------------------------------------------------------------------------------
+# non-finite parameters: the documented contract of node_curvature
+# --------------------------------------------------------------------------------------------
+def test_node_curvature_infinite_parameter_gives_nan_spectra():
+    """node_curvature's docstring: "Non-finite parameters or loss give NaN spectra, never an error".
+    An infinite weight feeding a saturating tanh leaves the loss finite, and the spectra come out
+    finite numbers (the Hessian at a parameter vector with an infinite entry is not defined)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    params["0.weight"][1, 2] = math.inf
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    layers = find_node_layers(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = node_curvature(model, params, {}, x, y, nn.CrossEntropyLoss(), layers, kind="exact")
+    for l in layers:
+        assert torch.isnan(res.eigvals[l.name]).all(), (l.name, res.eigvals[l.name][:2])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import runpy
 import shlex
 from pathlib import Path
 
@@ -22,8 +23,10 @@ def test_readme_blocks_run(tmp_path, monkeypatch, capsys):
     python = _blocks("python")
     assert len(python) >= 2
     namespace: dict = {}
-    for code in python:
-        exec(compile(code, str(README), "exec"), namespace)
+    for i, code in enumerate(python):  # each block a file, run with the names the blocks before it defined
+        block = tmp_path / f"readme_block_{i}.py"
+        block.write_text(code)
+        namespace = runpy.run_path(str(block), init_globals=namespace)
     commands = [line.split("#")[0].strip() for block in _blocks("bash") for line in block.splitlines()]
     commands = [c for c in commands if c and not c.startswith(NOT_HERE)]
     assert commands, "the README shows trajscope commands"

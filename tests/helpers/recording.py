@@ -286,3 +286,11 @@ def per_record_arrays(store_path: Path) -> dict[str, zarr.Array]:
 
     walk(root, "")
     return {k: v for k, v in out.items() if not k.startswith("probe/")}
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """The C-order bytes of a tensor's values (views resolved)."""
+    t = t.detach().resolve_conj().resolve_neg().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()

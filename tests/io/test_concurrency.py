@@ -21,6 +21,7 @@ from trajscope.io.results import open_results
 from trajscope.io.runlock import LOCK_NAME, analysis_lock, holder
 
 from tests.helpers.analysis import batches, make_mlp, mlp_spec, simple_run, store_arrays
+from tests.helpers.scripts import run_script, script_argv, script_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,10 +159,8 @@ def test_a_file_in_place_of_the_analysis_store_is_one_line(tmp_path, capsys):
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    code = (f"import time; from trajscope.io.runlock import analysis_lock\n"
-            f"with analysis_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(script_argv(Path(__file__).parent / "lock_holder.py", str(run)), stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.readline().strip() == "held"
     waited: list[str] = []
     proc.kill()

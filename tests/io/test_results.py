@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from tests.helpers.plugin import LAYERS, N_STEPS, synthetic_run, write_run
 from trajscope.errors import TrajscopeError
 from trajscope.io.results import (GLOBAL, LABELS, NODE_FLOAT, NODE_INT, NODE_U8, UNSET_U8, ResultsWriter,
                                group_name, open_results)
+from tests.helpers.scripts import run_script, script_argv, script_env
 
 
 @pytest.fixture(scope="module")
@@ -150,17 +152,7 @@ def test_interrupted_write_is_invisible(tmp_path, monkeypatch):
 
 
 def test_killed_process_leaves_committed_rows(tmp_path):
-    code = f"""
-import os, numpy as np
-from trajscope.io.results import ResultsWriter
-w = ResultsWriter({str(tmp_path)!r}, {{}}, {{"fc": 4}})
-for k in range(5):
-    w.append(k, {{"loss": float(k)}}, {{"fc": {{"rho": np.full(4, k, np.float32)}}}})
-w.flush()
-w.append(5, {{"loss": 5.0}}, {{"fc": {{"rho": np.full(4, 5, np.float32)}}}})  # buffered, never flushed
-os._exit(0)  # no close(): arrays keep their block capacity
-"""
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    run_script(Path(__file__).parent / "killed_writer.py", str(tmp_path), check=True, timeout=60, capture_output=False)
     res = open_results(tmp_path)
     assert res.steps.tolist() == [0, 1, 2, 3, 4]
     assert res.node("fc", "rho").shape == (5, 4)
@@ -186,8 +178,7 @@ def test_missing_store_is_one_line_error(tmp_path):
 
 
 def test_no_torch_import():
-    code = "import sys, trajscope.io.results; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    run_script(Path(__file__).parent / "no_torch_results.py", check=True, timeout=60, capture_output=False)
 
 
 def test_xarray_style_dimension_names(run):

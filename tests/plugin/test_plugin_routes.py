@@ -31,6 +31,7 @@ from tests.helpers.plugin import (DEAD_UNIT, LAYERS, N_STEPS, REAL_LAYERS, REAL_
                              event_labels, read_events, real_logdir)
 from trajscope.io.results import LABELS, open_results
 from trajscope_tensorboard.loader import TrajscopeLoader
+from tests.helpers.scripts import run_script, script_argv, script_env
 
 P = "/data/plugin/trajscope"
 
@@ -359,9 +360,7 @@ def test_loader_keeps_every_step():
 
 
 def test_plugin_imports_no_torch():
-    code = ("import sys, trajscope_tensorboard.loader, trajscope_tensorboard.plugin, trajscope.io.results; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    run_script(Path(__file__).parent / "no_torch_plugin.py", check=True, timeout=60, capture_output=False)
 
 
 def test_model_that_is_one_layer_with_uncomputed_labels(tmp_path):

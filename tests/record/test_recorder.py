@@ -15,6 +15,39 @@ from trajscope.io.trajectory import TrajectoryWriter
 from tests.helpers.recording import (Ref, assert_batch_equal, assert_state_bitexact,
                                assert_tensors_bitexact, make_batches, make_model, train)
 
+# imports of the cases folded from test_review_device_timer_probe (below)
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+import trajscope
+from trajscope.record import recorder as recorder_mod
+from trajscope import zoo
+from trajscope.io import trajectory as store
+from trajscope.curvature.blocks import node_curvature
+from trajscope.nodes import find_node_layers
+from trajscope.record.recorder import Recorder
+
+from tests.helpers.analysis import F64, record, store_arrays
+from tests.helpers.recording import Ref, make_batches, make_model, train
+from tests.helpers.recording import raw_bytes as _raw
+from tests.helpers.scripts import run_script
+
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
     "sgd_momentum_dampening": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.3),
@@ -387,3 +420,128 @@ def test_bad_arguments_raise_before_training(tmp_path):
     with pytest.raises(ValueError):
         Recorder(tmp_path / "b", model, opt, when_behind="drop")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+
+# ==============================================================================================
+# folded from test_review_device_timer_probe (adversarial review of device handling, the
+# commit timer and the plain-Zarr probe writer): the part about this module
+# ==============================================================================================
+HERE = Path(__file__).resolve().parent
+LOSS = nn.MSELoss()
+
+# --------------------------------------------------------------------------------------------
+# recorder: the inline writer's commit timer
+# --------------------------------------------------------------------------------------------
+def _alive_timers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t.is_alive()]
+
+
+def _step(model, opt, rec, x, y) -> None:
+    loss = LOSS(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    rec.batch(x, y)
+    opt.step()
+
+
+class _TimerWaitsLock:
+    """A Lock for which the commit timer thread queues behind ``gate`` (one order a plain Lock
+    may also take: which waiter gets a released Lock first is up to the scheduler)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.gate = threading.Event()
+        self.timer_waiting = threading.Event()
+
+    def __enter__(self):
+        if isinstance(threading.current_thread(), threading.Timer):
+            self.timer_waiting.set()
+            self.gate.wait(10)
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+def test_timer_that_fired_while_training_committed_leaves_no_timer_after_close(tmp_path, monkeypatch):
+    """Timer T1 fires and waits for the lock while the next step's pre-hook commits (cancelling
+    T1, already running) and arms T2. When T1 gets the lock, training looks recent and it arms
+    T3 *over* T2: T2 is no longer referenced, close() cancels and joins only T3, and T2 is still
+    alive after close() returns (the daemon thread the change is meant to rule out)."""
+    monkeypatch.setattr(recorder_mod, "_COMMIT_INTERVAL", 1.0)  # room for slow steps: the order is fixed
+    model = make_model("tensor")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = make_batches("tensor", 3, last=None)
+    rec = Recorder(tmp_path / "run", model, opt, LOSS, export=False, background=False)
+    before = set(_alive_timers())
+    lock = _TimerWaitsLock()
+    rec._lock = lock
+    try:
+        _step(model, opt, rec, *data[0])     # first record: committed at once
+        _step(model, opt, rec, *data[1])     # within the interval: the timer T1 is armed
+        t1 = rec._timer
+        assert t1 is not None
+        assert lock.timer_waiting.wait(5)    # T1 fired and waits for the lock
+        _step(model, opt, rec, *data[2])     # pre-hook commits and cancels T1; the record arms T2
+        lock.gate.set()
+        t1.join(5)
+        rec.close()
+        leaked = [t for t in _alive_timers() if t not in before]
+        assert leaked == [], f"timer threads alive after close(): {leaked}"
+        assert list(trajscope.open_run(tmp_path / "run").steps) == [0, 1, 2]
+    finally:
+        lock.gate.set()
+        rec.close()
+        for t in _alive_timers():  # let a leaked timer run out here (it does nothing after close)
+            if t not in before:
+                t.join(5)
+
+
+def test_many_open_close_cycles_and_close_as_the_timer_fires_leave_no_timer(tmp_path):
+    """close() at random moments around the timer's expiry (before, at, after), many times: no
+    timer thread outlives close(), and every record is committed."""
+    rnd = random.Random(0)
+    before = set(_alive_timers())
+    data = make_batches("tensor", 3, last=None)
+    ref_model = make_model("tensor")
+    ref = train(ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.1), LOSS, data, ref=Ref())
+    armed = 0
+    for i in range(12):
+        model = make_model("tensor")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rec = Recorder(tmp_path / f"r{i}", model, opt, LOSS, export=False, background=False)
+        for x, y in data:
+            _step(model, opt, rec, x, y)
+        armed += rec._timer is not None     # the last records wait for the timer
+        time.sleep(rnd.uniform(0.0, 0.35))
+        rec.close()
+        assert rec._timer is None
+        assert [t for t in _alive_timers() if t not in before] == [], i
+        run = trajscope.open_run(tmp_path / f"r{i}")
+        assert list(run.steps) == [0, 1, 2]
+        for r in range(3):
+            for k, v in ref.params[r].items():
+                assert _raw(run.params(r)[k]) == _raw(v), (i, r, k)
+    assert armed >= 6, armed
+
+
+
+
+def test_recorder_left_open_is_closed_by_atexit_without_zarr_threads(tmp_path):
+    """A Recorder never closed: the interpreter exits cleanly (no SIGABRT) with its timer
+    pending, atexit commits the last records, and the training process never started zarr's
+    event-loop or pool threads (the probe is written without zarr)."""
+    done = run_script(HERE / "atexit_child.py", str(tmp_path / "run"), timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    assert "Fatal Python error" not in done.stderr
+    assert "TIMER True" in done.stdout, done.stdout
+    threads = next(l for l in done.stdout.splitlines() if l.startswith("THREADS"))
+    assert "zarr" not in threads and "asyncio" not in threads, threads
+    run = trajscope.open_run(tmp_path / "run")
+    assert list(run.steps) == [0, 1, 2, 3, 4]
+    probe = run.probe
+    assert torch.equal(probe[0], torch.arange(6.0).reshape(2, 3))
+    assert probe[1]["flag"].dtype == torch.bool and bool(probe[1]["flag"]) and probe[1]["flag"].shape == ()
+    assert probe[1]["bf"].dtype == torch.bfloat16 and torch.equal(probe[1]["bf"], torch.ones(2, dtype=torch.bfloat16))
