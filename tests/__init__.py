@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Tests of trajscope: one folder per subpackage (a package, so same-named test modules in different folders import apart)."""

@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Tests of trajscope.analysis: the pipeline end to end, devices, the label-validity benchmark."""

@@ -80,7 +80,7 @@ def test_find_node_layers_and_node_matrix():
     c2 = find_node_layers(nn.Conv1d(1, 1, 4, padding="same"))[0]
     assert c2.conv["pad"] == ((1, 2),)
     # MultiheadAttention's projections are used by its functional kernel, not called as modules: the
-    # parameter route (tests/test_node_layers.py checks their blocks)
+    # parameter route (tests/curvature/test_node_layers.py checks their blocks)
     assert [(l.name, l.route) for l in find_node_layers(nn.MultiheadAttention(4, 2))] == [
         ("in_proj", "param"), ("out_proj", "param")]
 

@@ -14,7 +14,6 @@ from trajscope.nodes import find_node_layers
 from trajscope.curvature.sharpness import hvp_operator, sharpness
 
 # imports of the cases folded from test_sharpness_review (below)
-
 import math
 
 import numpy as np

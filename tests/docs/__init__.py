@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Tests of the documentation: README snippets and the sample data."""

@@ -10,7 +10,7 @@ from trajscope.cli.main import main as cli
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # Commands that set up the repo or start a server are exercised elsewhere (CI runs `make test`;
-# tests/test_plugin_server.py starts tensorboard).
+# tests/plugin/test_plugin_server.py starts tensorboard).
 NOT_HERE = ("make ", "tensorboard ")
 
 

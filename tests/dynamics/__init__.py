@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Tests of trajscope.dynamics: update maps, kinematics, motion and labels."""

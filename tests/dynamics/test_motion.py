@@ -1,5 +1,5 @@
 """The curvature a node's motion feels: u_iᵀ H_i u_i from the layer factor, against dense blocks
-(themselves checked against torch.func.hessian in test_curvature.py) and against hessian directly."""
+(themselves checked against torch.func.hessian in tests/curvature/test_curvature.py) and against hessian directly."""
 from __future__ import annotations
 
 import pytest

@@ -26,7 +26,6 @@ from trajscope.dynamics.updatemap import (
 )
 
 # imports of the cases folded from test_updatemap_review (below)
-
 import math
 
 import numpy as np
@@ -1129,8 +1128,6 @@ def test_kinematics_geometric_mean_and_drift_range():
 # analysed with the weight's lr: the real map diag(alpha)(H + diag(wd)) is a source, the result
 # says healthy_sink
 def test_node_spanning_two_param_groups(tmp_path):
-    import sys, os
-    sys.path.insert(0, os.path.dirname(__file__))
     import trajscope
     from tests.helpers.analysis import linear_spec, make_linear, record
 

@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Shared test helpers: recording and analysis helpers, plugin fixtures, dense references, script runner."""

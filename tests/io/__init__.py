@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Tests of trajscope.io: the trajectory store, results, run lock and TensorBoard event files."""

@@ -20,7 +20,6 @@ from tests.helpers.recording import (Ref, assert_batch_equal, assert_bitexact, a
                                assert_tensors_bitexact, drop_chunks, make_batches, make_model, train)
 
 # imports of the cases folded from test_store_reader_review (below)
-
 import shutil
 import struct
 from pathlib import Path
@@ -773,7 +772,7 @@ def _entry(path: Path, row: int) -> tuple[int, int]:
 def _set_entry(path: Path, row: int, off: int, nbytes: int) -> None:
     """Rewrite one index entry and recompute the index CRC: a consistent index with a wrong entry
     (what a buggy writer would leave), so that what is checked here is the entry itself. Without the
-    new CRC the index checksum catches any such change first (tests/test_integrity.py)."""
+    new CRC the index checksum catches any such change first (tests/io/test_integrity.py)."""
     with open(path, "r+b") as f:
         f.seek(16 * row)
         f.write(struct.pack("<QQ", off, nbytes))

@@ -48,6 +48,7 @@ from trajscope.io.trajectory import Snapshot, TrajectoryReader, TrajectoryWriter
 
 from tests.helpers.recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
                                assert_tensors_bitexact, drop_chunks, make_model, per_record_arrays, train)
+from tests.helpers.scripts import run_script
 
 LOSS = torch.nn.MSELoss()
 EMPTY = 2**64 - 1
@@ -305,19 +306,6 @@ def test_restarts_rewrite_rows_at_real_shard_boundaries(tmp_path):
     assert open_store_files(tmp_path) == []
 
 
-RESUME_CHILD = """
-import sys, threading, torch
-sys.path.insert(0, sys.argv[2])
-from test_store_shards import LOSS, batches, train, trainer_before
-from trajscope.record.recorder import Recorder
-data = batches(70)
-model, opt = trainer_before(data, 66)
-with Recorder(sys.argv[1], model, opt, LOSS, export=False, background=False, resume=True, step=66) as rec:
-    train(model, opt, LOSS, data[66:], rec=rec)
-print(sorted(t.name for t in threading.enumerate()))
-"""
-
-
 def test_restart_reads_records_without_zarr_threads(tmp_path):
     """A restart reads the recorded steps straight from the shard files (across a shard boundary):
     the resumed training process starts no zarr event-loop or pool thread."""
@@ -327,8 +315,7 @@ def test_restart_reads_records_without_zarr_threads(tmp_path):
     path = tmp_path / "run"
     data = batches(70)
     record(path, data, background=False)
-    done = subprocess.run([sys.executable, "-c", RESUME_CHILD, str(path), str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=120)
+    done = run_script(Path(__file__).parent / "resume_child.py", str(path), str(Path(__file__).parent), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "['MainThread']"
     run = trajscope.open_run(path)

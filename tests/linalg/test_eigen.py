@@ -10,18 +10,19 @@ import torch
 from trajscope.linalg import eigen
 
 # imports of the cases folded from test_eigen_adversarial (below)
-
 import json
 import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from trajscope.linalg import eigen
+from tests.helpers.scripts import run_script
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -584,20 +585,11 @@ def test_scratch_regrowth_across_sizes_and_threads():
 # ---------------------------------------------------------------------- non-finite input
 
 
-_SUBPROCESS_PRELUDE = textwrap.dedent("""
-    import importlib.util, json, sys, time
-    import numpy as np
-    spec = importlib.util.spec_from_file_location("_smalleig", %r)
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-""")
-
-
-def _run_isolated(body: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
-    """Run body in a fresh interpreter (numpy + the bare extension, no torch): crashes and hangs
-    of the kernel become a return code / timeout instead of killing the test session."""
-    code = _SUBPROCESS_PRELUDE % eigen._smalleig.__file__ + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout)
+def _run_isolated(check: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+    """Run one check of kernel_isolated.py in a fresh interpreter (numpy + the bare extension, no
+    torch): crashes and hangs of the kernel become a return code / timeout instead of killing the
+    test session."""
+    return run_script(Path(__file__).parent / "kernel_isolated.py", eigen._smalleig.__file__, check, timeout=timeout)
 
 
 @pytest.mark.skipif(eigen._smalleig is None, reason="C kernel not built")
@@ -605,29 +597,7 @@ def test_nan_inf_input_returns_promptly_and_leaves_other_lanes_alone():
     # The values returned for a non-finite matrix are unspecified (observed: NaN, but also
     # silently finite values such as all zeros or a repeated garbage number); the call must
     # return, and the other matrices of the same 16-block must be unaffected.
-    body = """
-        rng = np.random.default_rng(0)
-        n = 9
-        B = rng.standard_normal((16, n, n)).astype(np.float32); B = (B + B.transpose(0, 2, 1)) / 2
-        good = np.empty((16, n), np.float32); mod.eigvalsh(B, good, 16, n)
-        worst, slowest = 0.0, 0.0
-        for val in (np.nan, np.inf, -np.inf):
-            for pos in ((0, 0), (n - 1, 0), (n - 1, n - 1), (4, 3)):
-                for lanes in ((2,), (0, 15), tuple(range(1, 16, 2))):
-                    G = B.copy()
-                    for t in lanes:
-                        G[t, pos[0], pos[1]] = val; G[t, pos[1], pos[0]] = val
-                    out = np.empty((16, n), np.float32)
-                    t0 = time.perf_counter(); mod.eigvalsh(G, out, 16, n)
-                    slowest = max(slowest, time.perf_counter() - t0)
-                    ok = [t for t in range(16) if t not in lanes]
-                    worst = max(worst, float(np.abs(out[ok] - good[ok]).max()))
-        G = np.full((16, n, n), np.nan, np.float32); G[5] = B[5]
-        out = np.empty((16, n), np.float32); mod.eigvalsh(G, out, 16, n)
-        worst = max(worst, float(np.abs(out[5] - good[5]).max()))
-        print(json.dumps({"worst": worst, "slowest": slowest}))
-    """
-    res = _run_isolated(body)
+    res = _run_isolated("nonfinite_lanes")
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     assert r["worst"] == 0.0, r  # bit-identical for the finite lanes
@@ -658,12 +628,5 @@ def test_upper_triangle_is_not_read(upper, lower_scale):
 # the kernel reads/writes far out of bounds: segfault instead of ValueError.
 @pytest.mark.skipif(eigen._smalleig is None, reason="C kernel not built")
 def test_overflowing_batch_size_is_rejected():
-    body = """
-        src = np.zeros(0, np.float32); dst = np.zeros(0, np.float32)
-        try:
-            mod.eigvalsh(src, dst, 2 ** 62, 1)
-        except ValueError:
-            print("ValueError")
-    """
-    res = _run_isolated(body)
+    res = _run_isolated("overflowing_batch")
     assert res.returncode == 0 and "ValueError" in res.stdout, (res.returncode, res.stderr[-500:])

@@ -8,7 +8,7 @@ The tests save their screenshot under pytest's tmp path; they never touch tracke
 README screenshot ``docs/img/dashboard.png`` is made only on request, from the analysed sample
 runs (``make demo`` writes them to ``demo_runs/``)::
 
-    make demo && .venv/bin/python tests/test_plugin_browser.py demo_runs
+    make demo && .venv/bin/python -m tests.plugin.test_plugin_browser demo_runs
 
 It shows run ``digits_mlp``: the layer with the most distinct labels, the analysed step with the
 most sources in it (the phase portrait and the marked label-map column), and one of those
@@ -193,13 +193,6 @@ def _use(browser):
     return browser
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    logdir = real_logdir(tmp_path_factory)
-    with tensorboard_server(logdir) as base:
-        yield logdir, base
-
-
 def test_dashboard_in_tensorboard(browser, served, tmp_path):
     browser = _use(browser)
     logdir, base = served
@@ -297,7 +290,7 @@ def test_empty_logdir_shows_how_to_start(browser, tmp_path):
 
 
 def main(argv: list[str]) -> int:
-    """``python tests/test_plugin_browser.py [LOGDIR] [OUT.png]``: the README screenshot, without pytest."""
+    """``python -m tests.plugin.test_plugin_browser [LOGDIR] [OUT.png]``: the README screenshot, without pytest."""
     why = _missing()
     if why:
         print(why, file=sys.stderr)

@@ -1,9 +1,9 @@
 """The TensorBoard plugin's routes through a WSGI test client.
 
 The contract tests run on a real run: recorded with ``trajscope.Recorder`` and analysed with
-``trajscope.analyze`` (``plugin_fixtures.real_logdir``); every answer must equal what
+``trajscope.analyze`` (``tests.helpers.plugin.real_logdir``); every answer must equal what
 ``trajscope.io.results.open_results`` and the run's event files hold. The synthetic logdir
-(``plugin_fixtures.build_logdir``) covers what a small real run cannot show: every label in one
+(``tests.helpers.plugin.build_logdir``) covers what a small real run cannot show: every label in one
 layer, dotted module names, a zero-norm node (NaN ρ and drift), a one-layer model, labels not
 computed.
 """

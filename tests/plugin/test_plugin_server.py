@@ -1,7 +1,7 @@
 """End to end: a real ``tensorboard`` process discovers the plugin through its entry point.
 
 It serves the logdir of a run recorded with ``trajscope.Recorder`` and analysed with
-``trajscope.analyze`` (``plugin_fixtures.real_logdir``).
+``trajscope.analyze`` (``tests.helpers.plugin.real_logdir``).
 """
 from __future__ import annotations
 
@@ -25,13 +25,6 @@ def fetch(url: str) -> tuple[int, str, bytes]:
             return r.status, r.headers.get_content_type(), r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers.get_content_type(), e.read()
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    logdir = real_logdir(tmp_path_factory)
-    with tensorboard_server(logdir) as base:
-        yield logdir, base
 
 
 def test_listing_enables_trajscope(served):

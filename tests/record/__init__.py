@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Tests of trajscope.record: the Recorder in training loops, crashes, DDP and wrapped models."""

@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Reliability tests: SIGKILL soak, fault injection, CLI fuzzing."""

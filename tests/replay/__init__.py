@@ -1,1 +1,1 @@
-"""Tests of trajscope (a package so that same-named modules in different folders import apart)."""
+"""Tests of trajscope.replay: replaying recorded steps (train mode, fidelity, damaged steps)."""
