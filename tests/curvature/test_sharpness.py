@@ -1,4 +1,8 @@
-"""Global sharpness (SPEC §8) against the dense float64 Hessian of all parameters."""
+"""Global sharpness (SPEC §8) against the dense float64 Hessian of all parameters.
+
+Long (over 400 lines) because it holds every case of trajscope.curvature.sharpness: the review
+cases follow the fold marker.
+"""
 from __future__ import annotations
 
 import math

@@ -5,6 +5,9 @@ finite-difference Jacobian, restricted to one node's coordinates (its parameters
 same entries of each state tensor), must have the eigenvalues that
 `update_map_eigenvalues` / `node_update_spectra` predict from the node's curvature
 eigenvalues, computed here with dense `torch.func.hessian` in float64.
+
+Long (over 400 lines) because it holds every case of trajscope.dynamics.updatemap: the review
+cases (per optimizer, then the pipeline feeding them) follow the fold marker.
 """
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""The trajectory.zarr format: bit-exact round trips, the commit marker, and damaged stores."""
+"""The trajectory.zarr format: bit-exact round trips, the commit marker, and damaged stores.
+
+Long (over 400 lines) because it holds every case of trajscope.io.trajectory's reader and writer
+outside the shard layout: the review cases of the reader (below the first fold marker) and the
+probe leaves of odd dtypes and layouts (below the second), each section on its own.
+"""
 from __future__ import annotations
 
 import json

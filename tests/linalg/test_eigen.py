@@ -1,4 +1,9 @@
-"""The batched small-matrix eigensolver (C kernel) against float64 LAPACK and closed forms."""
+"""The batched small-matrix eigensolver (C kernel) against float64 LAPACK and closed forms.
+
+Long (over 400 lines) because it holds every case of trajscope.linalg.eigen: the adversarial
+accuracy and robustness cases (ill-conditioned, graded, subnormal, non-finite input) follow the
+fold marker.
+"""
 from __future__ import annotations
 
 import threading

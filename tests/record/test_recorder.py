@@ -1,4 +1,8 @@
-"""The Recorder against SPEC §2: the contract loop, cadence, replay, resume and failure policies."""
+"""The Recorder against SPEC §2: the contract loop, cadence, replay, resume and failure policies.
+
+Long (over 400 lines) because it holds every case of trajscope.record.recorder: the commit
+timer under races, open/close cycles and atexit follow the fold marker.
+"""
 from __future__ import annotations
 
 import time
