@@ -100,7 +100,7 @@ def test_trainer_records_the_batch_theta_and_loss_each_step_used(tmp_path, accum
     run = trajscope.open_run(path)
     n_steps = 2 * N // (B * accumulate)
     assert [s["step"] for s in module.steps] == list(range(n_steps)) and list(run.steps) == list(range(n_steps))
-    assert run.attrs["model"]["spec"] == "test_lightning:Net"
+    assert run.attrs["model"]["spec"] == f"{__name__}:Net"
     assert run.attrs["model"]["kwargs"] == {"sizes": SIZES, "lr": 0.05, "dtype": "float64", "fail_at": -1}
     model, loss_fn = run.model(), run.loss_fn()
     for seen in module.steps:
@@ -170,14 +170,14 @@ def test_split_and_the_loss_from_an_argument_or_the_module(tmp_path, how):
     module = DictNet()
     cb = TrajscopeCallback(tmp_path / "run", loss_fn=nn.L1Loss() if how == "argument" else None,
                            split=lambda b: (b["features"], b["labels"]),
-                           model_spec="test_lightning:Net", model_kwargs={"sizes": SIZES})
+                           model_spec=f"{__name__}:Net", model_kwargs={"sizes": SIZES})
     trainer = L.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", devices=1, enable_progress_bar=False,
                         logger=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(data, batch_size=B, collate_fn=lambda items: {
         k: torch.stack([it[k] for it in items]) for k in ("features", "labels")}))
     run = trajscope.open_run(tmp_path / "run")
     assert run.attrs["loss"]["class"] == "torch.nn.modules.loss:L1Loss"
-    assert run.attrs["model"]["spec"] == "test_lightning:Net" and run.attrs["model"]["kwargs"] == {"sizes": SIZES}
+    assert run.attrs["model"]["spec"] == f"{__name__}:Net" and run.attrs["model"]["kwargs"] == {"sizes": SIZES}
     model, loss_fn = run.model(), run.loss_fn()
     for seen in module.steps:
         ck = run.checkpoint(seen["step"])

@@ -51,7 +51,7 @@ def _worker(rank: int, port: int, path: str, out: str, fail_at: int | None, drop
     try:
         torch.manual_seed(rank)      # the ranks' dropout masks differ
         model = DropMLP().double() if dropout else make_mlp(SIZES)
-        spec = {"model_spec": "test_ddp:DropMLP"} if dropout else mlp_spec(SIZES)
+        spec = {"model_spec": f"{__name__}:DropMLP"} if dropout else mlp_spec(SIZES)
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         loss_fn = nn.MSELoss()
