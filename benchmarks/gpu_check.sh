@@ -16,7 +16,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi -L
 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || echo "eigen kernel not built: the host uses LAPACK"
 TRAJSCOPE_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_pipeline.py tests/test_param_groups.py tests/test_updatemap_review.py tests/test_samples.py \
+  tests/analysis/test_pipeline.py tests/dynamics/test_param_groups.py tests/dynamics/test_updatemap.py tests/docs/test_samples.py \
   >"$OUT/pytest_cuda.log" 2>&1
 echo "pytest (analyses on cuda): exit $?"; tail -n 30 "$OUT/pytest_cuda.log"
 timeout "${CHECK_TIMEOUT:-300}" python3 benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log"

@@ -19,7 +19,7 @@ from trajscope.errors import TrajscopeError
 from trajscope.io.results import open_results
 from trajscope.trust import ALLOWED, TrustPolicy, key_path, sign, signed_by_me
 
-from helpers_analysis import event_files, simple_run
+from tests.helpers.analysis import event_files, simple_run
 
 
 def _root_doc(run: Path) -> Path:

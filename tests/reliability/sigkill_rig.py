@@ -1,7 +1,7 @@
 """The SIGKILL soak rig shared by ``test_sigkill.py`` (a few kills, in CI) and ``soak.py`` (by hand).
 
 A "zygote" process imports torch once and forks one child per kill (a plain interpreter start
-costs ~1.3 s here). The child trains the crash-test MLP of ``helpers_recording`` under a Recorder
+costs ~1.3 s here). The child trains the crash-test MLP of ``tests.helpers.recording`` under a Recorder
 (``every=1``, or ``every=K, window=2``; background writer thread or writing on the training thread)
 and, right before each ``opt.step()``, appends ``step monotonic-time sha256(θ_t)`` to a log file,
 flushed and fsync'd. The parent waits until the Recorder exists, SIGKILLs the child after a random
@@ -39,12 +39,12 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent
-for _p in (str(TESTS), str(HERE)):
+ROOT = HERE.parents[1]   # the repository root: tests.helpers imports from there
+for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from helpers_recording import CRASH_SIZES, crash_batch, crash_model, crash_optimizer  # noqa: E402
+from tests.helpers.recording import CRASH_SIZES, crash_batch, crash_model, crash_optimizer  # noqa: E402
 
 from trajscope.record.writer_thread import _COMMIT_INTERVAL  # noqa: E402
 
@@ -57,36 +57,6 @@ from trajscope.record.writer_thread import _COMMIT_INTERVAL  # noqa: E402
 LOSS_WINDOW = _COMMIT_INTERVAL + 0.5
 EVERY_K = 5            # the sparse cadence: every=5, window=2
 MODEL_SPEC = {"model_spec": "trajscope.zoo:mlp", "model_kwargs": {"sizes": CRASH_SIZES}}
-
-ZYGOTE = r'''
-import os, sys
-sys.path[:0] = sys.argv[1:3]
-import torch
-torch.set_num_threads(1)
-import trajscope, trajscope.record.recorder, trajscope.io.writer, zarr, numpy
-import sigkill_rig
-
-import tempfile
-with tempfile.TemporaryDirectory() as d:   # warm up: lazy imports, first torch ops, both writers
-    for i, bg in enumerate((True, False)):
-        sigkill_rig.child(os.path.join(d, f"w{i}"), os.path.join(d, f"w{i}.log"), bg, 1, 1, steps=3)
-print("ready", flush=True)
-for line in sys.stdin:
-    run_dir, log_path, mode, every, window = line.split()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            sigkill_rig.child(run_dir, log_path, mode == "thread", int(every), int(window))
-        except BaseException as e:
-            print("child error", repr(e), file=sys.stderr, flush=True)
-            code = 3
-        os._exit(code)
-    print("pid", pid, flush=True)
-    _, status = os.waitpid(pid, 0)
-    print("status", status, flush=True)
-'''
-
 
 def theta_hash(tensors) -> str:
     """SHA-256 of the parameters' bytes, in the model's parameter order."""
@@ -123,7 +93,7 @@ def child(run_dir: str, log_path: str, background: bool, every: int, window: int
 
 class Zygote:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(TESTS), str(HERE)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "zygote.py"), str(ROOT), str(HERE)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         line = self.proc.stdout.readline().strip()
         if line != "ready":

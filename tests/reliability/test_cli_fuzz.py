@@ -14,7 +14,7 @@ import pytest
 
 from trajscope.cli.main import main
 
-from helpers_analysis import simple_run, tree_digest
+from tests.helpers.analysis import simple_run, tree_digest
 
 CASES = int(os.environ.get("TRAJSCOPE_FUZZ_CASES", "120"))
 

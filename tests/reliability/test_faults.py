@@ -28,7 +28,7 @@ from trajscope import TrajscopeError
 from trajscope.record.recorder import Recorder
 from trajscope.zoo import mlp
 
-from helpers_recording import Ref, assert_tensors_bitexact, make_batches, make_model, train
+from tests.helpers.recording import Ref, assert_tensors_bitexact, make_batches, make_model, train
 
 
 def trainer(kind_sizes=None):
@@ -118,17 +118,6 @@ def test_name_too_long(tmp_path):
     assert not (tmp_path / "runs").exists()     # the folder made on the way is gone again
 
 
-UNPRIVILEGED = r'''
-import sys, torch, trajscope
-from trajscope.record.recorder import Recorder
-model = torch.nn.Linear(3, 2)
-try:
-    Recorder(sys.argv[1], model, torch.optim.SGD(model.parameters(), lr=0.1), export=False)
-except trajscope.TrajscopeError as e:
-    print("error:", e, "| cause:", type(e.__cause__).__name__, e.__cause__.errno)
-'''
-
-
 def test_permission_denied_as_an_unprivileged_user():
     """Root ignores permissions: the recording runs in a process of user nobody (setpriv)."""
     if not shutil.which("setpriv"):
@@ -138,8 +127,8 @@ def test_permission_denied_as_an_unprivileged_user():
         folder.chmod(0o755)                                      # nobody may look, not write
         root = Path(trajscope.__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(root), "HOME": str(folder), "TRAJSCOPE_KEY_FILE": str(folder / "k")}
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                            UNPRIVILEGED, str(folder / "run")], capture_output=True, text=True, cwd=root, env=env,
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            str(Path(__file__).parent / "unprivileged_recorder.py"), str(folder / "run")], capture_output=True, text=True, cwd=root, env=env,
                            timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip() == (f"error: cannot record to {folder / 'run'}: permission denied (errno 13); "

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-import sigkill_rig
+from tests.reliability import sigkill_rig
 
 KILLS_PER_MODE = 3
 MAX_DELAY = 1.0

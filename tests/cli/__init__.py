@@ -1,0 +1,1 @@
+"""Tests of trajscope.cli: analyze and info commands, argument validation."""

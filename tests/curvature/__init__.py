@@ -1,0 +1,1 @@
+"""Tests of trajscope.curvature: per-node curvature blocks, sharpness, node layers."""

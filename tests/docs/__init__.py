@@ -1,0 +1,1 @@
+"""Tests of the documentation: README snippets and the sample data."""

@@ -1,0 +1,1 @@
+"""Tests of trajscope.dynamics: update maps, kinematics, motion and labels."""

@@ -1,0 +1,1 @@
+"""Tests of trajscope.integrations: Lightning and Hugging Face."""

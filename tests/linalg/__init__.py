@@ -1,0 +1,1 @@
+"""Tests of trajscope.linalg: the batched small-matrix eigensolver."""

@@ -1,0 +1,1 @@
+"""Tests of the TensorBoard plugin (plugins/trajscope_tensorboard)."""

@@ -1,0 +1,1 @@
+"""Reliability tests: SIGKILL soak, fault injection, CLI fuzzing."""

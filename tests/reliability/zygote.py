@@ -1,0 +1,28 @@
+"""The SIGKILL rig's zygote (sigkill_rig.Zygote): warms up, then forks one child per stdin line
+(argv[1:3]: the repository root and this folder, put on sys.path)."""
+import os, sys
+sys.path[:0] = sys.argv[1:3]
+import torch
+torch.set_num_threads(1)
+import trajscope, trajscope.record.recorder, trajscope.io.writer, zarr, numpy
+from tests.reliability import sigkill_rig
+
+import tempfile
+with tempfile.TemporaryDirectory() as d:   # warm up: lazy imports, first torch ops, both writers
+    for i, bg in enumerate((True, False)):
+        sigkill_rig.child(os.path.join(d, f"w{i}"), os.path.join(d, f"w{i}.log"), bg, 1, 1, steps=3)
+print("ready", flush=True)
+for line in sys.stdin:
+    run_dir, log_path, mode, every, window = line.split()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            sigkill_rig.child(run_dir, log_path, mode == "thread", int(every), int(window))
+        except BaseException as e:
+            print("child error", repr(e), file=sys.stderr, flush=True)
+            code = 3
+        os._exit(code)
+    print("pid", pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print("status", status, flush=True)

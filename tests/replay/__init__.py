@@ -1,0 +1,1 @@
+"""Tests of trajscope.replay: replaying recorded steps (train mode, fidelity, damaged steps)."""
