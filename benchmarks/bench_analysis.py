@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from trajscope.linalg import eigen
-from trajscope.curvature.blocks import node_curvature
+from trajscope.curvature.node import node_curvature
 from trajscope.nodes import find_node_layers, node_matrix
 from trajscope.curvature.sharpness import hvp_operator, sharpness
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from trajscope.curvature.blocks import LayerFactor, _batched_grad
+from trajscope.curvature.factors import LayerFactor, _batched_grad
 from trajscope.nodes import NodeLayer, node_to_params
 
 __all__ = ["param_factors"]
