@@ -20,10 +20,18 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import trajscope
 from trajscope import capture, modelloss, trust
-from trajscope.curvature.blocks import dense_blocks, node_curvature, twice_differentiable_attention
+from trajscope.curvature.blocks import dense_blocks, twice_differentiable_attention
 from trajscope.nodes import find_node_layers
 from trajscope.errors import TrajscopeError
 from trajscope.integrations.huggingface import TrajscopeCallback, from_config
+from trajscope.curvature import node as _curv_node
+from trajscope.replay.problem import Problem
+
+
+def node_curvature(model, params, buffers, inputs, targets, loss_fn, *args, replay=None, **kw):
+    """node_curvature on the old argument list (the cases here are written that way)."""
+    return _curv_node.node_curvature(Problem(model, params, buffers, inputs, targets, loss_fn, replay), *args, **kw)
+
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*loss_type=None.*"),
               pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")]

@@ -6,10 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from trajscope.curvature.blocks import block_quadratic_forms, dense_blocks, node_curvature
+from trajscope.curvature.blocks import block_quadratic_forms, dense_blocks
 from trajscope.nodes import find_node_layers, node_matrix
 
 from test_curvature import DT, SeqMLP, _params, mlp, mlp_data, ref_exact, small_cnn
+from trajscope.curvature import node as _curv_node
+from trajscope.replay.problem import Problem
+
+
+def node_curvature(model, params, buffers, inputs, targets, loss_fn, *args, replay=None, **kw):
+    """node_curvature on the old argument list (the cases here are written that way)."""
+    return _curv_node.node_curvature(Problem(model, params, buffers, inputs, targets, loss_fn, replay), *args, **kw)
+
 
 
 def _check_all_forms(res, layers, seen):

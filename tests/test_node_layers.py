@@ -13,9 +13,17 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from trajscope.curvature.blocks import dense_blocks, node_curvature, twice_differentiable_attention
+from trajscope.curvature.blocks import dense_blocks, twice_differentiable_attention
 from trajscope.nodes import NodeLayer, find_node_layers, node_matrix, node_to_params
 from trajscope.analysis.pipeline import recorded_node_layers
+from trajscope.curvature import node as _curv_node
+from trajscope.replay.problem import Problem
+
+
+def node_curvature(model, params, buffers, inputs, targets, loss_fn, *args, replay=None, **kw):
+    """node_curvature on the old argument list (the cases here are written that way)."""
+    return _curv_node.node_curvature(Problem(model, params, buffers, inputs, targets, loss_fn, replay), *args, **kw)
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64

@@ -44,12 +44,19 @@ import trajscope
 from trajscope.record import recorder as recorder_mod
 from trajscope import zoo
 from trajscope.io import trajectory as store
-from trajscope.curvature.blocks import node_curvature
 from trajscope.nodes import find_node_layers
 from trajscope.record.recorder import Recorder
 
 from helpers_analysis import F64, record, store_arrays
 from helpers_recording import Ref, make_batches, make_model, train
+from trajscope.curvature import node as _curv_node
+from trajscope.replay.problem import Problem
+
+
+def node_curvature(model, params, buffers, inputs, targets, loss_fn, *args, replay=None, **kw):
+    """node_curvature on the old argument list (the cases here are written that way)."""
+    return _curv_node.node_curvature(Problem(model, params, buffers, inputs, targets, loss_fn, replay), *args, **kw)
+
 
 TESTS = Path(__file__).resolve().parent
 LOSS = nn.MSELoss()
@@ -71,7 +78,25 @@ from torch.func import functional_call, hessian, jacrev
 from trajscope.curvature import blocks as C
 from trajscope.linalg import eigen
 from trajscope.nodes import find_node_layers, node_matrix
-from trajscope.curvature.sharpness import hvp_operator, sharpness
+from trajscope.curvature import node as _curv_node
+from trajscope.curvature import sharpness as _curv_sharpness
+from trajscope.replay.problem import Problem
+
+
+def node_curvature(model, params, buffers, inputs, targets, loss_fn, *args, replay=None, **kw):
+    """node_curvature on the old argument list (the cases here are written that way)."""
+    return _curv_node.node_curvature(Problem(model, params, buffers, inputs, targets, loss_fn, replay), *args, **kw)
+
+
+def sharpness(model, params, buffers, inputs, targets, loss_fn, *, replay=None, **kw):
+    """sharpness on the old argument list (the cases here are written that way)."""
+    return _curv_sharpness.sharpness(Problem(model, params, buffers, inputs, targets, loss_fn, replay), **kw)
+
+
+def hvp_operator(model, params, buffers, inputs, targets, loss_fn, names=None, replay=None):
+    """hvp_operator on the old argument list (the cases here are written that way)."""
+    return _curv_sharpness.hvp_operator(Problem(model, params, buffers, inputs, targets, loss_fn, replay), names)
+
 
 warnings.simplefilter("ignore")
 F64 = torch.float64
@@ -232,8 +257,8 @@ def run_both(name, kind, method="auto"):
     model, x, y, lf = CASES[name]
     params, buffers, H, GGN, names = ref(name)
     layers = find_node_layers(model)
-    cpu = C.node_curvature(model.to("cpu"), params, buffers, x, y, lf, layers, kind=kind, method=method)
-    got = C.node_curvature(model.to(DEV), to(params, DEV), to(buffers, DEV), x.to(DEV), y.to(DEV), lf, layers,
+    cpu = node_curvature(model.to("cpu"), params, buffers, x, y, lf, layers, kind=kind, method=method)
+    got = node_curvature(model.to(DEV), to(params, DEV), to(buffers, DEV), x.to(DEV), y.to(DEV), lf, layers,
                            kind=kind, method=method)
     model.to("cpu")
     return layers, cpu, got, (H if kind == "exact" else GGN), params, names
@@ -379,7 +404,7 @@ def float32_blocks_on_device():
                 return kernel.eigvalsh(*args)
         eigen._smalleig = Counting
     for kind, Href in (("ggn", GGN), ("exact", H)):
-        got = C.node_curvature(model.to(DEV), to(p32, DEV), {}, x.to(DEV), y.to(DEV), nn.MSELoss(), layers, kind=kind)
+        got = node_curvature(model.to(DEV), to(p32, DEV), {}, x.to(DEV), y.to(DEV), nn.MSELoss(), layers, kind=kind)
         model.to("cpu")
         for l in layers:
             ev = got.eigvals[l.name]
@@ -404,7 +429,7 @@ def nonfinite_on_device():
     bad["2.weight"] = bad["2.weight"].clone()
     bad["2.weight"][1, 1] = math.nan
     for kind in ("ggn", "exact"):
-        got = C.node_curvature(model.to(DEV), to(bad, DEV), {}, x.to(DEV), y.to(DEV), lf, layers, kind=kind)
+        got = node_curvature(model.to(DEV), to(bad, DEV), {}, x.to(DEV), y.to(DEV), lf, layers, kind=kind)
         assert torch.isnan(got.loss.cpu()).all(), kind
         for l in layers:
             on_cpu64(got.eigvals[l.name], "NaN checkpoint")
@@ -421,8 +446,8 @@ def nonfinite_on_device():
     y2 = y.clone()
     y2[2] = -100
     for kind in ("ggn", "exact"):
-        cpu = C.node_curvature(model, params, {}, x2, y2, lf, layers, kind=kind)
-        got = C.node_curvature(model.to(DEV), to(params, DEV), {}, x2.to(DEV), y2.to(DEV), lf, layers, kind=kind)
+        cpu = node_curvature(model, params, {}, x2, y2, lf, layers, kind=kind)
+        got = node_curvature(model.to(DEV), to(params, DEV), {}, x2.to(DEV), y2.to(DEV), lf, layers, kind=kind)
         model.to("cpu")
         assert torch.isfinite(cpu.loss).all()
         close(got.loss.reshape(-1), cpu.loss.reshape(-1), f"ignored NaN sample {kind} loss")

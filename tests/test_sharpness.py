@@ -9,9 +9,26 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from trajscope.curvature.blocks import node_curvature
 from trajscope.nodes import find_node_layers
-from trajscope.curvature.sharpness import hvp_operator, sharpness
+from trajscope.curvature import node as _curv_node
+from trajscope.curvature import sharpness as _curv_sharpness
+from trajscope.replay.problem import Problem
+
+
+def node_curvature(model, params, buffers, inputs, targets, loss_fn, *args, replay=None, **kw):
+    """node_curvature on the old argument list (the cases here are written that way)."""
+    return _curv_node.node_curvature(Problem(model, params, buffers, inputs, targets, loss_fn, replay), *args, **kw)
+
+
+def sharpness(model, params, buffers, inputs, targets, loss_fn, *, replay=None, **kw):
+    """sharpness on the old argument list (the cases here are written that way)."""
+    return _curv_sharpness.sharpness(Problem(model, params, buffers, inputs, targets, loss_fn, replay), **kw)
+
+
+def hvp_operator(model, params, buffers, inputs, targets, loss_fn, names=None, replay=None):
+    """hvp_operator on the old argument list (the cases here are written that way)."""
+    return _curv_sharpness.hvp_operator(Problem(model, params, buffers, inputs, targets, loss_fn, replay), names)
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64

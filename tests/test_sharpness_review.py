@@ -15,7 +15,20 @@ from scipy.sparse.linalg import eigsh
 from torch import nn
 from torch.func import functional_call, hessian
 
-from trajscope.curvature.sharpness import _DENSE_DIM, _lanczos_max, _NonFinite, hvp_operator, sharpness
+from trajscope.curvature.sharpness import _DENSE_DIM, _lanczos_max, _NonFinite
+from trajscope.curvature import sharpness as _curv_sharpness
+from trajscope.replay.problem import Problem
+
+
+def sharpness(model, params, buffers, inputs, targets, loss_fn, *, replay=None, **kw):
+    """sharpness on the old argument list (the cases here are written that way)."""
+    return _curv_sharpness.sharpness(Problem(model, params, buffers, inputs, targets, loss_fn, replay), **kw)
+
+
+def hvp_operator(model, params, buffers, inputs, targets, loss_fn, names=None, replay=None):
+    """hvp_operator on the old argument list (the cases here are written that way)."""
+    return _curv_sharpness.hvp_operator(Problem(model, params, buffers, inputs, targets, loss_fn, replay), names)
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64

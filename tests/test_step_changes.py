@@ -27,6 +27,14 @@ from trajscope.io.results import open_results
 from helpers_analysis import event_files
 from test_curvature import ref_exact
 from trajscope.nodes import find_node_layers
+from trajscope.curvature import node as _curv_node
+from trajscope.replay.problem import Problem
+
+
+def node_curvature(model, params, buffers, inputs, targets, loss_fn, *args, replay=None, **kw):
+    """node_curvature on the old argument list (the cases here are written that way)."""
+    return _curv_node.node_curvature(Problem(model, params, buffers, inputs, targets, loss_fn, replay), *args, **kw)
+
 
 F64 = torch.float64
 REL = 1e-5
@@ -379,7 +387,6 @@ def test_gpt_with_the_users_lm_loss(tmp_path, capsys, user_module):
 def test_gpt_node_spectra_by_the_replayed_spec(tmp_path, user_module):
     """The whole spectrum of lm_head node blocks from the run's own model and loss (rebuilt by spec, signed
     by this user) equals the eigenvalues of torch.func.hessian of the training loss, float64, exact kind."""
-    from trajscope.curvature.blocks import node_curvature
     from trajscope.analysis.pipeline import recorded_node_layers
 
     run = tmp_path / "gpt"

@@ -18,12 +18,26 @@ from torch import nn
 
 import trajscope
 from trajscope.replay import trainmode as replay_mod
-from trajscope.curvature.blocks import dense_blocks, node_curvature
+from trajscope.curvature.blocks import dense_blocks
 from trajscope.analysis.pipeline import recorded_node_layers
 from trajscope.cli.main import main
 from trajscope.io.results import open_results
 from trajscope.io.trajectory import ForwardState
 from trajscope.zoo import mnist_net, resnet_block
+from trajscope.curvature import node as _curv_node
+from trajscope.curvature import sharpness as _curv_sharpness
+from trajscope.replay.problem import Problem
+
+
+def node_curvature(model, params, buffers, inputs, targets, loss_fn, *args, replay=None, **kw):
+    """node_curvature on the old argument list (the cases here are written that way)."""
+    return _curv_node.node_curvature(Problem(model, params, buffers, inputs, targets, loss_fn, replay), *args, **kw)
+
+
+def sharpness(model, params, buffers, inputs, targets, loss_fn, *, replay=None, **kw):
+    """sharpness on the old argument list (the cases here are written that way)."""
+    return _curv_sharpness.sharpness(Problem(model, params, buffers, inputs, targets, loss_fn, replay), **kw)
+
 
 F64 = torch.float64
 RESNET = {"in_channels": 3, "width": 3, "classes": 3}
@@ -427,7 +441,6 @@ def test_bad_train_mode_is_one_line(tmp_path):
 def test_sharpness_is_that_of_the_training_loss(tmp_path):
     """Lanczos on the replayed function: λ_max of the dense Hessian of the train-mode loss (BatchNorm on
     the batch statistics of each of the step's two micro-batches)."""
-    from trajscope.curvature.sharpness import sharpness
 
     run = _resnet_run(tmp_path / "run", accumulate=2, steps=1, b=3, cfg={"in_channels": 1, "width": 2, "classes": 2})
     ck, model = run.checkpoint(0), run.model().to(F64)

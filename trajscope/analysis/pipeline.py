@@ -46,6 +46,7 @@ from trajscope.dynamics.labels import (LABELS, REASONS, LabelConfig, classify, c
 from trajscope.nodes import NodeLayer, matches, node_matrix
 from trajscope.analysis.options import AnalysisOptions, parse_steps, range_text
 from trajscope.replay import trainmode as replay_mod
+from trajscope.replay.problem import Problem
 from trajscope.curvature.sharpness import sharpness as compute_sharpness
 from trajscope.io.tbevents import EventWriter
 from trajscope.dynamics.updatemap import (GRAD_NORM_TOL, NodeMap, UpdateRule, node_map, node_update_spectra,
@@ -237,8 +238,8 @@ class _Analyser:
             rp = self.replay(ck, inputs)
             self.coupled |= rp.batch_statistics(self.model)
             try:
-                cr = node_curvature(self.model, params, buffers, inputs, targets, self.loss_fn, self.layers,
-                                    kind=opts.curvature, replay=rp)
+                cr = node_curvature(Problem(self.model, params, buffers, inputs, targets, self.loss_fn, rp),
+                                    self.layers, kind=opts.curvature)
                 glob["loss"] = float(cr.loss)
                 if opts.batch == "step" and math.isfinite(ck.loss):
                     # fidelity: the replayed function against the one trained, at this step
@@ -305,15 +306,14 @@ class _Analyser:
 
     def _sharpness(self, params, buffers, inputs, targets, precond, rules, rp, clip: float = 1.0) -> dict[str, float]:
         out: dict[str, float] = {}
-        res = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn, replay=rp)
+        problem = Problem(self.model, params, buffers, inputs, targets, self.loss_fn, rp)
+        res = compute_sharpness(problem)
         out["sharpness"], out["n_hvp"] = res.value, float(res.n_hvp)
         if precond is not None:
             # the curvature Adam's map sees: P^{1/2}(c·H + coupled wd)P^{1/2} (c the clip factor), comparable
             # with the threshold; = c·λmax(P^{1/2}(H + wd/c)P^{1/2})
             shift = {name: rules[self.group_of.get(name, 0)].coupled_shift / clip for name in params}
-            out["precond_sharpness"] = clip * compute_sharpness(self.model, params, buffers, inputs, targets,
-                                                                self.loss_fn, precond=precond, shift=shift,
-                                                                replay=rp).value
+            out["precond_sharpness"] = clip * compute_sharpness(problem, precond=precond, shift=shift).value
         return out
 
     def _layer(self, layer: NodeLayer, params, nxt, succ, step, cr, rules, precond, loss, first_norms,
