@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import trajscope
-from trajscope.curvature.blocks import bias_group_eigvals, node_hessian_extremes, preconditioned_eigvals
+from trajscope.curvature.spectra import bias_group_eigvals, node_hessian_extremes, preconditioned_eigvals
 from trajscope.curvature.node import CurvatureResult, node_curvature
 from trajscope.dynamics.kinematics import node_kinematics
 from trajscope.dynamics.motion import map_scale, motion_curvature, motion_fractions, motion_from_eigs

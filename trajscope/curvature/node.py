@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from trajscope.curvature.blocks import _jobs, _run_jobs
+from trajscope.curvature.spectra import _jobs, _run_jobs
 from trajscope.curvature.coupled import _coupled_factors
 from trajscope.curvature.factors import (CurvatureResult, LayerFactor, _all_sqrt_factors, _Capture, _exact_factor,
                                          _ggn_deltas, _MicroCapture, _z_to_bnt)
