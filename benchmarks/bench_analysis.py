@@ -30,9 +30,10 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from trajscope.linalg import eigen
-from trajscope.curvature.blocks import node_curvature
+from trajscope.curvature.node import node_curvature
 from trajscope.nodes import find_node_layers, node_matrix
 from trajscope.curvature.sharpness import hvp_operator, sharpness
+from trajscope.replay.problem import Problem
 
 
 def build(seed: int = 0):
@@ -99,7 +100,7 @@ def main() -> None:
     bp_loss = extend(nn.CrossEntropyLoss())
 
     def run_ours():
-        return node_curvature(model, params, {}, x, y, loss_fn, layers, kind="ggn")
+        return node_curvature(Problem(model, params, {}, x, y, loss_fn), layers, kind="ggn")
 
     def run_backpack():
         bp_model.zero_grad()
@@ -133,7 +134,7 @@ def main() -> None:
         bp_tr = float(wd.sum() + bd.sum())
         tr_err = max(tr_err, abs(ours_tr - bp_tr) / abs(bp_tr))
 
-    t_exact, _ = timed(lambda: node_curvature(model, params, {}, x, y, loss_fn, layers, kind="exact"))
+    t_exact, _ = timed(lambda: node_curvature(Problem(model, params, {}, x, y, loss_fn), layers, kind="exact"))
 
     # --- naive per-node torch.func.hessian loop ---------------------------------------------
     naive_layer_t = []
@@ -150,7 +151,7 @@ def main() -> None:
     naive_total = sum(naive_layer_t)
 
     # --- sharpness ---------------------------------------------------------------------------
-    mv, dim = hvp_operator(model, params, {}, x, y, loss_fn)
+    mv, dim = hvp_operator(Problem(model, params, {}, x, y, loss_fn))
 
     def arpack(tol):
         from scipy.sparse.linalg import LinearOperator, eigsh
@@ -169,7 +170,7 @@ def main() -> None:
 
     t_sh, t_pm, t_ar, t_hvp, t_grad = [], [], [], [], []
     for _ in range(3):  # interleaved
-        t, sh = timed(lambda: sharpness(model, params, {}, x, y, loss_fn, tol=1e-4))
+        t, sh = timed(lambda: sharpness(Problem(model, params, {}, x, y, loss_fn), tol=1e-4))
         t_sh.append(t)
         t, lam_pm = timed(lambda: power_method(mv, dim, 100))
         t_pm.append(t)

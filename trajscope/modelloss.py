@@ -77,7 +77,7 @@ class ModelLoss:
         self.num_labels = None if num_labels is None else int(num_labels)
 
     def describe(self) -> dict[str, Any]:
-        """The run's loss description (:func:`trajscope.capture.build_loss` rebuilds it)."""
+        """The run's loss description (:func:`trajscope.io.specs.build_loss` rebuilds it)."""
         return {"class": SPEC, "kwargs": {"task": self.task, "problem_type": self.problem_type,
                                           "num_labels": self.num_labels, "denominator": self.denominator},
                 "computed_by": "model"}

@@ -17,10 +17,12 @@ torch.set_num_threads(1)  # lazy tensors are not thread-safe: no eigen pool
 import numpy as np
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
-from trajscope.curvature import blocks as C
+from trajscope.curvature.blocks import dense_blocks
+from trajscope.curvature.factors import LayerFactor
+from trajscope.curvature.spectra import bias_group_eigvals, preconditioned_eigvals
 from trajscope.linalg import eigen
 from trajscope.nodes import find_node_layers, node_matrix
-from trajscope.curvature.sharpness import hvp_operator, sharpness
+from tests.helpers.calls import hvp_operator, node_curvature, sharpness
 
 warnings.simplefilter("ignore")
 F64 = torch.float64
@@ -181,8 +183,8 @@ def run_both(name, kind, method="auto"):
     model, x, y, lf = CASES[name]
     params, buffers, H, GGN, names = ref(name)
     layers = find_node_layers(model)
-    cpu = C.node_curvature(model.to("cpu"), params, buffers, x, y, lf, layers, kind=kind, method=method)
-    got = C.node_curvature(model.to(DEV), to(params, DEV), to(buffers, DEV), x.to(DEV), y.to(DEV), lf, layers,
+    cpu = node_curvature(model.to("cpu"), params, buffers, x, y, lf, layers, kind=kind, method=method)
+    got = node_curvature(model.to(DEV), to(params, DEV), to(buffers, DEV), x.to(DEV), y.to(DEV), lf, layers,
                            kind=kind, method=method)
     model.to("cpu")
     return layers, cpu, got, (H if kind == "exact" else GGN), params, names
@@ -209,11 +211,11 @@ def curvature_case(name):
                 FORMS.setdefault(name, set()).add((l.name, kind, fac.form))
                 if fac.form not in ("zero", "nan"):
                     assert fac.device.type == DEV.type, f"{what}: factor of {l.name} on {fac.device}"
-                db = C.dense_blocks(fac, [0, l.n_nodes - 1])
+                db = dense_blocks(fac, [0, l.n_nodes - 1])
                 assert db.device.type == DEV.type, f"{what}: dense_blocks on {db.device}"
                 close(db, blocks[[0, l.n_nodes - 1]], f"{what} dense_blocks {l.name}", 1e-10)
-                close(C.dense_blocks(fac, slice(1, None)), blocks[1:], f"{what} dense_blocks[1:] {l.name}", 1e-10)
-                close(C.dense_blocks(fac), blocks, f"{what} dense_blocks(all) {l.name}", 1e-10)
+                close(dense_blocks(fac, slice(1, None)), blocks[1:], f"{what} dense_blocks[1:] {l.name}", 1e-10)
+                close(dense_blocks(fac), blocks, f"{what} dense_blocks(all) {l.name}", 1e-10)
 
 
 @check
@@ -253,10 +255,10 @@ def preconditioned_and_bias_group_eigvals():
                 H = ref_blocks(Href, params, names, l)
                 for shift in (0.0, 0.25, svec):
                     sh_dev = shift.to(DEV) if isinstance(shift, torch.Tensor) else shift
-                    ev = C.preconditioned_eigvals(fac, d.to(DEV), shift=sh_dev)
+                    ev = preconditioned_eigvals(fac, d.to(DEV), shift=sh_dev)
                     on_cpu64(ev, f"{what} preconditioned")
-                    close(ev, C.preconditioned_eigvals(fac_cpu, d, shift=shift), f"{what} preconditioned vs cpu")
-                    ev_cpu_d = C.preconditioned_eigvals(fac, d, shift=sh_dev)  # a CPU preconditioner
+                    close(ev, preconditioned_eigvals(fac_cpu, d, shift=shift), f"{what} preconditioned vs cpu")
+                    ev_cpu_d = preconditioned_eigvals(fac, d, shift=sh_dev)  # a CPU preconditioner
                     close(ev_cpu_d, ev, f"{what} preconditioned (CPU D)")
                     sd = d.sqrt()
                     s = shift * torch.ones(p, dtype=F64) if not isinstance(shift, torch.Tensor) else shift
@@ -264,9 +266,9 @@ def preconditioned_and_bias_group_eigvals():
                     spectrum_vs_block(ev, M, f"{what} preconditioned vs dense reference")
                 if fac.form == "diag" and l.bias is not None:
                     wd, wdb, a, sign = 0.01, 0.0, 2.0, -1.0
-                    ev = C.bias_group_eigvals(fac, sign, wd, wdb, a)
+                    ev = bias_group_eigvals(fac, sign, wd, wdb, a)
                     on_cpu64(ev, f"{what} bias_group_eigvals")
-                    close(ev, C.bias_group_eigvals(fac_cpu, sign, wd, wdb, a), f"{what} bias group vs cpu")
+                    close(ev, bias_group_eigvals(fac_cpu, sign, wd, wdb, a), f"{what} bias group vs cpu")
                     W = torch.full((p,), wd, dtype=F64)
                     W[-1] = wdb
                     A = torch.ones(p, dtype=F64)
@@ -276,9 +278,9 @@ def preconditioned_and_bias_group_eigvals():
                     spectrum_vs_block(ev, M, f"{what} bias group vs dense reference")
     # a factor with no tensors at all ("zero"), the preconditioner on the device
     l = find_node_layers(CASES["mlp"][0])[0]
-    zero = C.LayerFactor(l, "zero", "ggn")
+    zero = LayerFactor(l, "zero", "ggn")
     d = torch.rand(l.n_nodes, l.node_dim, dtype=F64) + 0.5
-    ev = C.preconditioned_eigvals(zero, d.to(DEV), shift=0.2)
+    ev = preconditioned_eigvals(zero, d.to(DEV), shift=0.2)
     on_cpu64(ev, "zero factor")
     close(ev, (0.2 * d).sort(1, descending=True).values, "zero factor, shifted")
 
@@ -297,7 +299,7 @@ def eigen_solves_on_device():
         ok = torch.isfinite(K).flatten(1).all(1)
         want[ok] = torch.from_numpy(np.linalg.eigvalsh(K[ok].numpy()))
         what = f"_eigvalsh {n_mat}x{m} {dtype}"
-        got = C._eigvalsh(K.to(dtype).to(DEV), dtype)
+        got = eigen._eigvalsh(K.to(dtype).to(DEV), dtype)
         on_cpu64(got, what)
         close(got, want, what, 1e-5 if dtype == torch.float32 else 1e-12)
         Kf = K[ok].to(dtype)
@@ -328,14 +330,14 @@ def float32_blocks_on_device():
                 return kernel.eigvalsh(*args)
         eigen._smalleig = Counting
     for kind, Href in (("ggn", GGN), ("exact", H)):
-        got = C.node_curvature(model.to(DEV), to(p32, DEV), {}, x.to(DEV), y.to(DEV), nn.MSELoss(), layers, kind=kind)
+        got = node_curvature(model.to(DEV), to(p32, DEV), {}, x.to(DEV), y.to(DEV), nn.MSELoss(), layers, kind=kind)
         model.to("cpu")
         for l in layers:
             ev = got.eigvals[l.name]
             on_cpu64(ev, f"float32 {kind} {l.name}")
             spectrum_vs_block(ev, ref_blocks(Href, p64, names, l), f"float32 {kind} {l.name}", 2e-5)
             d = torch.rand(l.n_nodes, l.node_dim, dtype=torch.float32) + 0.5
-            evp = C.preconditioned_eigvals(got.factors[l.name], d.to(DEV))
+            evp = preconditioned_eigvals(got.factors[l.name], d.to(DEV))
             sd = d.to(F64).sqrt()
             M = sd[:, :, None] * ref_blocks(Href, p64, names, l) * sd[:, None, :]
             spectrum_vs_block(evp, M, f"float32 preconditioned {kind} {l.name}", 2e-5)
@@ -353,13 +355,13 @@ def nonfinite_on_device():
     bad["2.weight"] = bad["2.weight"].clone()
     bad["2.weight"][1, 1] = math.nan
     for kind in ("ggn", "exact"):
-        got = C.node_curvature(model.to(DEV), to(bad, DEV), {}, x.to(DEV), y.to(DEV), lf, layers, kind=kind)
+        got = node_curvature(model.to(DEV), to(bad, DEV), {}, x.to(DEV), y.to(DEV), lf, layers, kind=kind)
         assert torch.isnan(got.loss.cpu()).all(), kind
         for l in layers:
             on_cpu64(got.eigvals[l.name], "NaN checkpoint")
             assert torch.isnan(got.eigvals[l.name]).all(), (kind, l.name)
             d = torch.ones(l.n_nodes, l.node_dim, dtype=F64)
-            assert torch.isnan(C.preconditioned_eigvals(got.factors[l.name], d.to(DEV), shift=0.1)).all()
+            assert torch.isnan(preconditioned_eigvals(got.factors[l.name], d.to(DEV), shift=0.1)).all()
     model.to("cpu")
     res = sharpness(model.to(DEV), to(bad, DEV), {}, x.to(DEV), y.to(DEV), lf)
     model.to("cpu")
@@ -370,16 +372,16 @@ def nonfinite_on_device():
     y2 = y.clone()
     y2[2] = -100
     for kind in ("ggn", "exact"):
-        cpu = C.node_curvature(model, params, {}, x2, y2, lf, layers, kind=kind)
-        got = C.node_curvature(model.to(DEV), to(params, DEV), {}, x2.to(DEV), y2.to(DEV), lf, layers, kind=kind)
+        cpu = node_curvature(model, params, {}, x2, y2, lf, layers, kind=kind)
+        got = node_curvature(model.to(DEV), to(params, DEV), {}, x2.to(DEV), y2.to(DEV), lf, layers, kind=kind)
         model.to("cpu")
         assert torch.isfinite(cpu.loss).all()
         close(got.loss.reshape(-1), cpu.loss.reshape(-1), f"ignored NaN sample {kind} loss")
         for l in layers:
             close(got.eigvals[l.name], cpu.eigvals[l.name], f"ignored NaN sample {kind} {l.name}")
             d = torch.ones(l.n_nodes, l.node_dim, dtype=F64) * 2
-            close(C.preconditioned_eigvals(got.factors[l.name], d.to(DEV), shift=0.1),
-                  C.preconditioned_eigvals(cpu.factors[l.name], d, shift=0.1), f"ignored NaN sample {kind} precond")
+            close(preconditioned_eigvals(got.factors[l.name], d.to(DEV), shift=0.1),
+                  preconditioned_eigvals(cpu.factors[l.name], d, shift=0.1), f"ignored NaN sample {kind} precond")
 
 
 @check

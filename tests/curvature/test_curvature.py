@@ -13,13 +13,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from trajscope.curvature.blocks import (
-    dense_blocks,
-    node_curvature,
-    node_hessian_extremes,
-    preconditioned_eigvals,
-)
+from trajscope.curvature.blocks import dense_blocks
+from trajscope.curvature.spectra import node_hessian_extremes, preconditioned_eigvals
 from trajscope.nodes import find_node_layers, node_matrix
+
 
 from tests.helpers.references import (DT, RTOL, SeqMLP, _call, _params, _with_node, check_layer, mlp, mlp_data, ref_exact, ref_ggn,
                                       small_cnn, spectrum_close)
@@ -48,7 +45,7 @@ import trajscope
 from trajscope.record import recorder as recorder_mod
 from trajscope import zoo
 from trajscope.io import layout as store
-from trajscope.curvature.blocks import node_curvature
+from tests.helpers.calls import node_curvature
 from trajscope.nodes import find_node_layers
 from trajscope.record.recorder import Recorder
 

@@ -13,9 +13,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from trajscope.curvature.blocks import dense_blocks, node_curvature, twice_differentiable_attention
+from tests.helpers.calls import node_curvature
+from trajscope.curvature.blocks import dense_blocks
+from trajscope.curvature.node import twice_differentiable_attention
 from trajscope.nodes import NodeLayer, find_node_layers, node_matrix, node_to_params
 from trajscope.analysis.pipeline import recorded_node_layers
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from trajscope.curvature.blocks import node_curvature
+from tests.helpers.calls import node_curvature
 from trajscope.nodes import find_node_layers
-from trajscope.curvature.sharpness import hvp_operator, sharpness
+from tests.helpers.calls import hvp_operator, sharpness
 
 # imports of the cases folded from test_sharpness_review (below)
 import math
@@ -27,7 +27,9 @@ from scipy.sparse.linalg import eigsh
 from torch import nn
 from torch.func import functional_call, hessian
 
-from trajscope.curvature.sharpness import _DENSE_DIM, _lanczos_max, _NonFinite, hvp_operator, sharpness
+from trajscope.curvature.sharpness import _DENSE_DIM, _lanczos_max, _NonFinite
+
+
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from trajscope.curvature.blocks import block_quadratic_forms, dense_blocks, node_curvature
+from tests.helpers.calls import node_curvature
+from trajscope.curvature.blocks import block_quadratic_forms, dense_blocks
 from trajscope.nodes import find_node_layers, node_matrix
 
 from tests.helpers.references import DT, SeqMLP, _params, mlp, mlp_data, ref_exact, small_cnn
@@ -74,7 +75,7 @@ def test_zero_and_nan_factors():
 # ----------------------------------------------------------------------------- fractions of the motion
 def test_motion_fractions_split_the_motion_over_the_map_directions():
     """A block with known eigenvectors (a rotation Q of diag(a)); GD with lr 1: μ = 1 − a."""
-    from trajscope.curvature.blocks import LayerFactor
+    from trajscope.curvature.factors import LayerFactor
     from trajscope.dynamics.motion import motion_fractions
     from trajscope.nodes import NodeLayer
     from trajscope.dynamics.updatemap import node_map, update_rule

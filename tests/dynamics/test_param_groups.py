@@ -9,7 +9,9 @@ from torch import nn
 
 import trajscope
 from tests.helpers.analysis import linear_spec, make_linear, record
+from tests.helpers.calls import node_curvature
 from trajscope.dynamics.updatemap import node_map, node_update_spectra, update_rule
+
 
 F64 = torch.float64
 
@@ -82,7 +84,7 @@ def test_node_spanning_two_groups_matches_the_real_step(tmp_path, case, d_in):
 @pytest.mark.parametrize("kind", ["ggn", "exact"])
 @pytest.mark.parametrize("batch", [5, 40])  # Gram route (B + 1 < p) and dense route
 def test_bias_group_eigvals_match_the_dense_transform(kind, batch):
-    from trajscope.curvature.blocks import bias_group_eigvals, node_curvature, preconditioned_eigvals
+    from trajscope.curvature.spectra import bias_group_eigvals, preconditioned_eigvals
     from trajscope.nodes import find_node_layers
 
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from torch import nn
 
 import trajscope
+from tests.helpers.calls import node_curvature
 from trajscope.dynamics.updatemap import step_gradient
 from trajscope.cli.main import main
 from trajscope.io.results import open_results
@@ -27,6 +28,7 @@ from trajscope.io.results import open_results
 from tests.helpers.analysis import event_files
 from tests.helpers.references import ref_exact
 from trajscope.nodes import find_node_layers
+
 
 F64 = torch.float64
 REL = 1e-5
@@ -379,7 +381,6 @@ def test_gpt_with_the_users_lm_loss(tmp_path, capsys, user_module):
 def test_gpt_node_spectra_by_the_replayed_spec(tmp_path, user_module):
     """The whole spectrum of lm_head node blocks from the run's own model and loss (rebuilt by spec, signed
     by this user) equals the eigenvalues of torch.func.hessian of the training loss, float64, exact kind."""
-    from trajscope.curvature.blocks import node_curvature
     from trajscope.analysis.pipeline import recorded_node_layers
 
     run = tmp_path / "gpt"

@@ -21,7 +21,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import trajscope
 from trajscope import modelloss, trust
 from trajscope.io import specs as capture
-from trajscope.curvature.blocks import dense_blocks, node_curvature, twice_differentiable_attention
+from tests.helpers.calls import node_curvature
+from trajscope.curvature.blocks import dense_blocks
+from trajscope.curvature.node import twice_differentiable_attention
 from trajscope.nodes import find_node_layers
 from trajscope.errors import TrajscopeError
 from trajscope.integrations.huggingface import TrajscopeCallback, from_config

@@ -71,7 +71,7 @@ import trajscope
 from trajscope.record import recorder as recorder_mod
 from trajscope import zoo
 from trajscope.io import layout as store
-from trajscope.curvature.blocks import node_curvature
+from tests.helpers.calls import node_curvature
 from trajscope.nodes import find_node_layers
 from trajscope.record.recorder import Recorder
 

@@ -175,7 +175,7 @@ def test_routing(monkeypatch):
 
 
 def test_node_spectra_same_with_kernel_and_lapack(monkeypatch):
-    from trajscope.curvature.blocks import node_curvature
+    from tests.helpers.calls import node_curvature
     from trajscope.nodes import find_node_layers
 
     torch.manual_seed(0)

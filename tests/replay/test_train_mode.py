@@ -17,13 +17,16 @@ import torch.nn.functional as TF
 from torch import nn
 
 import trajscope
+from tests.helpers.calls import node_curvature, sharpness
 from trajscope.replay import trainmode as replay_mod
-from trajscope.curvature.blocks import dense_blocks, node_curvature
+from trajscope.curvature.blocks import dense_blocks
 from trajscope.analysis.pipeline import recorded_node_layers
 from trajscope.cli.main import main
 from trajscope.io.results import open_results
 from trajscope.io.records import ForwardState
 from trajscope.zoo import mnist_net, resnet_block
+
+
 
 F64 = torch.float64
 RESNET = {"in_channels": 3, "width": 3, "classes": 3}
@@ -427,7 +430,6 @@ def test_bad_train_mode_is_one_line(tmp_path):
 def test_sharpness_is_that_of_the_training_loss(tmp_path):
     """Lanczos on the replayed function: λ_max of the dense Hessian of the train-mode loss (BatchNorm on
     the batch statistics of each of the step's two micro-batches)."""
-    from trajscope.curvature.sharpness import sharpness
 
     run = _resnet_run(tmp_path / "run", accumulate=2, steps=1, b=3, cfg={"in_channels": 1, "width": 2, "classes": 2})
     ck, model = run.checkpoint(0), run.model().to(F64)

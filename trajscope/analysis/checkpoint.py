@@ -12,8 +12,9 @@ from trajscope.analysis.fidelity import FIDELITY_TOL
 from trajscope.analysis.layer import NOT_COMPUTED, LayerInputs, analyse_layer, equal_share, node_motion
 from trajscope.analysis.options import AnalysisOptions
 from trajscope.analysis.selection import horizon, recorded_node_layers
-from trajscope.curvature.blocks import CurvatureResult, node_curvature
+from trajscope.curvature.node import CurvatureResult, node_curvature
 from trajscope.curvature.sharpness import sharpness as compute_sharpness
+from trajscope.replay.problem import Problem
 from trajscope.dynamics.labels import resolve_delta
 from trajscope.dynamics.updatemap import (NodeMap, UpdateRule, node_map, preconditioner, stability_threshold,
                                           step_gradient, update_rule)
@@ -173,8 +174,8 @@ class Analyser:
         rp = self.replay(ck, inputs)
         self.coupled |= rp.batch_statistics(self.model)
         try:
-            cr = node_curvature(self.model, params, buffers, inputs, targets, self.loss_fn, self.layers,
-                                kind=opts.curvature, replay=rp)
+            cr = node_curvature(Problem(self.model, params, buffers, inputs, targets, self.loss_fn, rp),
+                                self.layers, kind=opts.curvature)
             glob["loss"] = float(cr.loss)
             if opts.batch == "step" and math.isfinite(ck.loss):
                 # fidelity: the replayed function against the one trained, at this step
@@ -240,15 +241,14 @@ class Analyser:
 
     def _sharpness(self, params, buffers, inputs, targets, precond, rules, rp, clip: float = 1.0) -> dict[str, float]:
         out: dict[str, float] = {}
-        res = compute_sharpness(self.model, params, buffers, inputs, targets, self.loss_fn, replay=rp)
+        problem = Problem(self.model, params, buffers, inputs, targets, self.loss_fn, rp)
+        res = compute_sharpness(problem)
         out["sharpness"], out["n_hvp"] = res.value, float(res.n_hvp)
         if precond is not None:
             # the curvature Adam's map sees: P^{1/2}(c·H + coupled wd)P^{1/2} (c the clip factor), comparable
             # with the threshold; = c·λmax(P^{1/2}(H + wd/c)P^{1/2})
             shift = {name: rules[self.group_of.get(name, 0)].coupled_shift / clip for name in params}
-            out["precond_sharpness"] = clip * compute_sharpness(self.model, params, buffers, inputs, targets,
-                                                                self.loss_fn, precond=precond, shift=shift,
-                                                                replay=rp).value
+            out["precond_sharpness"] = clip * compute_sharpness(problem, precond=precond, shift=shift).value
         return out
 
 

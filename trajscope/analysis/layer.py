@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trajscope.curvature.blocks import (CurvatureResult, bias_group_eigvals, node_hessian_extremes,
-                                          preconditioned_eigvals)
+from trajscope.curvature.node import CurvatureResult
+from trajscope.curvature.spectra import bias_group_eigvals, node_hessian_extremes, preconditioned_eigvals
 from trajscope.dynamics.kinematics import node_kinematics
 from trajscope.dynamics.labels import LabelConfig, classify, collapse_reference_norm
 from trajscope.dynamics.motion import map_scale, motion_curvature, motion_fractions, motion_from_eigs

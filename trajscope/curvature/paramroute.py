@@ -28,37 +28,37 @@ projections of small models. The blocks are stored as dense ``"block"`` factors
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from trajscope.curvature.blocks import LayerFactor, _batched_grad
+from trajscope.curvature.factors import LayerFactor, _batched_grad
 from trajscope.nodes import NodeLayer, node_to_params
+from trajscope.replay.problem import Problem
 
 __all__ = ["param_factors"]
 
 _MAX_CHUNK = 256
 
 
-def param_factors(forward: Callable[[], Tensor], leaves: Mapping[str, Tensor], targets: Any,
-                  loss_fn: Callable[[Any, Any], Tensor], layers: Sequence[NodeLayer], kind: str,
+def param_factors(problem: Problem, leaves: Mapping[str, Tensor], layers: Sequence[NodeLayer], kind: str,
                   max_tile_bytes: int) -> dict[str, LayerFactor]:
-    """The factors of ``layers`` (all ``route="param"``) on the batch; ``forward()`` gives the model
-    output with a graph to ``leaves``, the parameters (requiring grad, the analysis dtype), replayed
-    as the hook route's is (train-mode layers, micro-batches). A layer that cannot be analysed gets
-    a ``"nan"`` factor and a warning; it never raises."""
+    """The factors of ``layers`` (all ``route="param"``) on the batch; ``problem.forward(leaves)``
+    gives the model output with a graph to ``leaves``, the parameters (requiring grad, the analysis
+    dtype), replayed as the hook route's is (train-mode layers, micro-batches). A layer that cannot
+    be analysed gets a ``"nan"`` factor and a warning; it never raises."""
     out: dict[str, LayerFactor] = {}
     if not layers:
         return out
-    f = forward()
+    f = problem.forward(leaves)
     theta_bytes = sum(t.numel() for t in leaves.values() if t.is_floating_point()) * f.element_size()
     chunk = int(max(1, min(_MAX_CHUNK, max_tile_bytes // max((f.numel() * f.element_size() + theta_bytes), 1))))
     if kind == "exact":
-        loss = loss_fn(f, targets)
+        loss = problem.loss(f)
     else:
         fd = f.detach().requires_grad_(True)
-        loss = loss_fn(fd, targets)
+        loss = problem.loss(fd)
         gf = torch.autograd.grad(loss, fd, create_graph=True)[0]
     if not bool(torch.isfinite(loss)):   # a diverged checkpoint is data: NaN spectra, as on the hook route
         return {l.name: LayerFactor(l, "nan", kind, note="non-finite loss or parameters") for l in layers}

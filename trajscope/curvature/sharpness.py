@@ -29,51 +29,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from trajscope.replay.functional import functional_forward
+from trajscope.linalg.lanczos import _lanczos_max, _NonFinite
+from trajscope.replay.problem import Problem
 
 __all__ = ["SharpnessResult", "hvp_operator", "sharpness"]
 
 # below this many parameters the Hessian is formed densely (Lanczos gains nothing)
 _DENSE_DIM = 32
-
-
-def _lanczos_max(op: Callable[[Tensor], Tensor], v0: Tensor, tol: float, maxiter: int,
-                 ) -> tuple[float, bool]:
-    """Largest eigenvalue of the symmetric operator ``op`` (float64 vectors) by the Lanczos
-    process from ``v0``: (value, converged within ``maxiter`` products)."""
-    from scipy.linalg import eigh_tridiagonal
-
-    q = v0 / v0.norm()
-    q_prev = torch.zeros_like(q)
-    alphas: list[float] = []
-    betas: list[float] = []
-    beta = tnorm = 0.0
-    theta = math.nan
-    floor = np.finfo(np.float64).eps ** (2 / 3)  # ARPACK's: a top eigenvalue of 0 still converges
-    for m in range(1, maxiter + 1):
-        w = op(q)
-        alpha = float(q @ w)
-        w.add_(q, alpha=-alpha).add_(q_prev, alpha=-beta)
-        c = float(q @ w)  # one local re-orthogonalisation pass against q
-        w.add_(q, alpha=-c)
-        alphas.append(alpha + c)
-        beta_prev, beta = beta, float(w.norm())
-        if not (math.isfinite(alphas[-1]) and math.isfinite(beta)):
-            raise _NonFinite
-        tnorm = max(tnorm, abs(alphas[-1]) + beta + beta_prev)  # ≥ ‖T_m‖ estimate (Gershgorin)
-        if m == 1:
-            theta, s_last = alphas[0], 1.0
-        else:
-            val, vec = eigh_tridiagonal(np.array(alphas), np.array(betas), select="i",
-                                        select_range=(m - 1, m - 1))
-            theta, s_last = float(val[0]), float(vec[-1, 0])
-        if beta * abs(s_last) <= tol * max(abs(theta), floor * tnorm) or beta <= 1e-14 * tnorm:
-            return theta, True  # converged, or an invariant subspace (T_m exact there)
-        betas.append(beta)
-        q_prev, q = q, w.div_(beta)
-    return theta, False
 
 
 @dataclass
@@ -86,10 +50,6 @@ class SharpnessResult:
     converged: bool
 
 
-class _NonFinite(Exception):
-    pass
-
-
 def _unit(dim: int, i: int, device: torch.device) -> Tensor:
     """The i-th basis vector, a fresh tensor (rows of ``torch.eye`` are views, which torch's
     lazy-tensor device, used by the tests to check device handling, mishandles in backward)."""
@@ -99,14 +59,8 @@ def _unit(dim: int, i: int, device: torch.device) -> Tensor:
 
 
 def hvp_operator(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor],
-    inputs: Any,
-    targets: Any,
-    loss_fn: Callable[[Any, Any], Tensor],
+    problem: Problem,
     names: Sequence[str] | None = None,
-    replay: Any = None,
 ) -> tuple[Callable[[Any], Any], int]:
     r"""The map :math:`v \mapsto \nabla^2_\theta L\, v` on the flattened parameters ``names``.
 
@@ -119,9 +73,11 @@ def hvp_operator(
     The gradient graph is built once here (forward + backward with ``create_graph``) and kept
     alive by the callable; each product is one extra backward pass through it.
 
-    ``replay`` (a :class:`trajscope.replay.trainmode.Replay`): evaluate the model as training did
-    (train-mode layers, recorded RNG state, per micro-batch); None: one pass in eval mode.
+    ``problem`` (:class:`~trajscope.replay.problem.Problem`) is evaluated as training did where it
+    has a ``replay`` (train-mode layers, recorded RNG state, per micro-batch), else in one pass
+    in eval mode.
     """
+    params = problem.params
     if names is None:
         names = [k for k, v in params.items() if v.is_floating_point()]
     names = list(names)
@@ -132,16 +88,9 @@ def hvp_operator(
     dim = int(sum(sizes))
     dtype = xs[0].dtype if xs else torch.get_default_dtype()
     device = xs[0].device if xs else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            out = replay.forward(model, leaves, dict(buffers), inputs) if replay is not None else \
-                functional_forward(model, {**leaves, **dict(buffers)}, inputs)
-            loss = loss_fn(out, targets)
-            gs = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
-    finally:
-        model.train(was_training)
+    with problem.eval_mode(), torch.enable_grad():
+        loss = problem.loss(problem.forward(leaves))
+        gs = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
     # products only flow through gradient pieces that still depend on the parameters
     live = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -169,18 +118,12 @@ def hvp_operator(
 
 
 def sharpness(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor],
-    inputs: Any,
-    targets: Any,
-    loss_fn: Callable[[Any, Any], Tensor],
+    problem: Problem,
     *,
     precond: Mapping[str, Tensor] | None = None,
     shift: Mapping[str, float] | None = None,
     tol: float = 1e-4,
     maxiter: int = 300,
-    replay: Any = None,
 ) -> SharpnessResult:
     r"""Largest eigenvalue of the full Hessian over all floating-point parameters, or of
     :math:`P^{1/2} (H + W) P^{1/2}` when ``precond`` (a positive diagonal P keyed by parameter
@@ -194,13 +137,14 @@ def sharpness(
     parameters: the Hessian is formed with ``dim`` products and solved densely.
 
     Non-finite parameters, loss or products give ``value = nan``; this function does not raise
-    for them. ``replay``: as for :func:`hvp_operator`.
+    for them. ``problem``: as for :func:`hvp_operator`.
     """
     nan = SharpnessResult(math.nan, 0, False)
+    params = problem.params
     fl = {k: v for k, v in params.items() if v.is_floating_point()}
     if not all(bool(torch.isfinite(v).all()) for v in fl.values()):
         return nan
-    mv, dim = hvp_operator(model, params, buffers, inputs, targets, loss_fn, replay=replay)
+    mv, dim = hvp_operator(problem)
     if dim == 0 or not bool(torch.isfinite(mv.loss).all()):
         return nan
     dev = params[mv.names[0]].device  # the Lanczos vectors live with the parameters
