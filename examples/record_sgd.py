@@ -1,4 +1,4 @@
-"""Record a plain SGD training loop (the contract loop of SPEC §2) on synthetic data.
+"""Record a plain SGD training loop (the contract loop of docs/spec.md §2) on synthetic data.
 
     python examples/record_sgd.py runs/sgd --steps 200
     trajscope analyze runs/sgd && tensorboard --logdir runs

@@ -1,4 +1,4 @@
-"""Which modules carry nodes, and the parameter vector of each node (SPEC §3).
+"""Which modules carry nodes, and the parameter vector of each node (docs/spec.md §3).
 
 A *node* is the parameter block of one output unit:
 
@@ -25,7 +25,7 @@ The module computes these without calling a submodule per unit (MHA's functional
 uses the parameter more than once, so their blocks are not of the hook form ``X^T E X``; they
 take the parameter route (``route="param"``, :mod:`trajscope.curvature.paramroute`), which
 differentiates w.r.t. the parameter itself. Other parameters (norms, transposed convolutions, ...)
-are not nodes; they enter only the global quantities (SPEC §8).
+are not nodes; they enter only the global quantities (docs/spec.md §8).
 """
 from __future__ import annotations
 

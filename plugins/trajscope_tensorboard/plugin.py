@@ -3,7 +3,7 @@
 Where the data comes from, and why:
 
 * **Labels** (the label map, label fractions) come from the ``trajscope/<module>/labels``
-  uint8 tensors in the event files, read through ``context.data_provider`` as SPEC §9
+  uint8 tensors in the event files, read through ``context.data_provider`` as docs/spec.md §9
   intends. That is TensorBoard's own data path: it works with both loaders (Python and the
   Rust data server), honours ``--samples_per_plugin`` (the loader sets ``trajscope=0``:
   keep every step), and marks the tab active when such tensors exist.
@@ -46,7 +46,7 @@ from trajscope_tensorboard import PLUGIN_NAME
 
 logger = logging.getLogger(__name__)
 
-#: SPEC §7 label codes; used when neither the tensors nor the store name them.
+#: docs/spec.md §7 label codes; used when neither the tensors nor the store name them.
 DEFAULT_LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")
 TAG_PREFIX = "trajscope/"
 LABELS_SUFFIX = "/labels"

@@ -1,10 +1,10 @@
 """End-to-end tests of ``trajscope.analyze``: record a real run with trajscope.Recorder, analyse it,
-and check the results against closed forms and independent references (SPEC §3–§9).
+and check the results against closed forms and independent references (docs/spec.md §3–§9).
 
 Every reference here is computed independently of the analysis code: closed-form linear
 regression spectra, ``torch.func.hessian`` / ``jacrev`` of the loss over the recorded
 parameters, norms of the recorded parameters. Exact comparisons use float64 runs and
-``dtype="float64"`` analyses; node metrics are stored as float32 (SPEC §9), hence the
+``dtype="float64"`` analyses; node metrics are stored as float32 (docs/spec.md §9), hence the
 relative tolerances of ~1e-6 on them.
 """
 from __future__ import annotations
@@ -292,7 +292,7 @@ def test_output_contract_zarr_and_events(tmp_path):
     K = 5
     layers = {"0": 5, "2": 2}
 
-    # --- analysis.zarr with plain zarr (SPEC §9)
+    # --- analysis.zarr with plain zarr (docs/spec.md §9)
     root = zarr.open_group(str(tmp_path / "run" / "analysis.zarr"), mode="r")
     assert root["steps"].dtype == np.int64 and root["steps"].shape == (K,)
     np.testing.assert_array_equal(root["steps"][...], np.arange(K))
@@ -457,7 +457,7 @@ def test_sparse_cadence_one_step_kinematics(tmp_path):
     np.testing.assert_allclose(res_all.node("0", "rho", 1), ((b.norm(dim=1) / a.norm(dim=1)) ** 0.25).numpy(),
                                rtol=1e-6)
     assert np.isnan(res_all.node("0", "rho", 7)).all()   # the last checkpoint has no successor
-    # each row says over how many steps its ρ and drift were taken (SPEC §6: a K-step drift)
+    # each row says over how many steps its ρ and drift were taken (docs/spec.md §6: a K-step drift)
     np.testing.assert_array_equal(res_all.global_series("step_gap"), [1, 4, 1, 4, 1, 4, 1, np.nan])
     np.testing.assert_array_equal(res.global_series("step_gap"), [1, 1, 1, 1])
 

@@ -1,4 +1,4 @@
-"""``trajscope analyze`` from the command line (SPEC §1, §9, §10): real recorded runs, analysed
+"""``trajscope analyze`` from the command line (docs/spec.md §1, §9, §10): real recorded runs, analysed
 through ``trajscope.cli.main.main`` (and once through ``python -m trajscope``)."""
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_exported_program_with_trust(tmp_path, capsys):
     assert len(open_results(run).steps) == 2
 
 
-# --------------------------------------------------------------------------- bad input (SPEC §10)
+# --------------------------------------------------------------------------- bad input (docs/spec.md §10)
 def _bad(tmp_path: Path, case: str, other_user) -> tuple[list[str], Path | None, str]:
     """argv, the run folder that must stay untouched (None: no run), a word the message must hold."""
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""``trajscope info`` and the CLI's answers to bad input (SPEC §10): one line, non-zero exit, no traceback."""
+"""``trajscope info`` and the CLI's answers to bad input (docs/spec.md §10): one line, non-zero exit, no traceback."""
 from __future__ import annotations
 
 import json
@@ -90,7 +90,7 @@ def test_info_run_without_batches_says_kinematics_only(runs, capsys):
 
 
 def _bad_inputs(runs, tmp_path):
-    """(argument, expected words in the error) for each bad input of SPEC §10 that `info` meets."""
+    """(argument, expected words in the error) for each bad input of docs/spec.md §10 that `info` meets."""
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
     (not_a_run / "notes.txt").write_text("hi")

@@ -1,4 +1,4 @@
-"""Per-node curvature blocks against float64 references (SPEC §3, §4).
+"""Per-node curvature blocks against float64 references (docs/spec.md §3, §4).
 
 Reference for every block: ``torch.func.hessian`` of the loss restricted to θ_i (exact), and
 J_iᵀ (∂²L/∂f²) J_i from ``torch.func.jacrev`` (GGN), all in float64.

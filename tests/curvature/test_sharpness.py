@@ -1,4 +1,4 @@
-"""Global sharpness (SPEC §8) against the dense float64 Hessian of all parameters.
+"""Global sharpness (docs/spec.md §8) against the dense float64 Hessian of all parameters.
 
 Long (over 400 lines) because it holds every case of trajscope.curvature.sharpness: the review
 cases follow the fold marker.
@@ -196,7 +196,7 @@ def test_lanczos_stops_exactly_on_an_invariant_subspace():
 
 # ==============================================================================================
 # folded from test_sharpness_review:
-# Review of the Lanczos sharpness (``_lanczos_max`` without restarts, SPEC §8).
+# Review of the Lanczos sharpness (``_lanczos_max`` without restarts, docs/spec.md §8).
 #
 # References: dense float64 Hessians (``torch.func.hessian``) of small nets and
 # ``scipy.sparse.linalg.eigsh`` (ARPACK, which the code used before) on the same matrices.

@@ -1,4 +1,4 @@
-"""Node kinematics (SPEC §6): closed forms."""
+"""Node kinematics (docs/spec.md §6): closed forms."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Node labels (SPEC §7): closed-form cases, the seed preset, hysteresis, non-finite input."""
+"""Node labels (docs/spec.md §7): closed-form cases, the seed preset, hysteresis, non-finite input."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Update-map spectra (SPEC §5) against finite-difference Jacobians of real torch.optim steps.
+"""Update-map spectra (docs/spec.md §5) against finite-difference Jacobians of real torch.optim steps.
 
 The step of a real optimizer is a function F of (parameters, optimizer state). Its central
 finite-difference Jacobian, restricted to one node's coordinates (its parameters and the
@@ -552,7 +552,7 @@ def test_rmsprop_adagrad_preconditioner_is_the_real_denominator(cls, hp):
 
 # ==============================================================================================
 # folded from test_updatemap_review:
-# Review of the per-node analysis (SPEC §5-§7) against independent references.
+# Review of the per-node analysis (docs/spec.md §5-§7) against independent references.
 #
 # References used here never go through trajscope's closed forms:
 #
@@ -564,7 +564,7 @@ def test_rmsprop_adagrad_preconditioner_is_the_real_denominator(cls, hp):
 #   real Jacobian *is* the frozen-v map with D = 1/(√(β2·v/bc2) + ε); the step is odd in (θ, m), so
 #   the central difference is exact to O(h²) (D varies with g² only).
 # * Thresholds: bisection of the spectral radius of those real-step matrices.
-# * Labels / kinematics: hand-computed cases of the SPEC §6/§7 rules.
+# * Labels / kinematics: hand-computed cases of the docs/spec.md §6/§7 rules.
 #
 # Tests marked "Regression test" failed before the fixes this review led to.
 # ==============================================================================================
@@ -879,7 +879,7 @@ def test_sgd_threshold_is_the_first_crossing_of_the_real_step(hp, with_buf):
         assert f(le) < 1.0
     assert f(thr * (1 + 1e-6)) > 1.0
     assert _bisect(f, 0.5 * thr, 2.0 * thr) == pytest.approx(thr, rel=1e-9)
-    # SPEC §5 closed forms
+    # docs/spec.md §5 closed forms
     a, b, d = hp["lr"], hp.get("momentum", 0.0), hp.get("dampening", 0.0)
     if not with_buf:
         spec = 2 / (a * (1 + b)) if hp.get("nesterov") else 2 / a

@@ -1,6 +1,6 @@
 """Helpers shared by the end-to-end analysis tests (test_pipeline, test_analyze_cli).
 
-Every test records a real run with :class:`trajscope.Recorder` (SPEC §2's contract loop) into a
+Every test records a real run with :class:`trajscope.Recorder` (docs/spec.md §2's contract loop) into a
 temporary folder and then analyses it; nothing here is mocked. Models come from
 :mod:`trajscope.zoo` so that runs are replayable through an import spec.
 """
@@ -50,7 +50,7 @@ def batches(n: int, d_in: int, d_out: int, b: int = 6, seed: int = 1, dtype: tor
 # --------------------------------------------------------------------------- the contract loop
 def record(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, data: list, *,
            give_batches: bool = True, **recorder_kw: Any) -> trajscope.Recorder:
-    """SPEC §2's loop over ``data`` ((x, y) pairs) with a Recorder; returns the closed recorder."""
+    """docs/spec.md §2's loop over ``data`` ((x, y) pairs) with a Recorder; returns the closed recorder."""
     recorder_kw.setdefault("export", False)
     with trajscope.Recorder(path, model, opt, loss_fn, **recorder_kw) as rec:
         for x, y in data:

@@ -187,7 +187,7 @@ _REAL_CACHE: dict[str, Path] = {}
 
 
 def record_real_run(run_dir: Path, seed: int = 0) -> Path:
-    """SPEC §2's loop: ``zoo.mlp([8, 16, 12, 3])`` (ReLU), SGD, cross-entropy, every step recorded.
+    """docs/spec.md §2's loop: ``zoo.mlp([8, 16, 12, 3])`` (ReLU), SGD, cross-entropy, every step recorded.
 
     One first-layer unit is dead (bias -50); the last steps use a learning rate far above the
     stability threshold, so the analysis labels healthy sinks, plateaus and sources.

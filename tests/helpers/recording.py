@@ -1,6 +1,6 @@
 """Helpers shared by the recording tests (test_store, test_recorder, test_crash, test_info_cli).
 
-The reference loop is SPEC §2's contract loop run *without* a Recorder; it captures, right before
+The reference loop is docs/spec.md §2's contract loop run *without* a Recorder; it captures, right before
 each ``opt.step()``, what a checkpoint of that step must hold (θ_t, optimizer state, lr per group,
 loss, batch). The recorded run is compared against it bit-exactly.
 
@@ -117,7 +117,7 @@ class Ref:
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, batches: list, rec: Any = None,
           sched: Any = None, ref: Ref | None = None) -> Ref | None:
-    """SPEC §2's contract loop. With ``rec`` it records; with ``ref`` it captures the reference."""
+    """docs/spec.md §2's contract loop. With ``rec`` it records; with ``ref`` it captures the reference."""
     names = {id(p): n for n, p in model.named_parameters()}
     for x, y in batches:
         loss = loss_fn(call_model(model, x), y)

@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import trajscope
 from trajscope import modelloss, trust
-from trajscope.io import specs as capture
+from trajscope.io import specs
 from tests.helpers.calls import node_curvature
 from trajscope.curvature.blocks import dense_blocks
 from trajscope.curvature.node import twice_differentiable_attention
@@ -96,7 +96,7 @@ def test_model_loss_reproduces_outputs_loss_of_each_head():
             replay = loss_fn(model(input_ids=ids).logits, lab)
         assert replay.item() == pytest.approx(out.loss.item(), rel=1e-6, abs=0), (type(model).__name__, task)
         # the description a run stores rebuilds the same loss
-        rebuilt = capture.build_loss(loss_fn.describe())
+        rebuilt = specs.build_loss(loss_fn.describe())
         assert rebuilt(out.logits, lab).item() == pytest.approx(replay.item(), rel=1e-12)
 
 

@@ -1,4 +1,4 @@
-"""analysis.zarr (SPEC §9): schema, round trip, append-only commits, interruption, versions."""
+"""analysis.zarr (docs/spec.md §9): schema, round trip, append-only commits, interruption, versions."""
 from __future__ import annotations
 
 import subprocess

@@ -1,4 +1,4 @@
-"""TensorBoard event files (SPEC §9) read back with TensorBoard's own EventAccumulator."""
+"""TensorBoard event files (docs/spec.md §9) read back with TensorBoard's own EventAccumulator."""
 from __future__ import annotations
 
 import json

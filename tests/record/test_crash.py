@@ -1,4 +1,4 @@
-"""Crash safety (SPEC §2): a recording process killed with SIGKILL at random moments.
+"""Crash safety (docs/spec.md §2): a recording process killed with SIGKILL at random moments.
 
 Each trial forks a fresh child that records a small MLP (every=1; half of the trials with the
 background writer thread, half writing on the training thread) and is SIGKILLed after a random

@@ -1,4 +1,4 @@
-"""The Recorder against SPEC §2: the contract loop, cadence, replay, resume and failure policies.
+"""The Recorder against docs/spec.md §2: the contract loop, cadence, replay, resume and failure policies.
 
 Long (over 400 lines) because it holds every case of trajscope.record.recorder: the commit
 timer under races, open/close cycles and atexit follow the fold marker.
@@ -134,8 +134,8 @@ def test_contract_loop_matches_reference(tmp_path, opt_name, kind, export, backg
 def test_export_never_overlaps_an_optimizer_step(tmp_path):
     """torch.export sets process-global flags (torch.compiler.is_compiling()) while it runs; Adam then takes
     its compile-time code path and rounds differently. The export must not overlap training steps."""
-    from trajscope.record import export as capture
-    capture.export_model(make_model("tensor").eval(), make_batches("tensor", 1)[0][0], str(tmp_path / "warm.pt2"))
+    from trajscope.record import export as record_export
+    record_export.export_model(make_model("tensor").eval(), make_batches("tensor", 1)[0][0], str(tmp_path / "warm.pt2"))
     n = 40
     ref = reference("tensor", "adam", n=n)
     model = make_model("tensor")

@@ -1,1 +1,1 @@
-"""Offline analysis of a recorded trajectory (SPEC §3–§9)."""
+"""Offline analysis of a recorded trajectory (docs/spec.md §3–§9)."""

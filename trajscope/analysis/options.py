@@ -1,5 +1,5 @@
 """The options of an analysis (``trajscope analyze`` and :func:`trajscope.analyze`), checked on
-construction: every bad value is one line before anything is read or written (SPEC 10)."""
+construction: every bad value is one line before anything is read or written (docs/spec.md §10)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from trajscope.io import specs as capture
+from trajscope.io import specs
 from trajscope.dynamics.labels import LabelConfig
 from trajscope.errors import TrajscopeError
 
@@ -56,7 +56,7 @@ class AnalysisOptions:
             if text is not None and spec is None:
                 raise TrajscopeError(f"--{name}-args is given without --{name}: name the {name} those arguments are for")
             if text is not None:
-                capture.parse_kwargs(text)        # one line now for bad JSON, not after the model is built
+                specs.parse_kwargs(text)        # one line now for bad JSON, not after the model is built
         self.device = check_device(self.device)
 
 

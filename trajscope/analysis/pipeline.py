@@ -1,4 +1,4 @@
-"""``trajscope analyze``: replay each recorded checkpoint and compute SPEC §3–§8, write SPEC §9.
+"""``trajscope analyze``: replay each recorded checkpoint and compute docs/spec.md §3–§8, write docs/spec.md §9.
 
 For every analysed checkpoint t (θ_t, its mini-batch, its optimizer state):
 
@@ -175,7 +175,7 @@ def _append_step(an: Analyser, step: int, succ: int | None, first_norms: dict[st
     try:
         glob, nodes = an.checkpoint(step, succ, first_norms)
     except Exception as e:
-        # Local failure (SPEC 10): this row is NaN and says so; the other steps go on.
+        # Local failure (docs/spec.md §10): this row is NaN and says so; the other steps go on.
         if isinstance(e, TrajscopeError) and not isinstance(e, DamagedRecordError):
             raise          # bad input that holds for every step: one line, not a row per step
         marker = "damaged" if isinstance(e, DamagedRecordError) else "failed"

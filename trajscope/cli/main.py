@@ -17,7 +17,7 @@ RUN/analysis.zarr and TensorBoard event files in RUN/.
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with bad input answered in one line (SPEC 10), pointing at ``--help``."""
+    """argparse with bad input answered in one line (docs/spec.md §10), pointing at ``--help``."""
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -1,4 +1,4 @@
-r"""Per-node curvature blocks (GGN or exact), their spectra, and node gradients (SPEC §4).
+r"""Per-node curvature blocks (GGN or exact), their spectra, and node gradients (docs/spec.md §4).
 
 For node i of a layer, :math:`H_i = \nabla^2_{\theta_i} L(\theta)` is the Hessian of the loss on
 the analysed batch with respect to that node's parameters alone. The node reaches the loss only

@@ -1,4 +1,4 @@
-"""Loss, gradients and the spectrum of every node block on one batch (SPEC §4; the maths is in
+"""Loss, gradients and the spectrum of every node block on one batch (docs/spec.md §4; the maths is in
 :mod:`trajscope.curvature.blocks`)."""
 from __future__ import annotations
 

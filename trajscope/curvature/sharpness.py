@@ -1,4 +1,4 @@
-r"""Global sharpness: the largest Hessian eigenvalue by Lanczos on Hessian-vector products (SPEC §8).
+r"""Global sharpness: the largest Hessian eigenvalue by Lanczos on Hessian-vector products (docs/spec.md §8).
 
 .. math::
     \lambda_{\max}\big(\nabla^2_\theta L\big) \quad\text{or, for Adam,}\quad
@@ -129,7 +129,7 @@ def sharpness(
     :math:`P^{1/2} (H + W) P^{1/2}` when ``precond`` (a positive diagonal P keyed by parameter
     name, shaped like the parameters; missing names count as 1) is given; W = 0, or the
     diagonal of per-parameter ``shift`` values (Adam's coupled L2 decay: the curvature its map
-    sees, SPEC §5).
+    sees, docs/spec.md §5).
 
     The Lanczos process on Hessian-vector products (module docstring); ``tol`` is the relative
     residual of the Ritz value (ARPACK's criterion) and ``maxiter`` the limit on products. The

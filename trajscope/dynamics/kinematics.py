@@ -1,4 +1,4 @@
-"""Node kinematics between two checkpoints: norm, decay ratio, direction drift (SPEC §6).
+"""Node kinematics between two checkpoints: norm, decay ratio, direction drift (docs/spec.md §6).
 
 For node vectors θ_t (N, p) and θ_{t+k}:
 

@@ -1,4 +1,4 @@
-r"""Node labels, reason codes, stable labels and presets (SPEC §7).
+r"""Node labels, reason codes, stable labels and presets (docs/spec.md §7).
 
 Labels (codes used everywhere): 0 ``healthy_sink``, 1 ``degenerate_sink``, 2 ``plateau``
 (non-hyperbolic), 3 ``source``.
@@ -38,7 +38,7 @@ checkpoints, the span over which one checkpoint's linear map stands for the dyna
 δ = min(1/K, 0.01). A motion with |μ_u| = 1 ± 1/K changes by a factor e^{±1} over the
 horizon ((1 ± 1/K)^K ≈ e^{±1}): one closer to 1 neither converges nor grows before the
 map is re-evaluated; one further from 1 does so appreciably. The cap keeps analyses of
-densely analysed runs no looser than the seed's band.
+densely analysed runs no looser than the theory note's band (docs/theory.md §7).
 
 Preset ``"acted"`` (the default before the label-validity benchmark, docs/concepts.md) looks at
 every direction the step acts on (the |μ| in :class:`~trajscope.dynamics.updatemap.NodeSpectra`
@@ -56,10 +56,10 @@ every direction the step acts on (the |μ| in :class:`~trajscope.dynamics.update
 δ for the acted preset (``resolve_delta``): with T recorded training steps, δ = 1/T: a direction with
 |μ| ∈ [1−δ, 1+δ] changes by less than a factor e^{±1} over the whole run
 ((1 ± 1/T)^T ≈ e^{±1}), so within this run it neither contracts nor grows: neutral. δ is
-capped at the seed's own band 0.01 so that short runs are never labelled more loosely
+capped at the theory note's own band 0.01 (docs/theory.md §7) so that short runs are never labelled more loosely
 than the seed does.
 
-Preset ``"seed"``: the recipe of the seed document literally, over ALL directions of the
+Preset ``"seed"``: the recipe of the theory note (docs/theory.md §7) literally, over ALL directions of the
 map (null ones included, μ = 1) with its constants:
 
 1. ``source`` if some |μ| > 1 + eps_contract (outside the seed's "≈1" band) (``expanding``);
@@ -71,8 +71,8 @@ map (null ones included, μ = 1) with its constants:
    (``collapsed``), else ``healthy_sink`` (``contracting``).
 σ_min(H_i) is 0 when H_i has an exact zero eigenvalue (``spectra.zero_eig_dims`` > 0, e.g.
 r < p), else taken from ``hess_min`` (the smallest eigenvalue of H_i: equal to σ_min for
-the seed's positive semi-definite Gauss-Newton block; a negative one counts as < eps_curv).
-The seed gives no value for eps_loss; 1e-4 is used.
+the theory note's positive semi-definite Gauss-Newton block (docs/theory.md §4); a negative one counts as < eps_curv).
+The theory note gives no value for eps_loss; 1e-4 is used.
 
 Non-finite input (any NaN among the acted |μ| or the radius, or a non-finite ‖θ_i‖): label
 ``source`` with reason ``nonfinite`` under every preset — NaN/Inf come from a diverged
@@ -130,7 +130,7 @@ class LabelConfig:
     norm, "layer_median": the median node norm of its layer at this step) for the acted
     preset's degenerate sinks; ``stable_window`` checkpoints a label must persist to become
     the stable label; ``share_min``: the excited preset's bound on a plateau's share of the
-    step's loss decrease (× an equal share); ``eps_*``: the seed preset's literal constants.
+    step's loss decrease (× an equal share); ``eps_*``: the seed preset's literal constants (docs/theory.md §7).
     """
 
     preset: str = "excited"

@@ -1,4 +1,4 @@
-r"""The update rules of the supported optimizers as the recorder stored them (SPEC §5): one parameter
+r"""The update rules of the supported optimizers as the recorder stored them (docs/spec.md §5): one parameter
 group's hyperparameters and state as an :class:`UpdateRule`, a node's map when its bias sits in another
 group (:class:`NodeMap`), and the optimizer's frozen diagonal preconditioner D.
 

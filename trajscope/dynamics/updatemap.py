@@ -1,4 +1,4 @@
-"""Per-node update-map spectra of one optimizer step, and stability thresholds (SPEC §5).
+"""Per-node update-map spectra of one optimizer step, and stability thresholds (docs/spec.md §5).
 
 One real optimizer step, linearised at θ_t with the recorded hyperparameters and state
 frozen and restricted to one node θ_i (p parameters), is a linear map on the node's
@@ -124,7 +124,7 @@ class NodeSpectra:
     maps) or 2p (momentum / Adam maps with a buffer).
     Added beyond the brief: ``p`` (parameters per node) and ``zero_eig_dims`` (N,) int32,
     the number of the p eigenvalues passed in that are exactly 0 (the p − r implicit
-    zeros plus explicit ones): the seed preset's σ_min(H) = 0 test uses it.
+    zeros plus explicit ones): the seed preset's σ_min(H) = 0 test uses it (docs/spec.md §7).
     """
 
     mu_abs: Tensor
@@ -237,7 +237,7 @@ def update_map_eigenvalues(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tenso
 
 
 def node_update_spectra(eig: Tensor, p: int, rule: UpdateRule) -> NodeSpectra:
-    """Spectra of each node's update map from its curvature eigenvalues (SPEC §5).
+    """Spectra of each node's update map from its curvature eigenvalues (docs/spec.md §5).
 
     ``eig`` (N, r) eigenvalues (descending; the other p − r are exactly 0): of H_i for the
     SGD family and the fallback, of D^{1/2}(s·H_i + coupled_shift·I)D^{1/2} for Adam/AdamW.

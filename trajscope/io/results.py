@@ -1,4 +1,4 @@
-"""The ``analysis.zarr`` results format (SPEC §9): defined and read here, written by
+"""The ``analysis.zarr`` results format (docs/spec.md §9): defined and read here, written by
 :class:`trajscope.io.resultswriter.ResultsWriter` (which takes the format from here).
 
 Layout of ``RUN/analysis.zarr`` (Zarr v3, readable with plain ``zarr`` and ``xarray``)::
@@ -50,7 +50,7 @@ __all__ = [
     "Results", "open_results", "results_exist", "discard_partial_stores", "group_name",
 ]
 
-LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")  # codes 0..3 (SPEC §7)
+LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")  # codes 0..3 (docs/spec.md §7)
 NODE_FLOAT = ("hess_max", "hess_min", "spectral_radius", "grad_norm", "param_norm", "rho", "drift", "motion_radius",
               "loss_share")
 NODE_INT = ("null_dims", "neutral_dims")

@@ -79,7 +79,7 @@ class ResultsWriter:
         # process) never sees a half-made store, and a kill during creation leaves none.
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.partial")
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        # The label vocabulary is part of the contract (SPEC §9): default to SPEC §7's.
+        # The label vocabulary is part of the contract (docs/spec.md §9): default to docs/spec.md §7's.
         root.attrs.update({"labels": list(LABELS), **dict(attrs),
                            "trajscope_format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
                            "layers": want, "committed": 0})
@@ -223,7 +223,7 @@ class ResultsWriter:
                 arr[rows, :] = block
 
     def _commit(self, n: int) -> None:
-        # The marker: written after every chunk of the row (SPEC: interrupted -> invisible).
+        # The marker: written after every chunk of the row (docs/spec.md §9: interrupted -> invisible).
         self._root.attrs["committed"] = n
 
     def update_attrs(self, **attrs: Any) -> None:

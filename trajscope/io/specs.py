@@ -153,15 +153,6 @@ def mode_sensitive(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (_BatchNorm, _DropoutNd))]
 
 
-def describe_node_layers(model: nn.Module) -> list[dict[str, Any]]:
-    """The node-carrying modules of the live model, as JSON (an exported program has no module types)."""
-    from dataclasses import asdict
-
-    from trajscope.nodes import find_node_layers
-
-    return [asdict(layer) for layer in find_node_layers(model)]
-
-
 def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     factory = resolve(spec)
     if not callable(factory):
@@ -170,16 +161,6 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module
     if not isinstance(model, nn.Module):
         raise TrajscopeError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def model_spec_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-    """An import spec and arguments that rebuild ``model`` without the training script, where trajscope
-    knows one: a ``transformers`` model, from its config. None otherwise."""
-    if not type(model).__module__.startswith("transformers."):
-        return None
-    from trajscope.integrations import huggingface
-
-    return huggingface.model_spec(model)
 
 
 def load_exported(path: str) -> nn.Module:

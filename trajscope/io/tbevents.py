@@ -1,4 +1,4 @@
-"""TensorBoard event files of SPEC §9, written into the run folder beside ``analysis.zarr``.
+"""TensorBoard event files of docs/spec.md §9, written into the run folder beside ``analysis.zarr``.
 
 Tags (``<module>`` is the module's qualified name, kept as is):
 

@@ -11,6 +11,7 @@ from torch import nn
 from trajscope.io import specs
 from trajscope.io.layout import STORE_NAME, shard_store_name
 from trajscope.modelloss import ModelLoss, for_model
+from trajscope.record.describe import model_spec_of
 from trajscope.record.distributed import _process_group
 
 
@@ -53,7 +54,7 @@ def configure(model: nn.Module, loss_fn: Any, *, every: int, window: int | None,
     model, wrappers = specs.unwrap_model(model)
     loss_fn = _model_loss(model, loss_fn, loss)
     if model_spec is None and isinstance(loss_fn, ModelLoss):
-        model_spec, model_kwargs = specs.model_spec_of(model) or (None, model_kwargs)
+        model_spec, model_kwargs = model_spec_of(model) or (None, model_kwargs)
     rank, world_size = _process_group(distributed)
     if rank:       # ranks > 0 write their batch shard and loss only, to their own store
         export = False

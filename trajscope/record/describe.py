@@ -4,15 +4,18 @@ check that a resumed run is the same model and optimizer."""
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 import trajscope
 from trajscope import trust
 from trajscope.errors import TrajscopeError
 from trajscope.io import specs
 from trajscope.io.packing import make_layout, numeric_hparams
+from trajscope.nodes import find_node_layers
 from trajscope.record.distributed import _distributed_meta
 
 log = logging.getLogger("trajscope")
@@ -73,7 +76,7 @@ class RunDescription:
             "model": {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                       "spec": model_spec, "kwargs": dict(model_kwargs or {}), "exported": None,
                       "export_error": None if self.export else "export not requested",
-                      "node_layers": specs.describe_node_layers(self.model), "wrapped_by": self._wrappers,
+                      "node_layers": describe_node_layers(self.model), "wrapped_by": self._wrappers,
                       "mode_sensitive": specs.mode_sensitive(self.model)},
             "loss": specs.describe_loss(self.loss_fn) if self.loss_fn is not None else None,
         }
@@ -102,3 +105,18 @@ def _signature(model: Mapping[str, Any], loss: Any, exported_sha256: str | None)
     except Exception as e:
         log.info("trajscope: the run is not signed (%s); analysing it will need --trust or --model", e)
         return None
+
+
+def describe_node_layers(model: nn.Module) -> list[dict[str, Any]]:
+    """The node-carrying modules of the live model, as JSON (an exported program has no module types)."""
+    return [asdict(layer) for layer in find_node_layers(model)]
+
+
+def model_spec_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """An import spec and arguments that rebuild ``model`` without the training script, where trajscope
+    knows one: a ``transformers`` model, from its config. None otherwise."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    from trajscope.integrations import huggingface
+
+    return huggingface.model_spec(model)

@@ -1,4 +1,4 @@
-"""``trajscope.Recorder``: record a training trajectory from any PyTorch loop (SPEC §2).
+"""``trajscope.Recorder``: record a training trajectory from any PyTorch loop (docs/spec.md §2).
 
 The contract loop::
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trajscope.io import specs as capture
+from trajscope.io import specs
 from trajscope.errors import TrajscopeError
 from trajscope.io.reader import TrajectoryReader
 from trajscope.io.records import ForwardState
@@ -144,16 +144,16 @@ class Run:
         meta = self.attrs["model"]
         policy = TrustPolicy(self.path, self.attrs, trust)
         if spec is not None:
-            model = capture.build_model(spec, capture.parse_kwargs(kwargs))
+            model = specs.build_model(spec, specs.parse_kwargs(kwargs))
         elif meta.get("spec"):
             policy.require("model", meta["spec"], "--model package.module:factory")
-            model = capture.build_model(meta["spec"], meta.get("kwargs"))
+            model = specs.build_model(meta["spec"], meta.get("kwargs"))
         elif meta.get("exported"):
             path = self.reader.path / meta["exported"]
             if not path.exists():
                 raise TrajscopeError(f"{path} is missing: pass --model package.module:factory")
             policy.require_program(path)
-            model = capture.load_exported(str(path))
+            model = specs.load_exported(str(path))
         else:
             why = meta.get("export_error") or "no model_spec was given to the Recorder"
             raise TrajscopeError(f"{self.path} does not say how to rebuild its model ({why}): pass --model package.module:factory")
@@ -184,7 +184,7 @@ class Run:
                 raise TrajscopeError(f"{self.path}: the run's loss description is malformed ({desc!r}): "
                                      f"pass --loss package.module:LossClass")
             TrustPolicy(self.path, self.attrs, trust).require("loss", named, "--loss package.module:LossClass")
-        return capture.build_loss(desc, spec, kwargs)
+        return specs.build_loss(desc, spec, kwargs)
 
     def replay_loss(self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None,
                     train_mode: str = "replay") -> torch.Tensor:

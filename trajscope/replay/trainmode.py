@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from trajscope.io import specs as capture
+from trajscope.io import specs
 from trajscope.io.records import ForwardState
 from trajscope.replay.functional import functional_forward
 
@@ -44,7 +44,7 @@ TRAIN_MODES = ("replay", "off")
 def mode_sensitive(model: nn.Module, recorded: Sequence[str] | None = None) -> list[str]:
     """Names of the modules whose function depends on their train/eval flag (BatchNorm, dropout); for
     a model without module types (an exported program), the names the Recorder wrote (``recorded``)."""
-    return capture.mode_sensitive(model) or list(recorded or [])
+    return specs.mode_sensitive(model) or list(recorded or [])
 
 
 def _slice(x: Any, start: int, n: int) -> Any:

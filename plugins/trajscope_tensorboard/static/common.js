@@ -1,6 +1,6 @@
 // Shared look: label colours, metric names, number formatting, tiny DOM helper.
 
-/** SPEC §7 label codes 0..3 -> colour; anything else ("not computed" = 255) is grey. */
+/** docs/spec.md §7 label codes 0..3 -> colour; anything else ("not computed" = 255) is grey. */
 export const LABEL_COLORS = ["#1a9e77", "#7b6fc4", "#e6a700", "#e0412f"];
 export const UNKNOWN_COLOR = "#d5d9de";
 export const SERIES_COLORS = ["#1f6fd1", "#e0412f", "#1a9e77", "#e6a700", "#7b6fc4", "#d9488f", "#4d4d4d", "#17a2b8"];
