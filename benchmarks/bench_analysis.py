@@ -15,6 +15,7 @@ Setup: MLP 784-512-512-10 (ReLU), batch 128 of synthetic data, CrossEntropyLoss,
 
 Run: ``.venv/bin/python benchmarks/bench_analysis.py [--reps N] [--naive-per-layer K]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,17 +30,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from trajscope.linalg import eigen
 from trajscope.curvature.node import node_curvature
-from trajscope.nodes import find_node_layers, node_matrix
 from trajscope.curvature.sharpness import hvp_operator, sharpness
+from trajscope.linalg import eigen
+from trajscope.nodes import find_node_layers, node_matrix
 from trajscope.replay.problem import Problem
 
 
 def build(seed: int = 0):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                          nn.Linear(512, 10))
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(128, 784, generator=g)
     y = torch.randint(0, 10, (128,), generator=g)
@@ -54,12 +54,13 @@ def timed(fn):
 
 def naive_node_spectrum(model, params, x, y, loss_fn, layer, i):
     """torch.func.hessian of L restricted to θ_i, then its eigenvalues (the per-node baseline)."""
+
     def f(th):
         p = dict(params)
         W = p[layer.weight]
         n = W.shape[1]
-        p[layer.weight] = torch.cat([W[:i], th[None, :n], W[i + 1:]])
-        p[layer.bias] = torch.cat([p[layer.bias][:i], th[n:], p[layer.bias][i + 1:]])
+        p[layer.weight] = torch.cat([W[:i], th[None, :n], W[i + 1 :]])
+        p[layer.bias] = torch.cat([p[layer.bias][:i], th[n:], p[layer.bias][i + 1 :]])
         return loss_fn(functional_call(model, p, (x,)), y)
 
     H = hessian(f)(node_matrix(params, layer)[i])
@@ -125,8 +126,10 @@ def main() -> None:
         t_ours.append(timed(run_ours)[0])
         t_bp.append(timed(run_backpack)[0])
         t_lapack.append(timed(run_lapack)[0])
-    kern_err = max(float(((res.eigvals[l.name] - res_lapack.eigvals[l.name]).abs().max()
-                          / res_lapack.eigvals[l.name].abs().max())) for l in layers)
+    kern_err = max(
+        float((res.eigvals[l.name] - res_lapack.eigvals[l.name]).abs().max() / res_lapack.eigvals[l.name].abs().max())
+        for l in layers
+    )
     # consistency: trace of our GGN blocks == sum of BackPACK's diagonal, per layer
     tr_err = 0.0
     for l, (wd, bd) in zip(layers, zip(bp[0::2], bp[1::2])):
@@ -155,10 +158,12 @@ def main() -> None:
 
     def arpack(tol):
         from scipy.sparse.linalg import LinearOperator, eigsh
+
         n0 = mv.count
         A = LinearOperator((dim, dim), matvec=mv, dtype=np.float64)
-        val = eigsh(A, k=1, which="LA", tol=tol, v0=np.random.default_rng(0).standard_normal(dim),
-                    return_eigenvectors=False)[0]
+        val = eigsh(
+            A, k=1, which="LA", tol=tol, v0=np.random.default_rng(0).standard_normal(dim), return_eigenvectors=False
+        )[0]
         return float(val), mv.count - n0
 
     ref_value, ref_hvp = arpack(1e-10)
@@ -185,40 +190,71 @@ def main() -> None:
 
     naive_ms = f"{naive_total:8.0f} s" + " " * 7
     rows = [
-        ("node_curvature, all nodes (GGN, full spectra)", ms(t_ours),
-         f"{n_nodes} nodes, {min(t_ours) / n_nodes * 1e6:.0f} us/node"),
-        ("BackPACK DiagGGNExact (diagonal only)", ms(t_bp),
-         f"ours/BackPACK {min(t_ours) / min(t_bp):.1f}x (min), "
-         f"{statistics.median(t_ours) / statistics.median(t_bp):.1f}x (median); target <= 5x"),
-        ("  the same with LAPACK eigensolves (no kernel)", ms(t_lapack),
-         f"{statistics.median(t_lapack) / statistics.median(t_ours):.1f}x ours; spectra agree to "
-         f"{kern_err:.1e} (rel. to each layer's max)"),
-        ("naive torch.func.hessian loop (extrapolated)", naive_ms,
-         f"{args.naive_per_layer} nodes/layer timed; ours is {naive_total / min(t_ours):,.0f}x faster"),
-        ("node_curvature, all nodes (exact, full spectra)", ms([t_exact]),
-         f"one run; {n_nodes} HVPs w.r.t. z, batched"),
-        ("sharpness, Lanczos tol 1e-4", ms(t_sh),
-         f"{sh.n_hvp} HVPs, rel.err {abs(sh.value - ref_value) / ref_value:.1e}"),
-        ("power method, 100 iterations", ms(t_pm),
-         f"100 HVPs, rel.err {abs(lam_pm - ref_value) / ref_value:.1e}"),
-        ("scipy ARPACK eigsh, tol 1e-4 (ncv 20)", ms(t_ar),
-         f"{n_ar} HVPs, rel.err {abs(lam_ar - ref_value) / ref_value:.1e}"),
-        ("one HVP (double backward) / one gradient", f"{min(t_hvp) * 1e3:8.1f} {min(t_grad) * 1e3:8.1f}",
-         "min of 15 each"),
+        (
+            "node_curvature, all nodes (GGN, full spectra)",
+            ms(t_ours),
+            f"{n_nodes} nodes, {min(t_ours) / n_nodes * 1e6:.0f} us/node",
+        ),
+        (
+            "BackPACK DiagGGNExact (diagonal only)",
+            ms(t_bp),
+            f"ours/BackPACK {min(t_ours) / min(t_bp):.1f}x (min), "
+            f"{statistics.median(t_ours) / statistics.median(t_bp):.1f}x (median); target <= 5x",
+        ),
+        (
+            "  the same with LAPACK eigensolves (no kernel)",
+            ms(t_lapack),
+            f"{statistics.median(t_lapack) / statistics.median(t_ours):.1f}x ours; spectra agree to "
+            f"{kern_err:.1e} (rel. to each layer's max)",
+        ),
+        (
+            "naive torch.func.hessian loop (extrapolated)",
+            naive_ms,
+            f"{args.naive_per_layer} nodes/layer timed; ours is {naive_total / min(t_ours):,.0f}x faster",
+        ),
+        (
+            "node_curvature, all nodes (exact, full spectra)",
+            ms([t_exact]),
+            f"one run; {n_nodes} HVPs w.r.t. z, batched",
+        ),
+        (
+            "sharpness, Lanczos tol 1e-4",
+            ms(t_sh),
+            f"{sh.n_hvp} HVPs, rel.err {abs(sh.value - ref_value) / ref_value:.1e}",
+        ),
+        ("power method, 100 iterations", ms(t_pm), f"100 HVPs, rel.err {abs(lam_pm - ref_value) / ref_value:.1e}"),
+        (
+            "scipy ARPACK eigsh, tol 1e-4 (ncv 20)",
+            ms(t_ar),
+            f"{n_ar} HVPs, rel.err {abs(lam_ar - ref_value) / ref_value:.1e}",
+        ),
+        (
+            "one HVP (double backward) / one gradient",
+            f"{min(t_hvp) * 1e3:8.1f} {min(t_grad) * 1e3:8.1f}",
+            "min of 15 each",
+        ),
     ]
-    print(f"trajscope analysis benchmark: MLP 784-512-512-10 ReLU, batch 128, CE, float32; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, load avg {load:.2f} at start")
+    print(
+        f"trajscope analysis benchmark: MLP 784-512-512-10 ReLU, batch 128, CE, float32; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs, load avg {load:.2f} at start"
+    )
     print(f"{'':<48} {'min ms':>8} {'median':>8}")
     print("-" * 110)
     for a_, b_, c_ in rows:
         print(f"{a_:<48} {b_}  {c_}")
     print("-" * 110)
-    print(f"eigensolver: {'C kernel (trajscope.linalg._smalleig)' if eigen.kernel_available() else 'LAPACK (kernel not built)'}")
-    print(f"ours, LAPACK variant and BackPACK: {args.reps} runs each, interleaved; sharpness/power "
-          f"method: 3 runs each, interleaved; reference lambda_max {ref_value:.6g} (ARPACK, {ref_hvp} HVPs at tol 1e-10)")
-    print(f"checks: our spectra vs naive hessian max rel.err {spec_err:.1e}; per-layer trace of our "
-          f"GGN blocks vs sum of BackPACK's diagonal max rel.err {tr_err:.1e}")
+    print(
+        f"eigensolver: {'C kernel (trajscope.linalg._smalleig)' if eigen.kernel_available() else 'LAPACK (kernel not built)'}"
+    )
+    print(
+        f"ours, LAPACK variant and BackPACK: {args.reps} runs each, interleaved; sharpness/power "
+        f"method: 3 runs each, interleaved; reference lambda_max {ref_value:.6g} (ARPACK, {ref_hvp} HVPs at tol 1e-10)"
+    )
+    print(
+        f"checks: our spectra vs naive hessian max rel.err {spec_err:.1e}; per-layer trace of our "
+        f"GGN blocks vs sum of BackPACK's diagonal max rel.err {tr_err:.1e}"
+    )
 
 
 if __name__ == "__main__":

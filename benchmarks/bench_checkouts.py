@@ -15,6 +15,7 @@ versions compare:
 
 Each checkout needs its C kernel built in place (``trajscope/**/_smalleig*.so``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,13 @@ def measure(checkout: Path, work: Path) -> dict[str, float]:
     out["analyze"] = _wall([py, "-m", "trajscope", "analyze", str(runs), "--no-progress"], checkout)
     for kind in ("none", "recorder"):
         shutil.rmtree(work / "rec", ignore_errors=True)
-        res = subprocess.run([py, "-c", RECORD_LOOP, str(work / "rec"), kind], env=_env(checkout), check=True,
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [py, "-c", RECORD_LOOP, str(work / "rec"), kind],
+            env=_env(checkout),
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         out[f"record:{kind}"] = float(res.stdout.split()[-1])
     return out
 

@@ -6,6 +6,7 @@ MLPs of growing width on synthetic data, SGD with momentum, batch 128, every ste
 12 steps; then `trajscope.analyze` (GGN, float32) with and without the Lanczos sharpness. Prints
 one table (the README's "What it costs").
 """
+
 from __future__ import annotations
 
 import shutil
@@ -29,8 +30,16 @@ def record(run: Path, sizes: list[int]) -> tuple[int, float]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     x, y = torch.randn(STEPS, BATCH, sizes[0]), torch.randint(0, sizes[-1], (STEPS, BATCH))
-    with trajscope.Recorder(run, model, opt, loss_fn, export=False, overwrite=True,
-                            model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": sizes}) as rec:
+    with trajscope.Recorder(
+        run,
+        model,
+        opt,
+        loss_fn,
+        export=False,
+        overwrite=True,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": sizes},
+    ) as rec:
         for t in range(STEPS):
             loss = loss_fn(model(x[t]), y[t])
             opt.zero_grad()
@@ -63,7 +72,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH}, SGD+momentum, float32, GGN")
     print(f"{'model (MLP)':28} {'params':>10} {'nodes':>6} {'disk/step':>10} {'analysis/ckpt':>14} {'+sharpness':>11}")
     for sizes, n, nodes, per_step, t_fast, t_full in rows:
-        print(f"{'-'.join(map(str, sizes)):28} {n:>10,} {nodes:>6} {per_step / 2**20:>8.2f} MiB {t_fast:>12.2f} s {t_full:>9.2f} s")
+        print(
+            f"{'-'.join(map(str, sizes)):28} {n:>10,} {nodes:>6} {per_step / 2**20:>8.2f} MiB {t_fast:>12.2f} s {t_full:>9.2f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ shown separately.
 
     python benchmarks/bench_recorder.py [--steps 500] [--repeats 3] [--dir /tmp/bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,19 @@ WINDOW = 2
 
 def make_data(n_batches: int = 20) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(BATCH, SIZES[0], generator=g), torch.randint(0, SIZES[-1], (BATCH,), generator=g))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(BATCH, SIZES[0], generator=g), torch.randint(0, SIZES[-1], (BATCH,), generator=g))
+        for _ in range(n_batches)
+    ]
 
 
 def records(t: int, every: int) -> bool:
     return t % every < (1 if every == 1 else WINDOW)
 
 
-def run_once(kind: str, every: int, steps: int, data, out: Path, export: bool | None = None,
-             background: bool | None = None) -> dict:
+def run_once(
+    kind: str, every: int, steps: int, data, out: Path, export: bool | None = None, background: bool | None = None
+) -> dict:
     """One training run; returns wall seconds, recorded steps and bytes on disk."""
     torch.manual_seed(0)
     model = mlp(SIZES)
@@ -83,9 +87,18 @@ def run_once(kind: str, every: int, steps: int, data, out: Path, export: bool | 
                 n_rec += 1
             opt.step()
     else:
-        with trajscope.Recorder(out, model, opt, loss_fn, every=every, window=None if every == 1 else WINDOW,
-                                model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": SIZES}, export=export,
-                                background=background) as rec:
+        with trajscope.Recorder(
+            out,
+            model,
+            opt,
+            loss_fn,
+            every=every,
+            window=None if every == 1 else WINDOW,
+            model_spec="trajscope.zoo:mlp",
+            model_kwargs={"sizes": SIZES},
+            export=export,
+            background=background,
+        ) as rec:
             for t in range(steps):
                 x, y = data[t % len(data)]
                 loss = loss_fn(model(x), y)
@@ -108,7 +121,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where runs are written (default: a temporary folder on disk)")
-    ap.add_argument("--cadences", type=int, nargs="+", default=list(CADENCES), help="cadences to run (default 1 10 100)")
+    ap.add_argument(
+        "--cadences", type=int, nargs="+", default=list(CADENCES), help="cadences to run (default 1 10 100)"
+    )
     args = ap.parse_args(argv)
 
     base = Path(args.dir or tempfile.mkdtemp(prefix="trajscope-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")))
@@ -127,30 +142,53 @@ def main(argv=None) -> None:
     run_once("none", 1, 20, data, base / "warmup")
 
     cadences = args.cadences
-    configs = [("none", 1)] + [("recorder", e) for e in cadences] + [("recorder+export", 100)] * (100 in cadences) + \
-              [("recorder+thread", e) for e in cadences] + [("naive", e) for e in cadences]
+    configs = (
+        [("none", 1)]
+        + [("recorder", e) for e in cadences]
+        + [("recorder+export", 100)] * (100 in cadences)
+        + [("recorder+thread", e) for e in cadences]
+        + [("naive", e) for e in cadences]
+    )
     results: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
     load_before = os.getloadavg()
     for r in range(args.repeats):
         for kind, every in configs:
-            results[(kind, every)].append(run_once(kind.split("+")[0], every, args.steps, data, base / "run",
-                                                   export=True if kind.endswith("+export") else None,
-                                                   background=True if kind.endswith("+thread") else None))
+            results[(kind, every)].append(
+                run_once(
+                    kind.split("+")[0],
+                    every,
+                    args.steps,
+                    data,
+                    base / "run",
+                    export=True if kind.endswith("+export") else None,
+                    background=True if kind.endswith("+thread") else None,
+                )
+            )
     shutil.rmtree(base, ignore_errors=True)
 
     base_wall = statistics.median(x["wall"] for x in results[("none", 1)])
     load = os.getloadavg()
-    print(f"\ntrajscope Recorder benchmark: MLP {'-'.join(map(str, SIZES))}, batch {BATCH}, SGD, {args.steps} steps, "
-          f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores), medians of {args.repeats} runs")
-    print(f"raw parameter bytes: {raw / 2**20:.2f} MiB; raw batch bytes (inputs + targets): {batch_raw / 2**10:.0f} KiB; "
-          f"load average (1/5/15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
-          f"after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"one-off costs in a fresh process, excluded by warm-up runs: first Recorder {warm:.2f} s, "
-          f"first torch.export {warm_export:.2f} s")
-    placement = "background thread" if trajscope.record.recorder._free_core_for_writer(mlp(SIZES)) else "training thread"
+    print(
+        f"\ntrajscope Recorder benchmark: MLP {'-'.join(map(str, SIZES))}, batch {BATCH}, SGD, {args.steps} steps, "
+        f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores), medians of {args.repeats} runs"
+    )
+    print(
+        f"raw parameter bytes: {raw / 2**20:.2f} MiB; raw batch bytes (inputs + targets): {batch_raw / 2**10:.0f} KiB; "
+        f"load average (1/5/15 min) before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+        f"after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        f"one-off costs in a fresh process, excluded by warm-up runs: first Recorder {warm:.2f} s, "
+        f"first torch.export {warm_export:.2f} s"
+    )
+    placement = (
+        "background thread" if trajscope.record.recorder._free_core_for_writer(mlp(SIZES)) else "training thread"
+    )
     print(f"the Recorder's default writer here: {placement}; 'thread' rows force the background thread\n")
-    head = f"{'configuration':<30}{'recorded':>9}{'wall s':>9}{'min..max s':>14}{'vs none':>9}{'vs naive':>10}" \
-           f"{'paired':>8}{'MiB/rec step':>14}{'params/raw':>12}{'batch KiB':>11}"
+    head = (
+        f"{'configuration':<30}{'recorded':>9}{'wall s':>9}{'min..max s':>14}{'vs none':>9}{'vs naive':>10}"
+        f"{'paired':>8}{'MiB/rec step':>14}{'params/raw':>12}{'batch KiB':>11}"
+    )
     print(head)
     print("-" * len(head))
     for kind, every in configs:
@@ -158,9 +196,13 @@ def main(argv=None) -> None:
         wall = statistics.median(x["wall"] for x in rs)
         lo, hi = min(x["wall"] for x in rs), max(x["wall"] for x in rs)
         n = rs[0]["n"]
-        name = {"none": "no recording", "recorder": f"Recorder every={every}", "naive": f"naive torch.save every={every}",
-                "recorder+export": f"Recorder every={every} +export",
-                "recorder+thread": f"Recorder every={every} thread"}[kind]
+        name = {
+            "none": "no recording",
+            "recorder": f"Recorder every={every}",
+            "naive": f"naive torch.save every={every}",
+            "recorder+export": f"Recorder every={every} +export",
+            "recorder+thread": f"Recorder every={every} thread",
+        }[kind]
         vs_naive = paired = ""
         if kind.startswith("recorder"):
             naive = statistics.median(x["wall"] for x in results[("naive", every)])
@@ -170,13 +212,17 @@ def main(argv=None) -> None:
         per = f"{rs[0]['bytes'] / n / 2**20:.2f}" if n else "-"
         pr = f"{(rs[0]['param_bytes'] if kind != 'naive' else rs[0]['bytes']) / n / raw:.3f}" if n else "-"
         bb = f"{rs[0]['batch_bytes'] / n / 2**10:.0f}" if n and kind != "naive" else "-"
-        print(f"{name:<30}{n:>9}{wall:>9.2f}{f'{lo:.2f}..{hi:.2f}':>14}{wall / base_wall:>9.3f}{vs_naive:>10}{paired:>8}"
-              f"{per:>14}{pr:>12}{bb:>11}")
-    print("\nvs none: wall time / no-recording wall time (target: Recorder every=100 <= 1.05);"
-          " vs naive: Recorder / naive torch.save at the same cadence (target <= 1);"
-          " paired: median over rounds of that ratio within a round.\n"
-          "MiB/rec step: everything on disk / recorded steps (the Recorder's includes the batch and metadata);"
-          " params/raw: parameter bytes on disk per recorded step / raw parameter bytes.")
+        print(
+            f"{name:<30}{n:>9}{wall:>9.2f}{f'{lo:.2f}..{hi:.2f}':>14}{wall / base_wall:>9.3f}{vs_naive:>10}{paired:>8}"
+            f"{per:>14}{pr:>12}{bb:>11}"
+        )
+    print(
+        "\nvs none: wall time / no-recording wall time (target: Recorder every=100 <= 1.05);"
+        " vs naive: Recorder / naive torch.save at the same cadence (target <= 1);"
+        " paired: median over rounds of that ratio within a round.\n"
+        "MiB/rec step: everything on disk / recorded steps (the Recorder's includes the batch and metadata);"
+        " params/raw: parameter bytes on disk per recorded step / raw parameter bytes."
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 3. cost: seconds per checkpoint of ``trajscope.analyze`` on each device for bench_cost's MLPs,
    a wider one, and the sample CNN (6 checkpoints each).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ def record_two_group_sgd(run: Path) -> None:
     model = zoo.mlp(sizes)
     w = [p for n, p in model.named_parameters() if n.endswith("weight")]
     b = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    opt = torch.optim.SGD([{"params": w, "weight_decay": 1e-3}, {"params": b, "weight_decay": 0.0, "lr": 0.2}],
-                          lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(
+        [{"params": w, "weight_decay": 1e-3}, {"params": b, "weight_decay": 0.0, "lr": 0.2}], lr=0.05, momentum=0.9
+    )
     data = [(torch.randn(32, 20), torch.randint(0, 4, (32,))) for _ in range(10)]
     _train(run, model, opt, nn.CrossEntropyLoss(), data, model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": sizes})
 
@@ -69,8 +71,15 @@ def record_adamw(run: Path) -> None:
     model = zoo.mlp(sizes, activation="tanh")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     data = [(torch.randn(96, 30), torch.randint(0, 10, (96,))) for _ in range(10)]
-    _train(run, model, opt, nn.CrossEntropyLoss(), data, model_spec="trajscope.zoo:mlp",
-           model_kwargs={"sizes": sizes, "activation": "tanh"})
+    _train(
+        run,
+        model,
+        opt,
+        nn.CrossEntropyLoss(),
+        data,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": sizes, "activation": "tanh"},
+    )
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -117,16 +126,21 @@ def agreement(tmp: Path, device: str) -> bool:
     cases = [(n, "float64", "ggn") for n in runs] + [(n, "float32", "ggn") for n in runs]
     cases += [("two_group_sgd", "float64", "exact"), ("cnn_adam", "float64", "exact")]
     ok_all = True
-    print(f"\n== 1. agreement: {device} against cpu (largest deviation relative to the metric's scale; "
-          "labels: share of nodes x steps that differ)")
-    print(f"{'run':16} {'dtype':8} {'curv.':6} {'worst float metric':34} {'rel.dev':>9} {'labels differ':>14} {'cpu s':>6} {'dev s':>6}  verdict")
+    print(
+        f"\n== 1. agreement: {device} against cpu (largest deviation relative to the metric's scale; "
+        "labels: share of nodes x steps that differ)"
+    )
+    print(
+        f"{'run':16} {'dtype':8} {'curv.':6} {'worst float metric':34} {'rel.dev':>9} {'labels differ':>14} {'cpu s':>6} {'dev s':>6}  verdict"
+    )
     for name, dtype, curv in cases:
         res, secs = {}, {}
         for side, dev in (("ref", "cpu"), ("dev", device)):
             run = _copy(runs[name], tmp / f"{name}-{dtype}-{curv}-{side}")
             t0 = time.perf_counter()
-            res[side] = trajscope.analyze(run, device=dev, dtype=dtype, curvature=curv, steps=(0, 24),
-                                          progress=False)[run]
+            res[side] = trajscope.analyze(run, device=dev, dtype=dtype, curvature=curv, steps=(0, 24), progress=False)[
+                run
+            ]
             secs[side] = time.perf_counter() - t0
         rows = compare(res["ref"], res["dev"])
         floats = [r for r in rows if r[2] == "rel"]
@@ -137,8 +151,10 @@ def agreement(tmp: Path, device: str) -> bool:
         tol, lab_tol = (1e-6, 0.0) if dtype == "float64" else (2e-3, 0.01)
         ok = worst[1] <= tol and labels <= lab_tol
         ok_all &= ok
-        print(f"{name:16} {dtype:8} {curv:6} {worst[0]:34} {worst[1]:9.1e} {labels:14.2%} {secs['ref']:6.2f} "
-              f"{secs['dev']:6.2f}  {'ok' if ok else 'DIFFERS'}")
+        print(
+            f"{name:16} {dtype:8} {curv:6} {worst[0]:34} {worst[1]:9.1e} {labels:14.2%} {secs['ref']:6.2f} "
+            f"{secs['dev']:6.2f}  {'ok' if ok else 'DIFFERS'}"
+        )
         if not ok:
             for what, dev_, kind in sorted(rows, key=lambda r: -r[1])[:6]:
                 print(f"      {what:40} {dev_:.3e} ({kind})")
@@ -147,8 +163,10 @@ def agreement(tmp: Path, device: str) -> bool:
 
 # --------------------------------------------------------------------------- eigensolvers
 def eigensolvers(device: str) -> None:
-    print(f"\n== 2. batched eigvalsh of float32 node blocks: {device} (torch/cuSOLVER) vs host "
-          f"({'C kernel' if eigen.kernel_available() else 'LAPACK'}, {torch.get_num_threads()} threads), ms per batch")
+    print(
+        f"\n== 2. batched eigvalsh of float32 node blocks: {device} (torch/cuSOLVER) vs host "
+        f"({'C kernel' if eigen.kernel_available() else 'LAPACK'}, {torch.get_num_threads()} threads), ms per batch"
+    )
     print(f"{'batch x n':14} {'device':>10} {'host+copy':>10} {'max |diff|/|K|':>15}")
     g = torch.Generator().manual_seed(0)
     for b, n in ((1024, 64), (1024, 128), (256, 289), (64, 512)):
@@ -180,7 +198,7 @@ def _analyse_time(run: Path, **kw) -> float:
 
 
 def cost(tmp: Path, device: str) -> None:
-    print(f"\n== 3. seconds per checkpoint, float32 GGN (SGD+momentum, batch 128; cnn_adam: the sample run)")
+    print("\n== 3. seconds per checkpoint, float32 GGN (SGD+momentum, batch 128; cnn_adam: the sample run)")
     print(f"{'model':28} {'cpu':>7} {'+sharp':>7} {device:>7} {'+sharp':>7}")
     runs = []
     for sizes in ([784, 512, 512, 10], [784, 1024, 1024, 1024, 10], [3072, 2048, 2048, 2048, 10]):
@@ -202,8 +220,10 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: torch sees no CUDA device")
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
-    print(f"torch {torch.__version__} on {name}; host: {torch.get_num_threads()} threads, "
-          f"eigen kernel {'on' if eigen.kernel_available() else 'off'}")
+    print(
+        f"torch {torch.__version__} on {name}; host: {torch.get_num_threads()} threads, "
+        f"eigen kernel {'on' if eigen.kernel_available() else 'off'}"
+    )
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -33,6 +33,7 @@ only the analyses are redone.
 Prints the outcome counts and one markdown table per setting (run x label: precision / recall / support,
 support = node-checkpoints whose outcome is that label) and writes the numbers as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +71,13 @@ DEFAULT_SUITE = ROOT / "benchmarks" / "results" / "validity_suite"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "label_validity"
 #: (preset, delta) compared by default; delta None = the preset's own default (acted: min(1/T, 0.01))
 DEFAULT_SETTINGS: tuple[tuple[str, float | None], ...] = (
-    ("acted", None), ("seed", None), ("acted", 1e-3), ("acted", 1e-2), ("acted", 0.05), ("acted", 0.2))
+    ("acted", None),
+    ("seed", None),
+    ("acted", 1e-3),
+    ("acted", 1e-2),
+    ("acted", 0.05),
+    ("acted", 0.2),
+)
 
 
 # --------------------------------------------------------------------------- outcome definitions
@@ -117,12 +125,21 @@ def midpoint(theta_s: np.ndarray, theta_s1: np.ndarray) -> np.ndarray:
 def pace(theta_s: np.ndarray, theta_s1: np.ndarray, lr: float | np.ndarray) -> np.ndarray:
     """‖θ_{s+1} − θ_s‖ / lr per node (N,): the recorded one-step move per unit learning rate, so that a
     change of the lr schedule alone is not a change of pace."""
-    return _norm(np.asarray(theta_s1, dtype=np.float64) - np.asarray(theta_s, dtype=np.float64)) / np.asarray(lr, dtype=np.float64)
+    return _norm(np.asarray(theta_s1, dtype=np.float64) - np.asarray(theta_s, dtype=np.float64)) / np.asarray(
+        lr, dtype=np.float64
+    )
 
 
-def node_quantities(pos_t: np.ndarray, pos_u: np.ndarray, grad_t: np.ndarray, grad_u: np.ndarray,
-                    pace_before: np.ndarray, pace_after: np.ndarray, first_norm: np.ndarray,
-                    finite: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def node_quantities(
+    pos_t: np.ndarray,
+    pos_u: np.ndarray,
+    grad_t: np.ndarray,
+    grad_u: np.ndarray,
+    pace_before: np.ndarray,
+    pace_after: np.ndarray,
+    first_norm: np.ndarray,
+    finite: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Per-node measurements over one horizon t -> u.
 
     ``pos_*`` (N, p): positions θ̄ (:func:`midpoint`) at t and u; ``grad_*`` (N, p): ∇_{θ_i}L there on the
@@ -142,9 +159,18 @@ def node_quantities(pos_t: np.ndarray, pos_u: np.ndarray, grad_t: np.ndarray, gr
             finite = np.isfinite(pos_t).all(-1) & np.isfinite(pos_u).all(-1)
         d = pos_u - pos_t
         share = -0.5 * ((grad_t + grad_u) * d).sum(-1)
-    return {"norm_t": _norm(pos_t), "norm_u": _norm(pos_u), "disp": _norm(d), "grad_t": _norm(grad_t),
-            "grad_u": _norm(grad_u), "share": share, "pace_before": f64(pace_before), "pace_after": f64(pace_after),
-            "first_norm": f64(first_norm), "finite": np.asarray(finite, dtype=bool)}
+    return {
+        "norm_t": _norm(pos_t),
+        "norm_u": _norm(pos_u),
+        "disp": _norm(d),
+        "grad_t": _norm(grad_t),
+        "grad_u": _norm(grad_u),
+        "share": share,
+        "pace_before": f64(pace_before),
+        "pace_after": f64(pace_after),
+        "first_norm": f64(first_norm),
+        "finite": np.asarray(finite, dtype=bool),
+    }
 
 
 def equal_share(shares: Iterable[np.ndarray]) -> float:
@@ -155,8 +181,9 @@ def equal_share(shares: Iterable[np.ndarray]) -> float:
     return tot / n if n else math.nan
 
 
-def judge(q: Mapping[str, np.ndarray], fair: float, cfg: OutcomeConfig = OutcomeConfig(),
-          lr: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def judge(
+    q: Mapping[str, np.ndarray], fair: float, cfg: OutcomeConfig = OutcomeConfig(), lr: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """``(outcome uint8 (N,), reason uint8 (N,))`` of one layer's nodes over one horizon.
 
     ``q`` from :func:`node_quantities`; ``fair`` the equal share (:func:`equal_share`, over all nodes of
@@ -188,7 +215,11 @@ def judge(q: Mapping[str, np.ndarray], fair: float, cfg: OutcomeConfig = Outcome
         moved = q["pace_before"] > cfg.move_floor * q["norm_t"] / lr
         put(moved & (q["pace_after"] >= cfg.step_growth * q["pace_before"]), SOURCE, "step_growth")
         put(q["norm_u"] >= cfg.norm_growth * q["norm_t"], SOURCE, "norm_growth")
-        put((q["norm_u"] <= cfg.collapse_ratio * q["first_norm"]) & (q["norm_u"] <= q["norm_t"]), DEGENERATE, "collapsed")
+        put(
+            (q["norm_u"] <= cfg.collapse_ratio * q["first_norm"]) & (q["norm_u"] <= q["norm_t"]),
+            DEGENERATE,
+            "collapsed",
+        )
         ref_t, ref_u = np.nanmax(q["grad_t"], initial=0.0), np.nanmax(q["grad_u"], initial=0.0)
         put((q["grad_t"] <= cfg.dead_rel * ref_t) & (q["grad_u"] <= cfg.dead_rel * ref_u), PLATEAU, "dead")
         real = (np.abs(q["share"]) >= cfg.share_min * fair) & (fair > 0)
@@ -210,8 +241,11 @@ def node_layers(model: nn.Module) -> list[NodeLayerDesc]:
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            out.append(NodeLayerDesc(name, f"{name}.weight", f"{name}.bias" if mod.bias is not None else None,
-                                     int(mod.weight.shape[0])))
+            out.append(
+                NodeLayerDesc(
+                    name, f"{name}.weight", f"{name}.bias" if mod.bias is not None else None, int(mod.weight.shape[0])
+                )
+            )
     return out
 
 
@@ -263,13 +297,13 @@ def _n_samples(batch: Any) -> int:
 class CheckpointState:
     """What the outcomes need of one analysed checkpoint s (θ_s and θ_{s+1} recorded), per node layer."""
 
-    pos: dict[str, np.ndarray]       # θ̄_s (N, p)
-    grad: dict[str, np.ndarray]      # ∇L(θ̄_s) on the evaluation batch (N, p)
-    pace: dict[str, np.ndarray]      # ‖θ_{s+1} − θ_s‖ / lr (N,)
-    lr: dict[str, float]             # the lr of the layer's weight at step s
-    finite: dict[str, np.ndarray]    # θ_s and θ_{s+1} finite (N,)
-    loss: float                      # L(θ̄_s) on the evaluation batch
-    flat_pos: np.ndarray             # every parameter, for the first-order check
+    pos: dict[str, np.ndarray]  # θ̄_s (N, p)
+    grad: dict[str, np.ndarray]  # ∇L(θ̄_s) on the evaluation batch (N, p)
+    pace: dict[str, np.ndarray]  # ‖θ_{s+1} − θ_s‖ / lr (N,)
+    lr: dict[str, float]  # the lr of the layer's weight at step s
+    finite: dict[str, np.ndarray]  # θ_s and θ_{s+1} finite (N,)
+    loss: float  # L(θ̄_s) on the evaluation batch
+    flat_pos: np.ndarray  # every parameter, for the first-order check
     flat_grad: np.ndarray
 
 
@@ -285,7 +319,7 @@ class Trajectory:
         self.layers = node_layers(self.model)
         steps = [int(s) for s in self.run.steps]
         have = set(steps)
-        self.pairs = [s for s in steps if s + 1 in have]           # the default analysis's checkpoints
+        self.pairs = [s for s in steps if s + 1 in have]  # the default analysis's checkpoints
         self.group_of = {name: g for g, names in enumerate(self.run.param_groups) for name in names}
         self.eval_batch, self.eval_source = self._eval_batch()
 
@@ -314,8 +348,10 @@ class Trajectory:
         """Positions, gradients and paces at the analysed checkpoint ``step`` (θ_step and θ_step+1)."""
         ck = self.run.checkpoint(step)
         nxt = self.run.params(step + 1)
-        mid = {k: 0.5 * (v.detach().to(torch.float64) + nxt[k].detach().to(torch.float64)) if v.is_floating_point()
-               else v for k, v in ck.params.items()}
+        mid = {
+            k: 0.5 * (v.detach().to(torch.float64) + nxt[k].detach().to(torch.float64)) if v.is_floating_point() else v
+            for k, v in ck.params.items()
+        }
         params = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in mid.items()}
         buffers = {k: _to64(v) for k, v in ck.buffers.items()}
         inputs, targets = self.eval_batch
@@ -369,10 +405,10 @@ class Outcomes:
     truth: dict[str, np.ndarray]
     reason: dict[str, np.ndarray]
     quantities: dict[str, dict[str, np.ndarray]]
-    loss_t: np.ndarray               # L(θ̄_t), L(θ̄_u) on the evaluation batch
+    loss_t: np.ndarray  # L(θ̄_t), L(θ̄_u) on the evaluation batch
     loss_u: np.ndarray
-    node_first_order: np.ndarray     # Σ over all nodes of the share
-    first_order: np.ndarray          # the same over every parameter (≈ loss_t − loss_u)
+    node_first_order: np.ndarray  # Σ over all nodes of the share
+    first_order: np.ndarray  # the same over every parameter (≈ loss_t − loss_u)
     eval_source: str
     layers: dict[str, int] = field(default_factory=dict)
 
@@ -394,11 +430,12 @@ def compute_outcomes(path: str | Path, cfg: OutcomeConfig = OutcomeConfig(), tru
         qs, judged = {}, {}
         for n in names:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN slices of a diverged run
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices of a diverged run
                 before = np.nanmedian(np.stack([states[i].pace[n] for i in range(max(0, k - m + 1), k + 1)]), axis=0)
                 after = np.nanmedian(np.stack([states[i].pace[n] for i in range(j, min(len(P), j + m))]), axis=0)
-            qs[n] = node_quantities(a.pos[n], b.pos[n], a.grad[n], b.grad[n], before, after, first_norm[n],
-                                    a.finite[n] & b.finite[n])
+            qs[n] = node_quantities(
+                a.pos[n], b.pos[n], a.grad[n], b.grad[n], before, after, first_norm[n], a.finite[n] & b.finite[n]
+            )
         fair = equal_share(q["share"] for q in qs.values())
         for n in names:
             judged[n] = judge(qs[n], fair, cfg, a.lr[n] if a.lr[n] > 0 else 1.0)
@@ -412,15 +449,25 @@ def compute_outcomes(path: str | Path, cfg: OutcomeConfig = OutcomeConfig(), tru
     reason = {n: np.stack([r[3][n][1] for r in rows]) if K else empty for n in names}
     quantities = {n: {key: np.stack([r[2][n][key] for r in rows]) for key in rows[0][2][n]} if K else {} for n in names}
     col = lambda i: np.array([r[i] for r in rows], dtype=np.float64)  # noqa: E731
-    return Outcomes(steps=np.array([r[0] for r in rows], dtype=np.int64), until=np.array([r[1] for r in rows], dtype=np.int64),
-                    truth=truth, reason=reason, quantities=quantities, loss_t=col(4), loss_u=col(5),
-                    node_first_order=col(6), first_order=col(7), eval_source=tr.eval_source,
-                    layers={l.name: l.n for l in tr.layers})
+    return Outcomes(
+        steps=np.array([r[0] for r in rows], dtype=np.int64),
+        until=np.array([r[1] for r in rows], dtype=np.int64),
+        truth=truth,
+        reason=reason,
+        quantities=quantities,
+        loss_t=col(4),
+        loss_u=col(5),
+        node_first_order=col(6),
+        first_order=col(7),
+        eval_source=tr.eval_source,
+        layers={l.name: l.n for l in tr.layers},
+    )
 
 
 # --------------------------------------------------------------------------- scoring
-def confusion(truth: Mapping[str, np.ndarray], truth_steps: np.ndarray, labels: Mapping[str, np.ndarray],
-              label_steps: np.ndarray) -> np.ndarray:
+def confusion(
+    truth: Mapping[str, np.ndarray], truth_steps: np.ndarray, labels: Mapping[str, np.ndarray], label_steps: np.ndarray
+) -> np.ndarray:
     """4 × 4 counts, rows = outcome, columns = label, over the steps both have and every node whose label
     was computed (label codes 0-3)."""
     cm = np.zeros((4, 4), dtype=np.int64)
@@ -445,8 +492,12 @@ def scores(cm: np.ndarray) -> dict[str, dict[str, float]]:
     out = {}
     for c, name in enumerate(LABELS):
         tp, pred, sup = int(cm[c, c]), int(cm[:, c].sum()), int(cm[c, :].sum())
-        out[name] = {"precision": tp / pred if pred else math.nan, "recall": tp / sup if sup else math.nan,
-                     "support": sup, "predicted": pred}
+        out[name] = {
+            "precision": tp / pred if pred else math.nan,
+            "recall": tp / sup if sup else math.nan,
+            "support": sup,
+            "predicted": pred,
+        }
     return out
 
 
@@ -469,8 +520,16 @@ def setting_name(preset: str, delta: float | None) -> str:
     return f"{preset}, delta={'default' if delta is None else f'{delta:g}'}"
 
 
-def analyse_setting(run: Path, name: str, preset: str, delta: float | None, options: Mapping[str, Any], out: Path,
-                    code: str, sharpness: bool = False) -> Path:
+def analyse_setting(
+    run: Path,
+    name: str,
+    preset: str,
+    delta: float | None,
+    options: Mapping[str, Any],
+    out: Path,
+    code: str,
+    sharpness: bool = False,
+) -> Path:
     """Analyse ``run`` under one label setting into its own folder and return that folder.
 
     The folder, ``OUT/analyses/<code>/<preset>_<delta>/<name>``, holds a link to the run's
@@ -479,8 +538,15 @@ def analyse_setting(run: Path, name: str, preset: str, delta: float | None, opti
     and rebuilt otherwise.
     """
     rec = (run / "trajectory.zarr").resolve()
-    expect = {"preset": preset, "delta": delta, "sharpness": sharpness, "options": dict(options), "run": str(rec),
-              "run_mtime_ns": (rec / "zarr.json").stat().st_mtime_ns, "trajscope_code": code}
+    expect = {
+        "preset": preset,
+        "delta": delta,
+        "sharpness": sharpness,
+        "options": dict(options),
+        "run": str(rec),
+        "run_mtime_ns": (rec / "zarr.json").stat().st_mtime_ns,
+        "trajscope_code": code,
+    }
     work = out / "analyses" / code / f"{preset}_{'default' if delta is None else f'{delta:g}'}" / name
     meta = work / "settings.json"
     if work.exists() and (not meta.exists() or json.loads(meta.read_text()) != json.loads(json.dumps(expect))):
@@ -499,17 +565,29 @@ def analyse_setting(run: Path, name: str, preset: str, delta: float | None, opti
     return work
 
 
-def read_labels(work: Path, stable: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+def read_labels(
+    work: Path, stable: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     """``(steps, label per layer, reason code per layer, reason names)`` of an analysis."""
     res = open_results(work)
     metric = "stable_label" if stable else "label"
     names = list(res.attrs.get("reasons") or [])
-    reasons = {l: np.asarray(res.node(l, "reason")) for l in res.layers} if "reason" in res.metrics(next(iter(res.layers))) else {}
+    reasons = (
+        {l: np.asarray(res.node(l, "reason")) for l in res.layers}
+        if "reason" in res.metrics(next(iter(res.layers)))
+        else {}
+    )
     return np.asarray(res.steps), {l: np.asarray(res.node(l, metric)) for l in res.layers}, reasons, names
 
 
-def by_reason(truth: Mapping[str, np.ndarray], truth_steps: np.ndarray, labels: Mapping[str, np.ndarray],
-              reasons: Mapping[str, np.ndarray], reason_names: Sequence[str], label_steps: np.ndarray) -> dict[str, dict[str, int]]:
+def by_reason(
+    truth: Mapping[str, np.ndarray],
+    truth_steps: np.ndarray,
+    labels: Mapping[str, np.ndarray],
+    reasons: Mapping[str, np.ndarray],
+    reason_names: Sequence[str],
+    label_steps: np.ndarray,
+) -> dict[str, dict[str, int]]:
     """``{"<label>/<reason>": {outcome: count}}``: which branch of the rule fired, and what followed."""
     out: dict[str, dict[str, int]] = {}
     pos = {int(s): i for i, s in enumerate(label_steps)}
@@ -532,8 +610,10 @@ def by_reason(truth: Mapping[str, np.ndarray], truth_steps: np.ndarray, labels: 
 
 def reason_table(rows: Mapping[str, Mapping[str, int]]) -> str:
     """``| label / reason | n | outcome healthy_sink | ... |`` in percent of the row."""
-    lines = ["| label / reason (rule branch) | n | " + " | ".join(f"→ {n}" for n in LABELS) + " |",
-             "|---|---|" + "---|" * len(LABELS)]
+    lines = [
+        "| label / reason (rule branch) | n | " + " | ".join(f"→ {n}" for n in LABELS) + " |",
+        "|---|---|" + "---|" * len(LABELS),
+    ]
     for key in sorted(rows, key=lambda k: (LABELS.index(k.split("/")[0]), k)):
         n = sum(rows[key].values())
         lines.append(f"| {key} | {n} | " + " | ".join(f"{100 * rows[key][c] / n:.0f}%" for c in LABELS) + " |")
@@ -546,7 +626,9 @@ def _cell(s: Mapping[str, float]) -> str:
     return f"{f(s['precision'])} / {f(s['recall'])} / {s['support']}"
 
 
-def markdown_table(per_run: Mapping[str, Mapping[str, Mapping[str, float]]], acc: Mapping[str, float] | None = None) -> str:
+def markdown_table(
+    per_run: Mapping[str, Mapping[str, Mapping[str, float]]], acc: Mapping[str, float] | None = None
+) -> str:
     """``| run | healthy_sink | degenerate_sink | plateau | source | accuracy |`` with P / R / support cells."""
     head = "| run | " + " | ".join(LABELS) + (" | accuracy |" if acc is not None else " |")
     sep = "|---|" + "---|" * (len(LABELS) + (acc is not None))
@@ -572,8 +654,11 @@ def outcome_table(outs: Mapping[str, Outcomes]) -> str:
             ratio = np.nanmedian(o.first_order / dl) if len(dl) else math.nan
             node_ratio = np.nanmedian(o.node_first_order / o.first_order) if len(dl) else math.nan
         gap = np.median(o.until - o.steps) if len(o.steps) else math.nan
-        lines.append(f"| {run} | {int(counts.sum())} | {gap:g} | " + " | ".join(str(int(c)) for c in counts)
-                     + f" | {ratio:.2f} | {node_ratio:.2f} |")
+        lines.append(
+            f"| {run} | {int(counts.sum())} | {gap:g} | "
+            + " | ".join(str(int(c)) for c in counts)
+            + f" | {ratio:.2f} | {node_ratio:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -591,9 +676,16 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def evaluate(suite: Mapping[str, Path], settings: Sequence[tuple[str, float | None]], cfg: OutcomeConfig, out: Path,
-             options: Mapping[str, Mapping[str, Any]] | None = None, stable: bool = False, sharpness: bool = False,
-             log=print) -> dict[str, Any]:
+def evaluate(
+    suite: Mapping[str, Path],
+    settings: Sequence[tuple[str, float | None]],
+    cfg: OutcomeConfig,
+    out: Path,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    stable: bool = False,
+    sharpness: bool = False,
+    log=print,
+) -> dict[str, Any]:
     """Score every setting on every run. Returns the report (what the JSON holds)."""
     options = options or {}
     code = code_hash()
@@ -602,11 +694,18 @@ def evaluate(suite: Mapping[str, Path], settings: Sequence[tuple[str, float | No
     for name, run in suite.items():
         t1 = time.perf_counter()
         outs[name] = compute_outcomes(run, cfg)
-        log(f"outcomes {name}: {len(outs[name].steps)} checkpoints, eval batch = {outs[name].eval_source} "
-            f"({time.perf_counter() - t1:.1f} s)")
+        log(
+            f"outcomes {name}: {len(outs[name].steps)} checkpoints, eval batch = {outs[name].eval_source} "
+            f"({time.perf_counter() - t1:.1f} s)"
+        )
     report: dict[str, Any] = {
-        "outcome_config": asdict(cfg), "labels": list(LABELS), "truth_reasons": list(TRUTH_REASONS),
-        "score": "stable_label" if stable else "label", "trajscope_code": code, "settings": {}, "outcomes": {},
+        "outcome_config": asdict(cfg),
+        "labels": list(LABELS),
+        "truth_reasons": list(TRUTH_REASONS),
+        "score": "stable_label" if stable else "label",
+        "trajscope_code": code,
+        "settings": {},
+        "outcomes": {},
         "outcome_seconds": time.perf_counter() - t0,
     }
     for name, o in outs.items():
@@ -614,8 +713,12 @@ def evaluate(suite: Mapping[str, Path], settings: Sequence[tuple[str, float | No
         for arr in o.reason.values():
             for i, c in enumerate(np.bincount(arr.ravel(), minlength=len(TRUTH_REASONS))[: len(TRUTH_REASONS)]):
                 counts[TRUTH_REASONS[i]] += int(c)
-        report["outcomes"][name] = {"checkpoints": len(o.steps), "eval_batch": o.eval_source, "reasons": counts,
-                                    "horizon_steps_median": float(np.median(o.until - o.steps)) if len(o.steps) else None}
+        report["outcomes"][name] = {
+            "checkpoints": len(o.steps),
+            "eval_batch": o.eval_source,
+            "reasons": counts,
+            "horizon_steps_median": float(np.median(o.until - o.steps)) if len(o.steps) else None,
+        }
     for preset, delta in settings:
         sname = setting_name(preset, delta)
         t1 = time.perf_counter()
@@ -636,29 +739,48 @@ def evaluate(suite: Mapping[str, Path], settings: Sequence[tuple[str, float | No
                         acc_row[c] += v
         per_run["all runs"], accs["all runs"], cms["all runs"] = scores(total), accuracy(total), total.tolist()
         why["all runs"] = why_all
-        report["settings"][sname] = {"preset": preset, "delta": delta, "delta_used": deltas, "scores": per_run,
-                                     "accuracy": accs, "confusion": cms, "by_reason": why,
-                                     "seconds": time.perf_counter() - t1}
+        report["settings"][sname] = {
+            "preset": preset,
+            "delta": delta,
+            "delta_used": deltas,
+            "scores": per_run,
+            "accuracy": accs,
+            "confusion": cms,
+            "by_reason": why,
+            "seconds": time.perf_counter() - t1,
+        }
         log(f"setting {sname}: {time.perf_counter() - t1:.1f} s")
     report["seconds"] = time.perf_counter() - t0
-    report["_tables"] = {"outcomes": outcome_table(outs),
-                         **{s: markdown_table(v["scores"], v["accuracy"]) for s, v in report["settings"].items()},
-                         **{f"{s} by reason": reason_table(v["by_reason"]["all runs"]) for s, v in report["settings"].items()
-                            if v["by_reason"].get("all runs")}}
+    report["_tables"] = {
+        "outcomes": outcome_table(outs),
+        **{s: markdown_table(v["scores"], v["accuracy"]) for s, v in report["settings"].items()},
+        **{
+            f"{s} by reason": reason_table(v["by_reason"]["all runs"])
+            for s, v in report["settings"].items()
+            if v["by_reason"].get("all runs")
+        },
+    }
     return report
 
 
 def print_report(report: Mapping[str, Any], file=sys.stdout) -> None:
     cfg = report["outcome_config"]
-    hz = f"{cfg['horizon_steps']} training steps" if cfg["horizon_steps"] else f"{cfg['horizon']} analysed checkpoint(s)"
+    hz = (
+        f"{cfg['horizon_steps']} training steps" if cfg["horizon_steps"] else f"{cfg['horizon']} analysed checkpoint(s)"
+    )
     print(f"## Outcomes (horizon: {hz} ahead; node-checkpoints by outcome reason)\n", file=file)
-    print(f"Thresholds: pace window {cfg['pace_window']}, step growth {cfg['step_growth']:g}, norm growth "
-          f"{cfg['norm_growth']:g}, collapse ratio {cfg['collapse_ratio']:g}, share min {cfg['share_min']:g}, "
-          f"dead {cfg['dead_rel']:g} (docs/concepts.md, \"What a label predicts\").\n", file=file)
+    print(
+        f"Thresholds: pace window {cfg['pace_window']}, step growth {cfg['step_growth']:g}, norm growth "
+        f"{cfg['norm_growth']:g}, collapse ratio {cfg['collapse_ratio']:g}, share min {cfg['share_min']:g}, "
+        f'dead {cfg["dead_rel"]:g} (docs/concepts.md, "What a label predicts").\n',
+        file=file,
+    )
     print(report["_tables"]["outcomes"] + "\n", file=file)
     for sname, v in report["settings"].items():
         used = sorted({f"{d:.3g}" for d in v["delta_used"].values()})
-        print(f"## {sname} (delta used: {', '.join(used)}; {report['score']}): precision / recall / support\n", file=file)
+        print(
+            f"## {sname} (delta used: {', '.join(used)}; {report['score']}): precision / recall / support\n", file=file
+        )
         print(report["_tables"][sname] + "\n", file=file)
         if f"{sname} by reason" in report["_tables"]:
             print(f"What followed each branch of the rule ({sname}, all runs; row percentages):\n", file=file)
@@ -683,20 +805,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--preset", nargs="+", metavar="P", help="label presets (acted, seed, ...)")
     ap.add_argument("--delta", nargs="+", type=_parse_delta, metavar="D", help="deltas, or 'default'")
     ap.add_argument("--horizon", type=int, default=1, help="analysed checkpoints ahead (default 1: the next)")
-    ap.add_argument("--horizon-steps", type=int, default=None, help="training steps ahead instead (first analysed checkpoint at least this far)")
+    ap.add_argument(
+        "--horizon-steps",
+        type=int,
+        default=None,
+        help="training steps ahead instead (first analysed checkpoint at least this far)",
+    )
     ap.add_argument("--suite", default=str(DEFAULT_SUITE), help="folder of the suite runs (made there if missing)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for cached analyses and the JSON")
     ap.add_argument("--json", default=None, help="where to write the numbers (default OUT/label_validity.json)")
     ap.add_argument("--stable", action="store_true", help="score the stable label instead of the instantaneous one")
-    ap.add_argument("--sharpness", action="store_true", help="let the analyses compute the Lanczos sharpness (off: labels do not use it)")
+    ap.add_argument(
+        "--sharpness",
+        action="store_true",
+        help="let the analyses compute the Lanczos sharpness (off: labels do not use it)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: these models are tiny)")
     d = OutcomeConfig()
-    ap.add_argument("--pace-window", type=int, default=d.pace_window, help=f"checkpoints per pace median (default {d.pace_window})")
-    ap.add_argument("--step-growth", type=float, default=d.step_growth, help=f"source: pace after / before at least this (default {d.step_growth:g})")
-    ap.add_argument("--norm-growth", type=float, default=d.norm_growth, help=f"source: norm ratio at least this (default {d.norm_growth:g})")
-    ap.add_argument("--outcome-collapse-ratio", type=float, default=d.collapse_ratio,
-                    help=f"degenerate: norm at most this x the first norm (default {d.collapse_ratio:g})")
-    ap.add_argument("--share-min", type=float, default=d.share_min, help=f"plateau: |share| below this x an equal share (default {d.share_min:g})")
+    ap.add_argument(
+        "--pace-window", type=int, default=d.pace_window, help=f"checkpoints per pace median (default {d.pace_window})"
+    )
+    ap.add_argument(
+        "--step-growth",
+        type=float,
+        default=d.step_growth,
+        help=f"source: pace after / before at least this (default {d.step_growth:g})",
+    )
+    ap.add_argument(
+        "--norm-growth",
+        type=float,
+        default=d.norm_growth,
+        help=f"source: norm ratio at least this (default {d.norm_growth:g})",
+    )
+    ap.add_argument(
+        "--outcome-collapse-ratio",
+        type=float,
+        default=d.collapse_ratio,
+        help=f"degenerate: norm at most this x the first norm (default {d.collapse_ratio:g})",
+    )
+    ap.add_argument(
+        "--share-min",
+        type=float,
+        default=d.share_min,
+        help=f"plateau: |share| below this x an equal share (default {d.share_min:g})",
+    )
     args = ap.parse_args(argv)
     if args.horizon < 1 or (args.horizon_steps is not None and args.horizon_steps < 1):
         ap.error("the horizon is at least 1")
@@ -719,13 +871,27 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     suite = make_suite(args.suite, names)
     print(f"suite ready in {args.suite} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-    cfg = OutcomeConfig(horizon=args.horizon, horizon_steps=args.horizon_steps, pace_window=max(1, args.pace_window),
-                        step_growth=args.step_growth, norm_growth=args.norm_growth,
-                        collapse_ratio=args.outcome_collapse_ratio, share_min=args.share_min)
+    cfg = OutcomeConfig(
+        horizon=args.horizon,
+        horizon_steps=args.horizon_steps,
+        pace_window=max(1, args.pace_window),
+        step_growth=args.step_growth,
+        norm_growth=args.norm_growth,
+        collapse_ratio=args.outcome_collapse_ratio,
+        share_min=args.share_min,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = evaluate(suite, settings, cfg, out, {n: SUITE[n][1] for n in names}, stable=args.stable,
-                      sharpness=args.sharpness, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = evaluate(
+        suite,
+        settings,
+        cfg,
+        out,
+        {n: SUITE[n][1] for n in names},
+        stable=args.stable,
+        sharpness=args.sharpness,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     print_report(report)
     path = Path(args.json) if args.json else out / "label_validity.json"
     path.write_text(json.dumps(_jsonable({k: v for k, v in report.items() if k != "_tables"}), indent=1) + "\n")

@@ -6,6 +6,7 @@ Records bench_cost's run (batch 128, SGD with momentum, 12 steps), analyses 2 ch
 up (CUDA context, handles, the eigen pool), then profiles 6 more and prints the functions with
 the most cumulative time (GPU work shows up where the host waits for it).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,10 +6,11 @@ scripts put the root on ``sys.path``; from a shell: ``PYTHONPATH=. trajscope ana
 Every factory builds its module from torch.nn pieces only, with nn.Linear layers wherever a node
 should exist.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ class _Attention(nn.Module):
         dh = d // self.h
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, l, self.h, dh).transpose(1, 2)          # (b, h, l, dh)
+            return t.reshape(b, l, self.h, dh).transpose(1, 2)  # (b, h, l, dh)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)
@@ -77,8 +78,9 @@ class TinyTransformer(nn.Module):
     columns, not ``vocab × L``, which keeps the analysis cheap). Dim 0 is the sample dimension of every
     node layer's input and of the output, as trajscope's per-sample curvature needs."""
 
-    def __init__(self, vocab: int = 16, seq_len: int = 8, d_model: int = 32, n_heads: int = 2,
-                 n_layers: int = 1, d_ff: int = 64) -> None:
+    def __init__(
+        self, vocab: int = 16, seq_len: int = 8, d_model: int = 32, n_heads: int = 2, n_layers: int = 1, d_ff: int = 64
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(seq_len, d_model)
@@ -94,7 +96,8 @@ class TinyTransformer(nn.Module):
         return self.head(self.ln(x[:, -1]))
 
 
-def tiny_transformer(vocab: int = 16, seq_len: int = 8, d_model: int = 32, n_heads: int = 2,
-                     n_layers: int = 1, d_ff: int = 64) -> TinyTransformer:
+def tiny_transformer(
+    vocab: int = 16, seq_len: int = 8, d_model: int = 32, n_heads: int = 2, n_layers: int = 1, d_ff: int = 64
+) -> TinyTransformer:
     """A 1-2 layer attention model (see :class:`TinyTransformer`)."""
     return TinyTransformer(vocab, seq_len, d_model, n_heads, n_layers, d_ff)

@@ -26,6 +26,7 @@ replays; every run folder gets a README.md saying how it was made and what its n
 uses beside the label settings under test (``curvature="exact"`` for the tanh EoS run, as in the
 issue's observation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,8 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -60,11 +61,36 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target, dtype=torch.int64)
 
 
-def _train(run: Path, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module, steps: int,
-           batches: Callable[[int], tuple], *, every: int, spec: str, kwargs: dict, lr_at: Callable[[int], float] | None = None,
-           probe: tuple | None = None, window: int = 2, on_step: Callable[[int], None] | None = None) -> None:
-    with trajscope.Recorder(run, model, opt, loss_fn, every=every, window=window, overwrite=True, export=False,
-                            model_spec=spec, model_kwargs=kwargs, probe=probe, background=False) as rec:
+def _train(
+    run: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    steps: int,
+    batches: Callable[[int], tuple],
+    *,
+    every: int,
+    spec: str,
+    kwargs: dict,
+    lr_at: Callable[[int], float] | None = None,
+    probe: tuple | None = None,
+    window: int = 2,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
+    with trajscope.Recorder(
+        run,
+        model,
+        opt,
+        loss_fn,
+        every=every,
+        window=window,
+        overwrite=True,
+        export=False,
+        model_spec=spec,
+        model_kwargs=kwargs,
+        probe=probe,
+        background=False,
+    ) as rec:
         for t in range(steps):
             if on_step is not None:
                 on_step(t)
@@ -107,11 +133,17 @@ def _copy_sample(name: str) -> Callable[[Path], Path]:
         def skip(folder: str, entries: list[str]) -> list[str]:  # only what an analysis added at the top
             if folder != top:
                 return []
-            return [e for e in entries if e in ("analysis.zarr", ".trajscope-analysis.lock")
-                    or e.startswith("events.out.tfevents.") or e.startswith(".analysis.zarr.")]
+            return [
+                e
+                for e in entries
+                if e in ("analysis.zarr", ".trajscope-analysis.lock")
+                or e.startswith("events.out.tfevents.")
+                or e.startswith(".analysis.zarr.")
+            ]
 
         shutil.copytree(src, dst, ignore=skip)
         return dst
+
     make.__name__ = name
     make.__doc__ = f"A copy of sample_data/{name} (its README says how it was made)."
     return make
@@ -137,20 +169,33 @@ def eos_tanh(out: Path, steps: int = EOS_STEPS, every: int = EOS_EVERY, lr: floa
         if t % (steps // 10) == 0:
             sharp[t] = _sharpness(model, loss_fn, x, y, iters=60)
 
-    _train(run, model, opt, loss_fn, steps, lambda t: (x, y), every=every, spec=f"{SPEC}:mlp", kwargs=kwargs,
-           on_step=probe_sharpness)
+    _train(
+        run,
+        model,
+        opt,
+        loss_fn,
+        steps,
+        lambda t: (x, y),
+        every=every,
+        spec=f"{SPEC}:mlp",
+        kwargs=kwargs,
+        on_step=probe_sharpness,
+    )
     table = ", ".join(f"{t}: {s:.2f}" for t, s in sharp.items())
-    _readme(run, f"""
+    _readme(
+        run,
+        f"""
 # eos_tanh
 
-`benchmarks.validity_models.mlp({kwargs['sizes']}, activation="tanh")` regressing y = sin(3x) on 64
+`benchmarks.validity_models.mlp({kwargs["sizes"]}, activation="tanh")` regressing y = sin(3x) on 64
 points of [-2, 2] (MSE), full-batch gradient descent, lr {lr} (2/lr = {2 / lr:g}), no weight decay, {steps}
 steps recorded every {every} steps with a window of 2 (θ_t and θ_(t+1) on disk for t = 0, {every}, ...).
 Sharpness (power iteration, full Hessian) at steps {table}: it reaches 2/lr within the first
 ~2000 steps and then sits at the edge of stability while the loss keeps falling, non-monotonically.
 Analysed with the exact curvature (tanh). Expected: every node a sink (the network converges, norms
 stay put); the issue's observation is that slightly negative exact curvature makes hidden nodes `source`.
-""")
+""",
+    )
     return run
 
 
@@ -163,7 +208,7 @@ def dead_relu(out: Path, steps: int = 300, every: int = 5, spike_lr: float = 0.5
     kwargs = {"sizes": [64, 32, 16, 10], "activation": "relu"}
     model = vm.mlp(**kwargs)
     with torch.no_grad():
-        model[0].bias[:8] = -8.0                   # dead on all data from step 0
+        model[0].bias[:8] = -8.0  # dead on all data from step 0
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)
@@ -175,13 +220,27 @@ def dead_relu(out: Path, steps: int = 300, every: int = 5, spike_lr: float = 0.5
         if t == spike.start:
             before.update(_dead_units(model, x))
 
-    _train(run, model, opt, loss_fn, steps, lambda t: (x[idx[t]], y[idx[t]]), every=every, spec=f"{SPEC}:mlp",
-           kwargs=kwargs, lr_at=lambda t: spike_lr if t in spike else 0.05, probe=(x[:256], y[:256]), on_step=look)
+    _train(
+        run,
+        model,
+        opt,
+        loss_fn,
+        steps,
+        lambda t: (x[idx[t]], y[idx[t]]),
+        every=every,
+        spec=f"{SPEC}:mlp",
+        kwargs=kwargs,
+        lr_at=lambda t: spike_lr if t in spike else 0.05,
+        probe=(x[:256], y[:256]),
+        on_step=look,
+    )
     dead = _dead_units(model, x)
-    _readme(run, f"""
+    _readme(
+        run,
+        f"""
 # dead_relu
 
-`benchmarks.validity_models.mlp({kwargs['sizes']}, activation="relu")` on scikit-learn's digits (pixels / 16),
+`benchmarks.validity_models.mlp({kwargs["sizes"]}, activation="relu")` on scikit-learn's digits (pixels / 16),
 mini-batches of 64, SGD lr 0.05 with momentum 0.9, no weight decay, {steps} steps recorded every {every}
 (window 2), probe = the first 256 digits.
 - first-layer units 0-7 start with bias -8: dead on all data from step 0;
@@ -189,7 +248,8 @@ mini-batches of 64, SGD lr 0.05 with momentum 0.9, no weight decay, {steps} step
 Units dead on all 1797 digits just before the spike: {before}; at the end: {dead}.
 Expected: plateaus (dead units, which never move again without weight decay), sources during the
 spike, healthy sinks elsewhere.
-""")
+""",
+    )
     return run
 
 
@@ -219,13 +279,25 @@ def wd_collapse(out: Path, steps: int = 600, every: int = 10) -> Path:
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(2)
     idx = [torch.randint(0, len(x), (64,), generator=g) for _ in range(steps)]
-    _train(run, model, opt, loss_fn, steps, lambda t: (x[idx[t]], y[idx[t]]), every=every, spec=f"{SPEC}:mlp",
-           kwargs=kwargs, probe=(x[:256], y[:256]))
+    _train(
+        run,
+        model,
+        opt,
+        loss_fn,
+        steps,
+        lambda t: (x[idx[t]], y[idx[t]]),
+        every=every,
+        spec=f"{SPEC}:mlp",
+        kwargs=kwargs,
+        probe=(x[:256], y[:256]),
+    )
     reach = math.log(0.1) / math.log(1 - lr * wd)
-    _readme(run, f"""
+    _readme(
+        run,
+        f"""
 # wd_collapse
 
-`benchmarks.validity_models.mlp({kwargs['sizes']}, activation="relu")` on the digits, mini-batches of 64,
+`benchmarks.validity_models.mlp({kwargs["sizes"]}, activation="relu")` on the digits, mini-batches of 64,
 AdamW lr {lr}, weight_decay {wd} (decoupled: θ ← (1 − lr·wd)θ = {1 - lr * wd:g}·θ per step on top of Adam's
 step), {steps} steps recorded every {every} (window 2), probe = the first 256 digits.
 - first-layer units 0-5 and second-layer units 0-3 start with bias -30: dead, no gradient, so only the
@@ -234,7 +306,8 @@ step), {steps} steps recorded every {every} (window 2), probe = the first 256 di
 Units dead on all digits at the end: {_dead_units(model, x)}.
 Expected: dead units plateau while they decay and become degenerate sinks once collapsed; live units
 healthy sinks.
-""")
+""",
+    )
     return run
 
 
@@ -255,7 +328,7 @@ def lr_spike(out: Path, steps: int = 400, every: int = 4, sharpness_iters: int =
     state = {"lr": 0.01, "lr_spike": math.nan, "sharp": math.nan}
 
     def schedule(t: int) -> None:
-        if t == settle:                 # settle on a stable lr: half the threshold of the current sharpness
+        if t == settle:  # settle on a stable lr: half the threshold of the current sharpness
             state["lr"] = 0.5 * 2 / _sharpness(model, loss_fn, x, y, sharpness_iters)
         if t == start:
             state["sharp"] = _sharpness(model, loss_fn, x, y, sharpness_iters)
@@ -264,19 +337,32 @@ def lr_spike(out: Path, steps: int = 400, every: int = 4, sharpness_iters: int =
         for gr in opt.param_groups:
             gr["lr"] = lr
 
-    _train(run, model, opt, loss_fn, steps, lambda t: (x, y), every=every, spec=f"{SPEC}:mlp", kwargs=kwargs,
-           on_step=schedule)
-    _readme(run, f"""
+    _train(
+        run,
+        model,
+        opt,
+        loss_fn,
+        steps,
+        lambda t: (x, y),
+        every=every,
+        spec=f"{SPEC}:mlp",
+        kwargs=kwargs,
+        on_step=schedule,
+    )
+    _readme(
+        run,
+        f"""
 # lr_spike
 
-`benchmarks.validity_models.mlp({kwargs['sizes']}, activation="relu")` regressing a random tanh teacher on 256
+`benchmarks.validity_models.mlp({kwargs["sizes"]}, activation="relu")` regressing a random tanh teacher on 256
 Gaussian inputs (MSE), full-batch gradient descent, {steps} steps recorded every {every} (window 2).
-lr 0.01 for {settle} steps, then lr = 0.5 × 2/λ_max = {state['lr']:.4g} (λ_max measured at step {settle}); at step {start}
-λ_max = {state['sharp']:.4g}, and steps {start}-{start + length - 1} use lr {state['lr_spike']:.4g} = 1.3 × 2/λ_max
+lr 0.01 for {settle} steps, then lr = 0.5 × 2/λ_max = {state["lr"]:.4g} (λ_max measured at step {settle}); at step {start}
+λ_max = {state["sharp"]:.4g}, and steps {start}-{start + length - 1} use lr {state["lr_spike"]:.4g} = 1.3 × 2/λ_max
 (above the stability threshold: the top direction oscillates with growing amplitude), then back to
-{state['lr']:.4g}.
+{state["lr"]:.4g}.
 Expected: sinks before the spike, sources during it, sinks again after.
-""")
+""",
+    )
     return run
 
 
@@ -297,11 +383,23 @@ def transformer(out: Path, steps: int = 400, every: int = 10) -> Path:
         return s, s.amax(1)
 
     probe_x = torch.randint(0, kwargs["vocab"], (128, kwargs["seq_len"]), generator=g)
-    _train(run, model, opt, loss_fn, steps, batch, every=every, spec=f"{SPEC}:tiny_transformer", kwargs=kwargs,
-           probe=(probe_x, probe_x.amax(1)))
+    _train(
+        run,
+        model,
+        opt,
+        loss_fn,
+        steps,
+        batch,
+        every=every,
+        spec=f"{SPEC}:tiny_transformer",
+        kwargs=kwargs,
+        probe=(probe_x, probe_x.amax(1)),
+    )
     with torch.no_grad():
         acc = float((model(probe_x).argmax(1) == probe_x.amax(1)).float().mean())
-    _readme(run, f"""
+    _readme(
+        run,
+        f"""
 # transformer
 
 `benchmarks.validity_models.tiny_transformer(**{kwargs})`: token + position embeddings, one pre-LN
@@ -310,7 +408,8 @@ output the largest token of the sequence, read out at the last position (logits 
 sequences of 8 tokens from 16 every step, batch 64, Adam lr 3e-3, {steps} steps recorded every {every}
 (window 2), probe = 128 fixed sequences. Probe accuracy at the end: {acc:.3f}.
 Nodes: the output units of q, k, v, out, ff1, ff2 and head (embeddings and LayerNorms are not nodes).
-""")
+""",
+    )
     return run
 
 
@@ -333,7 +432,9 @@ def is_complete(run: Path) -> bool:
     return (run / "trajectory.zarr").is_dir() and (run / "README.md").exists()
 
 
-def make_suite(out: str | Path, names: list[str] | None = None, force: bool = False, quiet: bool = False) -> dict[str, Path]:
+def make_suite(
+    out: str | Path, names: list[str] | None = None, force: bool = False, quiet: bool = False
+) -> dict[str, Path]:
     """Generate the runs ``names`` (all by default) under ``out``; existing complete runs are kept
     unless ``force``. Returns ``{name: run folder}``."""
     out = Path(out)

@@ -2,6 +2,7 @@
 
 The tracked sample_data/ stays unchanged: the runs are copied first, then analysed in place.
 """
+
 import shutil
 import sys
 import time

@@ -12,6 +12,7 @@
 
 Each run folder gets a README.md saying how it was made.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,17 +50,29 @@ def digits_mlp(out: Path, steps: int = 300) -> Path:
     x, y = digits()
     model = zoo.mlp(DIGITS_SIZES)
     with torch.no_grad():
-        model[0].bias[:6] = -30.0      # six first-layer ReLUs dead on all data -> plateaus
-        model[2].bias[:4] = -30.0      # four second-layer units dead -> weight decay collapses them
-    groups = [{"params": list(model[0].parameters()), "weight_decay": 0.0},
-              {"params": list(model[2].parameters()) + list(model[4].parameters()), "weight_decay": WD}]
+        model[0].bias[:6] = -30.0  # six first-layer ReLUs dead on all data -> plateaus
+        model[2].bias[:4] = -30.0  # four second-layer units dead -> weight decay collapses them
+    groups = [
+        {"params": list(model[0].parameters()), "weight_decay": 0.0},
+        {"params": list(model[2].parameters()) + list(model[4].parameters()), "weight_decay": WD},
+    ]
     opt = torch.optim.SGD(groups, lr=LR)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)
     spike = range(steps - SPIKE_STEPS, steps)  # a last phase far above the stability threshold -> sources
-    with trajscope.Recorder(run, model, opt, loss_fn, every=5, window=2, overwrite=True, export=False,
-                            model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": DIGITS_SIZES},
-                            probe=(x[:128], y[:128])) as rec:
+    with trajscope.Recorder(
+        run,
+        model,
+        opt,
+        loss_fn,
+        every=5,
+        window=2,
+        overwrite=True,
+        export=False,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": DIGITS_SIZES},
+        probe=(x[:128], y[:128]),
+    ) as rec:
         for t in range(steps):
             for group in opt.param_groups:
                 group["lr"] = SPIKE_LR if t in spike else LR
@@ -69,7 +82,9 @@ def digits_mlp(out: Path, steps: int = 300) -> Path:
             loss.backward()
             rec.batch(x[idx], y[idx])
             opt.step()
-    _readme(run, f"""
+    _readme(
+        run,
+        f"""
 # digits_mlp
 
 Made by `python examples/make_sample_data.py` (seed 0): `trajscope.zoo.mlp({DIGITS_SIZES})` (ReLU) on
@@ -84,7 +99,8 @@ live units that fire on few samples and whose motion carries under 1/100 of an e
 loss decrease, reason flat_motion), healthy sinks (most live units of every layer), plateaus and
 then degenerate sinks (the dead second-layer units: weight decay alone shrinks them until they
 collapse), sources (lr phase: the output layer and second layer at step 290).
-""")
+""",
+    )
     return run
 
 
@@ -102,16 +118,27 @@ def eos_regression(out: Path, steps: int = 1000, lr: float = 0.2, wd: float = 0.
     model = zoo.mlp(EOS_SIZES, activation="tanh")
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
     loss_fn = nn.MSELoss()
-    with trajscope.Recorder(run, model, opt, loss_fn, every=10, window=2, overwrite=True, export=False,
-                            model_spec="trajscope.zoo:mlp",
-                            model_kwargs={"sizes": EOS_SIZES, "activation": "tanh"}) as rec:
+    with trajscope.Recorder(
+        run,
+        model,
+        opt,
+        loss_fn,
+        every=10,
+        window=2,
+        overwrite=True,
+        export=False,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": EOS_SIZES, "activation": "tanh"},
+    ) as rec:
         for t in range(steps):
             loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
             rec.batch(x, y)
             opt.step()
-    _readme(run, f"""
+    _readme(
+        run,
+        f"""
 # eos_regression
 
 Made by `python examples/make_sample_data.py` (seed 0): `trajscope.zoo.mlp({EOS_SIZES}, activation="tanh")`
@@ -122,7 +149,8 @@ Sharpness rises until it reaches 2/lr and then hovers there (the edge of stabili
 node block stays below it (each node's λ_max ≤ sharpness): the nodes stay sinks (a few percent,
 whose motion is weight decay's alone and carries under 1/100 of an equal share of the loss
 decrease, are flat-motion plateaus).
-""")
+""",
+    )
     return run
 
 
@@ -136,8 +164,17 @@ def cnn_adam(out: Path, steps: int = 150) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(2)
-    with trajscope.Recorder(run, model, opt, loss_fn, every=5, overwrite=True, export=False,
-                            model_spec="trajscope.zoo:cnn", model_kwargs=kwargs) as rec:
+    with trajscope.Recorder(
+        run,
+        model,
+        opt,
+        loss_fn,
+        every=5,
+        overwrite=True,
+        export=False,
+        model_spec="trajscope.zoo:cnn",
+        model_kwargs=kwargs,
+    ) as rec:
         for t in range(steps):
             idx = torch.randint(0, len(x), (32,), generator=g)
             loss = loss_fn(model(x[idx]), y[idx])
@@ -145,13 +182,16 @@ def cnn_adam(out: Path, steps: int = 150) -> Path:
             loss.backward()
             rec.batch(x[idx], y[idx])
             opt.step()
-    _readme(run, f"""
+    _readme(
+        run,
+        f"""
 # cnn_adam
 
 Made by `python examples/make_sample_data.py` (seed 0): `trajscope.zoo.cnn(**{kwargs})` on the digits
 as 1×8×8 images, Adam lr 3e-3, mini-batches of 32, {steps} steps recorded every 5 steps (window 2).
 Shows conv nodes (output channels) and Adam's preconditioned update map and sharpness.
-""")
+""",
+    )
     return run
 
 

@@ -1,7 +1,8 @@
 """Record an Adam run with keyword inputs and a fixed probe batch.
 
-    python examples/record_adam.py runs/adam --steps 200
+python examples/record_adam.py runs/adam --steps 200
 """
+
 import argparse
 
 import torch

@@ -1,7 +1,8 @@
 """Record a small CNN trained with AdamW on synthetic 8×8 images.
 
-    python examples/record_cnn.py runs/cnn --steps 100
+python examples/record_cnn.py runs/cnn --steps 100
 """
+
 import argparse
 
 import torch
@@ -22,8 +23,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
     loss_fn = torch.nn.CrossEntropyLoss()
     x, y = torch.randn(256, 1, 8, 8), torch.randint(0, 3, (256,))
-    with trajscope.Recorder(args.run, model, opt, loss_fn, every=5, overwrite=True,
-                            model_spec="trajscope.zoo:cnn", model_kwargs=kwargs) as rec:
+    with trajscope.Recorder(
+        args.run, model, opt, loss_fn, every=5, overwrite=True, model_spec="trajscope.zoo:cnn", model_kwargs=kwargs
+    ) as rec:
         for step in range(args.steps):
             idx = torch.randint(0, 256, (32,))
             loss = loss_fn(model(x[idx]), y[idx])

@@ -1,8 +1,9 @@
 """Record a plain SGD training loop (the contract loop of docs/spec.md §2) on synthetic data.
 
-    python examples/record_sgd.py runs/sgd --steps 200
-    trajscope analyze runs/sgd && tensorboard --logdir runs
+python examples/record_sgd.py runs/sgd --steps 200
+trajscope analyze runs/sgd && tensorboard --logdir runs
 """
+
 import argparse
 
 import torch
@@ -26,8 +27,16 @@ def main(argv=None):
     x_all, y_all = torch.randn(1024, 20), torch.randint(0, 4, (1024,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all, y_all), batch_size=64, shuffle=True)
 
-    with trajscope.Recorder(args.run, model, opt, loss_fn, every=args.every, overwrite=True,
-                            model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": sizes}) as rec:
+    with trajscope.Recorder(
+        args.run,
+        model,
+        opt,
+        loss_fn,
+        every=args.every,
+        overwrite=True,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": sizes},
+    ) as rec:
         step = 0
         while step < args.steps:
             for x, y in loader:

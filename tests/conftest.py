@@ -6,6 +6,7 @@ Hessians, real ``torch.optim`` steps) stay on the CPU: the GPU check of
 ``benchmarks/gpu_check.sh``. ``lazy`` (torch's lazy-tensor device, executed on the CPU) finds
 tensors left on the wrong device without a GPU. Unset (CI), nothing changes.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,4 +50,5 @@ def other_user(tmp_path_factory: pytest.TempPathFactory):
             yield
         finally:
             os.environ["TRAJSCOPE_KEY_FILE"] = mine
+
     return switch

@@ -3,6 +3,7 @@ the user chose it (--trust, --model/--loss), it is allow-listed, or the run is s
 
 Every hostile case checks a side effect that must not appear: a file the command would create, a
 module that would be imported."""
+
 from __future__ import annotations
 
 import json
@@ -14,12 +15,11 @@ from pathlib import Path
 import pytest
 
 import trajscope
+from tests.helpers.analysis import event_files, simple_run
 from trajscope.cli.main import main
 from trajscope.errors import TrajscopeError
 from trajscope.io.results import open_results
 from trajscope.trust import ALLOWED, TrustPolicy, key_path, sign, signed_by_me
-
-from tests.helpers.analysis import event_files, simple_run
 
 
 def _root_doc(run: Path) -> Path:
@@ -47,7 +47,8 @@ def evil_module(tmp_path, monkeypatch):
     (folder / "trajscope_evil_mod.py").write_text(
         f"open({str(mark)!r}, 'w').write('imported')\n"
         f"def factory(**kw):\n    open({str(mark)!r} + '.called', 'w').write('called')\n"
-        f"    import trajscope.zoo\n    return trajscope.zoo.mlp(sizes=[3, 4, 2])\n")
+        f"    import trajscope.zoo\n    return trajscope.zoo.mlp(sizes=[3, 4, 2])\n"
+    )
     monkeypatch.syspath_prepend(str(folder))
     yield "trajscope_evil_mod", mark
     sys.modules.pop("trajscope_evil_mod", None)
@@ -60,8 +61,14 @@ def _hostile_cases(mark: Path) -> dict[str, dict]:
         "model_subprocess": {"model__spec": "subprocess:getoutput", "model__kwargs": {"cmd": cmd}},
         "loss_os_system": {"loss": {"class": "os:system", "kwargs": {"command": cmd}}},
         "loss_function_eval": {"loss": {"function": "builtins:eval"}},
-        "model_eval": {"model__spec": "builtins:eval", "model__kwargs": {"source": f"__import__('os').system({cmd!r})"}},
-        "model_import_module": {"model__spec": "importlib:import_module", "model__kwargs": {"name": "trajscope_evil_mod"}},
+        "model_eval": {
+            "model__spec": "builtins:eval",
+            "model__kwargs": {"source": f"__import__('os').system({cmd!r})"},
+        },
+        "model_import_module": {
+            "model__spec": "importlib:import_module",
+            "model__kwargs": {"name": "trajscope_evil_mod"},
+        },
         "model_pickle_loads": {"model__spec": "pickle:loads", "model__kwargs": {"data": "x"}},
         "model_torch_load": {"model__spec": "torch:load", "model__kwargs": {"f": str(mark)}},
         "model_side_effect_module": {"model__spec": "trajscope_evil_mod:factory", "model__kwargs": {}},
@@ -119,8 +126,20 @@ def test_user_named_model_and_loss_need_no_trust(tmp_path):
     run = tmp_path / "run"
     simple_run(run, steps=3)
     _edit_attrs(run, model__spec="os:system", loss={"class": "os:system"})
-    rc = main(["analyze", str(run), "--no-progress", "--no-sharpness", "--model", "trajscope.zoo:mlp",
-               "--model-args", '{"sizes": [3, 4, 2]}', "--loss", "torch.nn:MSELoss"])
+    rc = main(
+        [
+            "analyze",
+            str(run),
+            "--no-progress",
+            "--no-sharpness",
+            "--model",
+            "trajscope.zoo:mlp",
+            "--model-args",
+            '{"sizes": [3, 4, 2]}',
+            "--loss",
+            "torch.nn:MSELoss",
+        ]
+    )
     assert rc == 0
     assert len(open_results(run).steps) == 2
 
@@ -128,7 +147,7 @@ def test_user_named_model_and_loss_need_no_trust(tmp_path):
 def test_allowlisted_specs_of_a_foreign_run_need_no_trust(tmp_path, other_user):
     run = tmp_path / "run"
     with other_user():
-        simple_run(run, steps=3)       # trajscope.zoo:mlp and torch.nn MSELoss: allow-listed
+        simple_run(run, steps=3)  # trajscope.zoo:mlp and torch.nn MSELoss: allow-listed
     r = trajscope.open_run(run)
     assert not TrustPolicy(r.path, r.attrs).signed
     assert r.attrs["loss"]["class"] in ALLOWED and r.attrs["model"]["spec"] in ALLOWED
@@ -153,10 +172,12 @@ def test_signature_binds_every_field_that_names_code(tmp_path):
     simple_run(run, steps=3)
     attrs = trajscope.open_run(run).attrs
     assert signed_by_me(attrs)
-    for change in ({"model__kwargs": {"sizes": [3, 4, 2], "activation": "tanh"}},
-                   {"loss": {"class": "torch.nn.modules.loss:L1Loss", "kwargs": {}}},
-                   {"model__exported": "extra/model.pt2"},
-                   {"signature__exported_sha256": "0" * 64}):
+    for change in (
+        {"model__kwargs": {"sizes": [3, 4, 2], "activation": "tanh"}},
+        {"loss": {"class": "torch.nn.modules.loss:L1Loss", "kwargs": {}}},
+        {"model__exported": "extra/model.pt2"},
+        {"signature__exported_sha256": "0" * 64},
+    ):
         shutil.copytree(run, tmp_path / "copy")
         _edit_attrs(tmp_path / "copy", **change)
         assert not signed_by_me(trajscope.open_run(tmp_path / "copy").attrs), change
@@ -169,7 +190,7 @@ def test_signature_binds_every_field_that_names_code(tmp_path):
 def test_swapped_exported_program_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     simple_run(run, steps=3, model_spec=None, export=True)
-    assert trajscope.open_run(run).model() is not None       # signed, with the program's hash
+    assert trajscope.open_run(run).model() is not None  # signed, with the program's hash
     program = run / "trajectory.zarr" / "extra" / "model.pt2"
     data = bytearray(program.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -205,8 +226,12 @@ def test_no_key_no_signature_and_recording_goes_on(tmp_path, monkeypatch):
 def test_malformed_descriptions_are_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     simple_run(run, steps=3)
-    for change in ({"loss": {"class": ["os:system"]}}, {"loss": "os:system"}, {"model": "os:system"},
-                   {"model__spec": ["os:system"]}):
+    for change in (
+        {"loss": {"class": ["os:system"]}},
+        {"loss": "os:system"},
+        {"model": "os:system"},
+        {"model__spec": ["os:system"]},
+    ):
         shutil.copytree(run, tmp_path / "copy")
         _edit_attrs(tmp_path / "copy", **change)
         capsys.readouterr()
@@ -230,9 +255,11 @@ def test_info_says_what_analysis_would_import(tmp_path, capsys, other_user):
     hostile = tmp_path / "hostile"
     shutil.copytree(foreign, hostile)
     _edit_attrs(hostile, model__spec="os:system")
-    for run, words in ((mine, "signed by you: analysed without --trust"),
-                       (foreign, "not signed by you; allow-listed (trajscope.zoo:mlp, torch.nn.modules.loss:MSELoss)"),
-                       (hostile, "analysing imports os:system only with --trust")):
+    for run, words in (
+        (mine, "signed by you: analysed without --trust"),
+        (foreign, "not signed by you; allow-listed (trajscope.zoo:mlp, torch.nn.modules.loss:MSELoss)"),
+        (hostile, "analysing imports os:system only with --trust"),
+    ):
         capsys.readouterr()
         assert main(["info", str(run)]) == 0
         assert words in " ".join(capsys.readouterr().out.replace("│", " ").split()), run

@@ -1,4 +1,5 @@
 """The exception types for bad input: the CLI prints the message as one line and exits non-zero."""
+
 from __future__ import annotations
 
 

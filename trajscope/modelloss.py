@@ -28,10 +28,12 @@ The recorded batch of such a run is ``(inputs without "labels", labels)``: the m
 ``model(**inputs)`` and the loss as ``loss_fn(logits, labels)``. The analysis preflight and the
 fidelity check compare this replayed loss with the ``outputs.loss`` recorded at each step.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +49,15 @@ PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label
 IGNORE_INDEX = -100
 
 # transformers' LOSS_MAPPING keys -> task
-_LOSS_TYPES = {"ForCausalLM": "causal_lm", "ForMaskedLM": "masked_lm", "ForTokenClassification": "token_classification",
-               "ForSequenceClassification": "sequence_classification", "ForImageClassification": "sequence_classification",
-               "ForAudioClassification": "sequence_classification", "ForVideoClassification": "sequence_classification"}
+_LOSS_TYPES = {
+    "ForCausalLM": "causal_lm",
+    "ForMaskedLM": "masked_lm",
+    "ForTokenClassification": "token_classification",
+    "ForSequenceClassification": "sequence_classification",
+    "ForImageClassification": "sequence_classification",
+    "ForAudioClassification": "sequence_classification",
+    "ForVideoClassification": "sequence_classification",
+}
 
 
 class ModelLoss:
@@ -65,12 +73,15 @@ class ModelLoss:
 
     reduction = "mean"
 
-    def __init__(self, task: str, problem_type: str | None = None, num_labels: int | None = None,
-                 denominator: str = "shifted") -> None:
+    def __init__(
+        self, task: str, problem_type: str | None = None, num_labels: int | None = None, denominator: str = "shifted"
+    ) -> None:
         if task not in TASKS:
             raise TrajscopeError(f"model loss task {task!r} is not one of {', '.join(TASKS)}")
         if problem_type not in PROBLEM_TYPES:
-            raise TrajscopeError(f"problem_type {problem_type!r} is not one of {', '.join(map(str, PROBLEM_TYPES[1:]))}")
+            raise TrajscopeError(
+                f"problem_type {problem_type!r} is not one of {', '.join(map(str, PROBLEM_TYPES[1:]))}"
+            )
         if denominator not in ("shifted", "labels"):
             raise TrajscopeError(f"denominator {denominator!r} is not 'shifted' or 'labels'")
         self.task, self.problem_type, self.denominator = task, problem_type, denominator
@@ -78,13 +89,22 @@ class ModelLoss:
 
     def describe(self) -> dict[str, Any]:
         """The run's loss description (:func:`trajscope.io.specs.build_loss` rebuilds it)."""
-        return {"class": SPEC, "kwargs": {"task": self.task, "problem_type": self.problem_type,
-                                          "num_labels": self.num_labels, "denominator": self.denominator},
-                "computed_by": "model"}
+        return {
+            "class": SPEC,
+            "kwargs": {
+                "task": self.task,
+                "problem_type": self.problem_type,
+                "num_labels": self.num_labels,
+                "denominator": self.denominator,
+            },
+            "computed_by": "model",
+        }
 
     def __repr__(self) -> str:
-        return (f"ModelLoss({self.task!r}, problem_type={self.problem_type!r}, num_labels={self.num_labels}, "
-                f"denominator={self.denominator!r})")
+        return (
+            f"ModelLoss({self.task!r}, problem_type={self.problem_type!r}, num_labels={self.num_labels}, "
+            f"denominator={self.denominator!r})"
+        )
 
     # ------------------------------------------------------------------ the loss
     def _problem(self, labels: torch.Tensor) -> str:
@@ -97,13 +117,17 @@ class ModelLoss:
         return "multi_label_classification"
 
     def __call__(self, logits: Any, labels: torch.Tensor) -> torch.Tensor:
-        logits = getattr(logits, "logits", logits)     # a model output object as well as the tensor
+        logits = getattr(logits, "logits", logits)  # a model output object as well as the tensor
         labels = labels.to(logits.device)
         if self.task == "causal_lm":
             shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
             if self.denominator == "labels":
-                total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                        ignore_index=IGNORE_INDEX, reduction="sum")
+                total = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    shifted.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
                 return total / (labels != IGNORE_INDEX).sum()
             labels = shifted
         if self.task != "sequence_classification":
@@ -134,15 +158,17 @@ class ModelLoss:
         if targets is not None:
             return inputs, targets
         if not isinstance(inputs, Mapping) or "labels" not in inputs:
-            raise TrajscopeError("with loss='model', rec.batch() takes the batch the model was called with, "
-                                 "a dict holding 'labels' (or inputs and labels apart)")
+            raise TrajscopeError(
+                "with loss='model', rec.batch() takes the batch the model was called with, "
+                "a dict holding 'labels' (or inputs and labels apart)"
+            )
         return {k: v for k, v in inputs.items() if k != "labels"}, inputs["labels"]
 
 
 def _task_of(model: Any) -> str | None:
     loss_type = getattr(model, "loss_type", None)
     name = type(model).__name__
-    if loss_type is None:   # transformers' own rule: the class name, else ForCausalLM for models that ask
+    if loss_type is None:  # transformers' own rule: the class name, else ForCausalLM for models that ask
         found = re.findall("(" + "|".join(_LOSS_TYPES) + ")", name)
         loss_type = found[0] if found else ("ForCausalLM" if name.endswith("LMHeadModel") else None)
     return _LOSS_TYPES.get(loss_type) if isinstance(loss_type, str) else None
@@ -156,7 +182,8 @@ def for_model(model: Any) -> ModelLoss:
         raise TrajscopeError(
             f"loss='model' supports Hugging Face causal LM, masked LM, token and sequence classification models; "
             f"{type(model).__name__} (loss_type {getattr(model, 'loss_type', None)!r}) computes another loss: "
-            f"pass loss_fn, a function of (output, targets)")
+            f"pass loss_fn, a function of (output, targets)"
+        )
     if task != "sequence_classification":
         return ModelLoss(task)
     return ModelLoss(task, getattr(config, "problem_type", None), getattr(config, "num_labels", None))

@@ -27,11 +27,12 @@ take the parameter route (``route="param"``, :mod:`trajscope.curvature.paramrout
 differentiates w.r.t. the parameter itself. Other parameters (norms, transposed convolutions, ...)
 are not nodes; they enter only the global quantities (docs/spec.md §8).
 """
+
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +77,7 @@ class NodeLayer:
     route: str = "hook"
     tied: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:   # read back from JSON, tied is a list
+    def __post_init__(self) -> None:  # read back from JSON, tied is a list
         object.__setattr__(self, "tied", tuple(self.tied))
 
     @property
@@ -116,6 +117,7 @@ def _conv_geometry(mod: nn.Module) -> dict:
 def _geometry_from_call(dims: int, k: tuple[int, ...], args: Sequence, pad_op) -> dict | None:
     """Conv geometry from the arguments of an ``aten.conv{1,2,3}d`` / ``aten.convolution`` call,
     optionally preceded by an ``aten.pad`` of the module input."""
+
     def tup(v, default):
         if v is None:
             v = default
@@ -151,9 +153,16 @@ def _geometry_from_call(dims: int, k: tuple[int, ...], args: Sequence, pad_op) -
             return None
         else:
             pad, mode = tuple(extra), pmode
-    return {"dims": dims, "kernel_size": k, "stride": stride,
-            "padding": tuple(lo for lo, _ in pad), "dilation": dil, "groups": groups,
-            "padding_mode": mode, "pad": pad}
+    return {
+        "dims": dims,
+        "kernel_size": k,
+        "stride": stride,
+        "padding": tuple(lo for lo, _ in pad),
+        "dilation": dil,
+        "groups": groups,
+        "padding_mode": mode,
+        "pad": pad,
+    }
 
 
 def _exported_layer(mod: nn.Module) -> tuple[str, dict | None] | None:
@@ -177,8 +186,7 @@ def _exported_layer(mod: nn.Module) -> tuple[str, dict | None] | None:
     call = calls[-1]
     target = str(call.target)
     args = list(call.args)
-    if len(args) < 2 or args[0] is not src or getattr(args[1], "op", None) != "get_attr" \
-            or args[1].target != "weight":
+    if len(args) < 2 or args[0] is not src or getattr(args[1], "op", None) != "get_attr" or args[1].target != "weight":
         return None
     if target.startswith("aten.linear"):
         return ("linear", None) if pad_op is None else None
@@ -234,8 +242,16 @@ def find_node_layers(model: nn.Module, include: Sequence[str] | None = None) -> 
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(mod, nn.MultiheadAttention) and (include is None or matches(prefix + "in_proj", include)):
-            layers += _layer(mod, prefix + "in_proj", "linear", prefix + "in_proj_weight", prefix + "in_proj_bias",
-                             names_of, param_names, route="param")
+            layers += _layer(
+                mod,
+                prefix + "in_proj",
+                "linear",
+                prefix + "in_proj_weight",
+                prefix + "in_proj_bias",
+                names_of,
+                param_names,
+                route="param",
+            )
         if include is not None and not matches(name, include):
             continue
         route, transposed = "hook", False
@@ -252,20 +268,34 @@ def find_node_layers(model: nn.Module, include: Sequence[str] | None = None) -> 
             found = _exported_layer(mod)
         if found is None:
             continue
-        layers += _layer(mod, name, found[0], prefix + "weight", prefix + "bias", names_of, param_names,
-                         found[1], route, transposed)
+        layers += _layer(
+            mod, name, found[0], prefix + "weight", prefix + "bias", names_of, param_names, found[1], route, transposed
+        )
     return layers
 
 
 def _is_hf_conv1d(mod: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (``pytorch_utils``), recognised without importing transformers."""
-    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers") \
-        and isinstance(getattr(mod, "weight", None), Tensor) and mod.weight.dim() == 2
+    return (
+        type(mod).__name__ == "Conv1D"
+        and type(mod).__module__.startswith("transformers")
+        and isinstance(getattr(mod, "weight", None), Tensor)
+        and mod.weight.dim() == 2
+    )
 
 
-def _layer(mod: nn.Module, name: str, kind: str, wname: str, bname: str, names_of: Mapping[int, list[str]],
-           param_names: set[str], conv: dict | None = None, route: str = "hook",
-           transposed: bool = False) -> list[NodeLayer]:
+def _layer(
+    mod: nn.Module,
+    name: str,
+    kind: str,
+    wname: str,
+    bname: str,
+    names_of: Mapping[int, list[str]],
+    param_names: set[str],
+    conv: dict | None = None,
+    route: str = "hook",
+    transposed: bool = False,
+) -> list[NodeLayer]:
     """The node layer of ``mod``'s weight ``wname`` (and bias ``bname``), or none: not a registered
     parameter, or tied to an earlier owner. A tied weight takes the parameter route."""
     attr = wname.rsplit(".", 1)[-1]
@@ -273,7 +303,7 @@ def _layer(mod: nn.Module, name: str, kind: str, wname: str, bname: str, names_o
     if wname not in param_names or not isinstance(w, Tensor):
         return []
     owners = names_of[id(w)]
-    if owners[0] != wname:   # another module's weight: counted once, by its first owner
+    if owners[0] != wname:  # another module's weight: counted once, by its first owner
         return []
     if len(owners) > 1:
         route = "param"
@@ -281,8 +311,7 @@ def _layer(mod: nn.Module, name: str, kind: str, wname: str, bname: str, names_o
     has_bias = getattr(mod, battr, None) is not None and bname in param_names
     n = int(w.shape[1] if transposed else w.shape[0])
     p = int(w.numel() // n) + int(has_bias)
-    return [NodeLayer(name, kind, wname, bname if has_bias else None, n, p, conv, transposed, route,
-                      tuple(owners[1:]))]
+    return [NodeLayer(name, kind, wname, bname if has_bias else None, n, p, conv, transposed, route, tuple(owners[1:]))]
 
 
 def node_matrix(params: Mapping[str, Tensor], layer: NodeLayer) -> Tensor:

@@ -22,6 +22,7 @@ effects executes nothing. The key lives at ``$TRAJSCOPE_KEY_FILE``, else
 ``$XDG_CONFIG_HOME/trajscope/signing.key`` (default ``~/.config``), created on first use with
 mode 0600; deleting it makes every earlier run foreign.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,22 +30,56 @@ import hmac
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from trajscope.errors import TrajscopeError
 
 SIGNATURE_VERSION = 1
 
-_TORCH_LOSS_CLASSES = frozenset({
-    "L1Loss", "MSELoss", "CrossEntropyLoss", "NLLLoss", "BCELoss", "BCEWithLogitsLoss", "HuberLoss",
-    "SmoothL1Loss", "KLDivLoss", "PoissonNLLLoss", "GaussianNLLLoss", "SoftMarginLoss",
-    "MultiLabelSoftMarginLoss", "MultiLabelMarginLoss", "MultiMarginLoss", "HingeEmbeddingLoss",
-    "MarginRankingLoss", "CosineEmbeddingLoss", "TripletMarginLoss", "CTCLoss"})
-_TORCH_LOSS_FUNCTIONS = frozenset({
-    "l1_loss", "mse_loss", "cross_entropy", "nll_loss", "binary_cross_entropy",
-    "binary_cross_entropy_with_logits", "huber_loss", "smooth_l1_loss", "kl_div", "poisson_nll_loss",
-    "gaussian_nll_loss", "soft_margin_loss", "multilabel_soft_margin_loss", "multi_margin_loss"})
+_TORCH_LOSS_CLASSES = frozenset(
+    {
+        "L1Loss",
+        "MSELoss",
+        "CrossEntropyLoss",
+        "NLLLoss",
+        "BCELoss",
+        "BCEWithLogitsLoss",
+        "HuberLoss",
+        "SmoothL1Loss",
+        "KLDivLoss",
+        "PoissonNLLLoss",
+        "GaussianNLLLoss",
+        "SoftMarginLoss",
+        "MultiLabelSoftMarginLoss",
+        "MultiLabelMarginLoss",
+        "MultiMarginLoss",
+        "HingeEmbeddingLoss",
+        "MarginRankingLoss",
+        "CosineEmbeddingLoss",
+        "TripletMarginLoss",
+        "CTCLoss",
+    }
+)
+_TORCH_LOSS_FUNCTIONS = frozenset(
+    {
+        "l1_loss",
+        "mse_loss",
+        "cross_entropy",
+        "nll_loss",
+        "binary_cross_entropy",
+        "binary_cross_entropy_with_logits",
+        "huber_loss",
+        "smooth_l1_loss",
+        "kl_div",
+        "poisson_nll_loss",
+        "gaussian_nll_loss",
+        "soft_margin_loss",
+        "multilabel_soft_margin_loss",
+        "multi_margin_loss",
+    }
+)
 _ZOO_FACTORIES = frozenset({"mlp", "linear", "cnn"})
 
 #: spec -> kind of callable, for every spec that needs no trust
@@ -101,8 +136,14 @@ def _key(create: bool) -> bytes | None:
 # --------------------------------------------------------------------------- signing
 def _message(model: Mapping[str, Any], loss: Any, exported_sha256: str | None) -> bytes:
     """The signed content: every field of the run that names code, canonical JSON."""
-    body = {"v": SIGNATURE_VERSION, "model_spec": model.get("spec"), "model_kwargs": model.get("kwargs"),
-            "exported": model.get("exported"), "exported_sha256": exported_sha256, "loss": loss}
+    body = {
+        "v": SIGNATURE_VERSION,
+        "model_spec": model.get("spec"),
+        "model_kwargs": model.get("kwargs"),
+        "exported": model.get("exported"),
+        "exported_sha256": exported_sha256,
+        "loss": loss,
+    }
     return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
@@ -120,8 +161,12 @@ def sign(model: Mapping[str, Any], loss: Any, exported_sha256: str | None = None
     if key is None:
         return None
     mac = hmac.new(key, _message(model, loss, exported_sha256), hashlib.sha256).hexdigest()
-    return {"v": SIGNATURE_VERSION, "hmac_sha256": mac, "exported_sha256": exported_sha256,
-            "key_id": hashlib.sha256(key).hexdigest()[:16]}
+    return {
+        "v": SIGNATURE_VERSION,
+        "hmac_sha256": mac,
+        "exported_sha256": exported_sha256,
+        "key_id": hashlib.sha256(key).hexdigest()[:16],
+    }
 
 
 def signed_by_me(attrs: Mapping[str, Any]) -> bool:
@@ -156,16 +201,24 @@ class TrustPolicy:
         raise TrajscopeError(
             f"{self.run_path}: rebuilding its {what} would import and call {spec!r}, named inside the run, and the "
             f"run is not signed by you (a run is data: code named in it runs only if you choose it): pass --trust "
-            f"(trust=True) if you trust where the run came from, or {option} to name the code yourself")
+            f"(trust=True) if you trust where the run came from, or {option} to name the code yourself"
+        )
 
     def require_program(self, path: Path) -> None:
         """Allow loading the exported program at ``path`` (unpickling): trusted, or signed with its hash."""
         if self.trust:
             return
         sig = self.attrs.get("signature")
-        if self.signed and isinstance(sig, Mapping) and sig.get("exported_sha256") and path.exists() \
-                and hmac.compare_digest(file_sha256(path), sig["exported_sha256"]):
+        if (
+            self.signed
+            and isinstance(sig, Mapping)
+            and sig.get("exported_sha256")
+            and path.exists()
+            and hmac.compare_digest(file_sha256(path), sig["exported_sha256"])
+        ):
             return
-        raise TrajscopeError(f"{self.run_path} holds an exported program ({path.name}) that is not signed by you, and "
-                             f"loading it can execute code: pass --trust (trust=True) if you trust where the run came "
-                             f"from, or --model package.module:factory")
+        raise TrajscopeError(
+            f"{self.run_path} holds an exported program ({path.name}) that is not signed by you, and "
+            f"loading it can execute code: pass --trust (trust=True) if you trust where the run came "
+            f"from, or --model package.module:factory"
+        )

@@ -3,9 +3,10 @@
 A run recorded with ``model_spec="trajscope.zoo:mlp"`` can be replayed anywhere trajscope is
 installed, without unpickling anything.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -41,8 +42,9 @@ def linear(in_features: int = 8, out_features: int = 1, bias: bool = True) -> nn
     return nn.Linear(in_features, out_features, bias=bias)
 
 
-def cnn(in_channels: int = 1, size: int = 8, channels: Sequence[int] = (8, 16), classes: int = 10,
-        activation: str = "relu") -> nn.Sequential:
+def cnn(
+    in_channels: int = 1, size: int = 8, channels: Sequence[int] = (8, 16), classes: int = 10, activation: str = "relu"
+) -> nn.Sequential:
     """A small CNN for ``size × size`` images: 3×3 convs (padding 1) with 2×2 max-pooling, then a linear head."""
     layers: list[nn.Module] = []
     c, s = in_channels, size

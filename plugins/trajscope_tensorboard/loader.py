@@ -5,6 +5,7 @@ module imports only TensorBoard's own ``base_plugin``; the plugin module (numpy,
 trajscope.io.results) is imported in :meth:`TrajscopeLoader.load`, where TensorBoard logs a
 failure and carries on without the tab.
 """
+
 from __future__ import annotations
 
 from tensorboard.plugins import base_plugin

@@ -22,6 +22,7 @@ with a 4xx code (5xx only for a bug, still without a stack trace). Big arrays tr
 base64 of little-endian typed arrays (labels: uint8, node-major), small series as JSON
 lists with ``null`` for non-finite values.
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,8 +33,9 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tensorboard import plugin_util
@@ -191,9 +193,12 @@ class TrajscopePlugin(base_plugin.TBPlugin):
         out: dict[str, dict[str, Any]] = {}
         for run, tags in listing.items():
             for tag, series in tags.items():
-                if (tag.startswith(TAG_PREFIX) and tag.endswith(LABELS_SUFFIX)
-                        and len(tag) >= len(TAG_PREFIX) + len(LABELS_SUFFIX)):  # "trajscope//labels": module ""
-                    out.setdefault(run, {})[tag[len(TAG_PREFIX):-len(LABELS_SUFFIX)]] = series
+                if (
+                    tag.startswith(TAG_PREFIX)
+                    and tag.endswith(LABELS_SUFFIX)
+                    and len(tag) >= len(TAG_PREFIX) + len(LABELS_SUFFIX)
+                ):  # "trajscope//labels": module ""
+                    out.setdefault(run, {})[tag[len(TAG_PREFIX) : -len(LABELS_SUFFIX)]] = series
         return out
 
     def _run_dir(self, run: str) -> str | None:
@@ -240,8 +245,9 @@ class TrajscopePlugin(base_plugin.TBPlugin):
 
     def _check_layer(self, run: str, layer: str, layers: list[str]) -> None:
         if layer not in layers:
-            raise RequestError(404, f"unknown layer {layer!r} in run {run!r}; layers: "
-                                    f"{', '.join(repr(x) for x in layers) or 'none'}")
+            raise RequestError(
+                404, f"unknown layer {layer!r} in run {run!r}; layers: {', '.join(repr(x) for x in layers) or 'none'}"
+            )
 
     def _layers_of(self, request, run: str) -> tuple[list[str], dict[str, Any], Any]:
         series = self._label_series(request).get(run, {})
@@ -271,8 +277,12 @@ class TrajscopePlugin(base_plugin.TBPlugin):
         ctx, eid = self._ctx(request)
         tag = f"{TAG_PREFIX}{layer}{LABELS_SUFFIX}"
         data = self._provider.read_tensors(
-            ctx, experiment_id=eid, plugin_name=PLUGIN_NAME, downsample=_ALL,
-            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag]))
+            ctx,
+            experiment_id=eid,
+            plugin_name=PLUGIN_NAME,
+            downsample=_ALL,
+            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag]),
+        )
         by_step: dict[int, np.ndarray] = {}
         for datum in data.get(run, {}).get(tag, []):
             by_step[int(datum.step)] = np.asarray(datum.numpy).reshape(-1)  # re-analysis: last wins
@@ -299,8 +309,12 @@ class TrajscopePlugin(base_plugin.TBPlugin):
             source = "analysis.zarr"
         else:  # pragma: no cover - _check_layer guarantees one of the two
             raise RequestError(404, f"no labels for layer {layer!r} in run {run!r}")
-        return {"steps": steps, "labels": labels, "source": source,
-                "label_names": self._label_names(series.get(layer), res)}
+        return {
+            "steps": steps,
+            "labels": labels,
+            "source": source,
+            "label_names": self._label_names(series.get(layer), res),
+        }
 
     # -- routes ----------------------------------------------------------------------------
     @_route
@@ -326,15 +340,22 @@ class TrajscopePlugin(base_plugin.TBPlugin):
                 nodes = res.layers.get(m) if res is not None else None
                 if nodes is None and m in series:
                     nodes = self._content(series[m]).get("nodes")
-                layers.append({"name": m, "nodes": nodes, "labels": m in series,
-                               "metrics": res is not None and m in res.layers})
+                layers.append(
+                    {"name": m, "nodes": nodes, "labels": m in series, "metrics": res is not None and m in res.layers}
+                )
             warnings = [str(w) for w in res.attrs.get("warnings", [])] if res is not None else []
-            out.append({"name": run, "layers": layers, "results": res is not None, "results_error": error,
-                        "warnings": warnings,
-                        "steps": int(len(res)) if res is not None else None,
-                        "max_step": max((int(s.max_step) for s in series.values()), default=None)})
-        return _json_response(request, {"runs": out, "label_names": list(DEFAULT_LABELS),
-                                        "logdir": bool(self._logdir)})
+            out.append(
+                {
+                    "name": run,
+                    "layers": layers,
+                    "results": res is not None,
+                    "results_error": error,
+                    "warnings": warnings,
+                    "steps": int(len(res)) if res is not None else None,
+                    "max_step": max((int(s.max_step) for s in series.values()), default=None),
+                }
+            )
+        return _json_response(request, {"runs": out, "label_names": list(DEFAULT_LABELS), "logdir": bool(self._logdir)})
 
     @_route
     def serve_labels(self, request):
@@ -347,15 +368,28 @@ class TrajscopePlugin(base_plugin.TBPlugin):
         if kind == "stable_label":  # only the store has stable labels
             res = self._results(run)
             self._check_layer(run, layer, list(res.layers))
-            d = {"steps": res.steps, "labels": res.node(layer, "stable_label"), "source": "analysis.zarr",
-                 "label_names": list(res.label_names)}
+            d = {
+                "steps": res.steps,
+                "labels": res.node(layer, "stable_label"),
+                "source": "analysis.zarr",
+                "label_names": list(res.label_names),
+            }
         else:
             d = self._labels(request, run, layer)
         k, n = d["labels"].shape
-        return _json_response(request, {
-            "run": run, "layer": layer, "kind": kind, "source": d["source"], "label_names": d["label_names"],
-            "steps": d["steps"].tolist(), "nodes": int(n),
-            "labels": _b64(np.ascontiguousarray(d["labels"].T), "uint8")})
+        return _json_response(
+            request,
+            {
+                "run": run,
+                "layer": layer,
+                "kind": kind,
+                "source": d["source"],
+                "label_names": d["label_names"],
+                "steps": d["steps"].tolist(),
+                "nodes": int(n),
+                "labels": _b64(np.ascontiguousarray(d["labels"].T), "uint8"),
+            },
+        )
 
     @_route
     def serve_node(self, request):
@@ -372,8 +406,17 @@ class TrajscopePlugin(base_plugin.TBPlugin):
         if not 0 <= node < n:
             raise RequestError(400, f"node {node} out of range: layer {layer!r} has {n} nodes")
         metrics = {m: _jlist(res.node_series(layer, m, node)) for m in res.metrics(layer)}
-        return _json_response(request, {"run": run, "layer": layer, "node": node, "steps": res.steps.tolist(),
-                                        "label_names": list(res.label_names), "series": metrics})
+        return _json_response(
+            request,
+            {
+                "run": run,
+                "layer": layer,
+                "node": node,
+                "steps": res.steps.tolist(),
+                "label_names": list(res.label_names),
+                "series": metrics,
+            },
+        )
 
     @_route
     def serve_step(self, request):
@@ -400,9 +443,19 @@ class TrajscopePlugin(base_plugin.TBPlugin):
             a = res.node(layer, m, index)
             kind = "uint8" if a.dtype == np.uint8 else "int32" if a.dtype.kind in "iu" else "float32"
             arrays[m] = _b64(a, kind)
-        return _json_response(request, {"run": run, "layer": layer, "index": index, "step": int(res.steps[index]),
-                                        "steps": res.steps.tolist(), "nodes": res.layers[layer],
-                                        "label_names": list(res.label_names), "metrics": arrays})
+        return _json_response(
+            request,
+            {
+                "run": run,
+                "layer": layer,
+                "index": index,
+                "step": int(res.steps[index]),
+                "steps": res.steps.tolist(),
+                "nodes": res.layers[layer],
+                "label_names": list(res.label_names),
+                "metrics": arrays,
+            },
+        )
 
     @_route
     def serve_stability(self, request):
@@ -413,8 +466,11 @@ class TrajscopePlugin(base_plugin.TBPlugin):
         names, series, res = known
         out: dict[str, Any] = {"run": run, "global": None, "layers": []}
         if res is not None:
-            out["global"] = {"steps": res.steps.tolist(), "source": "analysis.zarr",
-                             "series": {g: _jlist(res.global_series(g)) for g in res.global_names}}
+            out["global"] = {
+                "steps": res.steps.tolist(),
+                "source": "analysis.zarr",
+                "series": {g: _jlist(res.global_series(g)) for g in res.global_names},
+            }
         else:
             out["global"] = self._global_from_scalars(request, run)
         label_names = self._label_names(next(iter(series.values()), None), res)
@@ -424,13 +480,21 @@ class TrajscopePlugin(base_plugin.TBPlugin):
             labels = d["labels"]
             n = max(1, labels.shape[1])
             frac = {name: _jlist((labels == code).sum(axis=1) / n) for code, name in enumerate(label_names)}
-            entry: dict[str, Any] = {"name": m, "steps": d["steps"].tolist(), "fractions": frac, "nodes": int(labels.shape[1]),
-                                     "max_spectral_radius": None}
+            entry: dict[str, Any] = {
+                "name": m,
+                "steps": d["steps"].tolist(),
+                "fractions": frac,
+                "nodes": int(labels.shape[1]),
+                "max_spectral_radius": None,
+            }
             if res is not None and m in res.layers:
                 r = res.node(m, "spectral_radius").astype(np.float64)
                 finite = np.isfinite(r)
-                mx = np.where(finite.any(axis=1), np.max(np.where(finite, r, -np.inf), axis=1), np.nan) \
-                    if r.size else np.zeros(0)
+                mx = (
+                    np.where(finite.any(axis=1), np.max(np.where(finite, r, -np.inf), axis=1), np.nan)
+                    if r.size
+                    else np.zeros(0)
+                )
                 entry["max_spectral_radius"] = {"steps": res.steps.tolist(), "values": _jlist(mx)}
             out["layers"].append(entry)
         return _json_response(request, out)
@@ -438,13 +502,19 @@ class TrajscopePlugin(base_plugin.TBPlugin):
     def _global_from_scalars(self, request, run: str) -> dict | None:
         ctx, eid = self._ctx(request)
         prefix = f"{TAG_PREFIX}global/"
-        listing = self._provider.list_scalars(ctx, experiment_id=eid, plugin_name="scalars",
-                                              run_tag_filter=tb_provider.RunTagFilter(runs=[run]))
+        listing = self._provider.list_scalars(
+            ctx, experiment_id=eid, plugin_name="scalars", run_tag_filter=tb_provider.RunTagFilter(runs=[run])
+        )
         tags = [t for t in listing.get(run, {}) if t.startswith(prefix)]
         if not tags:
             return None
-        data = self._provider.read_scalars(ctx, experiment_id=eid, plugin_name="scalars", downsample=_ALL,
-                                           run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=tags))
+        data = self._provider.read_scalars(
+            ctx,
+            experiment_id=eid,
+            plugin_name="scalars",
+            downsample=_ALL,
+            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=tags),
+        )
         steps = sorted({int(p.step) for t in tags for p in data.get(run, {}).get(t, [])})
         index = {s: i for i, s in enumerate(steps)}
         series = {}
@@ -452,7 +522,7 @@ class TrajscopePlugin(base_plugin.TBPlugin):
             vals = [None] * len(steps)
             for p in data.get(run, {}).get(t, []):
                 vals[index[int(p.step)]] = p.value if math.isfinite(p.value) else None
-            series[t[len(prefix):]] = vals
+            series[t[len(prefix) :]] = vals
         return {"steps": steps, "source": "events", "series": series}
 
     @_route
@@ -460,7 +530,7 @@ class TrajscopePlugin(base_plugin.TBPlugin):
         """The shipped ES modules and CSS, by exact name only (no paths, no traversal)."""
         marker = f"/plugin/{PLUGIN_NAME}/static/"
         path = request.path
-        name = path[path.find(marker) + len(marker):] if marker in path else ""
+        name = path[path.find(marker) + len(marker) :] if marker in path else ""
         hit = self._static.get(name)
         if hit is None:
             raise RequestError(404, f"no static file {name!r}")

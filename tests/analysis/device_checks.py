@@ -7,22 +7,31 @@ machine::
 
 Prints one line ``RESULTS {name: error or ""}``.
 """
-import json, math, sys, traceback, warnings
+
+import json
+import math
+import sys
+import traceback
+import warnings
+
 dev = sys.argv[1] if len(sys.argv) > 1 else "lazy"
 import torch
+
 if dev == "lazy":
     import torch._lazy.ts_backend
+
     torch._lazy.ts_backend.init()
 torch.set_num_threads(1)  # lazy tensors are not thread-safe: no eigen pool
 import numpy as np
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
+
+from tests.helpers.calls import hvp_operator, node_curvature, sharpness
 from trajscope.curvature.blocks import dense_blocks
 from trajscope.curvature.factors import LayerFactor
 from trajscope.curvature.spectra import bias_group_eigvals, preconditioned_eigvals
 from trajscope.linalg import eigen
-from trajscope.nodes import find_node_layers, node_matrix
-from tests.helpers.calls import hvp_operator, node_curvature, sharpness
+from trajscope.nodes import find_node_layers
 
 warnings.simplefilter("ignore")
 F64 = torch.float64
@@ -48,8 +57,9 @@ def to(x, d):
 
 
 def on_cpu64(t, what):
-    assert isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == F64, \
+    assert isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == F64, (
         f"{what}: {getattr(t, 'device', None)} {getattr(t, 'dtype', type(t))}, not CPU float64"
+    )
 
 
 def close(got, want, what, rtol=1e-9):
@@ -79,7 +89,7 @@ def unflat(vec, params, names):
     out, o = dict(params), 0
     for k in names:
         n = params[k].numel()
-        out[k] = vec[o:o + n].view_as(params[k])
+        out[k] = vec[o : o + n].view_as(params[k])
         o += n
     return out
 
@@ -132,8 +142,9 @@ class Seq(nn.Module):
 
 def conv_bn():
     torch.manual_seed(3)
-    m = nn.Sequential(nn.Conv2d(4, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4), nn.Tanh(),
-                      nn.Flatten(), nn.Linear(16, 3)).to(F64)
+    m = nn.Sequential(
+        nn.Conv2d(4, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)
+    ).to(F64)
     m[1].running_mean.uniform_(-0.5, 0.5)
     m[1].running_var.uniform_(0.5, 2.0)
     return m
@@ -141,8 +152,9 @@ def conv_bn():
 
 def conv1d_reflect():
     torch.manual_seed(4)
-    return nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2, padding=2, padding_mode="reflect"), nn.Tanh(),
-                         nn.Flatten(), nn.Linear(15, 2)).to(F64)
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, dilation=2, padding=2, padding_mode="reflect"), nn.Tanh(), nn.Flatten(), nn.Linear(15, 2)
+    ).to(F64)
 
 
 def mlp(sizes=(4, 6, 3), act=nn.Tanh, dtype=F64, seed=0):
@@ -158,12 +170,24 @@ def mlp(sizes=(4, 6, 3), act=nn.Tanh, dtype=F64, seed=0):
 g = torch.Generator().manual_seed(11)
 CASES = {
     "mlp": (mlp(), torch.randn(5, 4, generator=g, dtype=F64), torch.tensor([0, 2, 1, 1, 0]), nn.CrossEntropyLoss()),
-    "seq3d": (Seq().to(F64), torch.randn(3, 5, 2, generator=g, dtype=F64), torch.randn(3, 5, 3, generator=g, dtype=F64),
-              nn.MSELoss()),
-    "conv_bn": (conv_bn(), torch.randn(3, 4, 4, 4, generator=g, dtype=F64), torch.tensor([2, 0, 1]),
-                nn.CrossEntropyLoss()),
-    "conv1d": (conv1d_reflect(), torch.randn(3, 2, 5, generator=g, dtype=F64), torch.randn(3, 2, generator=g, dtype=F64),
-               nn.MSELoss()),
+    "seq3d": (
+        Seq().to(F64),
+        torch.randn(3, 5, 2, generator=g, dtype=F64),
+        torch.randn(3, 5, 3, generator=g, dtype=F64),
+        nn.MSELoss(),
+    ),
+    "conv_bn": (
+        conv_bn(),
+        torch.randn(3, 4, 4, 4, generator=g, dtype=F64),
+        torch.tensor([2, 0, 1]),
+        nn.CrossEntropyLoss(),
+    ),
+    "conv1d": (
+        conv1d_reflect(),
+        torch.randn(3, 2, 5, generator=g, dtype=F64),
+        torch.randn(3, 2, generator=g, dtype=F64),
+        nn.MSELoss(),
+    ),
 }
 REFS = {}
 
@@ -184,8 +208,9 @@ def run_both(name, kind, method="auto"):
     params, buffers, H, GGN, names = ref(name)
     layers = find_node_layers(model)
     cpu = node_curvature(model.to("cpu"), params, buffers, x, y, lf, layers, kind=kind, method=method)
-    got = node_curvature(model.to(DEV), to(params, DEV), to(buffers, DEV), x.to(DEV), y.to(DEV), lf, layers,
-                           kind=kind, method=method)
+    got = node_curvature(
+        model.to(DEV), to(params, DEV), to(buffers, DEV), x.to(DEV), y.to(DEV), lf, layers, kind=kind, method=method
+    )
     model.to("cpu")
     return layers, cpu, got, (H if kind == "exact" else GGN), params, names
 
@@ -328,6 +353,7 @@ def float32_blocks_on_device():
             def eigvalsh(*args):
                 calls.append(args[2])
                 return kernel.eigvalsh(*args)
+
         eigen._smalleig = Counting
     for kind, Href in (("ggn", GGN), ("exact", H)):
         got = node_curvature(model.to(DEV), to(p32, DEV), {}, x.to(DEV), y.to(DEV), nn.MSELoss(), layers, kind=kind)
@@ -380,8 +406,11 @@ def nonfinite_on_device():
         for l in layers:
             close(got.eigvals[l.name], cpu.eigvals[l.name], f"ignored NaN sample {kind} {l.name}")
             d = torch.ones(l.n_nodes, l.node_dim, dtype=F64) * 2
-            close(preconditioned_eigvals(got.factors[l.name], d.to(DEV), shift=0.1),
-                  preconditioned_eigvals(cpu.factors[l.name], d, shift=0.1), f"ignored NaN sample {kind} precond")
+            close(
+                preconditioned_eigvals(got.factors[l.name], d.to(DEV), shift=0.1),
+                preconditioned_eigvals(cpu.factors[l.name], d, shift=0.1),
+                f"ignored NaN sample {kind} precond",
+            )
 
 
 @check
@@ -396,9 +425,11 @@ def sharpness_and_hvp_on_device():
         shift = {k: (0.05 if k.endswith("bias") else -0.02) for k in params}
         P = torch.cat([pre.get(k, torch.ones_like(params[k])).reshape(-1) for k in names]).sqrt()
         W = torch.cat([torch.full((params[k].numel(),), shift[k], dtype=F64) for k in names])
-        configs = (({"precond": pre}, P[:, None] * H * P[None, :]),
-                   ({"precond": to(pre, DEV), "shift": shift}, P[:, None] * (H + torch.diag(W)) * P[None, :]))
-        for kw, M in configs[:(2 if name == "mlp" else 0)]:  # Lanczos on lazy: ~1.5 s a call
+        configs = (
+            ({"precond": pre}, P[:, None] * H * P[None, :]),
+            ({"precond": to(pre, DEV), "shift": shift}, P[:, None] * (H + torch.diag(W)) * P[None, :]),
+        )
+        for kw, M in configs[: (2 if name == "mlp" else 0)]:  # Lanczos on lazy: ~1.5 s a call
             what = f"sharpness {name} {sorted(kw)}"
             want = float(torch.linalg.eigvalsh(M)[-1])
             got = sharpness(model.to(DEV), to(params, DEV), to(buffers, DEV), x.to(DEV), y.to(DEV), lf, **kw)
@@ -418,9 +449,21 @@ def sharpness_and_hvp_on_device():
         assert op.count == 2
         sub = [names[-1], names[0]]
         op2, dim2 = hvp_operator(model.to(DEV), to(params, DEV), to(buffers, DEV), x.to(DEV), y.to(DEV), lf, names=sub)
-        ix = torch.tensor(sum((list(range(*span)) for span in [
-            (sum(params[k].numel() for k in names[:names.index(s)]),
-             sum(params[k].numel() for k in names[:names.index(s) + 1])) for s in sub]), []))
+        ix = torch.tensor(
+            sum(
+                (
+                    list(range(*span))
+                    for span in [
+                        (
+                            sum(params[k].numel() for k in names[: names.index(s)]),
+                            sum(params[k].numel() for k in names[: names.index(s) + 1]),
+                        )
+                        for s in sub
+                    ]
+                ),
+                [],
+            )
+        )
         u = np.random.default_rng(2).standard_normal(dim2)
         close(torch.from_numpy(op2(u)), H[ix][:, ix] @ torch.from_numpy(u), f"hvp subset {name}", 1e-10)
         model.to("cpu")
@@ -435,8 +478,9 @@ def sharpness_and_hvp_on_device():
     P = torch.cat([pre["weight"].reshape(-1), torch.ones(2, dtype=F64)]).sqrt()
     W = torch.tensor([0.0] * 6 + [0.3, 0.3], dtype=F64)
     want = float(torch.linalg.eigvalsh(P[:, None] * (H + torch.diag(W)) * P[None, :])[-1])
-    got = sharpness(lin.to(DEV), to(params, DEV), {}, xs.to(DEV), ys.to(DEV), nn.MSELoss(), precond=to(pre, DEV),
-                    shift=shift)
+    got = sharpness(
+        lin.to(DEV), to(params, DEV), {}, xs.to(DEV), ys.to(DEV), nn.MSELoss(), precond=to(pre, DEV), shift=shift
+    )
     lin.to("cpu")
     assert got.n_hvp == 8 and abs(got.value - want) <= 1e-10 * abs(want), (got, want)
 

@@ -7,54 +7,26 @@ tensors with CPU ones, as CUDA does, so an analysis there finds a tensor left be
 path a run takes. Each run below is analysed on the CPU here and on "lazy" in a subprocess
 (the lazy backend is process-global and not thread-safe); every stored array must agree.
 """
+
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
-from tests.helpers.analysis import F64, batches, record, store_arrays
-from torch import nn
-
-import trajscope
-from trajscope import zoo
 
 # imports of the cases folded from test_review_device_timer_probe (below)
-import json
-import math
-import os
-import random
 import shutil
-import subprocess
-import sys
-import textwrap
-import threading
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import zarr
 from torch import nn
 
 import trajscope
-from trajscope.record import recorder as recorder_mod
-from trajscope import zoo
-from trajscope.io import layout as store
-from tests.helpers.calls import node_curvature
-from trajscope.nodes import find_node_layers
-from trajscope.record.recorder import Recorder
-
-from tests.helpers.analysis import F64, record, store_arrays
-from tests.helpers.recording import Ref, make_batches, make_model, train
+from tests.helpers.analysis import F64, batches, record, store_arrays
 from tests.helpers.scripts import run_script
+from trajscope import zoo
+
 
 def _mlp_two_groups(path: Path, opt_cls, **kw) -> None:
     """tanh MLP (dim > 32: Lanczos), biases in a group of their own lr and weight decay."""
@@ -63,8 +35,15 @@ def _mlp_two_groups(path: Path, opt_cls, **kw) -> None:
     w = [p for n, p in model.named_parameters() if n.endswith("weight")]
     b = [p for n, p in model.named_parameters() if n.endswith("bias")]
     opt = opt_cls([{"params": w, "weight_decay": 0.01}, {"params": b, "weight_decay": 0.0, "lr": 0.2}], **kw)
-    record(path, model, opt, nn.MSELoss(), batches(4, 5, 3, b=10),
-           model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": [5, 8, 3], "activation": "tanh"})
+    record(
+        path,
+        model,
+        opt,
+        nn.MSELoss(),
+        batches(4, 5, 3, b=10),
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": [5, 8, 3], "activation": "tanh"},
+    )
 
 
 def _cnn_adam(path: Path) -> None:
@@ -73,8 +52,7 @@ def _cnn_adam(path: Path) -> None:
     model = zoo.cnn(**spec).to(F64)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(5, 1, 6, 6, generator=g, dtype=F64), torch.randint(0, 4, (5,), generator=g))
-            for _ in range(3)]
+    data = [(torch.randn(5, 1, 6, 6, generator=g, dtype=F64), torch.randint(0, 4, (5,), generator=g)) for _ in range(3)]
     record(path, model, opt, nn.CrossEntropyLoss(), data, model_spec="trajscope.zoo:cnn", model_kwargs=spec)
 
 
@@ -82,8 +60,15 @@ def _linear_sgd(path: Path) -> None:
     """4 parameters: the dense sharpness route."""
     torch.manual_seed(0)
     model = zoo.linear(3, 1).to(F64)
-    record(path, model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), batches(3, 3, 1),
-           model_spec="trajscope.zoo:linear", model_kwargs={"in_features": 3, "out_features": 1})
+    record(
+        path,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.MSELoss(),
+        batches(3, 3, 1),
+        model_spec="trajscope.zoo:linear",
+        model_kwargs={"in_features": 3, "out_features": 1},
+    )
 
 
 RUNS = {
@@ -135,16 +120,16 @@ def test_lazy_device_analysis_matches_cpu(tmp_path):
                 base = ref[key.replace("hess_min", "hess_max")]
                 finite = np.isfinite(base)
                 scale = float(np.abs(base[finite]).max()) if finite.any() else 0.0
-                if key.endswith("loss_mismatch"):   # rounding noise of a faithful replay: judged against the loss
+                if key.endswith("loss_mismatch"):  # rounding noise of a faithful replay: judged against the loss
                     scale = 1.0 / rtol * (1e-6 if opts["dtype"] == "float32" else 1e-12)
-                np.testing.assert_allclose(have, want, rtol=rtol, atol=rtol * scale, equal_nan=True,
-                                           err_msg=f"{name} {opts} {key}")
+                np.testing.assert_allclose(
+                    have, want, rtol=rtol, atol=rtol * scale, equal_nan=True, err_msg=f"{name} {opts} {key}"
+                )
         # the paths this case is there for did run
         if name.endswith("two_groups") or name == "sgd_two_groups_maximize":
             assert np.isfinite(ref["global/sharpness"]).all()
         if name == "adam_two_groups":
             assert np.isfinite(ref["global/precond_sharpness"]).all()
-
 
 
 # ==============================================================================================
@@ -157,10 +142,17 @@ HERE = Path(__file__).resolve().parent
 # device: direct calls of the analysis functions on a second device
 # --------------------------------------------------------------------------------------------
 
-DEVICE_CHECK_NAMES = ["node_curvature_mlp", "node_curvature_linear_3d_input", "node_curvature_conv_groups_batchnorm",
-                      "node_curvature_conv1d_dilated_reflect", "preconditioned_and_bias_group_eigvals",
-                      "eigen_solves_on_device", "float32_blocks_on_device", "nonfinite_on_device",
-                      "sharpness_and_hvp_on_device"]
+DEVICE_CHECK_NAMES = [
+    "node_curvature_mlp",
+    "node_curvature_linear_3d_input",
+    "node_curvature_conv_groups_batchnorm",
+    "node_curvature_conv1d_dilated_reflect",
+    "preconditioned_and_bias_group_eigvals",
+    "eigen_solves_on_device",
+    "float32_blocks_on_device",
+    "nonfinite_on_device",
+    "sharpness_and_hvp_on_device",
+]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +160,7 @@ def device_results() -> dict[str, str]:
     done = run_script(HERE / "device_checks.py", "lazy")
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULTS ")), None)
     assert done.returncode == 0 and line is not None, done.stderr[-4000:]
-    return json.loads(line[len("RESULTS "):])
+    return json.loads(line[len("RESULTS ") :])
 
 
 @pytest.mark.parametrize("name", DEVICE_CHECK_NAMES)
@@ -186,12 +178,22 @@ def _mlp_run(path: Path, make_opt, *, sizes=(5, 8, 3), act="tanh", probe=None, b
     torch.manual_seed(0)
     model = zoo.mlp(list(sizes), activation=act).to(F64)
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(6, sizes[0], generator=g, dtype=F64), torch.randn(6, sizes[-1], generator=g, dtype=F64))
-            for _ in range(4)]
+    data = [
+        (torch.randn(6, sizes[0], generator=g, dtype=F64), torch.randn(6, sizes[-1], generator=g, dtype=F64))
+        for _ in range(4)
+    ]
     if blow_up is not None:  # an overflowing batch: an infinite loss, then non-finite parameters
         data[blow_up] = (data[blow_up][0] * 1e200, data[blow_up][1])
-    record(path, model, make_opt(model), nn.MSELoss(), data, probe=probe,
-           model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": list(sizes), "activation": act})
+    record(
+        path,
+        model,
+        make_opt(model),
+        nn.MSELoss(),
+        data,
+        probe=probe,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": list(sizes), "activation": act},
+    )
 
 
 def _groups(model, **kw):
@@ -205,15 +207,21 @@ def test_lazy_device_end_to_end_probe_batch_diverged_run_and_amsgrad(tmp_path):
     g = torch.Generator().manual_seed(5)
     probe = (torch.randn(7, 5, generator=g, dtype=F64), torch.randn(7, 3, generator=g, dtype=F64))
     runs = {
-        "nesterov_probe": lambda p: _mlp_run(p, lambda m: torch.optim.SGD(
-            m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), probe=probe),
+        "nesterov_probe": lambda p: _mlp_run(
+            p,
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+            probe=probe,
+        ),
         "diverged": lambda p: _mlp_run(p, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), act="relu", blow_up=2),
-        "adamw_amsgrad": lambda p: _mlp_run(p, lambda m: torch.optim.AdamW(
-            _groups(m, weight_decay=0.1), lr=1e-2, amsgrad=True)),
+        "adamw_amsgrad": lambda p: _mlp_run(
+            p, lambda m: torch.optim.AdamW(_groups(m, weight_decay=0.1), lr=1e-2, amsgrad=True)
+        ),
     }
-    cases = [("nesterov_probe", {"dtype": "float64", "batch": "probe", "curvature": "exact"}),
-             ("diverged", {"dtype": "float64", "all_steps": True}),
-             ("adamw_amsgrad", {"dtype": "float64"})]
+    cases = [
+        ("nesterov_probe", {"dtype": "float64", "batch": "probe", "curvature": "exact"}),
+        ("diverged", {"dtype": "float64", "all_steps": True}),
+        ("adamw_amsgrad", {"dtype": "float64"}),
+    ]
     jobs = []
     for k, (name, opts) in enumerate(cases):
         src = tmp_path / "rec" / name

@@ -1,5 +1,6 @@
 """The label-validity benchmark (benchmarks/label_validity.py): its outcome functions on hand-made
 trajectories with known answers, and one tiny end-to-end run of the benchmark."""
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,20 @@ from benchmarks import label_validity as lv  # noqa: E402
 LR = 0.1
 
 
-def _outcome(traj: np.ndarray, grads: np.ndarray, t: int, u: int, lr: float = LR, fair: float | None = None,
-             cfg: lv.OutcomeConfig = lv.OutcomeConfig()) -> tuple[np.ndarray, np.ndarray, dict]:
+def _outcome(
+    traj: np.ndarray,
+    grads: np.ndarray,
+    t: int,
+    u: int,
+    lr: float = LR,
+    fair: float | None = None,
+    cfg: lv.OutcomeConfig = lv.OutcomeConfig(),
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Judge the nodes of a hand-made trajectory ``traj`` (S, N, p) with gradients ``grads`` (S, N, p) over
     t -> u exactly as the benchmark does (midpoints, paces over ``pace_window`` checkpoints)."""
     m = cfg.pace_window
     pos = lambda s: lv.midpoint(traj[s], traj[s + 1])  # noqa: E731
-    gmid = lambda s: 0.5 * (grads[s] + grads[s + 1])   # noqa: E731  (linear gradients: exact at the midpoint)
+    gmid = lambda s: 0.5 * (grads[s] + grads[s + 1])  # noqa: E731  (linear gradients: exact at the midpoint)
     pace = lambda s: lv.pace(traj[s], traj[s + 1], lr)  # noqa: E731
     before = np.median(np.stack([pace(s) for s in range(max(0, t - m + 1), t + 1)]), axis=0)
     after = np.median(np.stack([pace(s) for s in range(u, u + m)]), axis=0)
@@ -36,7 +44,9 @@ def _outcome(traj: np.ndarray, grads: np.ndarray, t: int, u: int, lr: float = LR
     return out, why, q
 
 
-def _gd(h: np.ndarray, theta0: np.ndarray, steps: int, lr: float = LR, wd: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def _gd(
+    h: np.ndarray, theta0: np.ndarray, steps: int, lr: float = LR, wd: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Gradient descent on L = Σ_i ½ θ_iᵀ h_i θ_i, node by node (h: (N, p, p)): trajectory and data gradients."""
     th = [theta0.astype(np.float64)]
     gs = []
@@ -65,11 +75,11 @@ def test_weight_decay_collapse_is_degenerate():
 def test_geometric_growth_is_source():
     # θ_{s+1} = 1.1 θ_s: deviations grow by 1.1 per step, 2.6x over 10 steps
     p = 4
-    traj = np.stack([np.full((1, p), 1.1 ** s) for s in range(40)])
+    traj = np.stack([np.full((1, p), 1.1**s) for s in range(40)])
     grads = -traj * 0.1 / LR  # the gradient that makes this the GD step (irrelevant: growth is checked first)
     out, why, q = _outcome(traj, grads, 10, 20)
     # paces: medians over checkpoints 8-10 and 20-22, i.e. the moves at 9 and at 21
-    assert q["pace_after"][0] / q["pace_before"][0] == pytest.approx(1.1 ** 12, rel=1e-9)
+    assert q["pace_after"][0] / q["pace_before"][0] == pytest.approx(1.1**12, rel=1e-9)
     assert out[0] == lv.SOURCE and lv.TRUTH_REASONS[why[0]] == "step_growth"
     # the norm doubling alone is a source too, with the step growth test switched off
     out, why, _ = _outcome(traj, grads, 10, 20, cfg=lv.OutcomeConfig(step_growth=np.inf))
@@ -103,10 +113,10 @@ def test_dead_node_has_no_loss_share():
     # a live node that moves, but along a direction the loss does not depend on: no loss share
     drift = traj.copy()
     drift[:, 0, :] = 1.0
-    drift[:, 0, 0] += 0.05 * np.arange(len(drift))          # constant velocity along a flat direction
+    drift[:, 0, 0] += 0.05 * np.arange(len(drift))  # constant velocity along a flat direction
     g = grads.copy()
     g[:, 0, :] = 0.0
-    g[:, 0, 1] = 1.0                                          # gradient orthogonal to the motion: not dead
+    g[:, 0, 1] = 1.0  # gradient orthogonal to the motion: not dead
     out, why, q = _outcome(drift, g, 5, 10)
     assert q["disp"][0] > 0 and abs(q["share"][0]) < 1e-12
     assert out[0] == lv.PLATEAU and lv.TRUTH_REASONS[why[0]] == "no_loss_share"
@@ -137,9 +147,9 @@ def test_scores_and_table_from_a_confusion_matrix():
 
 
 def test_end_to_end_on_a_small_generated_run(tmp_path):
-    from benchmarks import validity_runs as vr
-
     import torch
+
+    from benchmarks import validity_runs as vr
 
     suite = tmp_path / "suite"
     suite.mkdir()
@@ -151,8 +161,21 @@ def test_end_to_end_on_a_small_generated_run(tmp_path):
         torch.set_num_threads(threads)
     assert vr.is_complete(suite / "lr_spike")
     out = tmp_path / "out"
-    report = lv.main(["--runs", "lr_spike", "--suite", str(suite), "--out", str(out), "--preset", "acted",
-                      "--delta", "default", "0.01"])
+    report = lv.main(
+        [
+            "--runs",
+            "lr_spike",
+            "--suite",
+            str(suite),
+            "--out",
+            str(out),
+            "--preset",
+            "acted",
+            "--delta",
+            "default",
+            "0.01",
+        ]
+    )
     assert set(report["settings"]) == {"acted, delta=default", "acted, delta=0.01"}
     table = report["_tables"]["acted, delta=default"].splitlines()
     assert table[0] == "| run | healthy_sink | degenerate_sink | plateau | source | accuracy |"
@@ -161,7 +184,7 @@ def test_end_to_end_on_a_small_generated_run(tmp_path):
     assert [bool(row.match(line)) for line in table[2:]] == [True, True], table
     sc = report["settings"]["acted, delta=default"]["scores"]["lr_spike"]
     n = sum(v["support"] for v in sc.values())
-    assert n == sum(v["predicted"] for v in sc.values()) == 11 * (32 + 32 + 1)   # every scored node once
+    assert n == sum(v["predicted"] for v in sc.values()) == 11 * (32 + 32 + 1)  # every scored node once
     data = json.loads((out / "label_validity.json").read_text())
     assert data["outcomes"]["lr_spike"]["checkpoints"] == 11
     # the suite run was only linked, never written to: no analysis inside it

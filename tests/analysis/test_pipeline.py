@@ -7,6 +7,7 @@ parameters, norms of the recorded parameters. Exact comparisons use float64 runs
 ``dtype="float64"`` analyses; node metrics are stored as float32 (docs/spec.md §9), hence the
 relative tolerances of ~1e-6 on them.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,23 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import trajscope
-
-from tests.helpers.analysis import (F64, batches, event_files, flat_index, linear_spec, make_linear, make_mlp, mlp_spec,
-                              node_rows, reason_code, record, simple_run, store_arrays, store_snapshot, tree_digest)
+from tests.helpers.analysis import (
+    F64,
+    batches,
+    event_files,
+    flat_index,
+    linear_spec,
+    make_linear,
+    make_mlp,
+    mlp_spec,
+    node_rows,
+    reason_code,
+    record,
+    simple_run,
+    store_arrays,
+    store_snapshot,
+    tree_digest,
+)
 
 LABEL = {"healthy_sink": 0, "degenerate_sink": 1, "plateau": 2, "source": 3}
 
@@ -59,8 +74,8 @@ def loss_of_flat(model: nn.Module, params: dict[str, torch.Tensor], names: list[
 # update map of plain SGD is I − αH with μ_k = 1 − αλ_k.
 B_LIN = 8
 S_LIN = (4.0, 3.0, 2.5)
-EIG_LIN = np.array([2 * s * s / B_LIN for s in S_LIN] + [2.0])   # weights then bias (axis-aligned)
-LAM_MAX = float(EIG_LIN.max())                                     # 4.0 (the first weight)
+EIG_LIN = np.array([2 * s * s / B_LIN for s in S_LIN] + [2.0])  # weights then bias (axis-aligned)
+LAM_MAX = float(EIG_LIN.max())  # 4.0 (the first weight)
 DELTA_LIN = 0.05
 
 
@@ -68,7 +83,7 @@ def regression_problem():
     g = torch.Generator().manual_seed(3)
     ones = torch.ones(B_LIN, 1, dtype=F64)
     q, _ = torch.linalg.qr(torch.cat([ones, torch.randn(B_LIN, 3, generator=g, dtype=F64)], dim=1))
-    X = q[:, 1:] * torch.tensor(S_LIN, dtype=F64)           # columns orthogonal to each other and to 1
+    X = q[:, 1:] * torch.tensor(S_LIN, dtype=F64)  # columns orthogonal to each other and to 1
     # θ* has a zero along the top eigendirection (first weight): at α = 2/λ_max the iterate then
     # oscillates ±c along that axis around θ*, so ‖θ_t‖ tends to a constant and ρ → |μ_max| = 1.
     theta_star = torch.tensor([0.0, 1.0, -1.0, 0.5], dtype=F64)
@@ -88,18 +103,21 @@ def record_regression(path, lr: float, steps: int) -> None:
     record(path, model, opt, nn.MSELoss(), [(X, y)] * steps, **linear_spec(3))
 
 
-@pytest.mark.parametrize("case, lr_factor, label, reason", [
-    ("below", 1.0, "healthy_sink", "contracting"),   # α = 1/λ_max: max|μ| = 1 − λ_min/λ_max ≈ 0.61
-    ("at", 2.0, "plateau", "neutral_direction"),     # α = 2/λ_max: μ_max = −1 exactly, |μ| within δ of 1
-    ("above", 2.4, "source", "expanding"),           # α = 2.4/λ_max: μ_max = −1.4 (well above 1 + δ)
-])
+@pytest.mark.parametrize(
+    "case, lr_factor, label, reason",
+    [
+        ("below", 1.0, "healthy_sink", "contracting"),  # α = 1/λ_max: max|μ| = 1 − λ_min/λ_max ≈ 0.61
+        ("at", 2.0, "plateau", "neutral_direction"),  # α = 2/λ_max: μ_max = −1 exactly, |μ| within δ of 1
+        ("above", 2.4, "source", "expanding"),  # α = 2.4/λ_max: μ_max = −1.4 (well above 1 + δ)
+    ],
+)
 def test_linear_regression_closed_form(tmp_path, case, lr_factor, label, reason):
     X, y, A = regression_problem()
     lr, steps = lr_factor / LAM_MAX, 30
     record_regression(tmp_path / "run", lr, steps)
 
     res = only(trajscope.analyze(tmp_path / "run", dtype="float64", delta=DELTA_LIN, preset="acted"))
-    assert list(res.steps) == list(range(steps - 1))   # the last step has no recorded successor
+    assert list(res.steps) == list(range(steps - 1))  # the last step has no recorded successor
     assert res.attrs["delta"] == DELTA_LIN
     assert list(res.layers) == [""] and res.layers[""] == 1
 
@@ -129,7 +147,7 @@ def test_linear_regression_closed_form(tmp_path, case, lr_factor, label, reason)
         # the error grows like 1.4^t along the top eigenvector, so ‖θ_{t+1}‖/‖θ_t‖ → 1.4;
         # the offset θ* contributes O(‖θ*‖/‖θ_t‖) ≈ 1e-4 after 25 steps: tolerance 1e-4 relative.
         np.testing.assert_allclose(rho[-4:], radius, rtol=1e-4)
-        assert abs(rho[0] - radius) > abs(rho[-1] - radius)   # it tends there
+        assert abs(rho[0] - radius) > abs(rho[-1] - radius)  # it tends there
     elif case == "at":
         # μ_max = −1 and θ* ⟂ top eigenvector: the other directions contract (|μ| ≤ 0.22) so
         # ‖θ_t‖ becomes constant and ρ → 1 = |1 − αλ_max| to float32 storage precision.
@@ -157,11 +175,11 @@ def test_linear_regression_excited_preset_follows_the_motion(tmp_path, lr_factor
         want_label.append(LABEL["source"] if abs(mu) > 1 + DELTA_LIN else LABEL["healthy_sink"])
     np.testing.assert_allclose(res.node("", "motion_radius")[:, 0], want_radius, rtol=1e-6)
     np.testing.assert_array_equal(res.node("", "label")[:, 0], want_label)
-    assert res.node("", "loss_share")[:, 0] == pytest.approx(1.0)   # the only node: the whole decrease
+    assert res.node("", "loss_share")[:, 0] == pytest.approx(1.0)  # the only node: the whole decrease
     if lr_factor == 2.4:
         assert (res.node("", "label")[-10:, 0] == LABEL["source"]).all()
     else:
-        assert (res.node("", "label")[:, 0] == LABEL["healthy_sink"]).all()   # acted: plateau at 2.0
+        assert (res.node("", "label")[:, 0] == LABEL["healthy_sink"]).all()  # acted: plateau at 2.0
     if lr_factor == 2.0:
         np.testing.assert_allclose(want_radius[-3:], 1.0, atol=1e-6)
 
@@ -172,7 +190,7 @@ def test_dead_relu_node_is_plateau(tmp_path, curvature):
     sizes = (3, 4, 2)
     model = make_mlp(sizes)
     with torch.no_grad():
-        model[0].bias[1] = -100.0           # |w·x| << 100 on the data: unit 1 never fires
+        model[0].bias[1] = -100.0  # |w·x| << 100 on the data: unit 1 never fires
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     record(tmp_path / "run", model, opt, nn.MSELoss(), batches(5, 3, 2), **mlp_spec(sizes))
 
@@ -187,7 +205,7 @@ def test_dead_relu_node_is_plateau(tmp_path, curvature):
     assert (dead["null_dims"] == p).all()
     assert (dead["neutral_dims"] == 0).all()
     assert (dead["spectral_radius"] == 1.0).all()
-    assert (dead["rho"] == 1.0).all() and (dead["drift"] == 0.0).all()   # it never moves
+    assert (dead["rho"] == 1.0).all() and (dead["drift"] == 0.0).all()  # it never moves
     # the other units of the layer are not dead (a unit may miss a whole small batch now and then)
     live = np.delete(res.node("0", "grad_norm"), 1, axis=1)
     assert (live > 0).any(axis=0).all()
@@ -200,19 +218,19 @@ def test_weight_decay_collapses_a_gradient_free_node(tmp_path, preset):
     lr, wd, steps = 0.1, 1.0, 30
     model = make_mlp(sizes)
     with torch.no_grad():
-        model[0].bias[2] = -100.0           # dead unit: zero loss gradient, only decay moves it
+        model[0].bias[2] = -100.0  # dead unit: zero loss gradient, only decay moves it
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
     record(tmp_path / "run", model, opt, nn.MSELoss(), batches(steps, 3, 2), **mlp_spec(sizes))
 
     res = only(trajscope.analyze(tmp_path / "run", dtype="float64", preset=preset))
-    c = 1.0 - lr * wd                       # 0.9
+    c = 1.0 - lr * wd  # 0.9
     node = {m: res.node("0", m)[:, 2] for m in res.metrics("0")}
     steps_an = res.steps
     assert list(steps_an) == list(range(steps - 1))
     np.testing.assert_allclose(node["rho"], c, rtol=0, atol=1e-6)
     np.testing.assert_allclose(node["spectral_radius"], c, rtol=0, atol=1e-6)
     assert (node["grad_norm"] == 0.0).all() and (node["hess_max"] == 0.0).all()
-    assert (node["null_dims"] == 0).all()   # decay acts on every direction (μ = 1 − α·wd)
+    assert (node["null_dims"] == 0).all()  # decay acts on every direction (μ = 1 − α·wd)
     np.testing.assert_allclose(node["param_norm"] / node["param_norm"][0], c ** steps_an.astype(float), rtol=1e-6)
     # collapsed once ‖θ_t‖ <= 0.1 · ‖θ_0‖: 0.9^21 = 0.109, 0.9^22 = 0.098 → from step 22 on;
     # before that the excited preset calls it dead (no curvature, no gradient: decay alone moves it),
@@ -228,7 +246,7 @@ def test_weight_decay_collapses_a_gradient_free_node(tmp_path, preset):
 
 # =========================================================================== 4. sharpness vs the dense Hessian
 def test_sharpness_and_node_blocks_vs_dense_hessian(tmp_path):
-    sizes = (4, 6, 3)                       # 51 parameters: Lanczos route (> 32)
+    sizes = (4, 6, 3)  # 51 parameters: Lanczos route (> 32)
     model = make_mlp(sizes, "tanh")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     record(tmp_path / "exact", model, opt, nn.MSELoss(), batches(3, 4, 3, b=10), **mlp_spec(sizes, "tanh"))
@@ -258,6 +276,7 @@ def test_sharpness_and_node_blocks_vs_dense_hessian(tmp_path):
             pieces = torch.split(flat, [params[n].numel() for n in names])
             p = {n: t.reshape(params[n].shape) for n, t in zip(names, pieces)}
             return functional_call(ref_model, p, (x,)).reshape(-1)
+
         J = jacrev(out)(flat0)
         G = 2.0 / J.shape[0] * J.T @ J
 
@@ -324,8 +343,9 @@ def test_output_contract_zarr_and_events(tmp_path):
     np.testing.assert_allclose(threshold, 2 / 0.1, rtol=1e-12)
 
     # --- TensorBoard events
-    acc = event_accumulator.EventAccumulator(str(tmp_path / "run"),
-                                             size_guidance=event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc = event_accumulator.EventAccumulator(
+        str(tmp_path / "run"), size_guidance=event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE
+    )
     acc.Reload()
     tags = acc.Tags()
     for name in ("loss", "sharpness", "threshold"):
@@ -372,8 +392,10 @@ def test_output_contract_zarr_and_events(tmp_path):
 
     def overlays(chart) -> bool:
         tags_ = list(chart.multiline.tag)
-        return (any(re.search(t, "trajscope/global/sharpness") for t in tags_)
-                and any(re.search(t, "trajscope/global/threshold") for t in tags_))
+        return any(re.search(t, "trajscope/global/sharpness") for t in tags_) and any(
+            re.search(t, "trajscope/global/threshold") for t in tags_
+        )
+
     assert any(overlays(c) for c in charts)
 
 
@@ -409,7 +431,9 @@ def test_incremental_reanalysis_appends_only_new_checkpoints(tmp_path):
     run = trajscope.open_run(run_dir)
     want = node_rows(run.params(4), "0").norm(dim=1) / node_rows(run.params(3), "0").norm(dim=1)
     np.testing.assert_allclose(second.node("0", "rho", 3), want.numpy(), rtol=1e-6)
-    acc = event_accumulator.EventAccumulator(str(run_dir), size_guidance=event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc = event_accumulator.EventAccumulator(
+        str(run_dir), size_guidance=event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE
+    )
     acc.Reload()
     # two event files now; TensorBoard reads them in file-name order, which need not be time order
     # when both analyses ran within the same second: compare the set of steps, no duplicates
@@ -439,7 +463,7 @@ def test_sparse_cadence_one_step_kinematics(tmp_path):
     shutil.copytree(run_dir, tmp_path / "all")
 
     res = only(trajscope.analyze(run_dir, dtype="float64"))
-    assert list(res.steps) == [0, 5, 10, 15]          # the steps with θ_{t+1} recorded
+    assert list(res.steps) == [0, 5, 10, 15]  # the steps with θ_{t+1} recorded
     for k, t in enumerate(res.steps):
         for layer in ("0", "2"):
             a, b = node_rows(run.params(int(t)), layer), node_rows(run.params(int(t) + 1), layer)
@@ -454,9 +478,10 @@ def test_sparse_cadence_one_step_kinematics(tmp_path):
     res_all = only(trajscope.analyze(tmp_path / "all", dtype="float64", all_steps=True))
     assert list(res_all.steps) == [0, 1, 5, 6, 10, 11, 15, 16]
     a, b = node_rows(run.params(1), "0"), node_rows(run.params(5), "0")
-    np.testing.assert_allclose(res_all.node("0", "rho", 1), ((b.norm(dim=1) / a.norm(dim=1)) ** 0.25).numpy(),
-                               rtol=1e-6)
-    assert np.isnan(res_all.node("0", "rho", 7)).all()   # the last checkpoint has no successor
+    np.testing.assert_allclose(
+        res_all.node("0", "rho", 1), ((b.norm(dim=1) / a.norm(dim=1)) ** 0.25).numpy(), rtol=1e-6
+    )
+    assert np.isnan(res_all.node("0", "rho", 7)).all()  # the last checkpoint has no successor
     # each row says over how many steps its ρ and drift were taken (docs/spec.md §6: a K-step drift)
     np.testing.assert_array_equal(res_all.global_series("step_gap"), [1, 4, 1, 4, 1, 4, 1, np.nan])
     np.testing.assert_array_equal(res.global_series("step_gap"), [1, 1, 1, 1])
@@ -466,15 +491,15 @@ def test_sparse_cadence_one_step_kinematics(tmp_path):
 def test_diverging_run_is_data_not_an_error(tmp_path):
     run_dir = tmp_path / "run"
     model = make_linear(3, 1, dtype=torch.float32)
-    opt = torch.optim.SGD(model.parameters(), lr=50.0)   # μ ≈ −100 per step: float32 overflows
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)  # μ ≈ −100 per step: float32 overflows
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
     record(run_dir, model, opt, nn.MSELoss(), [(x, y)] * 25, **linear_spec(3))
     run = trajscope.open_run(run_dir)
     finite = [bool(all(torch.isfinite(t).all() for t in run.params(int(s)).values())) for s in run.steps]
-    assert finite[0] and not finite[-2], finite     # it does diverge within the recorded steps
+    assert finite[0] and not finite[-2], finite  # it does diverge within the recorded steps
 
-    res = only(trajscope.analyze(run_dir))            # must not raise
+    res = only(trajscope.analyze(run_dir))  # must not raise
     assert list(res.steps) == list(range(24))
     lab, why = res.node("", "label")[:, 0], res.node("", "reason")[:, 0]
     assert (lab == LABEL["source"]).all(), lab
@@ -491,7 +516,7 @@ def test_diverging_run_is_data_not_an_error(tmp_path):
 # =========================================================================== 9. Adam / AdamW
 @pytest.mark.parametrize("opt_name", ["Adam", "AdamW"])
 def test_adam_threshold_and_preconditioned_sharpness(tmp_path, opt_name):
-    sizes = (3, 4, 2)                       # 26 parameters, ReLU: node blocks exact = GGN
+    sizes = (3, 4, 2)  # 26 parameters, ReLU: node blocks exact = GGN
     lr, wd, b1 = 0.01, (0.0 if opt_name == "Adam" else 0.1), 0.9
     model = make_mlp(sizes)
     opt = getattr(torch.optim, opt_name)(model.parameters(), lr=lr, weight_decay=wd)
@@ -523,8 +548,12 @@ def test_adam_threshold_and_preconditioned_sharpness(tmp_path, opt_name):
         H = hessian(f)(flat0)
         g = torch.func.grad(f)(flat0)
         st = ck.optimizer_state
-        v = torch.cat([st[n]["exp_avg_sq"].to(F64).reshape(-1) if n in st else torch.zeros(params[n].numel(), dtype=F64)
-                       for n in names])
+        v = torch.cat(
+            [
+                st[n]["exp_avg_sq"].to(F64).reshape(-1) if n in st else torch.zeros(params[n].numel(), dtype=F64)
+                for n in names
+            ]
+        )
         step_before = int(float(st[names[0]]["step"])) if names[0] in st else 0
         v_used = 0.999 * v + 0.001 * g * g
         D = 1.0 / (torch.sqrt(v_used / (1 - 0.999 ** (step_before + 1))) + 1e-8)
@@ -536,9 +565,9 @@ def test_adam_threshold_and_preconditioned_sharpness(tmp_path, opt_name):
             for i in range(res.layers[layer]):
                 idx = flat_index(params, names, layer, i)
                 lt = torch.linalg.eigvalsh(K[idx][:, idx])
-                if t == 0:      # no exp_avg yet: μ = c − a(1−β1)λ̃
+                if t == 0:  # no exp_avg yet: μ = c − a(1−β1)λ̃
                     r = float((c - a * (1 - b1) * lt).abs().max())
-                else:           # roots of μ² − (c + β1 − a(1−β1)λ̃)μ + β1·c
+                else:  # roots of μ² − (c + β1 − a(1−β1)λ̃)μ + β1·c
                     T = (c + b1 - a * (1 - b1) * lt).to(torch.complex128)
                     disc = torch.sqrt(T * T - 4 * b1 * c)
                     r = float(torch.maximum(((T + disc) / 2).abs(), ((T - disc) / 2).abs()).max())

@@ -1,5 +1,6 @@
 """``trajscope analyze`` from the command line (docs/spec.md §1, §9, §10): real recorded runs, analysed
 through ``trajscope.cli.main.main`` (and once through ``python -m trajscope``)."""
+
 from __future__ import annotations
 
 import os
@@ -11,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.analysis import event_files, simple_run
 from trajscope.cli.main import main
 from trajscope.io.results import open_results
-
-from tests.helpers.analysis import event_files, simple_run
 
 
 def tensorboard_line(out: str) -> str:
@@ -27,7 +27,7 @@ def assert_tensorboard_command(out: str, logdir: Path) -> None:
     """The last line holds the whole command, on one line, as a shell would read it."""
     last = tensorboard_line(out)
     assert "tensorboard --logdir" in last, f"last line {last!r} is not the tensorboard command:\n{out}"
-    cmd = last[last.index("tensorboard"):]
+    cmd = last[last.index("tensorboard") :]
     assert shlex.split(cmd) == ["tensorboard", "--logdir", str(logdir)], f"{cmd!r}\n{out}"
 
 
@@ -78,8 +78,13 @@ def test_python_dash_m_trajscope_analyze(tmp_path):
     run = tmp_path / "runs" / "exp1"
     simple_run(run, steps=3)
     env = {**os.environ, "COLUMNS": "80"}
-    proc = subprocess.run([sys.executable, "-m", "trajscope", "analyze", str(run), "--no-progress"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trajscope", "analyze", str(run), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert len(open_results(run).steps) == 2
@@ -140,8 +145,18 @@ def _bad(tmp_path: Path, case: str, other_user) -> tuple[list[str], Path | None,
     raise ValueError(case)
 
 
-@pytest.mark.parametrize("case", ["missing_path", "file_not_a_run", "folder_without_runs", "model_mismatch",
-                                  "exported_without_trust", "probe_without_probe", "modules_match_nothing"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_path",
+        "file_not_a_run",
+        "folder_without_runs",
+        "model_mismatch",
+        "exported_without_trust",
+        "probe_without_probe",
+        "modules_match_nothing",
+    ],
+)
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, capsys, case, other_user):
     argv, run, word = _bad(tmp_path, case, other_user)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

@@ -1,15 +1,15 @@
 """Every option of ``trajscope analyze`` is checked (SPEC 10): bad values are one line on stderr, a
 non-zero exit and nothing written; a loss override of another class runs with a clear note."""
+
 from __future__ import annotations
 
 import pytest
 
 import trajscope
+from tests.helpers.analysis import simple_run, tree_digest
 from trajscope.cli.main import main
 from trajscope.errors import TrajscopeError
 from trajscope.io.results import open_results
-
-from tests.helpers.analysis import simple_run, tree_digest
 
 BAD = {
     "device_nonsense": (["--device", "nonsense"], "nonsense"),
@@ -54,8 +54,11 @@ def test_bad_option_is_one_line_nonzero_nothing_written(run, capsys, case):
     argv, word = BAD[case]
     before = tree_digest(run.parent)
     capsys.readouterr()
-    with pytest.raises(SystemExit) if case in ("stride_float", "unknown_option", "preset_unknown",
-                                                 "curvature_unknown") else _no_exit() as e:
+    with (
+        pytest.raises(SystemExit)
+        if case in ("stride_float", "unknown_option", "preset_unknown", "curvature_unknown")
+        else _no_exit() as e
+    ):
         rc = main(["analyze", str(run), "--no-progress", *argv])
     if e is not None and hasattr(e, "value"):
         rc = e.value.code
@@ -77,10 +80,18 @@ class _no_exit:
         return False
 
 
-@pytest.mark.parametrize("kw, word", [({"stride": 0}, "stride"), ({"steps": (5, 2)}, "empty"),
-                                      ({"device": "nonsense"}, "nonsense"), ({"device": "meta"}, "meta"),
-                                      ({"collapse_ratio": -3}, "collapse ratio"), ({"batch": "train"}, "batch"),
-                                      ({"model_args": {"sizes": [3]}}, "--model-args")])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        ({"stride": 0}, "stride"),
+        ({"steps": (5, 2)}, "empty"),
+        ({"device": "nonsense"}, "nonsense"),
+        ({"device": "meta"}, "meta"),
+        ({"collapse_ratio": -3}, "collapse ratio"),
+        ({"batch": "train"}, "batch"),
+        ({"model_args": {"sizes": [3]}}, "--model-args"),
+    ],
+)
 def test_python_api_checks_the_same(run, kw, word):
     with pytest.raises(TrajscopeError, match=word):
         trajscope.analyze(run, **kw)
@@ -88,7 +99,7 @@ def test_python_api_checks_the_same(run, kw, word):
 
 def test_loss_override_of_another_class_runs_with_a_note(tmp_path, capsys):
     path = tmp_path / "run"
-    simple_run(path, steps=3)             # recorded with MSELoss
+    simple_run(path, steps=3)  # recorded with MSELoss
     capsys.readouterr()
     assert main(["analyze", str(path), "--no-progress", "--no-sharpness", "--loss", "torch.nn:L1Loss"]) == 0
     out = capsys.readouterr().out
@@ -105,8 +116,18 @@ def test_loss_override_of_the_same_class_has_no_note(tmp_path, capsys):
     assert open_results(path).attrs["loss_override"] is None
 
 
-@pytest.mark.parametrize("argv", [["--steps", "1:"], ["--steps", ":3"], ["--steps", "0:2"], ["--stride", "2"],
-                                  ["--device", "cpu"], ["--collapse-ratio", "0"], ["--delta", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--steps", "1:"],
+        ["--steps", ":3"],
+        ["--steps", "0:2"],
+        ["--stride", "2"],
+        ["--device", "cpu"],
+        ["--collapse-ratio", "0"],
+        ["--delta", "0"],
+    ],
+)
 def test_good_options_still_work(tmp_path, argv):
     path = tmp_path / "run"
     simple_run(path, steps=4)

@@ -1,4 +1,5 @@
 """``trajscope info`` and the CLI's answers to bad input (docs/spec.md §10): one line, non-zero exit, no traceback."""
+
 from __future__ import annotations
 
 import json
@@ -10,18 +11,18 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.recording import drop_chunks, make_batches, make_model
 from trajscope.cli.main import main
 from trajscope.record.recorder import Recorder
-
-from tests.helpers.recording import drop_chunks, make_batches, make_model
 
 
 def _record(path, batches=True, **kw):
     model = make_model("tensor")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     loss_fn = torch.nn.MSELoss()
-    with Recorder(path, model, opt, loss_fn, export=False, model_spec="trajscope.zoo:mlp",
-                  model_kwargs={"sizes": [4, 6, 3]}, **kw) as rec:
+    with Recorder(
+        path, model, opt, loss_fn, export=False, model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": [4, 6, 3]}, **kw
+    ) as rec:
         for x, y in make_batches("tensor", 6):
             loss = loss_fn(model(x), y)
             opt.zero_grad()
@@ -40,7 +41,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")   # rich wraps at 80 columns without a terminal
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at 80 columns without a terminal
 
 
 def _copy(src, tmp_path):
@@ -61,9 +62,20 @@ def test_info_good_run(runs, capsys):
     assert main(["info", str(runs["good"])]) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    for fact in ("4 recorded, steps 0..4 (every 3, window 2)", "last committed step", "SGD (1 param group)",
-                 "lr=0.1", "momentum=0.9", "nesterov=True", "MSELoss", "import spec trajscope.zoo:mlp",
-                 "inputs [5, 4] float32, targets [5, 3] float32", "0.weight", "6×4", "float32"):
+    for fact in (
+        "4 recorded, steps 0..4 (every 3, window 2)",
+        "last committed step",
+        "SGD (1 param group)",
+        "lr=0.1",
+        "momentum=0.9",
+        "nesterov=True",
+        "MSELoss",
+        "import spec trajscope.zoo:mlp",
+        "inputs [5, 4] float32, targets [5, 3] float32",
+        "0.weight",
+        "6×4",
+        "float32",
+    ):
         assert fact in out, fact
 
 
@@ -100,7 +112,7 @@ def _bad_inputs(runs, tmp_path):
     meta["attributes"]["format_version"] = 7
     meta_file.write_text(json.dumps(meta))
     truncated = _copy(runs["good"], tmp_path / "t")
-    drop_chunks(truncated, "batch/.0", 3)                   # a chunk of the last committed record
+    drop_chunks(truncated, "batch/.0", 3)  # a chunk of the last committed record
     garbage = _copy(runs["good"], tmp_path / "g")
     (garbage / "trajectory.zarr" / "zarr.json").write_text("{not json")
     return {
@@ -112,8 +124,9 @@ def _bad_inputs(runs, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["not a run", "missing path", "other format version", "truncated store",
-                                  "unreadable metadata"])
+@pytest.mark.parametrize(
+    "case", ["not a run", "missing path", "other format version", "truncated store", "unreadable metadata"]
+)
 def test_info_bad_input_in_process(runs, tmp_path, capsys, case):
     path, needles = _bad_inputs(runs, tmp_path)[case]
     rc = main(["info", str(path)])
@@ -127,9 +140,14 @@ def test_python_dash_m_trajscope(runs, tmp_path, case):
     if case == "good":
         path, needles = runs["good"], []
     else:
-            path, needles = _bad_inputs(runs, tmp_path)[case]
-    p = subprocess.run([sys.executable, "-m", "trajscope", "info", str(path)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "COLUMNS": "200"})
+        path, needles = _bad_inputs(runs, tmp_path)[case]
+    p = subprocess.run(
+        [sys.executable, "-m", "trajscope", "info", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     if case == "good":
         assert p.returncode == 0, p.stderr
         assert "4 recorded" in p.stdout and p.stderr == ""
@@ -145,7 +163,8 @@ def test_cli_without_command_prints_help(capsys):
 
 def test_analyze_with_mismatching_model_names_the_parameter(runs, tmp_path, capsys):
     run = _copy(runs["good"], tmp_path)
-    rc = main(["analyze", str(run), "--model", "trajscope.zoo:mlp", "--model-args", '{"sizes": [4, 7, 3]}',
-               "--no-progress"])
+    rc = main(
+        ["analyze", str(run), "--model", "trajscope.zoo:mlp", "--model-args", '{"sizes": [4, 7, 3]}', "--no-progress"]
+    )
     assert_one_line_error(rc, capsys.readouterr().err, "'0.weight'", "--model")
-    assert sorted(p.name for p in run.iterdir()) == ["trajectory.zarr"]       # nothing written
+    assert sorted(p.name for p in run.iterdir()) == ["trajectory.zarr"]  # nothing written

@@ -3,64 +3,52 @@
 Reference for every block: ``torch.func.hessian`` of the loss restricted to θ_i (exact), and
 J_iᵀ (∂²L/∂f²) J_i from ``torch.func.jacrev`` (GGN), all in float64.
 """
+
 from __future__ import annotations
 
+# imports of the cases folded from test_review_device_timer_probe (below)
 import math
 import warnings
 
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
 
+from tests.helpers.analysis import F64
+from tests.helpers.calls import node_curvature
+from tests.helpers.references import (
+    DT,
+    RTOL,
+    SeqMLP,
+    _params,
+    check_layer,
+    mlp,
+    mlp_data,
+    ref_exact,
+    ref_ggn,
+    small_cnn,
+    spectrum_close,
+)
 from trajscope.curvature.blocks import dense_blocks
 from trajscope.curvature.spectra import node_hessian_extremes, preconditioned_eigvals
 from trajscope.nodes import find_node_layers, node_matrix
-
-
-from tests.helpers.references import (DT, RTOL, SeqMLP, _call, _params, _with_node, check_layer, mlp, mlp_data, ref_exact, ref_ggn,
-                                      small_cnn, spectrum_close)
-
-# imports of the cases folded from test_review_device_timer_probe (below)
-import json
-import math
-import os
-import random
-import shutil
-import subprocess
-import sys
-import textwrap
-import threading
-import time
-import warnings
-from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
-import zarr
-from torch import nn
-
-import trajscope
-from trajscope.record import recorder as recorder_mod
-from trajscope import zoo
-from trajscope.io import layout as store
-from tests.helpers.calls import node_curvature
-from trajscope.nodes import find_node_layers
-from trajscope.record.recorder import Recorder
-
-from tests.helpers.analysis import F64, record, store_arrays
-from tests.helpers.recording import Ref, make_batches, make_model, train
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Using padding=.same.:UserWarning"),
 ]
+
+
 # ----------------------------------------------------------------------------- nodes
 def test_find_node_layers_and_node_matrix():
-    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding="same", groups=2, bias=False), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(4 * 5 * 5, 3), nn.LayerNorm(3))
+    m = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding="same", groups=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+        nn.LayerNorm(3),
+    )
     layers = find_node_layers(m)
     assert [l.name for l in layers] == ["0", "3"]
     c, lin = layers
@@ -79,7 +67,9 @@ def test_find_node_layers_and_node_matrix():
     # MultiheadAttention's projections are used by its functional kernel, not called as modules: the
     # parameter route (tests/curvature/test_node_layers.py checks their blocks)
     assert [(l.name, l.route) for l in find_node_layers(nn.MultiheadAttention(4, 2))] == [
-        ("in_proj", "param"), ("out_proj", "param")]
+        ("in_proj", "param"),
+        ("out_proj", "param"),
+    ]
 
 
 # ----------------------------------------------------------------------------- Linear, 2-D
@@ -133,8 +123,7 @@ def test_gram_and_dense_agree(kind):
     seq = SeqMLP(nn.Tanh).to(DT)
     xs = torch.randn(2, 3, 4, dtype=DT)
     ys = torch.randn(2, 3, dtype=DT)
-    for model, xx, yy, lf in [(mlp(nn.Tanh), x, y, loss_fn), (cnn, xc, yc, lc),
-                              (seq, xs, ys, nn.MSELoss())]:
+    for model, xx, yy, lf in [(mlp(nn.Tanh), x, y, loss_fn), (cnn, xc, yc, lc), (seq, xs, ys, nn.MSELoss())]:
         params = _params(model)
         layers = find_node_layers(model)
         a = node_curvature(model, params, {}, xx, yy, lf, layers, kind=kind, method="gram")
@@ -252,9 +241,12 @@ def test_tuple_and_dict_inputs():
 def test_preconditioned_eigvals(shift):
     x, y, loss_fn = mlp_data("ce")
     cnn, xc, yc, lc = small_cnn(nn.Tanh, bias=True)
-    for model, xx, yy, lf, kind in [(mlp(nn.Tanh), x, y, loss_fn, "ggn"),
-                                    (mlp(nn.Tanh), x, y, loss_fn, "exact"),
-                                    (cnn, xc, yc, lc, "ggn"), (cnn, xc, yc, lc, "exact")]:
+    for model, xx, yy, lf, kind in [
+        (mlp(nn.Tanh), x, y, loss_fn, "ggn"),
+        (mlp(nn.Tanh), x, y, loss_fn, "exact"),
+        (cnn, xc, yc, lc, "ggn"),
+        (cnn, xc, yc, lc, "exact"),
+    ]:
         params = _params(model)
         layers = find_node_layers(model)
         res = node_curvature(model, params, {}, xx, yy, lf, layers, kind=kind)
@@ -297,6 +289,7 @@ def test_nonfinite_params_give_nan():
 @pytest.mark.parametrize("kind", ["ggn", "exact"])
 def test_shared_module_blocks_cover_every_call(kind):
     """A module called twice per forward pass: its blocks (parameter route) cover both calls."""
+
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
@@ -375,11 +368,11 @@ def test_float32_analysis_matches_float64_reference(act, kind):
             spectrum_close(res.eigvals[l.name][i], H, l.node_dim, tol=2e-5)
 
 
-
 # ==============================================================================================
 # folded from test_review_device_timer_probe (adversarial review of device handling, the
 # commit timer and the plain-Zarr probe writer): the part about this module
 # ==============================================================================================
+
 
 # --------------------------------------------------------------------------------------------
 # non-finite parameters: the documented contract of node_curvature

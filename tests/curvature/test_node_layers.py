@@ -6,6 +6,7 @@ Reference for every block: ``torch.func.hessian`` of the loss w.r.t. the node's 
 (exact), and J_iᵀ (∂²L/∂f²) J_i from ``torch.func.jacrev`` (GGN); the node's coordinates are put
 into the parameters by plain indexing here, independently of trajscope's node layout.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,11 +15,10 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from tests.helpers.calls import node_curvature
+from trajscope.analysis.pipeline import recorded_node_layers
 from trajscope.curvature.blocks import dense_blocks
 from trajscope.curvature.node import twice_differentiable_attention
 from trajscope.nodes import NodeLayer, find_node_layers, node_matrix, node_to_params
-from trajscope.analysis.pipeline import recorded_node_layers
-
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64
@@ -79,7 +79,9 @@ def _with_node(params, layer: NodeLayer, i: int, th: torch.Tensor) -> dict[str, 
     p = dict(params)
     W = p[layer.weight].clone()
     n = W.shape[0] if layer.transposed else W[i].numel()
-    W = W.index_put((torch.arange(n), torch.tensor(i)) if layer.transposed else (torch.tensor(i),), th[:n].reshape(W[i].shape))
+    W = W.index_put(
+        (torch.arange(n), torch.tensor(i)) if layer.transposed else (torch.tensor(i),), th[:n].reshape(W[i].shape)
+    )
     p[layer.weight] = W
     if layer.bias is not None:
         p[layer.bias] = p[layer.bias].index_put((torch.tensor(i),), th[n:].reshape(()))
@@ -89,20 +91,23 @@ def _with_node(params, layer: NodeLayer, i: int, th: torch.Tensor) -> dict[str, 
 def _coords(params, layer: NodeLayer, i: int) -> torch.Tensor:
     W = params[layer.weight]
     w = W[:, i] if layer.transposed else W[i].reshape(-1)
-    return torch.cat([w, params[layer.bias][i:i + 1]]) if layer.bias is not None else w
+    return torch.cat([w, params[layer.bias][i : i + 1]]) if layer.bias is not None else w
 
 
 def ref_exact(model, params, x, y, loss_fn, layer, i):
-    with twice_differentiable_attention():   # torch.func's forward AD has no rule for the fused kernels either
+    with twice_differentiable_attention():  # torch.func's forward AD has no rule for the fused kernels either
         return hessian(lambda th: loss_fn(functional_call(model, _with_node(params, layer, i, th), (x,)), y))(
-        _coords(params, layer, i))
+            _coords(params, layer, i)
+        )
 
 
 def ref_ggn(model, params, x, y, loss_fn, layer, i):
     th0 = _coords(params, layer, i)
     f0 = functional_call(model, params, (x,))
     with twice_differentiable_attention():
-        J = jacrev(lambda th: functional_call(model, _with_node(params, layer, i, th), (x,)))(th0).reshape(f0.numel(), -1)
+        J = jacrev(lambda th: functional_call(model, _with_node(params, layer, i, th), (x,)))(th0).reshape(
+            f0.numel(), -1
+        )
     Hf = hessian(lambda f: loss_fn(f, y))(f0).reshape(f0.numel(), f0.numel())
     return J.T @ Hf @ J
 
@@ -133,9 +138,19 @@ def test_find_layers_of_attention_and_embedding():
     emb, inp, out, head = layers.values()
     assert (emb.kind, emb.route, emb.n_nodes, emb.node_dim, emb.bias) == ("embedding", "param", 11, 6, None)
     assert (inp.weight, inp.bias, inp.n_nodes, inp.node_dim, inp.route) == (
-        "mha.in_proj_weight", "mha.in_proj_bias", 18, 7, "param")
+        "mha.in_proj_weight",
+        "mha.in_proj_bias",
+        18,
+        7,
+        "param",
+    )
     assert (out.weight, out.bias, out.n_nodes, out.node_dim, out.route) == (
-        "mha.out_proj.weight", "mha.out_proj.bias", 6, 7, "param")
+        "mha.out_proj.weight",
+        "mha.out_proj.bias",
+        6,
+        7,
+        "param",
+    )
     assert head.route == "hook"
     assert [l.name for l in find_node_layers(Attn(), include=["mha.*"])] == ["mha.in_proj", "mha.out_proj"]
     # separate q/k/v projections (kdim != embed_dim): no packed rows to take
@@ -156,16 +171,31 @@ def test_tied_weight_is_one_layer(decoder_first):
 
 def test_node_layout_round_trip_and_old_tables():
     g = torch.Generator().manual_seed(0)
-    W, b = torch.randn(5, 3, generator=g), torch.randn(3, generator=g)   # (fan_in, N): HF Conv1D
+    W, b = torch.randn(5, 3, generator=g), torch.randn(3, generator=g)  # (fan_in, N): HF Conv1D
     layer = NodeLayer("c", "linear", "c.weight", "c.bias", 3, 6, transposed=True)
     M = node_matrix({"c.weight": W, "c.bias": b}, layer)
     assert torch.equal(M[1], torch.cat([W[:, 1], b[1:2]]))
     back = node_to_params(M[None], layer, W.shape)
     assert torch.equal(back["c.weight"][0], W) and torch.equal(back["c.bias"][0], b)
+
     # a run recorded before these fields existed: a table without transposed / route / tied
     class _Run:
-        attrs = {"model": {"node_layers": [{"name": "0", "kind": "linear", "weight": "0.weight", "bias": "0.bias",
-                                            "n_nodes": 2, "node_dim": 4, "conv": None}]}}
+        attrs = {
+            "model": {
+                "node_layers": [
+                    {
+                        "name": "0",
+                        "kind": "linear",
+                        "weight": "0.weight",
+                        "bias": "0.bias",
+                        "n_nodes": 2,
+                        "node_dim": 4,
+                        "conv": None,
+                    }
+                ]
+            }
+        }
+
     (old,) = recorded_node_layers(_Run())
     assert (old.transposed, old.route, old.tied) == (False, "hook", ())
 
@@ -182,7 +212,7 @@ def test_attention_and_embedding_blocks(kind):
     present = sorted(set(x.flatten().tolist()))
     absent = [r for r in range(11) if r not in present]
     cr, _ = _check_blocks(model, x, y, seq_ce, ["emb"], present[:2] + absent[:1], kind)
-    if absent:   # a token absent from the batch: its row does not reach the loss
+    if absent:  # a token absent from the batch: its row does not reach the loss
         assert float(dense_blocks(cr.factors["emb"], absent).abs().max()) == 0.0
 
 
@@ -201,7 +231,9 @@ def test_tied_blocks_cover_every_use(kind, decoder_first):
     untied.out.weight = nn.Parameter(params[f"{name}.weight"].clone())
     untied.emb.weight = nn.Parameter(params[f"{name}.weight"].clone())
     untied.mix.load_state_dict({"weight": params["mix.weight"], "bias": params["mix.bias"]})
-    one_use = ref_exact(untied, _params(untied), x, y, seq_ce, NodeLayer(name, "linear", f"{name}.weight", None, 9, 5), 3)
+    one_use = ref_exact(
+        untied, _params(untied), x, y, seq_ce, NodeLayer(name, "linear", f"{name}.weight", None, 9, 5), 3
+    )
     both = ref_exact(model, params, x, y, seq_ce, layers[name], 3)
     assert float((one_use - both).abs().max()) > 1e-3 * float(both.abs().max())
 
@@ -216,7 +248,7 @@ def test_layer_that_cannot_be_analysed_is_nan_with_a_warning():
         cr = node_curvature(model, _params(model), {}, x, y, seq_ce, layers, kind="exact", max_tile_bytes=256)
     assert torch.isnan(cr.eigvals["mha.in_proj"]).all()
     assert cr.factors["mha.in_proj"].form == "nan"
-    for name in ("emb", "mha.out_proj", "head"):   # the other layers are analysed as usual
+    for name in ("emb", "mha.out_proj", "head"):  # the other layers are analysed as usual
         assert torch.isfinite(cr.eigvals[name]).all(), name
 
 
@@ -227,8 +259,9 @@ def test_diverged_checkpoint_is_nan_without_warning():
     params = _params(model)
     params["mha.in_proj_weight"] = params["mha.in_proj_weight"].clone().fill_(float("inf"))
     import warnings
+
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)   # a diverged checkpoint is data, not a failure
+        warnings.simplefilter("error", RuntimeWarning)  # a diverged checkpoint is data, not a failure
         cr = node_curvature(model, params, {}, x, y, seq_ce, find_node_layers(model), kind="ggn")
     for name in ("emb", "mha.in_proj", "mha.out_proj", "head"):
         assert torch.isnan(cr.eigvals[name]).all(), name

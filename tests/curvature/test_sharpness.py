@@ -3,6 +3,7 @@
 Long (over 400 lines) because it holds every case of trajscope.curvature.sharpness: the review
 cases follow the fold marker.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,26 +11,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call, hessian
-
-from tests.helpers.calls import node_curvature
-from trajscope.nodes import find_node_layers
-from tests.helpers.calls import hvp_operator, sharpness
 
 # imports of the cases folded from test_sharpness_review (below)
-import math
-
-import numpy as np
-import pytest
-import torch
 from scipy.sparse.linalg import eigsh
 from torch import nn
 from torch.func import functional_call, hessian
 
+from tests.helpers.calls import hvp_operator, node_curvature, sharpness
 from trajscope.curvature.sharpness import _DENSE_DIM, _lanczos_max, _NonFinite
-
-
+from trajscope.nodes import find_node_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 DT = torch.float64
@@ -165,10 +155,12 @@ def test_lanczos_on_explicit_spectra():
     Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=DT))
     v0 = torch.randn(300, generator=g, dtype=DT)
     cases = {
-        "indefinite, larger |negative| end": torch.cat([torch.linspace(-9, 2, 299, dtype=DT),
-                                                        torch.tensor([3.0], dtype=DT)]),
-        "clustered top": torch.cat([torch.linspace(0, 1, 297, dtype=DT),
-                                    torch.tensor([5.0, 5.0 - 1e-3, 5.0 - 2e-3], dtype=DT)]),
+        "indefinite, larger |negative| end": torch.cat(
+            [torch.linspace(-9, 2, 299, dtype=DT), torch.tensor([3.0], dtype=DT)]
+        ),
+        "clustered top": torch.cat(
+            [torch.linspace(0, 1, 297, dtype=DT), torch.tensor([5.0, 5.0 - 1e-3, 5.0 - 2e-3], dtype=DT)]
+        ),
         "ill-conditioned PSD": torch.logspace(-8, 2, 300, dtype=DT),
     }
     for name, lam in cases.items():
@@ -193,7 +185,6 @@ def test_lanczos_stops_exactly_on_an_invariant_subspace():
     assert ok and abs(val - 4.0) <= 1e-12
 
 
-
 # ==============================================================================================
 # folded from test_sharpness_review:
 # Review of the Lanczos sharpness (``_lanczos_max`` without restarts, docs/spec.md §8).
@@ -202,7 +193,6 @@ def test_lanczos_stops_exactly_on_an_invariant_subspace():
 # ``scipy.sparse.linalg.eigsh`` (ARPACK, which the code used before) on the same matrices.
 # Tests marked "Regression test" failed before the fixes this review led to.
 # ==============================================================================================
-
 
 
 def dense_hessian64(model, params, x, y, loss_fn):
@@ -231,8 +221,7 @@ def arpack_top(H: torch.Tensor, tol: float = 1e-10) -> float:
     """An independent reference: ARPACK on the dense matrix."""
     n = H.shape[0]
     v0 = np.random.default_rng(7).standard_normal(n)
-    return float(eigsh(H.numpy(), k=1, which="LA", tol=tol, v0=v0, ncv=min(n - 1, 20),
-                       return_eigenvectors=False)[0])
+    return float(eigsh(H.numpy(), k=1, which="LA", tol=tol, v0=v0, ncv=min(n - 1, 20), return_eigenvectors=False)[0])
 
 
 def params_of(model):
@@ -268,7 +257,10 @@ NETS = {
     "tanh-ce": (lambda: nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)), "ce"),
     "relu-mse": (lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), "mse"),
     "gelu-ce": (lambda: nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 4)), "ce"),
-    "33-params-tanh": (lambda: nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)), "ce"),
+    "33-params-tanh": (
+        lambda: nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)),
+        "ce",
+    ),
 }
 
 
@@ -292,14 +284,14 @@ def net_case(name: str, seed: int, dtype=DT, batch: int = 12):
 def test_sharpness_matches_dense_and_arpack(name, seed):
     model, params, x, y, loss_fn = net_case(name, seed)
     H = dense_hessian64(model, params, x, y, loss_fn)
-    assert H.shape[0] > _DENSE_DIM                    # the Lanczos path
+    assert H.shape[0] > _DENSE_DIM  # the Lanczos path
     lam = top(H)
     assert abs(arpack_top(H) - lam) <= 1e-9 * abs(lam)
     res = sharpness(model, params, {}, x, y, loss_fn)
     assert res.converged and 0 < res.n_hvp <= 300
     # residual <= 1e-4 |theta| bounds the error by ~ residual^2 / gap in practice; 1e-4 relative always
     assert abs(res.value - lam) <= 1e-4 * abs(lam), (res.value, lam)
-    assert res.value <= lam * (1 + 1e-12) + 1e-14      # a Ritz value never exceeds lambda_max
+    assert res.value <= lam * (1 + 1e-12) + 1e-14  # a Ritz value never exceeds lambda_max
     tight = sharpness(model, params, {}, x, y, loss_fn, tol=1e-10)
     assert tight.converged and abs(tight.value - lam) <= 1e-9 * abs(lam), (tight.value, lam)
 
@@ -315,7 +307,7 @@ def test_exactly_33_parameters_just_above_dense_threshold():
 
 def test_dense_threshold_uses_dim_products():
     torch.manual_seed(0)
-    model = nn.Linear(31, 1).to(DT)                  # exactly 32 parameters: dense path
+    model = nn.Linear(31, 1).to(DT)  # exactly 32 parameters: dense path
     params = params_of(model)
     x, y = torch.randn(40, 31, dtype=DT), torch.randn(40, 1, dtype=DT)
     res = sharpness(model, params, {}, x, y, nn.MSELoss())
@@ -343,10 +335,15 @@ def test_concave_region_negative_top():
 @pytest.mark.parametrize("case", ["negative definite", "wide, top near the bulk", "indefinite, dominant negative end"])
 def test_lanczos_negative_and_indefinite_spectra_vs_arpack(case):
     n = 300
-    lam = {"negative definite": -torch.linspace(1, 10, n, dtype=DT),
-           "wide, top near the bulk": torch.cat([torch.linspace(-1000, 0, n - 1, dtype=DT), torch.tensor([1.0], dtype=DT)]),
-           "indefinite, dominant negative end": torch.cat([torch.linspace(-50, 2, n - 1, dtype=DT),
-                                                           torch.tensor([2.5], dtype=DT)])}[case]
+    lam = {
+        "negative definite": -torch.linspace(1, 10, n, dtype=DT),
+        "wide, top near the bulk": torch.cat(
+            [torch.linspace(-1000, 0, n - 1, dtype=DT), torch.tensor([1.0], dtype=DT)]
+        ),
+        "indefinite, dominant negative end": torch.cat(
+            [torch.linspace(-50, 2, n - 1, dtype=DT), torch.tensor([2.5], dtype=DT)]
+        ),
+    }[case]
     A, op, count = spectrum_op(lam)
     want = float(lam.max())
     val, ok = _lanczos_max(op, v0_of(n), 1e-4, 300)
@@ -406,7 +403,7 @@ def test_zero_top_converges_in_few_products(case):
     if case == "rank-deficient concave loss":
         model, params, x, y = _rank_deficient_concave()
         precond = None
-    else:        # full-rank concave loss, but P^{1/2} H P^{1/2} has zero rows: lambda_max = 0
+    else:  # full-rank concave loss, but P^{1/2} H P^{1/2} has zero rows: lambda_max = 0
         torch.manual_seed(0)
         model = nn.Linear(40, 1).to(DT)
         params = params_of(model)
@@ -507,10 +504,11 @@ def test_no_overestimate_from_lost_orthogonality(case, maxiter):
     re-orthogonalisation; ghost copies appear but no Ritz value exceeds lambda_max (beyond
     rounding), and the top stays found."""
     n = 200
-    lam = {"separated top": torch.cat([torch.linspace(0, 1, n - 2, dtype=DT), torch.tensor([10.0, 20.0], dtype=DT)]),
-           "logspace PSD": torch.logspace(-10, 3, n, dtype=DT),
-           "wide negative bulk": torch.cat([torch.linspace(-1000, 0, n - 1, dtype=DT),
-                                            torch.tensor([1.0], dtype=DT)])}[case]
+    lam = {
+        "separated top": torch.cat([torch.linspace(0, 1, n - 2, dtype=DT), torch.tensor([10.0, 20.0], dtype=DT)]),
+        "logspace PSD": torch.logspace(-10, 3, n, dtype=DT),
+        "wide negative bulk": torch.cat([torch.linspace(-1000, 0, n - 1, dtype=DT), torch.tensor([1.0], dtype=DT)]),
+    }[case]
     A, op, count = spectrum_op(lam)
     want, norm = float(lam.max()), float(lam.abs().max())
     val, ok = _lanczos_max(op, v0_of(n), 0.0, maxiter)
@@ -526,7 +524,7 @@ def test_float32_products_long_run_bounded_by_noise():
     A, _, _ = spectrum_op(lam)
     A32 = A.float()
     val, ok = _lanczos_max(lambda v: (A32 @ v.float()).double(), v0_of(n), 0.0, 800)
-    assert abs(val - 1.0) <= 1e-6 * 1000      # float32 rounding of ||A|| = 1000
+    assert abs(val - 1.0) <= 1e-6 * 1000  # float32 rounding of ||A|| = 1000
 
 
 # --------------------------------------------------------------------------- maxiter, degenerate starts
@@ -540,7 +538,7 @@ def test_maxiter_is_the_number_of_products():
     one = sharpness(model, params, {}, x, y, loss_fn, tol=1e-14, maxiter=1)
     v = v0_of(H.shape[0])
     v = v / v.norm()
-    assert math.isclose(one.value, float(v @ H @ v), rel_tol=1e-10)    # the Rayleigh quotient of v0
+    assert math.isclose(one.value, float(v @ H @ v), rel_tol=1e-10)  # the Rayleigh quotient of v0
     zero = sharpness(model, params, {}, x, y, loss_fn, maxiter=0)
     assert math.isnan(zero.value) and zero.n_hvp == 0 and not zero.converged
 
@@ -549,8 +547,9 @@ def test_lanczos_few_distinct_eigenvalues_breakdown():
     """Few distinct eigenvalues (high multiplicity): the Krylov space of a random start closes after
     as many steps; T_m is exact there and the top is returned, converged."""
     n = 120
-    lam = torch.cat([torch.full((60,), -3.0, dtype=DT), torch.full((50,), 0.5, dtype=DT),
-                     torch.full((10,), 2.0, dtype=DT)])
+    lam = torch.cat(
+        [torch.full((60,), -3.0, dtype=DT), torch.full((50,), 0.5, dtype=DT), torch.full((10,), 2.0, dtype=DT)]
+    )
     A, op, count = spectrum_op(lam)
     val, ok = _lanczos_max(op, v0_of(n), 1e-14, 100)
     assert ok and abs(val - 2.0) <= 1e-12 and count[0] <= 4
@@ -585,8 +584,12 @@ def _precond_case():
 
 
 def _scaled_top(H, params, precond):
-    d = torch.cat([precond[k].to(DT).clamp_min(0).reshape(-1) if k in precond else torch.ones(v.numel(), dtype=DT)
-                   for k, v in params.items()]).sqrt()
+    d = torch.cat(
+        [
+            precond[k].to(DT).clamp_min(0).reshape(-1) if k in precond else torch.ones(v.numel(), dtype=DT)
+            for k, v in params.items()
+        ]
+    ).sqrt()
     return top(d[:, None] * H * d[None, :])
 
 
@@ -594,9 +597,9 @@ def test_preconditioner_with_zeros_negatives_and_missing_names():
     model, params, x, y, loss_fn, H = _precond_case()
     g = torch.Generator().manual_seed(9)
     pc = {k: torch.rand(v.shape, generator=g, dtype=DT) * 5 for k, v in params.items()}
-    pc["0.weight"][:3] = 0.0                     # zero rows/columns of P^{1/2} H P^{1/2}
-    pc["2.weight"] = -pc["2.weight"]             # negative: clamped to 0
-    del pc["4.bias"]                             # missing: 1
+    pc["0.weight"][:3] = 0.0  # zero rows/columns of P^{1/2} H P^{1/2}
+    pc["2.weight"] = -pc["2.weight"]  # negative: clamped to 0
+    del pc["4.bias"]  # missing: 1
     lam = _scaled_top(H, params, pc)
     res = sharpness(model, params, {}, x, y, loss_fn, precond=pc)
     assert res.converged and abs(res.value - lam) <= 1e-4 * abs(lam), (res.value, lam)

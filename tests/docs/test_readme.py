@@ -1,4 +1,5 @@
 """Every README code block a user would paste runs: Python blocks in order, then the shell commands."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """The shipped sample runs and the example scripts: they run, open, analyse, and show what they claim."""
+
 from __future__ import annotations
 
 import shutil
@@ -25,8 +26,9 @@ def _copy(name: str, tmp_path: Path) -> Path:
 
 def _run_example(script: str, *args: str) -> None:
     """Run an example script; a failure shows its stderr (a bare exit status hides the cause)."""
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, f"{script} exited with {done.returncode}:\n{done.stderr[-4000:]}"
 
 
@@ -84,7 +86,7 @@ def test_eos_regression_sharpness_hovers_at_threshold_while_nodes_stay(tmp_path)
     sharp, thr = res.global_series("sharpness"), res.global_series("threshold")
     lr = trajscope.open_run(run).checkpoint(0).hparams[0]["lr"]
     assert thr[0] == pytest.approx(2 / lr - 0.007, rel=1e-9)  # 2/α, less the coupled weight decay
-    late = sharp[len(sharp) // 2:]
+    late = sharp[len(sharp) // 2 :]
     # the stated band: late sharpness within [0.9, 1.1] × 2/α (progressive sharpening, then the edge)
     assert (late > 0.9 * 2 / lr).all() and (late < 1.1 * 2 / lr).all()
     assert sharp[0] < 0.8 * 2 / lr  # it started well below and rose

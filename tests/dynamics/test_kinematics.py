@@ -1,4 +1,5 @@
 """Node kinematics (docs/spec.md §6): closed forms."""
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,9 @@ def test_weight_decay_collapse_with_zero_gradient(dtype):
     assert torch.allclose(one["drift"], torch.zeros(5), atol=1e-6)
     assert torch.allclose(one["param_norm"].double(), theta0.double().norm(dim=1), rtol=1e-6)
     multi = node_kinematics(snaps[0], snaps[k], k=k)  # per-step geometric mean over k steps
-    assert torch.allclose(multi["rho"].double(), torch.full((5,), 1 - lr * wd, dtype=torch.float64), atol=max(tol, 1e-7))
+    assert torch.allclose(
+        multi["rho"].double(), torch.full((5,), 1 - lr * wd, dtype=torch.float64), atol=max(tol, 1e-7)
+    )
 
 
 def test_drift_of_a_rotation():
@@ -50,7 +53,7 @@ def test_zero_norm_and_nonfinite_give_nan_not_a_crash():
     theta = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [math.nan, 1.0], [math.inf, 0.0]])
     nxt = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
     out = node_kinematics(theta, nxt)
-    assert math.isnan(out["rho"][0]) and math.isnan(out["drift"][0])    # ‖θ_t‖ = 0
+    assert math.isnan(out["rho"][0]) and math.isnan(out["drift"][0])  # ‖θ_t‖ = 0
     assert float(out["rho"][1]) == 0.0 and math.isnan(out["drift"][1])  # exact collapse
     assert float(out["rho"][2]) == 2.0 and float(out["drift"][2]) == 0.0
     assert math.isnan(out["param_norm"][3]) and math.isnan(out["rho"][3])
@@ -72,7 +75,10 @@ def test_inputs_are_not_modified(dtype):
     before = theta.clone(), nxt.clone()
     out = node_kinematics(theta, nxt)
     assert torch.equal(theta, before[0]) and torch.equal(nxt, before[1])
-    u0, u1 = theta.double() / theta.double().norm(dim=1, keepdim=True), nxt.double() / nxt.double().norm(dim=1, keepdim=True)
+    u0, u1 = (
+        theta.double() / theta.double().norm(dim=1, keepdim=True),
+        nxt.double() / nxt.double().norm(dim=1, keepdim=True),
+    )
     assert torch.allclose(out["drift"].double(), (u1 - u0).norm(dim=1), rtol=1e-6)
     row = theta[2]
     node_kinematics(row, row * 2)

@@ -1,4 +1,5 @@
 """Node labels (docs/spec.md §7): closed-form cases, the seed preset, hysteresis, non-finite input."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,13 @@ import pytest
 import torch
 
 from trajscope.dynamics.labels import (
-    LABELS, REASONS, LabelConfig, classify, collapse_reference_norm, resolve_delta, stable_labels,
+    LABELS,
+    REASONS,
+    LabelConfig,
+    classify,
+    collapse_reference_norm,
+    resolve_delta,
+    stable_labels,
 )
 from trajscope.dynamics.motion import motion_from_eigs
 from trajscope.dynamics.updatemap import UpdateRule, node_update_spectra, update_rule
@@ -28,18 +35,38 @@ def linreg_eigs(n_in: int = 3, batch: int = 20, seed: int = 0) -> torch.Tensor:
     return ev[ev > 1e-9 * ev[0]][None, :]
 
 
-def run_classify(spectra, config=LabelConfig(preset="acted"), delta=1e-3, param_norm=None, ref=None, grad=None, hess_min=None, loss=1.0):
+def run_classify(
+    spectra,
+    config=LabelConfig(preset="acted"),
+    delta=1e-3,
+    param_norm=None,
+    ref=None,
+    grad=None,
+    hess_min=None,
+    loss=1.0,
+):
     n = spectra.radius.shape[0]
     one = torch.ones(n)
-    return classify(spectra, one if param_norm is None else param_norm, one if ref is None else ref,
-                    one if grad is None else grad, one if hess_min is None else hess_min, loss, config, delta)
+    return classify(
+        spectra,
+        one if param_norm is None else param_norm,
+        one if ref is None else ref,
+        one if grad is None else grad,
+        one if hess_min is None else hess_min,
+        loss,
+        config,
+        delta,
+    )
 
 
-@pytest.mark.parametrize("factor,label,reason", [
-    (1.0, "healthy_sink", "contracting"),
-    (2.0, "plateau", "neutral_direction"),   # αλmax = 2: μ = −1 on the unit circle
-    (2.2, "source", "expanding"),
-])
+@pytest.mark.parametrize(
+    "factor,label,reason",
+    [
+        (1.0, "healthy_sink", "contracting"),
+        (2.0, "plateau", "neutral_direction"),  # αλmax = 2: μ = −1 on the unit circle
+        (2.2, "source", "expanding"),
+    ],
+)
 def test_linear_regression_below_at_above_two_over_lambda_max(factor, label, reason):
     eig = linreg_eigs()
     lam_max, lam_min = float(eig[0, 0]), float(eig[0, -1])
@@ -57,8 +84,11 @@ def test_linear_regression_below_at_above_two_over_lambda_max(factor, label, rea
 def test_dead_node_is_plateau_with_all_directions_null():
     p = 4
     eig = torch.zeros(2, 0, dtype=F64)  # zero curvature on the data: r = 0
-    for rule in [UpdateRule("sgd", 0.1), UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=True),
-                 UpdateRule("adam", 0.01, has_buffer=True, step=10)]:
+    for rule in [
+        UpdateRule("sgd", 0.1),
+        UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=True),
+        UpdateRule("adam", 0.01, has_buffer=True, step=10),
+    ]:
         sp = node_update_spectra(eig, p, rule)
         assert sp.null_dims.tolist() == [p, p]
         lab, why, neutral = run_classify(sp, grad=torch.tensor([0.0, 0.5]))
@@ -84,8 +114,9 @@ def test_weight_decay_collapsed_node_is_degenerate_sink():
     config = LabelConfig(preset="acted")
     delta = resolve_delta(config, steps)
     now = w.detach().norm(dim=1)
-    lab, why, _ = run_classify(sp, config, delta, param_norm=now, ref=collapse_reference_norm(config, now, first),
-                               grad=torch.zeros(3))
+    lab, why, _ = run_classify(
+        sp, config, delta, param_norm=now, ref=collapse_reference_norm(config, now, first), grad=torch.zeros(3)
+    )
     assert lab.tolist() == [L["degenerate_sink"]] * 3 and why.tolist() == [R["collapsed"]] * 3
     # relative to the layer median, only nodes far below the median collapse
     med = LabelConfig(preset="acted", collapse_reference="layer_median")
@@ -93,8 +124,9 @@ def test_weight_decay_collapsed_node_is_degenerate_sink():
     assert lab[2] == L["healthy_sink"]
     # the seed preset calls the same node a plateau: H has zero eigenvalues (σ_min = 0)
     seed = LabelConfig(preset="seed")
-    lab, why, _ = run_classify(sp, seed, resolve_delta(seed, steps), param_norm=now, grad=torch.zeros(3),
-                               hess_min=torch.zeros(3), loss=0.0)
+    lab, why, _ = run_classify(
+        sp, seed, resolve_delta(seed, steps), param_norm=now, grad=torch.zeros(3), hess_min=torch.zeros(3), loss=0.0
+    )
     assert lab.tolist() == [L["plateau"]] * 3 and why.tolist() == [R["seed_zero_curvature"]] * 3
 
 
@@ -122,13 +154,18 @@ def test_seed_preset_literal_rules():
     eig = torch.tensor([[0.5, 0.2], [0.5, 0.2], [0.5, 0.005], [2.02, 0.5], [0.5, 0.2]], dtype=F64)
     sp = node_update_spectra(eig, 2, rule)
     seed = LabelConfig(preset="seed")
-    assert resolve_delta(seed, 10 ** 6) == 0.01
+    assert resolve_delta(seed, 10**6) == 0.01
     pn = torch.tensor([1.0, 5e-5, 1.0, 1.0, 1.0])
     grad = torch.tensor([1.0, 1.0, 1.0, 1.0, 1e-7])
     lab, why, neutral = run_classify(sp, seed, 0.01, param_norm=pn, grad=grad, hess_min=eig[:, -1].float(), loss=0.5)
     assert [LABELS[i] for i in lab.tolist()] == ["healthy_sink", "degenerate_sink", "plateau", "source", "plateau"]
-    assert [REASONS[i] for i in why.tolist()] == ["contracting", "collapsed", "seed_unit_eigenvalue", "expanding",
-                                                   "seed_flat_gradient"]
+    assert [REASONS[i] for i in why.tolist()] == [
+        "contracting",
+        "collapsed",
+        "seed_unit_eigenvalue",
+        "expanding",
+        "seed_flat_gradient",
+    ]
     assert neutral.tolist() == [0, 0, 1, 0, 0]
     # flat gradient only counts while the loss is not minimal (loss > eps_loss)
     lab, _, _ = run_classify(sp, seed, 0.01, param_norm=pn, grad=grad, hess_min=eig[:, -1].float(), loss=0.0)
@@ -142,7 +179,7 @@ def test_seed_preset_literal_rules():
 
 def test_delta_resolution_and_config_validation():
     assert resolve_delta(LabelConfig(preset="acted"), 10_000) == 1e-4
-    assert resolve_delta(LabelConfig(preset="acted"), 10) == 0.01     # never looser than the seed's band
+    assert resolve_delta(LabelConfig(preset="acted"), 10) == 0.01  # never looser than the seed's band
     assert resolve_delta(LabelConfig(preset="acted", delta=0.05), 10_000) == 0.05
     for bad in [dict(preset="x"), dict(collapse_reference="mean"), dict(delta=-1.0), dict(stable_window=0)]:
         with pytest.raises(TrajscopeError):
@@ -167,8 +204,15 @@ def test_nonfinite_inputs_do_not_crash():
     pn = torch.tensor([1.0, 1.0, 1.0, math.nan, 1.0])
     grad = torch.tensor([1.0, 1.0, 1.0, 1.0, math.nan])
     for config in [LabelConfig(preset="acted"), LabelConfig(preset="seed")]:
-        lab, why, neutral = run_classify(sp, config, resolve_delta(config, 100), param_norm=pn, grad=grad,
-                                         hess_min=torch.tensor([0.5, math.nan, 0.5, 0.5, 0.5]), loss=math.nan)
+        lab, why, neutral = run_classify(
+            sp,
+            config,
+            resolve_delta(config, 100),
+            param_norm=pn,
+            grad=grad,
+            hess_min=torch.tensor([0.5, math.nan, 0.5, 0.5, 0.5]),
+            loss=math.nan,
+        )
         assert lab.shape == (5,) and neutral.shape == (5,)
         assert lab[1] == L["source"] and why[1] == R["nonfinite"]
         assert lab[2] == L["source"] and why[2] == R["nonfinite"]  # infinite curvature: |μ| = inf
@@ -188,10 +232,18 @@ def excited(eig, u, lr=1.0, share=None, grad=None, delta=1e-3, param_norm=None, 
     lam_u = (eig[0, : u.numel()] * u * u).sum() / (u * u).sum()
     motion = (*motion_from_eigs(lam_u.reshape(1), rule), torch.tensor([1.0 if share is None else share], dtype=F64))
     one = torch.ones(1, dtype=F64)
-    return classify(sp, one if param_norm is None else torch.tensor([param_norm], dtype=F64),
-                    one if ref is None else torch.tensor([ref], dtype=F64),
-                    one if grad is None else torch.tensor([grad], dtype=F64), eig[:, -1], 1.0,
-                    LabelConfig(), delta, motion=motion, hess_max=eig[:, 0])
+    return classify(
+        sp,
+        one if param_norm is None else torch.tensor([param_norm], dtype=F64),
+        one if ref is None else torch.tensor([ref], dtype=F64),
+        one if grad is None else torch.tensor([grad], dtype=F64),
+        eig[:, -1],
+        1.0,
+        LabelConfig(),
+        delta,
+        motion=motion,
+        hess_max=eig[:, 0],
+    )
 
 
 def names(out):
@@ -207,8 +259,9 @@ def test_motion_from_eigs_are_the_map_roots_of_the_motion_curvature():
     assert math.isnan(radius[5]) and math.isnan(neutral[5])
     # heavy ball: roots of z² − (1 + β − αλ) z + β
     beta, a = 0.9, 0.05
-    radius, neutral = motion_from_eigs(torch.tensor([a], dtype=F64), update_rule("SGD", {"lr": 1.0, "momentum": beta},
-                                                                                  {"momentum_buffer": 1}))
+    radius, neutral = motion_from_eigs(
+        torch.tensor([a], dtype=F64), update_rule("SGD", {"lr": 1.0, "momentum": beta}, {"momentum_buffer": 1})
+    )
     roots = torch.linalg.eigvals(torch.tensor([[1 + beta - a, -beta], [1.0, 0.0]], dtype=F64))
     assert float(radius[0]) == pytest.approx(float(roots.abs().max()), rel=1e-12)
     assert float(neutral[0]) == pytest.approx(float((roots - 1).abs().min()), rel=1e-12)
@@ -242,12 +295,23 @@ def test_excited_dead_and_collapsed_nodes():
     # no curvature and no gradient: dead, even when weight decay contracts it (acted: healthy sink)
     assert names(excited([0.0, 0.0], [1.0, 1.0], grad=0.0)) == ("plateau", "dead")
     # collapsed: degenerate sink before any plateau reason
-    assert names(excited([0.0, 0.0], [1.0, 1.0], grad=0.0, param_norm=0.05, ref=1.0)) == ("degenerate_sink", "collapsed")
+    assert names(excited([0.0, 0.0], [1.0, 1.0], grad=0.0, param_norm=0.05, ref=1.0)) == (
+        "degenerate_sink",
+        "collapsed",
+    )
     # a node with no motion and a gradient-free, curved block sits at its fixed point: a sink
-    out = classify(node_update_spectra(torch.tensor([[0.5]], dtype=F64), 1, update_rule("SGD", {"lr": 1.0}, None)),
-                   torch.ones(1), torch.ones(1), torch.zeros(1), torch.tensor([0.5]), 1.0, LabelConfig(), 1e-3,
-                   motion=(torch.tensor([math.nan]), torch.tensor([math.nan]), torch.tensor([0.0])),
-                   hess_max=torch.tensor([0.5]))
+    out = classify(
+        node_update_spectra(torch.tensor([[0.5]], dtype=F64), 1, update_rule("SGD", {"lr": 1.0}, None)),
+        torch.ones(1),
+        torch.ones(1),
+        torch.zeros(1),
+        torch.tensor([0.5]),
+        1.0,
+        LabelConfig(),
+        1e-3,
+        motion=(torch.tensor([math.nan]), torch.tensor([math.nan]), torch.tensor([0.0])),
+        hess_max=torch.tensor([0.5]),
+    )
     assert names(out) == ("healthy_sink", "contracting")
 
 
@@ -255,7 +319,7 @@ def test_excited_delta_comes_from_the_horizon():
     cfg = LabelConfig()
     assert cfg.preset == "excited"
     assert resolve_delta(cfg, 20_000, horizon=250) == pytest.approx(0.004)
-    assert resolve_delta(cfg, 20_000, horizon=10) == 0.01           # capped at the seed's band
+    assert resolve_delta(cfg, 20_000, horizon=10) == 0.01  # capped at the seed's band
     assert resolve_delta(cfg, 20_000) == pytest.approx(1 / 20_000)  # no horizon known: the run
     assert resolve_delta(LabelConfig(preset="acted"), 20_000, horizon=250) == pytest.approx(1 / 20_000)
     with pytest.raises(TrajscopeError):

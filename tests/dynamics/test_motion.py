@@ -1,5 +1,6 @@
 """The curvature a node's motion feels: u_iᵀ H_i u_i from the layer factor, against dense blocks
 (themselves checked against torch.func.hessian in tests/curvature/test_curvature.py) and against hessian directly."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,9 @@ import torch
 from torch import nn
 
 from tests.helpers.calls import node_curvature
+from tests.helpers.references import DT, SeqMLP, _params, mlp, mlp_data, ref_exact, small_cnn
 from trajscope.curvature.blocks import block_quadratic_forms, dense_blocks
 from trajscope.nodes import find_node_layers, node_matrix
-
-from tests.helpers.references import DT, SeqMLP, _params, mlp, mlp_data, ref_exact, small_cnn
 
 
 def _check_all_forms(res, layers, seen):
@@ -54,7 +54,7 @@ def test_quadratic_form_of_a_node_equals_its_hessian():
     layers = find_node_layers(model)
     res = node_curvature(model, params, {}, x, y, loss_fn, layers, kind="exact")
     l = layers[0]
-    U = node_matrix(res.grads, l)           # the gradient direction, as the motion of GD
+    U = node_matrix(res.grads, l)  # the gradient direction, as the motion of GD
     q = block_quadratic_forms(res.factors[l.name], U)
     for i in range(l.n_nodes):
         H = ref_exact(model, params, x, y, loss_fn, l, i)
@@ -77,10 +77,10 @@ def test_motion_fractions_split_the_motion_over_the_map_directions():
     """A block with known eigenvectors (a rotation Q of diag(a)); GD with lr 1: μ = 1 − a."""
     from trajscope.curvature.factors import LayerFactor
     from trajscope.dynamics.motion import motion_fractions
-    from trajscope.nodes import NodeLayer
     from trajscope.dynamics.updatemap import node_map, update_rule
+    from trajscope.nodes import NodeLayer
 
-    a = torch.tensor([0.5, 1e-4, 2.3], dtype=DT)        # contracting, neutral (δ = 1e-3), unstable (μ = −1.3)
+    a = torch.tensor([0.5, 1e-4, 2.3], dtype=DT)  # contracting, neutral (δ = 1e-3), unstable (μ = −1.3)
     Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=DT))
     # a "sqrt" factor with G_i = diag(√a) Qᵀ: H_i = Q diag(a) Qᵀ; two identical nodes
     layer = NodeLayer(name="l", kind="linear", weight="w", bias=None, n_nodes=2, node_dim=3)
@@ -88,7 +88,7 @@ def test_motion_fractions_split_the_motion_over_the_map_directions():
     fac = LayerFactor(layer, "sqrt", "ggn", X=torch.zeros(1, 1, 1, 3, dtype=DT), G=G, rank_bound=3)
     rule = update_rule("SGD", {"lr": 1.0}, None)
     nm = node_map(rule, None, 3)
-    c = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]], dtype=DT)      # components along Q's columns
+    c = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]], dtype=DT)  # components along Q's columns
     u = c @ Q.T
     neutral, unstable = motion_fractions(fac, nm, nm.rule, u, None, 1e-3)
     torch.testing.assert_close(neutral, torch.tensor([0.64, 0.36], dtype=DT))
@@ -115,13 +115,14 @@ def test_motion_fractions_end_to_end_against_dense_hessians(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta)
     data = batches(6, 3, 2, b=8)
     record(tmp_path / "run", model, opt, nn.MSELoss(), data, **mlp_spec(sizes, "tanh"))
-    res = trajscope.analyze(tmp_path / "run", dtype="float64", curvature="exact", motion_fractions=True,
-                            sharpness=False)[tmp_path / "run"]
+    res = trajscope.analyze(
+        tmp_path / "run", dtype="float64", curvature="exact", motion_fractions=True, sharpness=False
+    )[tmp_path / "run"]
     delta = res.attrs["delta"]
     run = trajscope.open_run(tmp_path / "run")
     ref_model = make_mlp(sizes, activation="tanh")
     layer = find_node_layers(ref_model)[0]
-    k = 2                                                  # a step with a full momentum buffer
+    k = 2  # a step with a full momentum buffer
     t = int(res.steps[k])
     params = {n: v.to(DT) for n, v in run.params(t).items()}
     x, y = data[t]

@@ -1,6 +1,7 @@
 """RMSprop and Adagrad runs analyse with their own update maps (the spectrum of a node equals the one
 formed by hand from the dense block and the optimizer's real denominator); an optimizer without a
 map says so in a WARNING line."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,10 +9,9 @@ import torch
 from torch import nn
 
 import trajscope
-from trajscope.dynamics.updatemap import node_update_spectra, preconditioner, update_rule
-from trajscope.cli.main import main
-
 from tests.helpers.analysis import batches, make_mlp, mlp_spec, node_rows
+from trajscope.cli.main import main
+from trajscope.dynamics.updatemap import node_update_spectra, preconditioner, update_rule
 
 SIZES = (3, 4, 2)
 
@@ -29,10 +29,13 @@ def _record(path, opt_factory):
             opt.step()
 
 
-@pytest.mark.parametrize("name, factory, kind", [
-    ("rmsprop", lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, weight_decay=0.1), "rmsprop_momentum"),
-    ("adagrad", lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01), "adagrad"),
-])
+@pytest.mark.parametrize(
+    "name, factory, kind",
+    [
+        ("rmsprop", lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, weight_decay=0.1), "rmsprop_momentum"),
+        ("adagrad", lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01), "adagrad"),
+    ],
+)
 def test_rmsprop_adagrad_runs_use_their_maps(tmp_path, capsys, name, factory, kind):
     path = tmp_path / name
     _record(path, factory)
@@ -53,13 +56,20 @@ def test_rmsprop_adagrad_runs_use_their_maps(tmp_path, capsys, name, factory, ki
         return loss_fn(torch.func.functional_call(model, params, (ck.inputs,)), ck.targets)
 
     grads = torch.func.grad(loss_of)(ck.params)
-    d = torch.cat([preconditioner(rule, ck.optimizer_state["0.weight"], grads["0.weight"], ck.params["0.weight"])[i],
-                   preconditioner(rule, ck.optimizer_state["0.bias"], grads["0.bias"], ck.params["0.bias"])[i:i + 1]])
+    d = torch.cat(
+        [
+            preconditioner(rule, ck.optimizer_state["0.weight"], grads["0.weight"], ck.params["0.weight"])[i],
+            preconditioner(rule, ck.optimizer_state["0.bias"], grads["0.bias"], ck.params["0.bias"])[i : i + 1],
+        ]
+    )
     theta = node_rows(ck.params, "0")[i]
 
     def node_loss(v):
-        params = {**ck.params, "0.weight": ck.params["0.weight"].index_put((torch.tensor([i]),), v[:-1][None]),
-                  "0.bias": ck.params["0.bias"].index_put((torch.tensor([i]),), v[-1:])}
+        params = {
+            **ck.params,
+            "0.weight": ck.params["0.weight"].index_put((torch.tensor([i]),), v[:-1][None]),
+            "0.bias": ck.params["0.bias"].index_put((torch.tensor([i]),), v[-1:]),
+        }
         return loss_of(params)
 
     h = torch.func.hessian(node_loss)(theta) + rule.coupled_shift * torch.eye(theta.numel(), dtype=torch.float64)

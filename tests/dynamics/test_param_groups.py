@@ -1,5 +1,6 @@
 """Nodes whose bias sits in another parameter group than their weight row (e.g. no weight decay
 on biases): the node map against the Jacobian of the real multi-group optimizer step."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,6 @@ from tests.helpers.analysis import linear_spec, make_linear, record
 from tests.helpers.calls import node_curvature
 from trajscope.dynamics.updatemap import node_map, node_update_spectra, update_rule
 
-
 F64 = torch.float64
 
 
@@ -23,13 +23,13 @@ def real_step_jacobian(w, b, x, y, groups, state, keys):
 
     def step(z):
         wl = z[:n_w].reshape(w.shape).clone().requires_grad_(True)
-        bl = z[n_w:n_w + 1].clone().requires_grad_(True)
+        bl = z[n_w : n_w + 1].clone().requires_grad_(True)
         loss = nn.functional.mse_loss(x @ wl.T + bl, y)
         wl.grad, bl.grad = torch.autograd.grad(loss, [wl, bl])
         opt = torch.optim.SGD([{"params": [wl], **groups[0]}, {"params": [bl], **groups[1]}])
         off = n_w + 1
         for leaf in (wl, bl):
-            st = {k: z[off:off + leaf.numel()].reshape(leaf.shape).clone() for k in keys}
+            st = {k: z[off : off + leaf.numel()].reshape(leaf.shape).clone() for k in keys}
             off += leaf.numel()
             if st:
                 opt.state[leaf] = st
@@ -49,12 +49,21 @@ def real_step_jacobian(w, b, x, y, groups, state, keys):
 
 GROUP_CASES = {
     "lr and wd differ": ({"lr": 0.2, "weight_decay": 0.3}, {"lr": 0.7, "weight_decay": 0.0}, {}),
-    "momentum, no decay on bias": ({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.5},
-                                   {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}, {}),
-    "nesterov, bias lr 3x": ({"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.2},
-                             {"lr": 0.15, "momentum": 0.8, "nesterov": True}, {}),
-    "maximize": ({"lr": 0.1, "momentum": 0.5, "weight_decay": 0.4, "maximize": True},
-                 {"lr": 0.3, "momentum": 0.5, "maximize": True}, {}),
+    "momentum, no decay on bias": (
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.5},
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+        {},
+    ),
+    "nesterov, bias lr 3x": (
+        {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.2},
+        {"lr": 0.15, "momentum": 0.8, "nesterov": True},
+        {},
+    ),
+    "maximize": (
+        {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.4, "maximize": True},
+        {"lr": 0.3, "momentum": 0.5, "maximize": True},
+        {},
+    ),
 }
 
 
@@ -100,8 +109,11 @@ def test_bias_group_eigvals_match_the_dense_transform(kind, batch):
             scale[:, -1] = a
             shift = torch.full((p,), wd, dtype=F64)
             shift[-1] = wd_b
-            want = (preconditioned_eigvals(f, scale, shift=shift) if sign > 0 else
-                    -preconditioned_eigvals(f, scale, shift=-shift).flip(1))
+            want = (
+                preconditioned_eigvals(f, scale, shift=shift)
+                if sign > 0
+                else -preconditioned_eigvals(f, scale, shift=-shift).flip(1)
+            )
             fast = bias_group_eigvals(f, sign, wd, wd_b, a)
             got = torch.cat([fast, torch.zeros(layer.n_nodes, p - fast.shape[1], dtype=F64)], 1) + wd
             got = got.sort(dim=1, descending=True).values
@@ -152,8 +164,9 @@ def test_adam_two_groups_match_the_real_step_where_v_decouples():
             sl = slice(0, 3) if k == 0 else slice(3, 4)
             opt.state[leaf] = {"step": torch.tensor(10.0), "exp_avg": z[4:][sl].clone(), "exp_avg_sq": v[sl].clone()}
         opt.step()
-        return torch.cat([leaves[0].detach(), leaves[1].detach(), opt.state[leaves[0]]["exp_avg"],
-                          opt.state[leaves[1]]["exp_avg"]])
+        return torch.cat(
+            [leaves[0].detach(), leaves[1].detach(), opt.state[leaves[0]]["exp_avg"], opt.state[leaves[1]]["exp_avg"]]
+        )
 
     z0 = torch.zeros(8, dtype=F64)
     jac = torch.stack([(step(z0 + e) - step(z0 - e)) / 2e-6 for e in torch.eye(8, dtype=F64) * 1e-6], dim=1)
@@ -162,10 +175,10 @@ def test_adam_two_groups_match_the_real_step_where_v_decouples():
     nm = node_map(update_rule("Adam", hw, st), update_rule("Adam", hb, st), 4)
     assert nm.transformed and nm.note == ""
     # the frozen preconditioner at this step: 1/(sqrt(v_hat) + eps), v_hat = β2 v /(1 - β2^t) (g = 0)
-    vhat = 0.99 * v / (1 - 0.99 ** 11)
+    vhat = 0.99 * v / (1 - 0.99**11)
     d = (1 / (vhat.sqrt() + 1e-3)) * nm.lr_scale
     K = d.sqrt()[:, None] * (H + torch.diag(nm.shift)) * d.sqrt()[None, :]
     lam = torch.linalg.eigvalsh(K).flip(0)[None, :]
     sp = node_update_spectra(lam, 4, nm.rule)
-    got = np.sort(np.concatenate([sp.mu_abs[0, :int(sp.acted[0])].numpy(), np.ones(int(sp.null_dims[0]))]))
+    got = np.sort(np.concatenate([sp.mu_abs[0, : int(sp.acted[0])].numpy(), np.ones(int(sp.null_dims[0]))]))
     np.testing.assert_allclose(got, want, atol=1e-6)

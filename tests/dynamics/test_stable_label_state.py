@@ -1,4 +1,5 @@
 """StableLabelState: the stable-label hysteresis carried across checkpoints (dynamics/labels.py)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ user's own callables (a function, a functools.partial, an nn.Module class) repla
 
 Every run here is real torch training code; every replayed loss equals the recorded loss of its step
 to 1e-5 relative."""
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,13 @@ from tensorboard.backend.event_processing import event_accumulator
 from torch import nn
 
 import trajscope
-from tests.helpers.calls import node_curvature
-from trajscope.dynamics.updatemap import step_gradient
-from trajscope.cli.main import main
-from trajscope.io.results import open_results
-
 from tests.helpers.analysis import event_files
+from tests.helpers.calls import node_curvature
 from tests.helpers.references import ref_exact
+from trajscope.cli.main import main
+from trajscope.dynamics.updatemap import step_gradient
+from trajscope.io.results import open_results
 from trajscope.nodes import find_node_layers
-
 
 F64 = torch.float64
 REL = 1e-5
@@ -60,8 +59,10 @@ STEPS, MAX_NORM, SIZES = 8, 1.0, (4, 6, 3)
 
 def _data(seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(5, SIZES[0], generator=g, dtype=F64), 2.0 * torch.randn(5, SIZES[-1], generator=g, dtype=F64))
-            for _ in range(2 * STEPS)]
+    return [
+        (torch.randn(5, SIZES[0], generator=g, dtype=F64), 2.0 * torch.randn(5, SIZES[-1], generator=g, dtype=F64))
+        for _ in range(2 * STEPS)
+    ]
 
 
 def _norm(tensors) -> float:
@@ -79,11 +80,17 @@ def _train_clipped(path) -> list[dict[str, float]]:
     scaler = torch.amp.GradScaler("cpu")
     loss_fn = nn.MSELoss()
     data, seen = _data(), []
-    with trajscope.Recorder(path, model, opt, loss_fn, model_spec="trajscope.zoo:mlp",
-                            model_kwargs={"sizes": list(SIZES), "activation": "tanh"}) as rec:
+    with trajscope.Recorder(
+        path,
+        model,
+        opt,
+        loss_fn,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": list(SIZES), "activation": "tanh"},
+    ) as rec:
         for t in range(STEPS):
             opt.zero_grad()
-            micro = data[2 * t: 2 * t + 2]
+            micro = data[2 * t : 2 * t + 2]
             for x, y in micro:
                 scaler.scale(loss_fn(model(x), y) / 2).backward()
                 rec.batch(x, y)
@@ -117,8 +124,8 @@ def _clipped_map_reference(run, step: int, factor: float, module: str, i: int, c
         p = ck.params[wname].shape[1] + 1
         params = {k: v.clone() for k, v in ck.params.items()}
         bufs = {k: ck.optimizer_state[k]["momentum_buffer"].clone() for k in params}
-        params[wname][i], params[bname][i] = z[:p - 1], z[p - 1]
-        bufs[wname][i], bufs[bname][i] = z[p:2 * p - 1], z[2 * p - 1]
+        params[wname][i], params[bname][i] = z[: p - 1], z[p - 1]
+        bufs[wname][i], bufs[bname][i] = z[p : 2 * p - 1], z[2 * p - 1]
         leaves = {k: v.requires_grad_(True) for k, v in params.items()}
         loss = nn.functional.mse_loss(torch.func.functional_call(model, leaves, (x,)), y)
         grads = torch.autograd.grad(loss, list(leaves.values()))
@@ -130,11 +137,17 @@ def _clipped_map_reference(run, step: int, factor: float, module: str, i: int, c
         opt.step()
         w, b = leaves[wname].detach(), leaves[bname].detach()
         bw, bb = opt.state[leaves[wname]]["momentum_buffer"], opt.state[leaves[bname]]["momentum_buffer"]
-        return torch.cat([w[i], b[i:i + 1], bw[i], bb[i:i + 1]])
+        return torch.cat([w[i], b[i : i + 1], bw[i], bb[i : i + 1]])
 
     p = ck.params[wname].shape[1] + 1
-    z0 = torch.cat([ck.params[wname][i], ck.params[bname][i:i + 1], ck.optimizer_state[wname]["momentum_buffer"][i],
-                    ck.optimizer_state[bname]["momentum_buffer"][i:i + 1]])
+    z0 = torch.cat(
+        [
+            ck.params[wname][i],
+            ck.params[bname][i : i + 1],
+            ck.optimizer_state[wname]["momentum_buffer"][i],
+            ck.optimizer_state[bname]["momentum_buffer"][i : i + 1],
+        ]
+    )
     eps = 1e-6
     cols = []
     for k in range(2 * p):
@@ -149,14 +162,14 @@ def test_accumulation_clipping_scaling_onecycle(tmp_path, capsys):
     run = tmp_path / "run"
     seen = _train_clipped(run)
     clipped = [t for t, s in enumerate(seen) if s["total"] > MAX_NORM]
-    assert 2 <= len(clipped) < STEPS - 1, [s["total"] for s in seen]   # some steps clipped, some not
+    assert 2 <= len(clipped) < STEPS - 1, [s["total"] for s in seen]  # some steps clipped, some not
 
     # recorded: the norms the loop saw, independently computed
     r = trajscope.open_run(run)
     for t, s in enumerate(seen):
         got = r.reader.grad_norms(r.reader.row_of(t))
         assert _rel(got["backward"], s["backward"]) < 1e-9 and _rel(got["stepped"], s["stepped"]) < 1e-9
-        assert _rel(r.losses[t], s["loss"]) < 1e-12      # both micro-batch losses, joined
+        assert _rel(r.losses[t], s["loss"]) < 1e-12  # both micro-batch losses, joined
 
     out = _analyze(run, capsys, "--dtype", "float64", "--curvature", "exact", "--all-steps")
     res = open_results(run)
@@ -164,7 +177,7 @@ def test_accumulation_clipping_scaling_onecycle(tmp_path, capsys):
     assert [int(s) for s in res.steps] == list(range(STEPS))
     factor, flag = res.global_series("step_factor"), res.global_series("clipped")
     for t, s in enumerate(seen):
-        assert _rel(res.global_series("grad_norm")[t], s["total"]) < 1e-9   # replayed ‖∇L‖ = the loop's
+        assert _rel(res.global_series("grad_norm")[t], s["total"]) < 1e-9  # replayed ‖∇L‖ = the loop's
         assert res.global_series("loss_scale")[t] == s["scale"]
         if t in clipped:
             assert flag[t] == 1 and _rel(factor[t], MAX_NORM / s["total"]) < 1e-5
@@ -172,7 +185,10 @@ def test_accumulation_clipping_scaling_onecycle(tmp_path, capsys):
             assert flag[t] == 0 and abs(factor[t] - 1) < 1e-9
     assert np.all(res.global_series("grad_norm_mismatch") == 0)
     ch = res.attrs["step_changes"]
-    assert ch["clipped_steps"] == clipped and _rel(ch["min_clip_factor"], min(MAX_NORM / seen[t]["total"] for t in clipped)) < 1e-5
+    assert (
+        ch["clipped_steps"] == clipped
+        and _rel(ch["min_clip_factor"], min(MAX_NORM / seen[t]["total"] for t in clipped)) < 1e-5
+    )
     assert ch["loss_scales"] == [65536.0]
     assert f"gradient clipping: {len(clipped)} of {STEPS} analysed steps were clipped (min factor" in out
     assert "loss scaling: backward's gradient was scaled by 65536 (GradScaler)" in out
@@ -195,8 +211,9 @@ def test_hand_scaled_gradient_is_a_warning(tmp_path, capsys):
     model = trajscope.zoo.mlp(SIZES).to(F64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     loss_fn = nn.MSELoss()
-    with trajscope.Recorder(tmp_path / "run", model, opt, loss_fn, model_spec="trajscope.zoo:mlp",
-                            model_kwargs={"sizes": list(SIZES)}) as rec:
+    with trajscope.Recorder(
+        tmp_path / "run", model, opt, loss_fn, model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": list(SIZES)}
+    ) as rec:
         for t, (x, y) in enumerate(_data()[:5]):
             opt.zero_grad()
             loss_fn(model(x), y).backward()
@@ -208,14 +225,17 @@ def test_hand_scaled_gradient_is_a_warning(tmp_path, capsys):
     out = _analyze(tmp_path / "run", capsys, "--no-sharpness", "--all-steps")
     res = open_results(tmp_path / "run")
     _assert_faithful(tmp_path / "run", res)
-    assert "WARNING: the gradient the optimizer stepped with differs from the replayed gradient by up to 200% " \
-           "at 3 of 5 checkpoints (steps 2, 3, 4)" in out
+    assert (
+        "WARNING: the gradient the optimizer stepped with differs from the replayed gradient by up to 200% "
+        "at 3 of 5 checkpoints (steps 2, 3, 4)" in out
+    )
     gap = res.global_series("grad_norm_mismatch")
     assert np.allclose(gap, [0, 0, 2, 2, 2], atol=1e-5)
     assert res.attrs["fidelity"]["grad_norm"]["steps_over_tolerance"] == [2, 3, 4]
     assert "gradient clipping:" not in out
-    acc = event_accumulator.EventAccumulator(str(event_files(tmp_path / "run")[-1]),
-                                             size_guidance=event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc = event_accumulator.EventAccumulator(
+        str(event_files(tmp_path / "run")[-1]), size_guidance=event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE
+    )
     acc.Reload()
     scalars = {e.step: e.value for e in acc.Scalars("trajscope/global/grad_norm_mismatch")}
     assert scalars[3] == pytest.approx(2.0, abs=1e-5) and scalars[1] == 0
@@ -248,9 +268,9 @@ def test_step_gradient_rules():
     assert scaled.loss_scale == 1024 and scaled.mismatch == 0 and not scaled.clipped
     clipped = step_gradient(4.0, 1.0, 4.0 * 65536)
     assert clipped.clipped and clipped.map_factor == 0.25 and clipped.mismatch == 0
-    assert step_gradient(2.0, 6.0, 2.0).mismatch == pytest.approx(2.0)          # c > 1
-    assert step_gradient(2.0, 1.0, 3.0).mismatch == pytest.approx(0.25)         # backward 1.5×: not a power of two
-    assert math.isnan(step_gradient(2.0, math.nan, math.nan).mismatch)          # nothing recorded
+    assert step_gradient(2.0, 6.0, 2.0).mismatch == pytest.approx(2.0)  # c > 1
+    assert step_gradient(2.0, 1.0, 3.0).mismatch == pytest.approx(0.25)  # backward 1.5×: not a power of two
+    assert math.isnan(step_gradient(2.0, math.nan, math.nan).mismatch)  # nothing recorded
     assert not step_gradient(2.0, 1.0, math.nan).mismatch and step_gradient(2.0, 1.0, math.nan).clipped
     # no backward norm and a replayed loss that is not the recorded one: a mismatch, never clipping
     unfaithful = step_gradient(2.0, 1.0, math.nan, loss_faithful=False)
@@ -320,6 +340,7 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(folder))
     sys.modules.pop("user_gpt", None)
     import user_gpt
+
     yield user_gpt
     sys.modules.pop("user_gpt", None)
 
@@ -329,8 +350,9 @@ def _train_gpt(path, mod, loss_fn, steps: int = 4, first_target: int | None = No
     model = mod.TinyGPT(VOCAB, 8, CTX).to(F64)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(3)
-    with trajscope.Recorder(path, model, opt, loss_fn, model_spec="user_gpt:TinyGPT",
-                            model_kwargs={"vocab": VOCAB, "d": 8, "ctx": CTX}) as rec:
+    with trajscope.Recorder(
+        path, model, opt, loss_fn, model_spec="user_gpt:TinyGPT", model_kwargs={"vocab": VOCAB, "d": 8, "ctx": CTX}
+    ) as rec:
         for t in range(steps):
             seq = torch.randint(1, VOCAB, (4, CTX + 1), generator=g)
             if first_target is not None and t == 2:
@@ -365,9 +387,9 @@ def test_gpt_with_the_users_lm_loss(tmp_path, capsys, user_module):
     run = tmp_path / "gpt"
     _train_gpt(run, user_module, user_module.lm_loss)
     assert trajscope.open_run(run).attrs["loss"] == {"function": "user_gpt:lm_loss"}
-    out = _analyze(run, capsys, "--dtype", "float64", "--curvature", "exact")   # no --trust: the user's own run
+    out = _analyze(run, capsys, "--dtype", "float64", "--curvature", "exact")  # no --trust: the user's own run
     res = open_results(run)
-    assert len(res.steps) == 3 and "WARNING" not in out     # the steps with a successor
+    assert len(res.steps) == 3 and "WARNING" not in out  # the steps with a successor
     _assert_faithful(run, res)
     assert np.isfinite(res.global_series("sharpness")).all()
     assert np.all(res.global_series("grad_norm_mismatch") == 0)
@@ -401,6 +423,7 @@ def test_gpt_node_spectra_by_the_replayed_spec(tmp_path, user_module):
 def test_an_edited_loss_description_needs_trust(tmp_path, capsys, user_module):
     """The signature covers the partial's keywords: once edited, the run's code needs --trust."""
     import functools
+
     run = tmp_path / "gpt"
     _train_gpt(run, user_module, functools.partial(user_module.lm_loss, label_smoothing=0.1), steps=2)
     store = run / "trajectory.zarr" / "zarr.json"
@@ -411,7 +434,7 @@ def test_an_edited_loss_description_needs_trust(tmp_path, capsys, user_module):
     assert main(["analyze", str(run), "--no-progress", "--no-sharpness"]) == 2
     assert "not signed by you" in capsys.readouterr().err
     assert main(["analyze", str(run), "--no-progress", "--no-sharpness", "--trust"]) == 0
-    assert open_results(run).global_series("loss_mismatch")[0] > 1e-3   # the edited loss is another function
+    assert open_results(run).global_series("loss_mismatch")[0] > 1e-3  # the edited loss is another function
 
 
 @pytest.mark.parametrize("kind", ["partial", "module"])
@@ -419,6 +442,7 @@ def test_partial_and_loss_class_by_spec(tmp_path, capsys, user_module, kind):
     run = tmp_path / kind
     if kind == "partial":
         import functools
+
         loss_fn = functools.partial(user_module.lm_loss, label_smoothing=0.1)
         want = {"function": "user_gpt:lm_loss", "kwargs": {"label_smoothing": 0.1}}
     else:
@@ -454,7 +478,10 @@ def test_a_checkpoint_whose_loss_fails_is_a_nan_row(tmp_path, capsys, user_modul
     sharp = res.global_series("sharpness")
     assert np.isnan(sharp[2]) and np.isfinite(sharp[[0, 1, 3]]).all()
     assert np.isnan(res.node("lm_head", "hess_max", 2)).all() and np.isfinite(res.node("lm_head", "hess_max", 3)).all()
-    assert "Traceback" not in out and "note: step 2: curvature failed (RuntimeError: picky_loss: refuses this batch)" in out
+    assert (
+        "Traceback" not in out
+        and "note: step 2: curvature failed (RuntimeError: picky_loss: refuses this batch)" in out
+    )
     assert "note: step 2: sharpness failed" in out
 
 
@@ -465,8 +492,14 @@ def _train_groups(path, opt_factory, steps: int = 4) -> list[float]:
     model = trajscope.zoo.mlp(SIZES, activation="tanh").to(F64)
     opt = opt_factory(model)
     loss_fn, factors = nn.MSELoss(), []
-    with trajscope.Recorder(path, model, opt, loss_fn, model_spec="trajscope.zoo:mlp",
-                            model_kwargs={"sizes": list(SIZES), "activation": "tanh"}) as rec:
+    with trajscope.Recorder(
+        path,
+        model,
+        opt,
+        loss_fn,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": list(SIZES), "activation": "tanh"},
+    ) as rec:
         for x, y in _data()[:steps]:
             opt.zero_grad()
             loss_fn(model(x), y).backward()
@@ -479,8 +512,9 @@ def _train_groups(path, opt_factory, steps: int = 4) -> list[float]:
 def _sgd_two_groups(model):
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    return torch.optim.SGD([{"params": weights, "weight_decay": 0.01}, {"params": biases, "lr": 0.05}],
-                           lr=0.1, momentum=0.9)
+    return torch.optim.SGD(
+        [{"params": weights, "weight_decay": 0.01}, {"params": biases, "lr": 0.05}], lr=0.1, momentum=0.9
+    )
 
 
 def test_clipped_sgd_with_a_bias_group_equals_the_real_step(tmp_path, capsys):
@@ -501,30 +535,46 @@ def test_clipped_sgd_with_a_bias_group_equals_the_real_step(tmp_path, capsys):
     def step_fn(z):
         params = {k: v.clone().requires_grad_(True) for k, v in ck.params.items()}
         with torch.no_grad():
-            params["0.weight"][i], params["0.bias"][i] = z[:p - 1], z[p - 1]
+            params["0.weight"][i], params["0.bias"][i] = z[: p - 1], z[p - 1]
         loss = nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
         grads = torch.autograd.grad(loss, list(params.values()))
         wts = [v for k, v in params.items() if k.endswith("weight")]
-        opt = torch.optim.SGD([{"params": wts, "weight_decay": 0.01},
-                               {"params": [v for k, v in params.items() if k.endswith("bias")], "lr": 0.05}],
-                              lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(
+            [
+                {"params": wts, "weight_decay": 0.01},
+                {"params": [v for k, v in params.items() if k.endswith("bias")], "lr": 0.05},
+            ],
+            lr=0.1,
+            momentum=0.9,
+        )
         with torch.no_grad():
             for (k, v), g in zip(params.items(), grads):
                 v.grad = g * factors[t]
                 buf = ck.optimizer_state[k]["momentum_buffer"].clone()
                 if k == "0.weight":
-                    buf[i] = z[p:2 * p - 1]
+                    buf[i] = z[p : 2 * p - 1]
                 if k == "0.bias":
                     buf[i] = z[2 * p - 1]
                 opt.state[v]["momentum_buffer"] = buf
         opt.step()
         st = opt.state
-        return torch.cat([params["0.weight"].detach()[i], params["0.bias"].detach()[i:i + 1],
-                          st[params["0.weight"]]["momentum_buffer"][i], st[params["0.bias"]]["momentum_buffer"][i:i + 1]])
+        return torch.cat(
+            [
+                params["0.weight"].detach()[i],
+                params["0.bias"].detach()[i : i + 1],
+                st[params["0.weight"]]["momentum_buffer"][i],
+                st[params["0.bias"]]["momentum_buffer"][i : i + 1],
+            ]
+        )
 
-    z0 = torch.cat([ck.params["0.weight"][i], ck.params["0.bias"][i:i + 1],
-                    ck.optimizer_state["0.weight"]["momentum_buffer"][i],
-                    ck.optimizer_state["0.bias"]["momentum_buffer"][i:i + 1]])
+    z0 = torch.cat(
+        [
+            ck.params["0.weight"][i],
+            ck.params["0.bias"][i : i + 1],
+            ck.optimizer_state["0.weight"]["momentum_buffer"][i],
+            ck.optimizer_state["0.bias"]["momentum_buffer"][i : i + 1],
+        ]
+    )
     eps, cols = 1e-6, []
     for k in range(2 * p):
         e = torch.zeros(2 * p, dtype=F64)
@@ -555,8 +605,12 @@ def test_clipped_adam_uses_the_clipped_gradient(tmp_path, capsys):
         return loss_fn(torch.func.functional_call(model, params, (ck.inputs,)), ck.targets)
 
     grads = torch.func.grad(loss_of)(ck.params)
-    d = torch.cat([preconditioner(rule, ck.optimizer_state["0.weight"], c * grads["0.weight"], ck.params["0.weight"])[i],
-                   preconditioner(rule, ck.optimizer_state["0.bias"], c * grads["0.bias"], ck.params["0.bias"])[i:i + 1]])
+    d = torch.cat(
+        [
+            preconditioner(rule, ck.optimizer_state["0.weight"], c * grads["0.weight"], ck.params["0.weight"])[i],
+            preconditioner(rule, ck.optimizer_state["0.bias"], c * grads["0.bias"], ck.params["0.bias"])[i : i + 1],
+        ]
+    )
     p = ck.params["0.weight"].shape[1] + 1
 
     def node_loss(z):
@@ -566,14 +620,19 @@ def test_clipped_adam_uses_the_clipped_gradient(tmp_path, capsys):
         params["0.weight"], params["0.bias"] = w, b
         return loss_of(params)
 
-    z0 = torch.cat([ck.params["0.weight"][i], ck.params["0.bias"][i:i + 1]])
+    z0 = torch.cat([ck.params["0.weight"][i], ck.params["0.bias"][i : i + 1]])
     h = torch.func.hessian(node_loss)(z0)
     k = d.sqrt()[:, None] * (c * h + 0.1 * torch.eye(p, dtype=F64)) * d.sqrt()[None, :]
     want = node_update_spectra(torch.linalg.eigvalsh(k).flip(0)[None], p, rule).radius[0]
-    unclipped = node_update_spectra(torch.linalg.eigvalsh(
-        d.sqrt()[:, None] * (h + 0.1 * torch.eye(p, dtype=F64)) * d.sqrt()[None, :]).flip(0)[None], p, rule).radius[0]
+    unclipped = node_update_spectra(
+        torch.linalg.eigvalsh(d.sqrt()[:, None] * (h + 0.1 * torch.eye(p, dtype=F64)) * d.sqrt()[None, :]).flip(0)[
+            None
+        ],
+        p,
+        rule,
+    ).radius[0]
     got = float(res.node("0", "spectral_radius", t)[i])
-    assert _rel(got, float(want)) < 1e-5 and _rel(float(unclipped), float(want)) > 1e-2   # the test can fail
+    assert _rel(got, float(want)) < 1e-5 and _rel(float(unclipped), float(want)) > 1e-2  # the test can fail
 
 
 def test_closure_step_records_the_closures_gradient(tmp_path):
@@ -583,9 +642,11 @@ def test_closure_step_records_the_closures_gradient(tmp_path):
     model = trajscope.zoo.mlp(SIZES).to(F64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     loss_fn, seen = nn.MSELoss(), []
-    with trajscope.Recorder(tmp_path / "run", model, opt, loss_fn, model_spec="trajscope.zoo:mlp",
-                            model_kwargs={"sizes": list(SIZES)}) as rec:
+    with trajscope.Recorder(
+        tmp_path / "run", model, opt, loss_fn, model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": list(SIZES)}
+    ) as rec:
         for x, y in _data()[:4]:
+
             def closure(x=x, y=y):
                 opt.zero_grad()
                 loss = loss_fn(model(x), y)
@@ -595,9 +656,10 @@ def test_closure_step_records_the_closures_gradient(tmp_path):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
                 seen.append((backward, _norm(p.grad for p in model.parameters())))
                 return loss
+
             opt.step(closure)
     r = trajscope.open_run(tmp_path / "run")
     for t, (backward, stepped) in enumerate(seen):
         got = r.checkpoint(t).grad_norms
         assert _rel(got["backward"], backward) < 1e-12 and _rel(got["stepped"], stepped) < 1e-12
-        assert stepped < backward      # clipping was active
+        assert stepped < backward  # clipping was active

@@ -9,6 +9,7 @@ eigenvalues, computed here with dense `torch.func.hessian` in float64.
 Long (over 400 lines) because it holds every case of trajscope.dynamics.updatemap: the review
 cases (per optimizer, then the pipeline feeding them) follow the fold marker.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,21 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+# imports of the cases folded from test_updatemap_review (below)
+from torch import nn
+
+from trajscope.dynamics.kinematics import node_kinematics
+from trajscope.dynamics.labels import (
+    LABELS,
+    REASONS,
+    LabelConfig,
+    classify,
+    collapse_reference_norm,
+    resolve_delta,
+    stable_labels,
+)
 from trajscope.dynamics.updatemap import (
+    NodeSpectra,
     UpdateRule,
     adam_preconditioner,
     node_update_spectra,
@@ -27,21 +42,6 @@ from trajscope.dynamics.updatemap import (
     update_map_eigenvalues,
     update_rule,
 )
-
-# imports of the cases folded from test_updatemap_review (below)
-import math
-
-import numpy as np
-import pytest
-import torch
-from scipy.optimize import linear_sum_assignment
-from torch import nn
-
-from trajscope.dynamics.kinematics import node_kinematics
-from trajscope.dynamics.labels import (LABELS, REASONS, LabelConfig, classify, collapse_reference_norm,
-                                       resolve_delta, stable_labels)
-from trajscope.dynamics.updatemap import (NodeSpectra, UpdateRule, adam_preconditioner, node_update_spectra,
-                                          stability_threshold, update_map_eigenvalues, update_rule)
 
 F64 = torch.float64
 
@@ -71,8 +71,9 @@ class LinReg:
     def node_hessian(self, params: list[torch.Tensor], i: int) -> torch.Tensor:
         def f(row):
             th = params[0].clone()
-            th = torch.cat([th[:i], row[None], th[i + 1:]])
+            th = torch.cat([th[:i], row[None], th[i + 1 :]])
             return self.loss([th])
+
         return torch.func.hessian(f)(params[0][i].clone())
 
     def node_index(self, i: int) -> list[tuple[int, torch.Tensor]]:
@@ -96,10 +97,11 @@ class MLP:
 
     def node_hessian(self, params, i):
         def f(row):
-            w1 = torch.cat([params[0][:i], row[None, :-1], params[0][i + 1:]])
-            b1 = torch.cat([params[1][:i], row[-1:], params[1][i + 1:]])
+            w1 = torch.cat([params[0][:i], row[None, :-1], params[0][i + 1 :]])
+            b1 = torch.cat([params[1][:i], row[-1:], params[1][i + 1 :]])
             return self.loss([w1, b1, params[2], params[3]])
-        return torch.func.hessian(f)(torch.cat([params[0][i], params[1][i:i + 1]]))
+
+        return torch.func.hessian(f)(torch.cat([params[0][i], params[1][i : i + 1]]))
 
     def node_index(self, i):
         return [(0, torch.arange(i * self.n_in, (i + 1) * self.n_in)), (1, torch.tensor([i]))]
@@ -137,11 +139,13 @@ def fd_jacobian(model, opt_cls, hp, params, state, keys, h=1e-6, group_overrides
     def unpack(z):
         out, off = [], 0
         for p, n in zip(params, sizes):
-            out.append(z[off:off + n].reshape(p.shape)); off += n
+            out.append(z[off : off + n].reshape(p.shape))
+            off += n
         st = [dict(base_state[j]) if base_state is not None else {} for j in range(len(params))]
         for k in keys:
             for j, (p, n) in enumerate(zip(params, sizes)):
-                st[j][k] = z[off:off + n].reshape(p.shape).clone(); off += n
+                st[j][k] = z[off : off + n].reshape(p.shape).clone()
+                off += n
         return out, st
 
     def F(z):
@@ -152,7 +156,8 @@ def fd_jacobian(model, opt_cls, hp, params, state, keys, h=1e-6, group_overrides
     z0 = pack(params, [[s[k] for k in keys] for s in state] if keys else [])
     jac = torch.empty(z0.numel(), z0.numel(), dtype=F64)
     for c in range(z0.numel()):
-        e = torch.zeros_like(z0); e[c] = h
+        e = torch.zeros_like(z0)
+        e[c] = h
         jac[:, c] = (F(z0 + e) - F(z0 - e)) / (2 * h)
     return jac, sizes
 
@@ -208,7 +213,12 @@ SGD_CASES = [
     ("nesterov", dict(lr=0.05, momentum=0.7, nesterov=True), ["momentum_buffer"], None),
     ("nesterov_wd", dict(lr=0.05, momentum=0.7, nesterov=True, weight_decay=0.3), ["momentum_buffer"], None),
     # torch forbids dampening with Nesterov at construction only; the step honours it
-    ("nesterov_damp_wd", dict(lr=0.05, momentum=0.7, nesterov=True, weight_decay=0.2), ["momentum_buffer"], {"dampening": 0.4}),
+    (
+        "nesterov_damp_wd",
+        dict(lr=0.05, momentum=0.7, nesterov=True, weight_decay=0.2),
+        ["momentum_buffer"],
+        {"dampening": 0.4},
+    ),
     ("momentum_maximize_wd", dict(lr=0.05, momentum=0.6, weight_decay=0.5, maximize=True), ["momentum_buffer"], None),
 ]
 
@@ -234,11 +244,15 @@ def test_sgd_family_matches_fd_jacobian(name, hp, keys, overrides, rank_deficien
             assert int(sp.null_dims[0]) == 0
 
 
-@pytest.mark.parametrize("hp,keys", [
-    (dict(lr=0.1, weight_decay=0.1), []),
-    (dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1), ["momentum_buffer"]),
-    (dict(lr=0.1, momentum=0.9, nesterov=True), ["momentum_buffer"]),
-], ids=["sgd_wd", "momentum", "nesterov"])
+@pytest.mark.parametrize(
+    "hp,keys",
+    [
+        (dict(lr=0.1, weight_decay=0.1), []),
+        (dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1), ["momentum_buffer"]),
+        (dict(lr=0.1, momentum=0.9, nesterov=True), ["momentum_buffer"]),
+    ],
+    ids=["sgd_wd", "momentum", "nesterov"],
+)
 def test_restriction_to_a_node_of_a_nonquadratic_mlp(hp, keys):
     """Restricted to θ_i the linearised step only sees the exact block H_ii, any loss."""
     model = MLP(seed=3)
@@ -253,10 +267,14 @@ def test_restriction_to_a_node_of_a_nonquadratic_mlp(hp, keys):
         check_node(model, rule, params, i, jac, sizes, len(keys), eig, tol=1e-6)
 
 
-@pytest.mark.parametrize("hp,overrides", [
-    (dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.2), None),
-    (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.2), None),
-], ids=["momentum", "nesterov"])
+@pytest.mark.parametrize(
+    "hp,overrides",
+    [
+        (dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.2), None),
+        (dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.2), None),
+    ],
+    ids=["momentum", "nesterov"],
+)
 def test_first_step_without_buffer_is_a_single_step_map(hp, overrides):
     model = LinReg(n_out=2, n_in=4, batch=12, seed=2)
     params = [torch.randn(*model.shapes[0], generator=model.gen, dtype=F64)]
@@ -279,7 +297,11 @@ ADAM_CASES = [
     ("adam_b1_0.5", torch.optim.Adam, dict(lr=0.05, betas=(0.5, 0.999), weight_decay=0.2)),
     ("adamw", torch.optim.AdamW, dict(lr=0.02, betas=(0.9, 0.999), weight_decay=0.0)),
     ("adamw_wd", torch.optim.AdamW, dict(lr=0.02, betas=(0.9, 0.999), weight_decay=2.0)),
-    ("adam_decoupled_flag", torch.optim.Adam, dict(lr=0.02, betas=(0.8, 0.999), weight_decay=1.0, decoupled_weight_decay=True)),
+    (
+        "adam_decoupled_flag",
+        torch.optim.Adam,
+        dict(lr=0.02, betas=(0.8, 0.999), weight_decay=1.0, decoupled_weight_decay=True),
+    ),
     ("adam_maximize", torch.optim.Adam, dict(lr=0.02, betas=(0.9, 0.999), maximize=True)),
 ]
 
@@ -356,8 +378,11 @@ def test_adam_preconditioner_is_the_real_denominator(amsgrad, wd, maximize):
     g = torch.Generator().manual_seed(11)
     theta = torch.randn(3, 4, generator=g, dtype=F64)
     grad = torch.randn(3, 4, generator=g, dtype=F64)
-    st = {"step": torch.tensor(7.0), "exp_avg": torch.randn(3, 4, generator=g, dtype=F64),
-          "exp_avg_sq": torch.rand(3, 4, generator=g, dtype=F64)}
+    st = {
+        "step": torch.tensor(7.0),
+        "exp_avg": torch.randn(3, 4, generator=g, dtype=F64),
+        "exp_avg_sq": torch.rand(3, 4, generator=g, dtype=F64),
+    }
     if amsgrad:
         st["max_exp_avg_sq"] = torch.rand(3, 4, generator=g, dtype=F64) * 2
     hp = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-3, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
@@ -384,8 +409,11 @@ def test_update_rule_parsing():
     assert r.kind == "nesterov" and r.has_buffer
     r = update_rule("SGD", {"lr": 0.1, "momentum": 0.9}, {"momentum_buffer": None})
     assert r.kind == "sgd_momentum" and not r.has_buffer
-    r = update_rule("torch.optim.adamw.AdamW", {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.01},
-                    {"step": torch.tensor(9.0), "exp_avg": torch.zeros(1), "exp_avg_sq": torch.zeros(1)})
+    r = update_rule(
+        "torch.optim.adamw.AdamW",
+        {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.01},
+        {"step": torch.tensor(9.0), "exp_avg": torch.zeros(1), "exp_avg_sq": torch.zeros(1)},
+    )
     assert r.kind == "adamw" and r.preconditioned and r.coupled_shift == 0 and r.step == 9 and r.beta2 == 0.95
     assert r.decay_factor == pytest.approx(1 - 1e-5)
     r = update_rule("Adam", {"lr": 1e-3, "weight_decay": 0.01}, None)
@@ -402,9 +430,13 @@ def test_update_rule_parsing():
 
 def test_spectra_vectorised_and_nonfinite_safe():
     eig = torch.tensor([[4.0, 1.0, 0.0], [math.nan, 1.0, 0.0], [math.inf, 2.0, 1.0], [0.0, 0.0, 0.0]], dtype=F64)
-    for rule in [UpdateRule("sgd", 0.1), UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=True),
-                 UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=True, weight_decay=0.1),
-                 UpdateRule("adam", 0.01, step=3, has_buffer=True), UpdateRule("adamw", 0.01, 0.1, has_buffer=True)]:
+    for rule in [
+        UpdateRule("sgd", 0.1),
+        UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=True),
+        UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=True, weight_decay=0.1),
+        UpdateRule("adam", 0.01, step=3, has_buffer=True),
+        UpdateRule("adamw", 0.01, 0.1, has_buffer=True),
+    ]:
         sp = node_update_spectra(eig[:, :2], 4, rule)
         assert sp.mu_abs.shape[0] == 4 and sp.radius.dtype == F64 and sp.acted.dtype == torch.int32
         assert bool(torch.isfinite(sp.radius[0])) and not bool(torch.isfinite(sp.radius[1]))
@@ -415,7 +447,9 @@ def test_spectra_vectorised_and_nonfinite_safe():
             a = int(sp.acted[row])
             assert bool(torch.isnan(sp.mu_abs[row, a:]).all())
     # momentum: every λ' = 0 gives μ = 1 (null) and μ = β (acted)
-    sp = node_update_spectra(torch.zeros(2, 0, dtype=F64), 3, UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=True))
+    sp = node_update_spectra(
+        torch.zeros(2, 0, dtype=F64), 3, UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=True)
+    )
     assert sp.null_dims.tolist() == [3, 3] and sp.acted.tolist() == [3, 3]
     assert torch.allclose(sp.mu_abs, torch.full((2, 3), 0.9, dtype=F64)) and sp.radius.tolist() == [1.0, 1.0]
     # all-dead SGD layer: no acted direction at all
@@ -430,9 +464,11 @@ def _run(opt_hp, lr_factor, steps=1500, momentum_kind="sgd"):
     theta_star = model.minimiser()
     h = model.node_hessian([theta_star], 0)
     lam_max = float(torch.linalg.eigvalsh(h)[-1])
-    probe = update_rule("SGD", {"lr": 1.0, **opt_hp}, {"momentum_buffer": torch.zeros(1)} if opt_hp.get("momentum") else {})
+    probe = update_rule(
+        "SGD", {"lr": 1.0, **opt_hp}, {"momentum_buffer": torch.zeros(1)} if opt_hp.get("momentum") else {}
+    )
     thr1 = stability_threshold(probe)  # at lr = 1: threshold ∝ 1/lr
-    lr = lr_factor * thr1 / lam_max    # so that λmax = threshold(lr) / lr_factor
+    lr = lr_factor * thr1 / lam_max  # so that λmax = threshold(lr) / lr_factor
     leaf = (theta_star + torch.randn(theta_star.shape, generator=model.gen, dtype=F64)).requires_grad_(True)
     opt = torch.optim.SGD([leaf], lr=lr, **opt_hp)
     d0 = float((leaf.detach() - theta_star).norm())
@@ -444,8 +480,11 @@ def _run(opt_hp, lr_factor, steps=1500, momentum_kind="sgd"):
     return float((leaf.detach() - theta_star).norm()) / d0, stability_threshold(rule), lam_max
 
 
-@pytest.mark.parametrize("opt_hp", [{}, {"momentum": 0.5, "dampening": 0.3}, {"momentum": 0.6, "nesterov": True}],
-                         ids=["gd", "heavy_ball", "nesterov"])
+@pytest.mark.parametrize(
+    "opt_hp",
+    [{}, {"momentum": 0.5, "dampening": 0.3}, {"momentum": 0.6, "nesterov": True}],
+    ids=["gd", "heavy_ball", "nesterov"],
+)
 def test_threshold_separates_convergence_from_divergence(opt_hp):
     ratio, thr, lam_max = _run(opt_hp, 0.98)
     assert lam_max < thr and ratio < 1e-3
@@ -453,18 +492,22 @@ def test_threshold_separates_convergence_from_divergence(opt_hp):
     assert lam_max > thr and ratio > 1e3
 
 
-@pytest.mark.parametrize("rule", [
-    UpdateRule("sgd", 0.1),
-    UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=False),
-    UpdateRule("sgd_momentum", 0.1, momentum=0.9, dampening=0.4, has_buffer=True),
-    UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=True),
-    UpdateRule("nesterov", 0.1, momentum=0.8, dampening=0.5, has_buffer=True),
-    UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=False),
-    UpdateRule("adam", 0.01, has_buffer=True, step=5),
-    UpdateRule("adam", 0.01, has_buffer=False, step=0),
-    UpdateRule("adamw", 0.01, 3.0, has_buffer=True, step=100),
-    UpdateRule("gd_fallback", 0.3),
-], ids=lambda r: f"{r.kind}-{r.has_buffer}-{r.dampening}")
+@pytest.mark.parametrize(
+    "rule",
+    [
+        UpdateRule("sgd", 0.1),
+        UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=False),
+        UpdateRule("sgd_momentum", 0.1, momentum=0.9, dampening=0.4, has_buffer=True),
+        UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=True),
+        UpdateRule("nesterov", 0.1, momentum=0.8, dampening=0.5, has_buffer=True),
+        UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=False),
+        UpdateRule("adam", 0.01, has_buffer=True, step=5),
+        UpdateRule("adam", 0.01, has_buffer=False, step=0),
+        UpdateRule("adamw", 0.01, 3.0, has_buffer=True, step=100),
+        UpdateRule("gd_fallback", 0.3),
+    ],
+    ids=lambda r: f"{r.kind}-{r.has_buffer}-{r.dampening}",
+)
 def test_threshold_is_where_the_radius_crosses_one(rule):
     thr = stability_threshold(rule)
     shift = 0.0 if rule.preconditioned else rule.coupled_shift
@@ -475,7 +518,9 @@ def test_threshold_is_where_the_radius_crosses_one(rule):
 
 def test_adam_threshold_is_38_over_lr_at_large_t():
     assert stability_threshold(UpdateRule("adam", 0.01, has_buffer=True, step=10_000)) == pytest.approx(3800.0)
-    assert stability_threshold(UpdateRule("sgd_momentum", 0.1, momentum=0.9, dampening=1.0, has_buffer=True)) == math.inf
+    assert (
+        stability_threshold(UpdateRule("sgd_momentum", 0.1, momentum=0.9, dampening=1.0, has_buffer=True)) == math.inf
+    )
 
 
 # ----------------------------------------------------------------------------- RMSprop, Adagrad
@@ -483,10 +528,20 @@ RMS_CASES = [
     # id, class, hp, state keys, extra eigenvalues per parameter (the frozen moments)
     ("rmsprop", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9), ["square_avg"], [0.9]),
     ("rmsprop_wd", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, weight_decay=0.5), ["square_avg"], [0.9]),
-    ("rmsprop_centered", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, centered=True),
-     ["square_avg", "grad_avg"], [0.9, 0.9]),
-    ("rmsprop_momentum", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, momentum=0.8, weight_decay=0.2),
-     ["square_avg", "momentum_buffer"], [0.9]),
+    (
+        "rmsprop_centered",
+        torch.optim.RMSprop,
+        dict(lr=0.01, alpha=0.9, centered=True),
+        ["square_avg", "grad_avg"],
+        [0.9, 0.9],
+    ),
+    (
+        "rmsprop_momentum",
+        torch.optim.RMSprop,
+        dict(lr=0.01, alpha=0.9, momentum=0.8, weight_decay=0.2),
+        ["square_avg", "momentum_buffer"],
+        [0.9],
+    ),
     ("rmsprop_maximize", torch.optim.RMSprop, dict(lr=0.01, alpha=0.9, maximize=True), ["square_avg"], [0.9]),
     ("adagrad", torch.optim.Adagrad, dict(lr=0.05), ["sum"], [1.0]),
     ("adagrad_decay_wd", torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.01, weight_decay=0.3), ["sum"], [1.0]),
@@ -502,16 +557,20 @@ def test_rmsprop_and_adagrad_match_fd_jacobian(name, cls, hp, keys, extra, rank_
     g = model.gen
     wd = hp.get("weight_decay", 0.0)
     theta = model.minimiser(wd) + 1e-7 * torch.randn(2, 5, generator=g, dtype=F64)
-    st = {"step": torch.tensor(40.0), "square_avg": 0.005 + 0.05 * torch.rand(theta.shape, generator=g, dtype=F64),
-          "sum": 0.01 + 0.1 * torch.rand(theta.shape, generator=g, dtype=F64),
-          "grad_avg": 1e-8 * torch.randn(theta.shape, generator=g, dtype=F64),
-          "momentum_buffer": 1e-7 * torch.randn(theta.shape, generator=g, dtype=F64)}
+    st = {
+        "step": torch.tensor(40.0),
+        "square_avg": 0.005 + 0.05 * torch.rand(theta.shape, generator=g, dtype=F64),
+        "sum": 0.01 + 0.1 * torch.rand(theta.shape, generator=g, dtype=F64),
+        "grad_avg": 1e-8 * torch.randn(theta.shape, generator=g, dtype=F64),
+        "momentum_buffer": 1e-7 * torch.randn(theta.shape, generator=g, dtype=F64),
+    }
     st = {k: v for k, v in st.items() if k in keys or k == "step"}
     jac, sizes = fd_jacobian(model, cls, hp, [theta], [st], keys)
     rule = update_rule(f"torch.optim.{cls.__name__}", hp, st)
     assert rule.preconditioned and "unsupported" not in rule.note
-    assert rule.kind == ("adagrad" if cls is torch.optim.Adagrad else
-                         "rmsprop_momentum" if hp.get("momentum") else "rmsprop")
+    assert rule.kind == (
+        "adagrad" if cls is torch.optim.Adagrad else "rmsprop_momentum" if hp.get("momentum") else "rmsprop"
+    )
     leaf = theta.clone().requires_grad_(True)
     grad = torch.autograd.grad(model.loss([leaf]), leaf)[0]
     dmat = preconditioner(rule, st, grad, param=theta)
@@ -527,17 +586,31 @@ def test_rmsprop_and_adagrad_match_fd_jacobian(name, cls, hp, keys, extra, rank_
     assert torch.isclose(mu.real.min(), torch.tensor(-1.0, dtype=F64), atol=1e-9)
 
 
-@pytest.mark.parametrize("cls,hp", [(torch.optim.RMSprop, dict(lr=0.1, alpha=0.9, eps=1e-3, weight_decay=0.3)),
-                                    (torch.optim.RMSprop, dict(lr=0.1, alpha=0.9, eps=1e-3, centered=True)),
-                                    (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.05, eps=1e-3, weight_decay=0.3))])
+@pytest.mark.parametrize(
+    "cls,hp",
+    [
+        (torch.optim.RMSprop, dict(lr=0.1, alpha=0.9, eps=1e-3, weight_decay=0.3)),
+        (torch.optim.RMSprop, dict(lr=0.1, alpha=0.9, eps=1e-3, centered=True)),
+        (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.05, eps=1e-3, weight_decay=0.3)),
+    ],
+)
 def test_rmsprop_adagrad_preconditioner_is_the_real_denominator(cls, hp):
     """θ' − θ = −α_t·D·g' for one real step (no momentum): recover D and compare."""
     gen = torch.Generator().manual_seed(11)
     theta, grad = torch.randn(3, 4, generator=gen, dtype=F64), torch.randn(3, 4, generator=gen, dtype=F64)
-    st = {"step": torch.tensor(7.0), "square_avg": torch.rand(3, 4, generator=gen, dtype=F64) + 1,
-          "grad_avg": 0.1 * torch.randn(3, 4, generator=gen, dtype=F64), "sum": torch.rand(3, 4, generator=gen, dtype=F64)}
-    st = {k: v for k, v in st.items() if k == "step" or k == ("sum" if cls is torch.optim.Adagrad else "square_avg")
-          or (k == "grad_avg" and hp.get("centered"))}
+    st = {
+        "step": torch.tensor(7.0),
+        "square_avg": torch.rand(3, 4, generator=gen, dtype=F64) + 1,
+        "grad_avg": 0.1 * torch.randn(3, 4, generator=gen, dtype=F64),
+        "sum": torch.rand(3, 4, generator=gen, dtype=F64),
+    }
+    st = {
+        k: v
+        for k, v in st.items()
+        if k == "step"
+        or k == ("sum" if cls is torch.optim.Adagrad else "square_avg")
+        or (k == "grad_avg" and hp.get("centered"))
+    }
     leaf = theta.clone().requires_grad_(True)
     leaf.grad = grad.clone()
     opt = cls([leaf], **hp)
@@ -547,7 +620,6 @@ def test_rmsprop_adagrad_preconditioner_is_the_real_denominator(cls, hp):
     gg = grad + hp.get("weight_decay", 0.0) * theta
     d_real = (theta - leaf.detach()) / (rule.step_lr * gg)
     assert torch.allclose(preconditioner(rule, st, grad, param=theta), d_real, rtol=1e-9)
-
 
 
 # ==============================================================================================
@@ -603,8 +675,15 @@ def sgd_step_matrix(H: torch.Tensor, hp: dict, with_buffer: bool) -> np.ndarray:
     return M
 
 
-def adam_step_jacobian(cls, H: torch.Tensor, hp: dict, v: torch.Tensor | None, step: int, h: float = 1e-6,
-                       max_v: torch.Tensor | None = None) -> np.ndarray:
+def adam_step_jacobian(
+    cls,
+    H: torch.Tensor,
+    hp: dict,
+    v: torch.Tensor | None,
+    step: int,
+    h: float = 1e-6,
+    max_v: torch.Tensor | None = None,
+) -> np.ndarray:
     """Central-difference Jacobian of one real Adam/AdamW step over (θ[, exp_avg]) at θ = 0, exp_avg = 0."""
     p = H.shape[0]
     buf = v is not None
@@ -674,7 +753,7 @@ EIG_SETS = [
 def test_sgd_family_against_exact_real_step_matrix(name, hp, eid, eigs):
     p = len(eigs)
     H = sym(eigs, seed=p)
-    for with_buf in ([False, True] if hp.get("momentum") else [False]):
+    for with_buf in [False, True] if hp.get("momentum") else [False]:
         M = sgd_step_matrix(H, hp, with_buf)
         ref = np.sort(np.abs(np.linalg.eigvals(M)))
         rule = update_rule("torch.optim.sgd.SGD", hp, {"momentum_buffer": torch.zeros(1)} if with_buf else {})
@@ -739,8 +818,10 @@ def test_adam_first_step_against_real_step_jacobian():
     """No state yet: μ = c − αλ̃ with D = 1/(|g| + ε); at g → 0 and ε = 1e3 the real step is that map."""
     p = 4
     H = sym([3.0, 1.0, 0.0, 0.0], seed=5)
-    for cls, hp in [(torch.optim.Adam, dict(lr=50.0, eps=1e3, weight_decay=0.1)),
-                    (torch.optim.AdamW, dict(lr=50.0, eps=1e3, weight_decay=0.004))]:
+    for cls, hp in [
+        (torch.optim.Adam, dict(lr=50.0, eps=1e3, weight_decay=0.1)),
+        (torch.optim.AdamW, dict(lr=50.0, eps=1e3, weight_decay=0.004)),
+    ]:
         J = adam_step_jacobian(cls, H, hp, None, 0, h=1e-7)
         rule = update_rule(cls.__name__, hp, {})
         assert not rule.has_buffer
@@ -768,7 +849,9 @@ def test_unknown_optimizer_is_plain_gd_map():
 # never mirrors) but its note still claims 'curvature enters mirrored' (updatemap.update_rule)
 def test_fallback_note_matches_the_map_under_maximize():
     rule = update_rule("Adadelta", {"lr": 0.1, "maximize": True}, {})
-    mirrored_map = node_update_spectra(torch.tensor([[1.0]], dtype=F64), 1, rule).mu_abs[0, 0].item() == pytest.approx(1.1)
+    mirrored_map = node_update_spectra(torch.tensor([[1.0]], dtype=F64), 1, rule).mu_abs[0, 0].item() == pytest.approx(
+        1.1
+    )
     assert ("mirrored" in rule.note) == mirrored_map
 
 
@@ -799,15 +882,18 @@ def _naive_row(row: torch.Tensor, p: int, rule: UpdateRule):
 def test_compaction_matches_a_per_node_loop(rule):
     """Rows with different null counts, explicit zeros, NaN/Inf, all-zero rows, in one batch."""
     p, r = 7, 4
-    eig = torch.tensor([
-        [5.0, 2.0, 1.0, 0.5],
-        [3.0, 0.0, 0.0, 0.0],       # explicit zeros on top of p − r implicit ones
-        [0.0, 0.0, 0.0, 0.0],       # dead
-        [-0.2, 0.0, 1.0, -0.2],     # wd cancels −0.2 for sgd wd 0.2 (λ' = 0), unsorted
-        [math.nan, 1.0, 0.0, 0.0],
-        [math.inf, -math.inf, 1.0, 0.0],
-        [1e3, 1e-300, 0.0, 7.0],
-    ], dtype=F64)
+    eig = torch.tensor(
+        [
+            [5.0, 2.0, 1.0, 0.5],
+            [3.0, 0.0, 0.0, 0.0],  # explicit zeros on top of p − r implicit ones
+            [0.0, 0.0, 0.0, 0.0],  # dead
+            [-0.2, 0.0, 1.0, -0.2],  # wd cancels −0.2 for sgd wd 0.2 (λ' = 0), unsorted
+            [math.nan, 1.0, 0.0, 0.0],
+            [math.inf, -math.inf, 1.0, 0.0],
+            [1e3, 1e-300, 0.0, 7.0],
+        ],
+        dtype=F64,
+    )
     sp = node_update_spectra(eig, p, rule)
     k = 2 * p if rule.kind in ("sgd_momentum", "nesterov", "adam", "adamw") and rule.has_buffer else p
     assert torch.equal(sp.acted + sp.null_dims, torch.full((eig.shape[0],), k, dtype=torch.int32))
@@ -821,7 +907,7 @@ def test_compaction_matches_a_per_node_loop(rule):
         assert bool(torch.isnan(sp.mu_abs[i, a:]).all())
         assert int(sp.zero_eig_dims[i]) == int((eig[i] == 0).sum()) + (p - r)
         # single-row call gives the same row
-        one = node_update_spectra(eig[i:i + 1], p, rule)
+        one = node_update_spectra(eig[i : i + 1], p, rule)
         assert np.allclose(one.mu_abs[0, :a].tolist(), got, rtol=0, atol=0, equal_nan=True)
         rad = max([1.0] * nnull + keep) if (nnull or keep) else float("nan")
         if any(math.isnan(x) for x in keep):
@@ -890,20 +976,27 @@ def test_sgd_threshold_is_the_first_crossing_of_the_real_step(hp, with_buf):
     assert thr == pytest.approx(spec, rel=1e-14)
 
 
-@pytest.mark.parametrize("cls,hp,step", [
-    (torch.optim.Adam, dict(lr=0.01, betas=(0.9, 0.999)), 5),
-    (torch.optim.Adam, dict(lr=0.01, betas=(0.9, 0.999)), 10_000),
-    (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), weight_decay=10.0), 50),
-    (torch.optim.AdamW, dict(lr=0.05, betas=(0.5, 0.99), weight_decay=4.0), 3),
-])
+@pytest.mark.parametrize(
+    "cls,hp,step",
+    [
+        (torch.optim.Adam, dict(lr=0.01, betas=(0.9, 0.999)), 5),
+        (torch.optim.Adam, dict(lr=0.01, betas=(0.9, 0.999)), 10_000),
+        (torch.optim.AdamW, dict(lr=0.01, betas=(0.9, 0.999), weight_decay=10.0), 50),
+        (torch.optim.AdamW, dict(lr=0.05, betas=(0.5, 0.99), weight_decay=4.0), 3),
+    ],
+)
 def test_adam_threshold_is_the_crossing_of_the_real_step(cls, hp, step):
     v = torch.tensor([1.0], dtype=F64)
-    rule = update_rule(cls.__name__, hp, {"step": torch.tensor(float(step)), "exp_avg": torch.zeros(1), "exp_avg_sq": v})
+    rule = update_rule(
+        cls.__name__, hp, {"step": torch.tensor(float(step)), "exp_avg": torch.zeros(1), "exp_avg_sq": v}
+    )
     d = float(adam_preconditioner(rule, v, torch.zeros(1, dtype=F64)))
     thr = stability_threshold(rule)  # on λ̃ = d·λ
 
     def f(lt):
-        return float(np.abs(np.linalg.eigvals(adam_step_jacobian(cls, torch.tensor([[lt / d]], dtype=F64), hp, v, step))).max())
+        return float(
+            np.abs(np.linalg.eigvals(adam_step_jacobian(cls, torch.tensor([[lt / d]], dtype=F64), hp, v, step))).max()
+        )
 
     assert f(thr * (1 - 1e-5)) < 1.0 < f(thr * (1 + 1e-5))
     for lt in np.linspace(0, thr, 9)[1:-1]:
@@ -926,8 +1019,10 @@ def test_threshold_agrees_with_node_update_spectra_radius():
 # ~1.3e154: a 2x2 block then gets |mu1| = inf (true ~alpha*lambda) and |mu2| = 0 (Nesterov: true
 # ~beta/(1+beta(1-d)) = 0.47) (updatemap.py:299-305)
 def test_momentum_roots_do_not_overflow_for_huge_finite_curvature():
-    for rule, lam in [(UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=True), 1e160),
-                      (UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=True), 1e156)]:
+    for rule, lam in [
+        (UpdateRule("sgd_momentum", 0.1, momentum=0.9, has_buffer=True), 1e160),
+        (UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=True), 1e156),
+    ]:
         sp = node_update_spectra(torch.tensor([[lam]], dtype=F64), 1, rule)
         x = 0.1 * lam
         if rule.kind == "nesterov":
@@ -945,40 +1040,74 @@ def spectra_of(mu_rows, null=None, p=None, zero=None) -> NodeSpectra:
     m = max(len(r) for r in mu_rows)
     mu = torch.full((len(mu_rows), m), math.nan, dtype=F64)
     for i, r in enumerate(mu_rows):
-        mu[i, :len(r)] = torch.tensor(r, dtype=F64)
+        mu[i, : len(r)] = torch.tensor(r, dtype=F64)
     acted = torch.tensor([len(r) for r in mu_rows], dtype=torch.int32)
     null = torch.zeros(len(mu_rows), dtype=torch.int32) if null is None else torch.tensor(null, dtype=torch.int32)
-    rad = torch.tensor([max(list(r) + ([1.0] if int(n) else [])) if (len(r) or int(n)) else math.nan
-                        for r, n in zip(mu_rows, null)], dtype=F64)
-    return NodeSpectra(mu, null, rad, acted, p=p or int((acted + null).max()),
-                       zero_eig_dims=torch.zeros(len(mu_rows), dtype=torch.int32) if zero is None else torch.tensor(zero, dtype=torch.int32))
+    rad = torch.tensor(
+        [max(list(r) + ([1.0] if int(n) else [])) if (len(r) or int(n)) else math.nan for r, n in zip(mu_rows, null)],
+        dtype=F64,
+    )
+    return NodeSpectra(
+        mu,
+        null,
+        rad,
+        acted,
+        p=p or int((acted + null).max()),
+        zero_eig_dims=torch.zeros(len(mu_rows), dtype=torch.int32)
+        if zero is None
+        else torch.tensor(zero, dtype=torch.int32),
+    )
 
 
 def run_classify(sp, cfg=None, delta=1e-3, pn=None, ref=None, grad=None, hmin=None, loss=1.0):
     cfg = cfg or LabelConfig(preset="acted")
     n = sp.radius.shape[0]
     one = torch.ones(n, dtype=F64)
-    return classify(sp, one if pn is None else pn, one if ref is None else ref, one if grad is None else grad,
-                    one if hmin is None else hmin, loss, cfg, delta)
+    return classify(
+        sp,
+        one if pn is None else pn,
+        one if ref is None else ref,
+        one if grad is None else grad,
+        one if hmin is None else hmin,
+        loss,
+        cfg,
+        delta,
+    )
 
 
 def test_label_precedence_and_neutral_counts():
     d = 0.01
-    sp = spectra_of([
-        [1.5, 1.0, 0.5],          # expanding + neutral -> source
-        [1.005, 0.999, 0.5],      # two neutral -> plateau, neutral_dims 2
-        [0.5, 0.2],               # sink, collapsed norm -> degenerate
-        [1.005, 0.3],             # neutral + collapsed -> plateau beats degenerate
-        [0.98, 0.2],              # sink
-        [1.02, 0.1],              # collapsed but expanding -> source
-        [0.75, 1.25],             # |μ| = 1 ∓ δ exactly (δ = 0.25 below): neutral (inclusive band)
-    ])
+    sp = spectra_of(
+        [
+            [1.5, 1.0, 0.5],  # expanding + neutral -> source
+            [1.005, 0.999, 0.5],  # two neutral -> plateau, neutral_dims 2
+            [0.5, 0.2],  # sink, collapsed norm -> degenerate
+            [1.005, 0.3],  # neutral + collapsed -> plateau beats degenerate
+            [0.98, 0.2],  # sink
+            [1.02, 0.1],  # collapsed but expanding -> source
+            [0.75, 1.25],  # |μ| = 1 ∓ δ exactly (δ = 0.25 below): neutral (inclusive band)
+        ]
+    )
     pn = torch.tensor([1.0, 1.0, 0.01, 0.01, 1.0, 0.01, 1.0], dtype=F64)
     lab, why, neu = run_classify(sp, delta=d, pn=pn)
-    assert [LABELS[i] for i in lab.tolist()] == ["source", "plateau", "degenerate_sink", "plateau", "healthy_sink",
-                                                 "source", "source"]
-    assert [REASONS[i] for i in why.tolist()] == ["expanding", "neutral_direction", "collapsed", "neutral_direction",
-                                                  "contracting", "expanding", "expanding"]
+    assert [LABELS[i] for i in lab.tolist()] == [
+        "source",
+        "plateau",
+        "degenerate_sink",
+        "plateau",
+        "healthy_sink",
+        "source",
+        "source",
+    ]
+    assert [REASONS[i] for i in why.tolist()] == [
+        "expanding",
+        "neutral_direction",
+        "collapsed",
+        "neutral_direction",
+        "contracting",
+        "expanding",
+        "expanding",
+    ]
     assert neu.tolist() == [1, 2, 0, 1, 0, 0, 0]
     lab, why, neu = run_classify(spectra_of([[0.75, 1.25]]), delta=0.25)  # binary-exact band edges
     assert (int(lab[0]), int(why[0]), int(neu[0])) == (L["plateau"], R["neutral_direction"], 2)
@@ -988,8 +1117,12 @@ def test_dead_and_drifting_nodes_through_real_spectra():
     p = 5
     z = torch.zeros(3, 0, dtype=F64)
     grad = torch.tensor([0.0, 1e-3, math.nan], dtype=F64)
-    for rule in [UpdateRule("sgd", 0.1), UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=True),
-                 UpdateRule("adamw", 0.01, has_buffer=True, step=3), UpdateRule("gd_fallback", 0.2)]:
+    for rule in [
+        UpdateRule("sgd", 0.1),
+        UpdateRule("nesterov", 0.1, momentum=0.9, has_buffer=True),
+        UpdateRule("adamw", 0.01, has_buffer=True, step=3),
+        UpdateRule("gd_fallback", 0.2),
+    ]:
         sp = node_update_spectra(z, p, rule)
         assert sp.null_dims.tolist() == [p] * 3 and sp.zero_eig_dims.tolist() == [p] * 3
         lab, why, neu = run_classify(sp, grad=grad)
@@ -997,10 +1130,14 @@ def test_dead_and_drifting_nodes_through_real_spectra():
         assert [REASONS[i] for i in why.tolist()[:2]] == ["dead", "drifting"]
         assert neu.tolist() == [0, 0, 0]
     # AdamW decay acts on a zero-curvature node: μ = c = 1 − α·wd, neutral when α·wd ≤ δ, a sink otherwise
-    sp = node_update_spectra(torch.zeros(2, 0, dtype=F64), p, UpdateRule("adamw", 0.01, weight_decay=0.05, has_buffer=True, step=3))
+    sp = node_update_spectra(
+        torch.zeros(2, 0, dtype=F64), p, UpdateRule("adamw", 0.01, weight_decay=0.05, has_buffer=True, step=3)
+    )
     assert sp.null_dims.tolist() == [0, 0]
     lab, why, neu = run_classify(sp, delta=1e-3, grad=torch.zeros(2, dtype=F64))
-    assert lab.tolist() == [L["plateau"]] * 2 and why.tolist() == [R["neutral_direction"]] * 2 and neu.tolist() == [p, p]
+    assert (
+        lab.tolist() == [L["plateau"]] * 2 and why.tolist() == [R["neutral_direction"]] * 2 and neu.tolist() == [p, p]
+    )
     lab, _, _ = run_classify(sp, delta=1e-4, grad=torch.zeros(2, dtype=F64))
     assert lab.tolist() == [L["healthy_sink"]] * 2
 
@@ -1015,7 +1152,10 @@ def test_degenerate_collapse_rule_and_references():
     cfg = LabelConfig(preset="acted", collapse_reference="layer_median")
     ref = collapse_reference_norm(cfg, torch.tensor([1.0, 2.0, 3.0, 0.1, 5.0, math.nan], dtype=F64))
     assert ref.tolist() == [2.0] * 6  # odd count of finite norms: the middle one, NaN ignored
-    assert collapse_reference_norm(LabelConfig(preset="acted"), torch.ones(2), torch.tensor([3.0, 4.0])).tolist() == [3.0, 4.0]
+    assert collapse_reference_norm(LabelConfig(preset="acted"), torch.ones(2), torch.tensor([3.0, 4.0])).tolist() == [
+        3.0,
+        4.0,
+    ]
 
 
 # Regression test (found in review, fixed): collapse_reference 'layer_median' uses
@@ -1032,7 +1172,7 @@ def test_layer_median_reference_for_an_even_layer():
 
 def test_seed_preset_literal_rules_over_all_directions():
     cfg = LabelConfig(preset="seed")
-    eps = resolve_delta(cfg, 10 ** 6)
+    eps = resolve_delta(cfg, 10**6)
     assert eps == 0.01
     rule = UpdateRule("sgd_momentum", 1.0, momentum=0.5, has_buffer=True)
     eig = torch.tensor([[1.2, 0.6], [1.2, 0.6], [1.2, 0.0], [1.2, 0.6], [1.2, 0.6], [3.1, 0.6]], dtype=F64)
@@ -1042,20 +1182,40 @@ def test_seed_preset_literal_rules_over_all_directions():
     hmin = torch.tensor([0.6, 0.6, 0.0, 0.6, 5e-5, 0.6], dtype=F64)
     lab, why, neu = run_classify(sp, cfg, eps, pn=pn, grad=grad, hmin=hmin, loss=0.3)
     assert float(sp.radius[0]) < 0.99  # |μ| = √0.5 for the complex pairs
-    assert [LABELS[i] for i in lab.tolist()] == ["healthy_sink", "degenerate_sink", "plateau", "plateau", "plateau", "source"]
+    assert [LABELS[i] for i in lab.tolist()] == [
+        "healthy_sink",
+        "degenerate_sink",
+        "plateau",
+        "plateau",
+        "plateau",
+        "source",
+    ]
     # row 2: a null direction (μ = 1) and σ_min = 0: the curvature test names the reason
-    assert [REASONS[i] for i in why.tolist()] == ["contracting", "collapsed", "seed_zero_curvature", "seed_flat_gradient",
-                                                  "seed_zero_curvature", "expanding"]
+    assert [REASONS[i] for i in why.tolist()] == [
+        "contracting",
+        "collapsed",
+        "seed_zero_curvature",
+        "seed_flat_gradient",
+        "seed_zero_curvature",
+        "expanding",
+    ]
     assert neu.tolist() == [0] * 6
     # eps_param is absolute: the acted preset's relative collapse does not apply
-    lab, _, _ = run_classify(sp, cfg, eps, pn=torch.full((6,), 1e-3, dtype=F64), ref=torch.full((6,), 1e3, dtype=F64),
-                             hmin=torch.ones(6, dtype=F64))
+    lab, _, _ = run_classify(
+        sp,
+        cfg,
+        eps,
+        pn=torch.full((6,), 1e-3, dtype=F64),
+        ref=torch.full((6,), 1e3, dtype=F64),
+        hmin=torch.ones(6, dtype=F64),
+    )
     assert lab.tolist()[0] == L["healthy_sink"]
 
 
 def test_nonfinite_labels():
-    sp = node_update_spectra(torch.tensor([[math.nan, 1.0], [1.0, 0.5], [-math.inf, 0.5]], dtype=F64), 3,
-                             UpdateRule("sgd", 0.5))
+    sp = node_update_spectra(
+        torch.tensor([[math.nan, 1.0], [1.0, 0.5], [-math.inf, 0.5]], dtype=F64), 3, UpdateRule("sgd", 0.5)
+    )
     pn = torch.tensor([1.0, math.inf, 1.0], dtype=F64)
     for cfg in [LabelConfig(preset="acted"), LabelConfig(preset="seed")]:
         lab, why, _ = run_classify(sp, cfg, resolve_delta(cfg, 10), pn=pn)
@@ -1092,19 +1252,25 @@ def test_stable_labels_persistence():
     assert got == [[0, 0], [0, 0], [2, 0], [2, 3], [2, 3], [0, 3]]
     # a longer history than needed: only the last window − 1 rows count
     h = torch.tensor([[1], [0], [0]], dtype=torch.uint8)
-    assert stable_labels(h, torch.tensor([1], dtype=torch.uint8), torch.tensor([0], dtype=torch.uint8), 3).tolist() == [0]
-    assert stable_labels(h, torch.tensor([1], dtype=torch.uint8), torch.tensor([0], dtype=torch.uint8), 4).tolist() == [1]
+    assert stable_labels(h, torch.tensor([1], dtype=torch.uint8), torch.tensor([0], dtype=torch.uint8), 3).tolist() == [
+        0
+    ]
+    assert stable_labels(h, torch.tensor([1], dtype=torch.uint8), torch.tensor([0], dtype=torch.uint8), 4).tolist() == [
+        1
+    ]
 
 
 # ============================================================================ 6. kinematics
 def test_kinematics_geometric_mean_and_drift_range():
     g = torch.Generator().manual_seed(0)
     th = torch.randn(6, 5, generator=g, dtype=F64)
-    ratios = torch.tensor([[0.5, 2.0, 0.9], [1.1, 1.1, 1.1], [0.1, 0.2, 0.3], [3.0, 1.0, 1.0], [1.0, 1.0, 1.0],
-                           [0.7, 0.7, 0.7]], dtype=F64)
+    ratios = torch.tensor(
+        [[0.5, 2.0, 0.9], [1.1, 1.1, 1.1], [0.1, 0.2, 0.3], [3.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.7, 0.7, 0.7]],
+        dtype=F64,
+    )
     cur = th.clone()
     for k in range(3):
-        cur = cur * ratios[:, k:k + 1]
+        cur = cur * ratios[:, k : k + 1]
     cur[4] = -cur[4]  # a sign flip: drift 2, ρ 1
     out = node_kinematics(th, cur, k=3)
     np.testing.assert_allclose(out["rho"].double(), ratios.prod(dim=1) ** (1 / 3), rtol=1e-6)
@@ -1112,8 +1278,11 @@ def test_kinematics_geometric_mean_and_drift_range():
     assert float(out["drift"][4]) == 2.0
     # random and near-antipodal pairs: drift in [0, 2] and equal to the chord 2 sin(φ/2)
     a = torch.randn(200, 4, generator=g, dtype=F64)
-    b = torch.where(torch.arange(200)[:, None] % 2 == 0, -a + 1e-9 * torch.randn(200, 4, generator=g, dtype=F64),
-                    torch.randn(200, 4, generator=g, dtype=F64))
+    b = torch.where(
+        torch.arange(200)[:, None] % 2 == 0,
+        -a + 1e-9 * torch.randn(200, 4, generator=g, dtype=F64),
+        torch.randn(200, 4, generator=g, dtype=F64),
+    )
     out = node_kinematics(a.float(), b.float())
     assert bool(((out["drift"] >= 0) & (out["drift"] <= 2)).all())
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))

@@ -4,11 +4,13 @@ Every test records a real run with :class:`trajscope.Recorder` (docs/spec.md §2
 temporary folder and then analyses it; nothing here is mocked. Models come from
 :mod:`trajscope.zoo` so that runs are replayable through an import spec.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +24,7 @@ F64 = torch.float64
 
 
 # --------------------------------------------------------------------------- models and data
-def make_mlp(sizes: Sequence[int], activation: str = "relu", seed: int = 0,
-             dtype: torch.dtype = F64) -> nn.Module:
+def make_mlp(sizes: Sequence[int], activation: str = "relu", seed: int = 0, dtype: torch.dtype = F64) -> nn.Module:
     torch.manual_seed(seed)
     return mlp(list(sizes), activation=activation).to(dtype)
 
@@ -43,13 +44,26 @@ def make_linear(d_in: int, d_out: int = 1, seed: int = 0, dtype: torch.dtype = F
 
 def batches(n: int, d_in: int, d_out: int, b: int = 6, seed: int = 1, dtype: torch.dtype = F64) -> list:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, d_in, generator=g, dtype=F64).to(dtype), torch.randn(b, d_out, generator=g, dtype=F64).to(dtype))
-            for _ in range(n)]
+    return [
+        (
+            torch.randn(b, d_in, generator=g, dtype=F64).to(dtype),
+            torch.randn(b, d_out, generator=g, dtype=F64).to(dtype),
+        )
+        for _ in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------- the contract loop
-def record(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, data: list, *,
-           give_batches: bool = True, **recorder_kw: Any) -> trajscope.Recorder:
+def record(
+    path: str | Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable,
+    data: list,
+    *,
+    give_batches: bool = True,
+    **recorder_kw: Any,
+) -> trajscope.Recorder:
     """docs/spec.md §2's loop over ``data`` ((x, y) pairs) with a Recorder; returns the closed recorder."""
     recorder_kw.setdefault("export", False)
     with trajscope.Recorder(path, model, opt, loss_fn, **recorder_kw) as rec:
@@ -64,8 +78,15 @@ def record(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer, loss_
     return rec
 
 
-def simple_run(path: str | Path, sizes: Sequence[int] = (3, 4, 2), steps: int = 4, lr: float = 0.1,
-               activation: str = "relu", dtype: torch.dtype = F64, **recorder_kw: Any) -> nn.Module:
+def simple_run(
+    path: str | Path,
+    sizes: Sequence[int] = (3, 4, 2),
+    steps: int = 4,
+    lr: float = 0.1,
+    activation: str = "relu",
+    dtype: torch.dtype = F64,
+    **recorder_kw: Any,
+) -> nn.Module:
     """A small MLP regression trained with plain SGD for ``steps`` steps, recorded into ``path``."""
     model = make_mlp(sizes, activation, dtype=dtype)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -136,8 +157,11 @@ def store_arrays(run_dir: str | Path) -> dict[str, np.ndarray]:
 def tree_digest(folder: str | Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (relative path -> digest)."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def event_files(run_dir: str | Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 ``node_curvature``, ``sharpness`` and ``hvp_operator`` take a :class:`~trajscope.replay.problem.Problem`;
 most cases build their model, parameters, batch and loss separately, so these wrappers bind them."""
+
 from __future__ import annotations
 
 from typing import Any

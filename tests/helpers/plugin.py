@@ -11,6 +11,7 @@ from synthetic but plausible data: two layers (16 and 5 nodes, dotted module nam
 12 analysed steps, every label present in every layer, one dead node (zero norm -> NaN ρ
 and drift). ``tensorboard_server(logdir)`` runs a real ``tensorboard`` for end-to-end tests.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,13 +58,19 @@ def synthetic_run(seed: int = 0, layers: Mapping[str, int] = LAYERS, n_steps: in
     for k in range(n_steps):
         # Progressive sharpening up to the edge of stability, then hovering around 2/lr.
         sharp = threshold * min(1.0, 0.35 + 0.1 * k) * (1 + 0.03 * np.sin(3.0 * k)) + rng.normal(0, 0.1)
-        glob.append({"loss": float(2.0 * np.exp(-0.25 * k) + 0.05 + 0.01 * rng.random()),
-                     "sharpness": float(sharp), "threshold": threshold, "n_hvp": float(20 + k % 3)})
+        glob.append(
+            {
+                "loss": float(2.0 * np.exp(-0.25 * k) + 0.05 + 0.01 * rng.random()),
+                "sharpness": float(sharp),
+                "threshold": threshold,
+                "n_hvp": float(20 + k % 3),
+            }
+        )
     per_step: list[dict[str, dict[str, np.ndarray]]] = [{} for _ in range(n_steps)]
     for li, (module, n) in enumerate(layers.items()):
         kinds = _node_kinds(n)
         fan_in = 8 if li == 0 else n
-        onset = rng.integers(4, 9, size=n)         # collapse onset (step index)
+        onset = rng.integers(4, 9, size=n)  # collapse onset (step index)
         source_until = rng.integers(2, 6, size=n)  # a source only early in training
         norm0 = rng.uniform(0.8, 1.6, size=n)
         norm = norm0.copy()
@@ -146,8 +153,10 @@ def run_attrs() -> dict:
 
 
 #: a WARNING line the synthetic analyses carry, as ``trajscope analyze`` keeps its summary's
-SYNTH_WARNING = ("WARNING: trajscope has no update map for Adadelta: the spectra, thresholds and labels use "
-                 "plain gradient descent with the group's lr")
+SYNTH_WARNING = (
+    "WARNING: trajscope has no update map for Adadelta: the spectra, thresholds and labels use "
+    "plain gradient descent with the group's lr"
+)
 
 
 def write_run(run_dir: Path, data: dict) -> Path:
@@ -180,9 +189,9 @@ def build_logdir(tmp_path: Path, runs: tuple[str, ...] = RUNS) -> Path:
 REAL_RUN = "mlp"
 REAL_SIZES = (8, 16, 12, 3)
 REAL_LAYERS: dict[str, int] = {"0": 16, "2": 12, "4": 3}  # zoo.mlp: Linear, ReLU, Linear, ReLU, Linear
-REAL_STEPS = 25           # training steps recorded; the last has no successor, so K = 24 are analysed
+REAL_STEPS = 25  # training steps recorded; the last has no successor, so K = 24 are analysed
 REAL_LR, REAL_LR_LATE, REAL_LATE = 0.5, 4.0, 4  # the last REAL_LATE steps far above 2/lr: sources
-DEAD_UNIT = 5             # hidden unit of layer "0" with bias -50: never active
+DEAD_UNIT = 5  # hidden unit of layer "0" with bias -50: never active
 _REAL_CACHE: dict[str, Path] = {}
 
 
@@ -207,13 +216,21 @@ def record_real_run(run_dir: Path, seed: int = 0) -> Path:
     b = 32
     x_all = torch.randn(REAL_STEPS * b, REAL_SIZES[0], generator=g)
     y_all = (x_all @ torch.randn(REAL_SIZES[0], REAL_SIZES[-1], generator=g)).argmax(dim=1)
-    with trajscope.Recorder(run_dir, model, opt, loss_fn, every=1, export=False, model_spec="trajscope.zoo:mlp",
-                            model_kwargs={"sizes": list(REAL_SIZES)}) as rec:
+    with trajscope.Recorder(
+        run_dir,
+        model,
+        opt,
+        loss_fn,
+        every=1,
+        export=False,
+        model_spec="trajscope.zoo:mlp",
+        model_kwargs={"sizes": list(REAL_SIZES)},
+    ) as rec:
         for t in range(REAL_STEPS):
             if t == REAL_STEPS - REAL_LATE:
                 for group in opt.param_groups:
                     group["lr"] = REAL_LR_LATE
-            x, y = x_all[t * b:(t + 1) * b], y_all[t * b:(t + 1) * b]
+            x, y = x_all[t * b : (t + 1) * b], y_all[t * b : (t + 1) * b]
             loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -269,6 +286,7 @@ def event_labels(acc, layer: str) -> tuple[list[int], np.ndarray]:
 
 # -- a real TensorBoard server -----------------------------------------------------------
 
+
 def tensorboard_command() -> list[str]:
     """The ``tensorboard`` executable of this interpreter's environment."""
     exe = Path(sys.executable).with_name("tensorboard")
@@ -282,11 +300,20 @@ def tensorboard_command() -> list[str]:
 def tensorboard_server(logdir: Path, timeout: float = 60.0) -> Iterator[str]:
     """Run ``tensorboard`` on ``logdir`` on a free port; yield its base URL; always stop it."""
     cmd = tensorboard_command() + [
-        "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0",
-        "--load_fast=false", "--reload_interval=0", "--reload_task=blocking"]
+        "--logdir",
+        str(logdir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--load_fast=false",
+        "--reload_interval=0",
+        "--reload_task=blocking",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     lines: list[str] = []
     found = threading.Event()
     url: list[str] = []

@@ -6,12 +6,14 @@ loss, batch). The recorded run is compared against it bit-exactly.
 
 Also imported (by path) from the crash-test child process: keep it free of pytest imports.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import zarr
@@ -69,6 +71,7 @@ def make_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     torch.manual_seed(seed)
     if kind == "tensor":
         from trajscope.zoo import mlp
+
         model: nn.Module = mlp([4, 6, 3])
     elif kind == "tuple":
         model = TupleNet()
@@ -81,8 +84,9 @@ def make_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     return model.to(dtype)
 
 
-def make_batches(kind: str, n: int, seed: int = 1, batch: int = 5, last: int | None = 3,
-                 dtype: torch.dtype = torch.float32) -> list[tuple[Any, torch.Tensor]]:
+def make_batches(
+    kind: str, n: int, seed: int = 1, batch: int = 5, last: int | None = 3, dtype: torch.dtype = torch.float32
+) -> list[tuple[Any, torch.Tensor]]:
     """``n`` (inputs, targets) mini-batches for a model of ``kind``; the last one short (``last`` rows)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -109,14 +113,21 @@ class Ref:
 
     params: list[dict[str, torch.Tensor]] = field(default_factory=list)
     buffers: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    state: list[dict[str, dict[str, Any]]] = field(default_factory=list)   # param name -> key -> value
+    state: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # param name -> key -> value
     lrs: list[list[float]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     final: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, batches: list, rec: Any = None,
-          sched: Any = None, ref: Ref | None = None) -> Ref | None:
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable,
+    batches: list,
+    rec: Any = None,
+    sched: Any = None,
+    ref: Ref | None = None,
+) -> Ref | None:
     """docs/spec.md §2's contract loop. With ``rec`` it records; with ``ref`` it captures the reference."""
     names = {id(p): n for n, p in model.named_parameters()}
     for x, y in batches:
@@ -128,8 +139,12 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, batch
         if ref is not None:
             ref.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
             ref.buffers.append({n: b.detach().clone() for n, b in model.named_buffers()})
-            ref.state.append({names[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-                              for p, st in opt.state.items()})
+            ref.state.append(
+                {
+                    names[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                    for p, st in opt.state.items()
+                }
+            )
             ref.lrs.append([float(g["lr"]) for g in opt.param_groups])
             ref.losses.append(float(loss.detach()))
         opt.step()
@@ -149,8 +164,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def assert_bitexact(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
     assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.equal(bits(got), bits(want)), f"{what}: values differ (max |diff| " \
-        f"{(got.double() - want.double()).abs().max().item() if got.numel() else 0})"
+    assert torch.equal(bits(got), bits(want)), (
+        f"{what}: values differ (max |diff| {(got.double() - want.double()).abs().max().item() if got.numel() else 0})"
+    )
 
 
 def assert_tensors_bitexact(got: dict, want: dict, what: str = "") -> None:
@@ -183,7 +199,9 @@ def assert_batch_equal(got: Any, want: Any, what: str = "batch") -> None:
         for k in want:
             assert_batch_equal(got[str(k)], want[k], f"{what}[{k}]")
     elif isinstance(want, (tuple, list)):
-        assert type(got) is type(want) and len(got) == len(want), f"{what}: {type(got).__name__} vs {type(want).__name__}"
+        assert type(got) is type(want) and len(got) == len(want), (
+            f"{what}: {type(got).__name__} vs {type(want).__name__}"
+        )
         for i, (a, b) in enumerate(zip(got, want)):
             assert_batch_equal(a, b, f"{what}[{i}]")
     else:
@@ -199,6 +217,7 @@ CRASH_BATCH = 16
 
 def crash_model() -> nn.Module:
     from trajscope.zoo import mlp
+
     torch.manual_seed(0)
     return mlp(CRASH_SIZES)
 
@@ -209,11 +228,15 @@ def crash_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def crash_batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(10_000 + t)
-    return (torch.randn(CRASH_BATCH, CRASH_SIZES[0], generator=g),
-            torch.randn(CRASH_BATCH, CRASH_SIZES[-1], generator=g))
+    return (
+        torch.randn(CRASH_BATCH, CRASH_SIZES[0], generator=g),
+        torch.randn(CRASH_BATCH, CRASH_SIZES[-1], generator=g),
+    )
 
 
-def crash_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, t: int, rec: Any = None) -> torch.Tensor:
+def crash_step(
+    model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, t: int, rec: Any = None
+) -> torch.Tensor:
     x, y = crash_batch(t)
     loss = loss_fn(model(x), y)
     opt.zero_grad()

@@ -2,6 +2,7 @@
 to one node's parameters θ_i (exact), J_iᵀ (∂²L/∂f²) J_i from ``torch.func.jacrev`` (GGN), the
 spectrum and dense-block checks against them, and the small models the curvature tests share.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,10 +23,10 @@ def _with_node(params, layer, i, th):
     W = p[layer.weight]
     n = W[0].numel()
     rows = W.reshape(W.shape[0], -1)
-    p[layer.weight] = torch.cat([rows[:i], th[:n][None], rows[i + 1:]]).reshape(W.shape)
+    p[layer.weight] = torch.cat([rows[:i], th[:n][None], rows[i + 1 :]]).reshape(W.shape)
     if layer.bias is not None:
         b = p[layer.bias]
-        p[layer.bias] = torch.cat([b[:i], th[n:], b[i + 1:]])
+        p[layer.bias] = torch.cat([b[:i], th[n:], b[i + 1 :]])
     return p
 
 
@@ -67,7 +68,7 @@ def check_layer(res, model, params, x, y, loss_fn, layer, ref, nodes=None, tol=R
     fac = res.factors[layer.name]
     D = dense_blocks(fac)
     assert D.shape == (layer.n_nodes, layer.node_dim, layer.node_dim)
-    for i in (range(layer.n_nodes) if nodes is None else nodes):
+    for i in range(layer.n_nodes) if nodes is None else nodes:
         H = ref(model, params, x, y, loss_fn, layer, i)
         scale = float(H.abs().max()) + 1e-300
         assert float((D[i] - H).abs().max()) / scale < tol * 10, f"{layer.name}[{i}] dense block"
@@ -111,9 +112,14 @@ class SeqMLP(nn.Module):
 def small_cnn(act, bias, seed=0):
     torch.manual_seed(seed)
     # conv 1: T = 16 positions > p (GGN keeps all G_i); conv 2: T = 4 < p (GGN keeps delta)
-    m = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=bias), act(),
-                      nn.Conv2d(3, 2, 2, stride=2, bias=bias), act(),
-                      nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).to(DT)
+    m = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1, bias=bias),
+        act(),
+        nn.Conv2d(3, 2, 2, stride=2, bias=bias),
+        act(),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).to(DT)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(3, 1, 4, 4, generator=g, dtype=DT)
     y = torch.randint(0, 3, (3,), generator=g)

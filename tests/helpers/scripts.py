@@ -1,6 +1,7 @@
 """Run one of the tests' script files (a real module under tests/, never code in a string) in a
 fresh interpreter, with the repository root on its path so that it imports ``trajscope`` and
 ``tests.helpers`` the way the test that starts it does."""
+
 from __future__ import annotations
 
 import os

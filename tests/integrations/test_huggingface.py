@@ -6,6 +6,7 @@ References: the loss the model itself computes (``model(**batch).loss``), ``torc
 of that true loss w.r.t. a node's coordinates (a GPT-2 ``Conv1D`` column + bias, an embedding row
 tied with the LM head), and a plain SGD step (θ_{t+1} = θ_t − lr ∇L) for the batch of each step.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,30 +14,42 @@ import math
 import numpy as np
 import pytest
 import torch
+import transformers  # the dev extra installs it (and accelerate, which the Trainer needs)
 from torch.func import functional_call, hessian
-
-import transformers   # the dev extra installs it (and accelerate, which the Trainer needs)
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import trajscope
-from trajscope import modelloss, trust
-from trajscope.io import specs
 from tests.helpers.calls import node_curvature
+from trajscope import modelloss, trust
 from trajscope.curvature.blocks import dense_blocks
 from trajscope.curvature.node import twice_differentiable_attention
-from trajscope.nodes import find_node_layers
 from trajscope.errors import TrajscopeError
 from trajscope.integrations.huggingface import TrajscopeCallback, from_config
+from trajscope.io import specs
+from trajscope.nodes import find_node_layers
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*loss_type=None.*"),
-              pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*loss_type=None.*"),
+    pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning"),
+]
 DT = torch.float64
 VOCAB, T, B = 64, 8, 4
 
 
 def tiny_config(**kw) -> GPT2Config:
-    base = dict(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    base = dict(
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return GPT2Config(**{**base, **kw})
 
 
@@ -58,8 +71,9 @@ def true_loss(model: torch.nn.Module, params: dict, batch: dict) -> torch.Tensor
     ``outputs.loss`` computes it in float32 whatever the logits: the test checks it agrees to that.)"""
     logits = functional_call(model, params, (), {k: v for k, v in batch.items() if k != "labels"}).logits
     labels = batch["labels"]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -76,14 +90,20 @@ def test_model_loss_reproduces_outputs_loss_of_each_head():
     tl = torch.randint(0, 5, (3, T), generator=g)
     tl[1, 2] = -100
     cases.append((tok, tl, "token_classification"))
-    for problem, n, lab in [("single_label_classification", 4, torch.tensor([0, 3, 1])),
-                            ("multi_label_classification", 4, torch.rand(3, 4, generator=g).round()),
-                            ("regression", 1, torch.randn(3, generator=g)), (None, 1, torch.randn(3, generator=g)),
-                            (None, 4, torch.tensor([2, 0, 1]))]:
+    for problem, n, lab in [
+        ("single_label_classification", 4, torch.tensor([0, 3, 1])),
+        ("multi_label_classification", 4, torch.rand(3, 4, generator=g).round()),
+        ("regression", 1, torch.randn(3, generator=g)),
+        (None, 1, torch.randn(3, generator=g)),
+        (None, 4, torch.tensor([2, 0, 1])),
+    ]:
         seq = transformers.GPT2ForSequenceClassification(tiny_config(num_labels=n, problem_type=problem))
         cases.append((seq, lab, "sequence_classification"))
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1,
-                                                                num_attention_heads=2, intermediate_size=8))
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+        )
+    )
     ml = torch.full_like(ids, -100)
     ml[:, 2] = ids[:, 2]
     cases.append((bert, ml, "masked_lm"))
@@ -124,13 +144,13 @@ def test_gpt2_hand_loop_end_to_end(tmp_path, other_user):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = lm_batches(3)
     path = tmp_path / "run"
-    with other_user():   # a run from elsewhere: replays without --trust (trajscope's own adapters)
+    with other_user():  # a run from elsewhere: replays without --trust (trajscope's own adapters)
         with trajscope.Recorder(path, model, opt, loss="model") as rec:
             for batch in data:
                 out = model(**batch)
                 opt.zero_grad()
                 out.loss.backward()
-                rec.batch(batch)          # the recorder takes outputs.loss through its hook
+                rec.batch(batch)  # the recorder takes outputs.loss through its hook
                 opt.step()
     assert rec.failed is None
     run = trajscope.open_run(path)
@@ -140,6 +160,7 @@ def test_gpt2_hand_loop_end_to_end(tmp_path, other_user):
     assert run.attrs["loss"]["kwargs"]["task"] == "causal_lm"
     # trajscope info: a Conv1D layer's node count is its weight's dim 1, the config is summarised
     from trajscope.cli.info import summary_tables
+
     overview, table = summary_tables(run)
     counts = dict(zip(table.columns[0]._cells, table.columns[3]._cells))
     assert counts["transformer.h.0.attn.c_attn.weight"] == "48" and counts["transformer.wte.weight"] == "64"
@@ -150,8 +171,13 @@ def test_gpt2_hand_loop_end_to_end(tmp_path, other_user):
 
     # a Conv1D layer (hook route) and the position embedding (parameter route) through the pipeline,
     # AdamW's preconditioned spectra included; the tied token embedding's 1024 products are checked once below
-    res = trajscope.analyze(path, dtype="float64", curvature="exact", progress=False,
-                            modules=["transformer.h.0.attn.c_attn", "transformer.wpe"])[path]
+    res = trajscope.analyze(
+        path,
+        dtype="float64",
+        curvature="exact",
+        progress=False,
+        modules=["transformer.h.0.attn.c_attn", "transformer.wpe"],
+    )[path]
     assert list(res.steps) == [0, 1]
     mismatch = res.global_series("loss_mismatch")
     assert np.all(mismatch < 1e-5), mismatch
@@ -160,17 +186,17 @@ def test_gpt2_hand_loop_end_to_end(tmp_path, other_user):
 
     # the blocks at step 0 against the Hessian of the model's own loss, in float64
     replay = run.model().to(DT)
-    ref = GPT2LMHeadModel(tiny_config()).to(DT).eval()   # outputs.loss, tied lm_head
+    ref = GPT2LMHeadModel(tiny_config()).to(DT).eval()  # outputs.loss, tied lm_head
     params = {k: v.to(DT) for k, v in ck0.params.items()}
     batch = {**ck0.inputs, "labels": ck0.targets}
     assert true_loss(ref, params, batch).item() == pytest.approx(float(run.losses[0]), rel=1e-5)
     with torch.no_grad():
-        assert functional_call(ref, params, (), batch).loss.item() == pytest.approx(true_loss(ref, params, batch).item(),
-                                                                                  rel=1e-6)
+        assert functional_call(ref, params, (), batch).loss.item() == pytest.approx(
+            true_loss(ref, params, batch).item(), rel=1e-6
+        )
     layers = {l.name: l for l in find_node_layers(replay, include=["transformer.h.0.attn.c_attn", "transformer.wte"])}
     assert layers["transformer.wte"].tied == ("lm_head.weight",)
-    cr = node_curvature(replay, params, {}, ck0.inputs, ck0.targets, run.loss_fn(), list(layers.values()),
-                        kind="exact")
+    cr = node_curvature(replay, params, {}, ck0.inputs, ck0.targets, run.loss_fn(), list(layers.values()), kind="exact")
     conv = layers["transformer.h.0.attn.c_attn"]
     assert conv.transposed and conv.n_nodes == 48 and conv.node_dim == 17
 
@@ -185,22 +211,28 @@ def test_gpt2_hand_loop_end_to_end(tmp_path, other_user):
         p["transformer.wte.weight"] = p["transformer.wte.weight"].index_put((torch.tensor(r),), th)
         return p
 
-    hess_max, hess_min = res.node("transformer.h.0.attn.c_attn", "hess_max", 0), res.node("transformer.h.0.attn.c_attn", "hess_min", 0)
+    hess_max, hess_min = (
+        res.node("transformer.h.0.attn.c_attn", "hess_max", 0),
+        res.node("transformer.h.0.attn.c_attn", "hess_min", 0),
+    )
     assert np.isfinite(res.node("transformer.wpe", "hess_max")).all()
     assert np.isfinite(res.node("transformer.wpe", "spectral_radius")).all()
     tokens = sorted(set(ck0.inputs["input_ids"].flatten().tolist()))
-    absent = next(r for r in range(VOCAB) if r not in tokens)   # reaches the loss through the LM head only
-    for layer, make, nodes in [(conv, conv_node, [0, 17, 40]), (layers["transformer.wte"], wte_row, tokens[:2] + [absent])]:
+    absent = next(r for r in range(VOCAB) if r not in tokens)  # reaches the loss through the LM head only
+    for layer, make, nodes in [
+        (conv, conv_node, [0, 17, 40]),
+        (layers["transformer.wte"], wte_row, tokens[:2] + [absent]),
+    ]:
         blocks = dense_blocks(cr.factors[layer.name], nodes)
         for j, i in enumerate(nodes):
             w = params[layer.weight]
-            th0 = torch.cat([w[:, i], params[layer.bias][i:i + 1]]) if layer.transposed else w[i]
-            with twice_differentiable_attention():   # sdpa's math backend: forward AD for torch.func
+            th0 = torch.cat([w[:, i], params[layer.bias][i : i + 1]]) if layer.transposed else w[i]
+            with twice_differentiable_attention():  # sdpa's math backend: forward AD for torch.func
                 H = hessian(lambda th: true_loss(ref, make(th, i), batch))(th0)
             scale = float(H.abs().max())
             assert scale > 0
             assert float((blocks[j] - H).abs().max()) <= 1e-9 * scale + 1e-13, (layer.name, i)
-            if layer is conv:   # what the analysis stored (float32): this block's extremes
+            if layer is conv:  # what the analysis stored (float32): this block's extremes
                 ev = torch.linalg.eigvalsh(H)
                 assert hess_max[i] == pytest.approx(float(ev[-1]), rel=1e-5, abs=1e-7 * scale)
                 assert hess_min[i] == pytest.approx(float(ev[0]), rel=1e-5, abs=1e-7 * scale)
@@ -223,9 +255,19 @@ def _train(tmp_path, steps: int = 3, **args) -> tuple:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_config())
     targs = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=steps, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, seed=0, **args)
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=steps,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        **args,
+    )
     path = tmp_path / "run"
     cb = TrajscopeCallback(path)
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=_Tokens(), callbacks=[cb])
@@ -237,8 +279,9 @@ def _train(tmp_path, steps: int = 3, **args) -> tuple:
 @pytest.mark.slow
 def test_trainer_callback_with_gradient_accumulation(tmp_path):
     lr = 0.05
-    path, cb, logged = _train(tmp_path, optim="sgd", learning_rate=lr, lr_scheduler_type="constant",
-                              max_grad_norm=0.0, weight_decay=0.0)
+    path, cb, logged = _train(
+        tmp_path, optim="sgd", learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0
+    )
     assert cb.failed is None and cb.recorder.failed is None
     run = trajscope.open_run(path)
     assert list(run.steps) == [0, 1, 2]
@@ -249,7 +292,7 @@ def test_trainer_callback_with_gradient_accumulation(tmp_path):
     model, loss_fn = run.model().to(DT), run.loss_fn()
     for step in (0, 1):
         ck = run.checkpoint(step)
-        assert ck.inputs["input_ids"].shape == (4, T)    # both micro-batches of the step
+        assert ck.inputs["input_ids"].shape == (4, T)  # both micro-batches of the step
         # the recorded batch is the one of the step: an SGD step on its replayed loss gives θ_{t+1}
         params = {k: v.to(DT).requires_grad_(True) for k, v in ck.params.items()}
         loss = loss_fn(functional_call(model, params, (), dict(ck.inputs)), ck.targets)
@@ -259,8 +302,9 @@ def test_trainer_callback_with_gradient_accumulation(tmp_path):
         for (name, p), g in zip(params.items(), grads):
             want = p.detach() - lr * g
             assert torch.allclose(nxt[name].to(DT), want, rtol=0, atol=1e-5), name
-    res = trajscope.analyze(path, dtype="float64", sharpness=False, progress=False,
-                            modules=["transformer.h.0.mlp.c_fc", "transformer.wte"])[path]
+    res = trajscope.analyze(
+        path, dtype="float64", sharpness=False, progress=False, modules=["transformer.h.0.mlp.c_fc", "transformer.wte"]
+    )[path]
     assert np.all(res.global_series("loss_mismatch") < 1e-5)
     assert np.isfinite(res.node("transformer.h.0.mlp.c_fc", "hess_max")).all()
     assert np.isfinite(res.node("transformer.wte", "hess_max")).all()
@@ -271,8 +315,9 @@ def test_trainer_callback_bf16_on_cpu(tmp_path):
     run = trajscope.open_run(path)
     assert cb.failed is None and list(run.steps) == [0, 1]
     assert np.allclose(run.losses, logged, rtol=1e-6, atol=0)
-    res = trajscope.analyze(path, dtype="float64", sharpness=False, progress=False,
-                            modules=["transformer.h.0.mlp.c_proj"])[path]
+    res = trajscope.analyze(
+        path, dtype="float64", sharpness=False, progress=False, modules=["transformer.h.0.mlp.c_proj"]
+    )[path]
     # the replay is float64 without autocast: close to the bf16 loss, and the fidelity check says how close
     gap = res.global_series("loss_mismatch")
     assert np.all(gap < 0.05) and math.isfinite(float(gap[0]))
@@ -282,16 +327,37 @@ def test_trainer_callback_refuses_an_existing_run_before_training(tmp_path, caps
     path, _, _ = _train(tmp_path, steps=1)
     # the command line analyses it (the loss is the model's: no --loss, no --trust)
     from trajscope.cli.main import main
-    assert main(["analyze", str(path), "--modules", "transformer.h.0.mlp.c_proj", "--no-sharpness", "--dtype",
-                 "float64", "--no-progress"]) == 0
+
+    assert (
+        main(
+            [
+                "analyze",
+                str(path),
+                "--modules",
+                "transformer.h.0.mlp.c_proj",
+                "--no-sharpness",
+                "--dtype",
+                "float64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "does not say how its loss is computed" not in capsys.readouterr().out
     assert (path / "analysis.zarr").is_dir() and list(trajscope.open_run(path).steps) == [0]
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_config())
-    targs = transformers.TrainingArguments(output_dir=str(tmp_path / "out2"), max_steps=1, report_to=[], use_cpu=True,
-                                           save_strategy="no", disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=targs, train_dataset=_Tokens(),
-                                   callbacks=[TrajscopeCallback(path)])
+    targs = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out2"),
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=targs, train_dataset=_Tokens(), callbacks=[TrajscopeCallback(path)]
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TrajscopeError, match="already holds a recorded run"):
         trainer.train()

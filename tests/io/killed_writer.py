@@ -1,8 +1,13 @@
 """A ResultsWriter in argv[1] killed after a flush (os._exit, no close()): the committed rows must
 survive. Run by test_killed_process_leaves_committed_rows."""
-import os, sys
+
+import os
+import sys
+
 import numpy as np
+
 from trajscope.io.resultswriter import ResultsWriter
+
 w = ResultsWriter(sys.argv[1], {}, {"fc": 4})
 for k in range(5):
     w.append(k, {"loss": float(k)}, {"fc": {"rho": np.full(4, k, np.float32)}})

@@ -1,5 +1,6 @@
 """Concurrent analyses of one run and analysis of a run still being recorded (trajscope.io.runlock):
 no lost results, no message advising to delete valid ones, results equal to a single analysis."""
+
 from __future__ import annotations
 
 import json
@@ -16,20 +17,25 @@ import torch
 from torch import nn
 
 import trajscope
+from tests.helpers.analysis import batches, make_mlp, mlp_spec, simple_run, store_arrays
+from tests.helpers.scripts import script_argv
 from trajscope.cli.main import main
 from trajscope.io.results import open_results
 from trajscope.io.runlock import LOCK_NAME, analysis_lock, holder
-
-from tests.helpers.analysis import batches, make_mlp, mlp_spec, simple_run, store_arrays
-from tests.helpers.scripts import run_script, script_argv, script_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _analyze_proc(run: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "trajscope", "analyze", str(run), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trajscope", "analyze", str(run), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _assert_same_results(got: Path, want: Path) -> None:
@@ -55,7 +61,7 @@ def test_second_analysis_waits_for_the_first_then_adds_nothing_twice(tmp_path):
             assert line or proc.poll() is None, "the second analysis ended without waiting"
         assert f"another analysis of {run} is running (pid {os.getpid()})" in line
         time.sleep(0.5)
-        assert not (run / "analysis.zarr").exists()     # it waits before reading or writing anything
+        assert not (run / "analysis.zarr").exists()  # it waits before reading or writing anything
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "delete" not in (out + err).lower()
@@ -142,7 +148,7 @@ def test_damaged_analysis_store_is_an_error_not_a_fresh_start(tmp_path, capsys, 
     assert len(err.splitlines()) == 1 and "analysis.zarr" in err, err
     assert "delete" not in err.lower() and "move it aside" in err
     after = {p: p.read_bytes() for p in (run / "analysis.zarr").rglob("*") if p.is_file()}
-    assert after == before          # nothing appended, nothing removed
+    assert after == before  # nothing appended, nothing removed
 
 
 def test_a_file_in_place_of_the_analysis_store_is_one_line(tmp_path, capsys):
@@ -159,8 +165,12 @@ def test_a_file_in_place_of_the_analysis_store_is_one_line(tmp_path, capsys):
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    proc = subprocess.Popen(script_argv(Path(__file__).parent / "lock_holder.py", str(run)), stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        script_argv(Path(__file__).parent / "lock_holder.py", str(run)),
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "held"
     waited: list[str] = []
     proc.kill()
@@ -174,6 +184,6 @@ def test_read_only_run_folder_is_one_line(tmp_path, monkeypatch):
     run = tmp_path / "run"
     simple_run(run, steps=3)
 
-    monkeypatch.setattr("trajscope.io.runlock.LOCK_NAME", "no-such-folder/lock")   # cannot be created
+    monkeypatch.setattr("trajscope.io.runlock.LOCK_NAME", "no-such-folder/lock")  # cannot be created
     with pytest.raises(trajscope.TrajscopeError, match="writable folder"):
         trajscope.analyze(run)

@@ -8,6 +8,7 @@ plain zarr verifies the same checksums and reads the same values; format version
 shipped sample runs, no checksums) still open, analyse, resume and verify structurally; a reader
 racing the writer's index rewrite reads again instead of reporting damage.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -25,22 +26,22 @@ import torch
 import zarr
 
 import trajscope
-from trajscope.io import layout as store, shards
+from tests.helpers.recording import assert_batch_equal, make_model, per_record_arrays, train
+from trajscope.cli.info import info, verify
 from trajscope.cli.main import main
 from trajscope.errors import DamagedRecordError, TrajscopeError
-from trajscope.cli.info import info, verify
-from trajscope.record.recorder import Recorder
-from trajscope.io.resultswriter import ResultsWriter
+from trajscope.io import layout as store
+from trajscope.io import shards
 from trajscope.io.packing import flatten_batch, pack
 from trajscope.io.reader import TrajectoryReader
 from trajscope.io.records import Snapshot
+from trajscope.io.resultswriter import ResultsWriter
 from trajscope.io.writer import TrajectoryWriter
-
-from tests.helpers.recording import assert_batch_equal, make_model, per_record_arrays, train
+from trajscope.record.recorder import Recorder
 
 LOSS = torch.nn.MSELoss()
-SIZES = (3, 5, 2, 6, 5, 4, 3, 6, 2, 4, 5, 3)     # 12 training steps; batches beyond 3 rows need 2 chunks
-STEPS = list(range(0, 12, 2))                     # every=2, window=1: rows 0..5 are steps 0, 2, ..., 10
+SIZES = (3, 5, 2, 6, 5, 4, 3, 6, 2, 4, 5, 3)  # 12 training steps; batches beyond 3 rows need 2 chunks
+STEPS = list(range(0, 12, 2))  # every=2, window=1: rows 0..5 are steps 0, 2, ..., 10
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_data"
 
 
@@ -57,8 +58,9 @@ def recorded(request, tmp_path_factory) -> Path:
     model = make_model("buffers")
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     data = _batches()
-    with Recorder(path, model, opt, LOSS, every=2, window=1, export=not request.param,
-                  background=request.param, probe=data[0]) as rec:
+    with Recorder(
+        path, model, opt, LOSS, every=2, window=1, export=not request.param, background=request.param, probe=data[0]
+    ) as rec:
         train(model, opt, LOSS, data, rec=rec)
     assert rec.failed is None
     assert list(trajscope.open_run(path).steps) == STEPS
@@ -101,25 +103,30 @@ def _flip(path: Path, offset: int) -> None:
 
 def flip_value(array: str, row: int, where: str = "values") -> Callable[[Path], None]:
     """Flip one bit of row ``row``'s chunk (its values, or its CRC) in its first chunk column."""
+
     def damage(run: Path) -> None:
         S, index, chunk = _geometry(run, array)
         off = index + (row % S) * chunk + (chunk - 2 if where == "crc" else (chunk - 4) // 2)
         _flip(_first_shard(run, array), off)
+
     return damage
 
 
 def flip_index(array: str, offset: int) -> Callable[[Path], None]:
     def damage(run: Path) -> None:
         _flip(_first_shard(run, array), offset)
+
     return damage
 
 
 def cut_shard(array: str, row: int) -> Callable[[Path], None]:
     """Cut the shard file half-way through row ``row``'s chunk (a copy that stopped)."""
+
     def damage(run: Path) -> None:
         S, index, chunk = _geometry(run, array)
         with open(_first_shard(run, array), "r+b") as f:
             f.truncate(index + (row % S) * chunk + chunk // 2)
+
     return damage
 
 
@@ -127,6 +134,7 @@ def delete(rel: str) -> Callable[[Path], None]:
     def damage(run: Path) -> None:
         p = _spath(run) / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+
     return damage
 
 
@@ -138,6 +146,7 @@ def halve(rel: str) -> Callable[[Path], None]:
     def damage(run: Path) -> None:
         p = _spath(run) / rel
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
     return damage
 
 
@@ -166,13 +175,37 @@ MATRIX = {
     "batch doc deleted": (delete("batch/.0/zarr.json"), "info", "batch/.0", None, "zarr.json is missing"),
     "state doc deleted": (delete("state/0/float32/zarr.json"), "info", "state/0/float32", None, "zarr.json is missing"),
     "shard deleted": (delete_first_shard("params/float32"), "info", "params/float32", 0, "c.0.0 is missing"),
-    "hparams shard deleted": (delete_first_shard("hparams"), "info", "hparams", 0, "is missing, the store was truncated"),
+    "hparams shard deleted": (
+        delete_first_shard("hparams"),
+        "info",
+        "hparams",
+        0,
+        "is missing, the store was truncated",
+    ),
     "state shard deleted": (delete_first_shard("state/0/float32"), "info", "state/0/float32", 2, "is missing"),
-    "shard truncated": (cut_shard("params/float32", 3), "info", "params/float32", 6, "cut short, the store was truncated"),
+    "shard truncated": (
+        cut_shard("params/float32", 3),
+        "info",
+        "params/float32",
+        6,
+        "cut short, the store was truncated",
+    ),
     "batch shard truncated": (cut_shard("batch/.1", 4), "info", "batch/.1", 8, "cut short"),
-    "index entry flipped": (flip_index("params/float32", 16 * 2 + 3), "info", "params/float32", 0, "index checksum mismatch"),
+    "index entry flipped": (
+        flip_index("params/float32", 16 * 2 + 3),
+        "info",
+        "params/float32",
+        0,
+        "index checksum mismatch",
+    ),
     "unused index entry flipped": (flip_index("hparams", 16 * 40), "info", "hparams", 0, "index checksum mismatch"),
-    "index crc flipped": (flip_index("buffers/float32", 16 * 64 + 1), "info", "buffers/float32", 0, "index checksum mismatch"),
+    "index crc flipped": (
+        flip_index("buffers/float32", 16 * 64 + 1),
+        "info",
+        "buffers/float32",
+        0,
+        "index checksum mismatch",
+    ),
     "batch shape flipped": (flip_value("batch_shape/.0", 1), "info", "batch_shape/.0", 2, "checksum mismatch"),
     "probe chunk deleted": (delete("probe/probe.1/c.0.0"), "info", "probe/probe.1", None, "is missing"),
     "probe crc attribute removed": (drop_probe_crc, "info", "probe/probe.0", None, "no crc32c attribute"),
@@ -197,14 +230,14 @@ def test_corruption_matrix(run, case, capsys):
         assert main(["info", str(run)]) == 2
         _one_line(capsys.readouterr().err, array, words)
     else:
-        info(run)                                   # structure intact: info reads no values
+        info(run)  # structure intact: info reads no values
         capsys.readouterr()
     # verify always fails, naming the first damaged step (the first row it reads, for a document)
     with pytest.raises(DamagedRecordError) as e:
         verify(run)
     first = STEPS[0] if caught_by == "info" and step is None and not array.startswith("probe") else step
     if array == "state/0/float32" and first == 0:
-        first = 2                                   # Adam has no state before its first update
+        first = 2  # Adam has no state before its first update
     _check(e.value, run, array, first, words)
     assert main(["verify", str(run)]) == 2
     _one_line(capsys.readouterr().err, array, words)
@@ -246,7 +279,7 @@ def test_hparams_shard_deleted_fails_every_checkpoint_and_analyze_is_not_silent(
         with pytest.raises(DamagedRecordError, match=f"step {t} of hparams is damaged"):
             r.checkpoint(t)
     if not (_spath(run) / "extra" / "model.pt2").exists():
-        return                                      # the thread run records no model to analyse with
+        return  # the thread run records no model to analyse with
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         rc = main(["analyze", str(run), "--no-progress", "--no-sharpness", "--trust"])
@@ -256,9 +289,9 @@ def test_hparams_shard_deleted_fails_every_checkpoint_and_analyze_is_not_silent(
 
 
 def test_verify_names_the_first_damaged_step_info_the_first_structural_one(run):
-    flip_value("params/float32", 4)(run)          # step 8, a value
-    flip_value("batch/.0", 2)(run)                # step 4, a value
-    cut_shard("hparams", 5)(run)                  # step 10, structure
+    flip_value("params/float32", 4)(run)  # step 8, a value
+    flip_value("batch/.0", 2)(run)  # step 4, a value
+    cut_shard("hparams", 5)(run)  # step 10, structure
     with pytest.raises(DamagedRecordError) as e:
         info(run)
     assert (e.value.array, e.value.step) == ("hparams", 10)
@@ -270,8 +303,11 @@ def test_verify_names_the_first_damaged_step_info_the_first_structural_one(run):
 @pytest.mark.parametrize("case", ["records value", "records index", "records shard deleted"])
 def test_damaged_steps_list_is_a_plain_error_at_open(run, case):
     """``records`` holds the step of every row: damage there leaves nothing to read by step."""
-    {"records value": flip_value("records", 3), "records index": flip_index("records", 7),
-     "records shard deleted": delete_first_shard("records")}[case](run)
+    {
+        "records value": flip_value("records", 3),
+        "records index": flip_index("records", 7),
+        "records shard deleted": delete_first_shard("records"),
+    }[case](run)
     for call in (lambda: trajscope.open_run(run), lambda: info(run), lambda: verify(run)):
         with pytest.raises(TrajscopeError) as e:
             call()
@@ -280,19 +316,28 @@ def test_damaged_steps_list_is_a_plain_error_at_open(run, case):
         assert "of records is damaged" in msg and "cannot be opened" in msg, msg
 
 
-@pytest.mark.parametrize("case,words", [("root deleted", "not a trajscope run"),
-                                        ("root truncated", "cannot be opened"),
-                                        ("commit deleted", "no commit marker"),
-                                        ("commit truncated", "cannot be opened")])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("root deleted", "not a trajscope run"),
+        ("root truncated", "cannot be opened"),
+        ("commit deleted", "no commit marker"),
+        ("commit truncated", "cannot be opened"),
+    ],
+)
 def test_damaged_root_or_commit_is_a_plain_error_at_open(run, case, words, capsys):
-    {"root deleted": delete("zarr.json"), "root truncated": halve("zarr.json"),
-     "commit deleted": delete("commit/zarr.json"), "commit truncated": halve("commit/zarr.json")}[case](run)
+    {
+        "root deleted": delete("zarr.json"),
+        "root truncated": halve("zarr.json"),
+        "commit deleted": delete("commit/zarr.json"),
+        "commit truncated": halve("commit/zarr.json"),
+    }[case](run)
     for cmd in (["info", str(run)], ["verify", str(run)]):
         assert main(cmd) == 2
         _one_line(capsys.readouterr().err, words)
 
 
-@pytest.mark.parametrize("recorded", [False], ids=["inline"], indirect=True)   # the run with a program
+@pytest.mark.parametrize("recorded", [False], ids=["inline"], indirect=True)  # the run with a program
 def test_exported_program_is_checked_by_verify(run):
     assert (_spath(run) / "extra" / "model.pt2").exists()
     verify(run)
@@ -322,8 +367,19 @@ def test_plain_zarr_reads_the_same_values(run):
     """Plain zarr decodes a version 3 store (checking every CRC it reads) to what trajscope reads."""
     r = TrajectoryReader(run)
     arrays = per_record_arrays(_spath(run))
-    assert {"params/float32", "buffers/float32", "buffers/int64", "buffers/bool", "state/0/float32", "hparams",
-            "records", "batch/.0", "batch/.1", "batch_shape/.0", "batch_shape/.1"} <= set(arrays)
+    assert {
+        "params/float32",
+        "buffers/float32",
+        "buffers/int64",
+        "buffers/bool",
+        "state/0/float32",
+        "hparams",
+        "records",
+        "batch/.0",
+        "batch/.1",
+        "batch_shape/.0",
+        "batch_shape/.1",
+    } <= set(arrays)
     n = r.n_records
     for name, arr in arrays.items():
         rows = [t for t in range(n) if not name.startswith("state/") or r._records[t, 3] == 0]
@@ -362,19 +418,26 @@ def _analysis(run: Path, rows: int = 2) -> None:
             w.append(t, {"loss": 1.0}, {"fc1": {"rho": np.ones(5)}})
 
 
-@pytest.mark.parametrize("case,words", [("root deleted", "its zarr.json is missing"),
-                                        ("root truncated", "its zarr.json is unreadable"),
-                                        ("array doc deleted", "nodes/fc1/label/zarr.json is missing"),
-                                        ("steps doc truncated", "steps/zarr.json is unreadable")])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("root deleted", "its zarr.json is missing"),
+        ("root truncated", "its zarr.json is unreadable"),
+        ("array doc deleted", "nodes/fc1/label/zarr.json is missing"),
+        ("steps doc truncated", "steps/zarr.json is unreadable"),
+    ],
+)
 def test_damaged_analysis_store_fails_info_with_rebuild_advice(run, case, words, capsys):
     _analysis(run)
     info(run)
     assert "2 checkpoints analysed, steps 0..2" in capsys.readouterr().out
     a = run / "analysis.zarr"
-    {"root deleted": lambda: (a / "zarr.json").unlink(),
-     "root truncated": lambda: (a / "zarr.json").write_text((a / "zarr.json").read_text()[:40]),
-     "array doc deleted": lambda: (a / "nodes" / "fc1" / "label" / "zarr.json").unlink(),
-     "steps doc truncated": lambda: (a / "steps" / "zarr.json").write_text("{")}[case]()
+    {
+        "root deleted": lambda: (a / "zarr.json").unlink(),
+        "root truncated": lambda: (a / "zarr.json").write_text((a / "zarr.json").read_text()[:40]),
+        "array doc deleted": lambda: (a / "nodes" / "fc1" / "label" / "zarr.json").unlink(),
+        "steps doc truncated": lambda: (a / "steps" / "zarr.json").write_text("{"),
+    }[case]()
     with pytest.raises(TrajscopeError) as e:
         info(run)
     msg = str(e.value)
@@ -382,12 +445,12 @@ def test_damaged_analysis_store_fails_info_with_rebuild_advice(run, case, words,
     assert f"trajscope analyze {run}" in msg and "rebuild" in msg, msg
     assert main(["info", str(run)]) == 2
     _one_line(capsys.readouterr().err, "analysis store is damaged")
-    verify(run)                                     # the trajectory itself is intact
+    verify(run)  # the trajectory itself is intact
 
 
 def test_incomplete_analysis_store_is_not_called_damaged(run, capsys):
     """An analysis that is behind the run, or created and not yet written, is no error."""
-    with ResultsWriter(run, {}, {"fc1": 5}, expected=6):   # arrays made for 6 rows, none committed
+    with ResultsWriter(run, {}, {"fc1": 5}, expected=6):  # arrays made for 6 rows, none committed
         pass
     info(run)
     assert "no checkpoint analysed yet" in capsys.readouterr().out
@@ -396,7 +459,7 @@ def test_incomplete_analysis_store_is_not_called_damaged(run, capsys):
     out = capsys.readouterr().out
     assert "1 checkpoints analysed" in out and "delete" not in out
     (run / "analysis.zarr").rename(run / "old")
-    (run / "analysis.zarr").mkdir()                      # an empty folder: nothing analysed
+    (run / "analysis.zarr").mkdir()  # an empty folder: nothing analysed
     info(run)
     assert "none yet" in capsys.readouterr().out
 
@@ -416,7 +479,7 @@ class _TornOnce:
         data = os.pread(fd, size, offset)
         if offset == 0 and self.n > 0 and len(data) >= 16 * 64 + 4:
             self.n -= 1
-            return data[:16 * 63] + b"\x01" * 16 + data[16 * 64:]
+            return data[: 16 * 63] + b"\x01" * 16 + data[16 * 64 :]
         return data
 
 
@@ -425,7 +488,7 @@ def test_a_torn_index_read_is_read_again(run, monkeypatch):
     want = r._read_row("params/float32", 3)
     monkeypatch.setattr(shards, "os", _TornOnce(1))
     assert r._read_row("params/float32", 3).tobytes() == want.tobytes()
-    monkeypatch.setattr(shards, "os", _TornOnce(2))       # the same twice: real damage
+    monkeypatch.setattr(shards, "os", _TornOnce(2))  # the same twice: real damage
     with pytest.raises(DamagedRecordError, match="index checksum mismatch"):
         r._read_row("params/float32", 3)
     monkeypatch.setattr(shards, "os", _TornOnce(1))
@@ -434,8 +497,10 @@ def test_a_torn_index_read_is_read_again(run, monkeypatch):
 
 def test_damaged_record_error_pickles():
     e = DamagedRecordError("runs/x/trajectory.zarr", "params/float32", 12, "checksum mismatch")
-    assert str(e) == ("runs/x/trajectory.zarr: step 12 of params/float32 is damaged (checksum mismatch): "
-                      "the record cannot be trusted; other steps can still be analysed")
+    assert str(e) == (
+        "runs/x/trajectory.zarr: step 12 of params/float32 is damaged (checksum mismatch): "
+        "the record cannot be trusted; other steps can still be analysed"
+    )
     back = pickle.loads(pickle.dumps(e))
     assert (back.step, back.array, back.problem, str(back)) == (12, "params/float32", "checksum mismatch", str(e))
     assert isinstance(back, TrajscopeError)
@@ -459,14 +524,14 @@ def test_format_2_store_opens_analyses_and_verifies_structurally(v2_run, capsys)
     assert "no checksums" in out and "every record is present and readable" in out
     res = trajscope.analyze(v2_run, steps=(0, 6), sharpness=False)[v2_run]
     assert list(res.steps) == [0, 5]
-    info(v2_run)                                         # its analysis store is looked at too
+    info(v2_run)  # its analysis store is looked at too
     assert "2 checkpoints analysed" in capsys.readouterr().out
 
 
 def test_format_2_store_damage_is_caught_where_it_can_be(v2_run):
     shard = v2_run / store.STORE_NAME / "params" / "float32" / "c.1.0"
     with open(shard, "r+b") as f:
-        f.truncate(16 * 64 + 10)                         # rows 64.. of version 2: no CRCs anywhere
+        f.truncate(16 * 64 + 10)  # rows 64.. of version 2: no CRCs anywhere
     steps = TrajectoryReader(v2_run).steps
     with pytest.raises(DamagedRecordError) as e:
         info(v2_run)
@@ -482,9 +547,17 @@ def test_format_2_store_resumes_without_checksums(v2_run):
     n = r.n_records
     last = trajscope.open_run(v2_run).checkpoint(int(r.steps[-1]))
     spec, leaves = flatten_batch(last.batch)
-    snap = Snapshot(step=int(r.steps[-1]) + 1000, loss=0.5,
-                    params=pack(r.param_layout, [last.params[s.name] for s in r.param_layout]), buffers={},
-                    hparams=r._read_row("hparams", n - 1), state_layout=None, state={}, batch_spec=spec, batch=leaves)
+    snap = Snapshot(
+        step=int(r.steps[-1]) + 1000,
+        loss=0.5,
+        params=pack(r.param_layout, [last.params[s.name] for s in r.param_layout]),
+        buffers={},
+        hparams=r._read_row("hparams", n - 1),
+        state_layout=None,
+        state={},
+        batch_spec=spec,
+        batch=leaves,
+    )
     w = TrajectoryWriter(v2_run, resume=True)
     assert w.checksums is False
     w.append(snap)
@@ -495,7 +568,7 @@ def test_format_2_store_resumes_without_checksums(v2_run):
     assert all(torch.equal(got[k], v) for k, v in last.params.items())
     lay = r2._row_layout("params/float32")[0]
     shard = v2_run / store.STORE_NAME / "params" / "float32" / f"c.{n // 64}.0"
-    assert shard.stat().st_size == 16 * 64 + (n % 64 + 1) * lay.value_bytes   # no CRC bytes
+    assert shard.stat().st_size == 16 * 64 + (n % 64 + 1) * lay.value_bytes  # no CRC bytes
     arr = zarr.open_array(str(v2_run / store.STORE_NAME / "params" / "float32"), mode="r")
     assert arr[n].tobytes() == r2._read_row("params/float32", n).tobytes()
     r2.check_structure()

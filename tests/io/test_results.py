@@ -1,8 +1,7 @@
 """analysis.zarr (docs/spec.md §9): schema, round trip, append-only commits, interruption, versions."""
+
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +9,10 @@ import pytest
 import zarr
 
 from tests.helpers.plugin import LAYERS, N_STEPS, synthetic_run, write_run
+from tests.helpers.scripts import run_script
 from trajscope.errors import TrajscopeError
 from trajscope.io.results import GLOBAL, LABELS, NODE_FLOAT, NODE_INT, NODE_U8, UNSET_U8, group_name, open_results
 from trajscope.io.resultswriter import ResultsWriter
-from tests.helpers.scripts import run_script, script_argv, script_env
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +63,9 @@ def test_round_trip(run, data):
             want = np.stack([step[module][m] for step in data["nodes"]])
             np.testing.assert_array_equal(res.node(module, m), want, err_msg=m)
         np.testing.assert_array_equal(res.node(module, "rho", 4), data["nodes"][4][module]["rho"])
-        np.testing.assert_array_equal(res.node(module, "label", slice(2, 5)),
-                                      np.stack([s[module]["label"] for s in data["nodes"][2:5]]))
+        np.testing.assert_array_equal(
+            res.node(module, "label", slice(2, 5)), np.stack([s[module]["label"] for s in data["nodes"][2:5]])
+        )
         np.testing.assert_array_equal(res.node(module, "label", -1), data["nodes"][-1][module]["label"])
     with pytest.raises(KeyError, match="unknown layer"):
         res.node("nope", "rho")
@@ -74,8 +74,10 @@ def test_round_trip(run, data):
 
 
 def _nodes(n_by_layer, k, **over):
-    return {m: {"label": np.full(n, k % 4, np.uint8), "rho": np.full(n, 1.0 + k, np.float32), **over}
-            for m, n in n_by_layer.items()}
+    return {
+        m: {"label": np.full(n, k % 4, np.uint8), "rho": np.full(n, 1.0 + k, np.float32), **over}
+        for m, n in n_by_layer.items()
+    }
 
 
 def test_append_only_incremental(tmp_path):

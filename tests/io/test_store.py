@@ -4,60 +4,17 @@ Long (over 400 lines) because it holds every case of trajscope.io's reader and w
 outside the shard layout: the review cases of the reader (below the first fold marker) and the
 probe leaves of odd dtypes and layouts (below the second), each section on its own.
 """
+
 from __future__ import annotations
 
 import json
-import shutil
-
-import numpy as np
-import pytest
-import torch
-
-import trajscope
-from trajscope import TrajscopeError
-from trajscope.io import files, layout as store, packing
-from trajscope.errors import DamagedRecordError
-from trajscope.record.recorder import Recorder
-from trajscope.io.packing import (flatten_batch, make_layout, numeric_hparams, pack, restore_hparams, unflatten_batch,
-                                  unpack)
-from trajscope.io.reader import TrajectoryReader
-from trajscope.io.records import Snapshot
-from trajscope.io.writer import TrajectoryWriter
-
-from tests.helpers.recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
-                               assert_tensors_bitexact, drop_chunks, make_batches, make_model, train)
-
-# imports of the cases folded from test_store_reader_review (below)
-import shutil
-import struct
-from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
-
-import trajscope
-from trajscope import TrajscopeError
-from trajscope.io import layout as store
-from trajscope.record.recorder import Recorder
-from trajscope.io.packing import flatten_batch, make_layout, pack
-from trajscope.io.reader import TrajectoryReader
-from trajscope.io.records import Snapshot
-from trajscope.io.writer import TrajectoryWriter
-
-from tests.helpers.recording import assert_batch_equal, assert_bitexact, make_model, per_record_arrays, reseal_index, train
 
 # imports of the cases folded from test_review_device_timer_probe (below)
-import json
 import math
-import os
-import random
 import shutil
-import subprocess
-import sys
-import textwrap
-import threading
-import time
+
+# imports of the cases folded from test_store_reader_review (below)
+import struct
 import warnings
 from pathlib import Path
 
@@ -68,16 +25,37 @@ import zarr
 from torch import nn
 
 import trajscope
-from trajscope.record import recorder as recorder_mod
-from trajscope import zoo
-from trajscope.io import layout as store
-from tests.helpers.calls import node_curvature
-from trajscope.nodes import find_node_layers
-from trajscope.record.recorder import Recorder
-
-from tests.helpers.analysis import F64, record, store_arrays
-from tests.helpers.recording import Ref, make_batches, make_model, train
+from tests.helpers.recording import (
+    Ref,
+    assert_batch_equal,
+    assert_bitexact,
+    assert_state_bitexact,
+    assert_tensors_bitexact,
+    drop_chunks,
+    make_batches,
+    make_model,
+    per_record_arrays,
+    reseal_index,
+    train,
+)
 from tests.helpers.recording import raw_bytes as _raw
+from trajscope import TrajscopeError
+from trajscope.errors import DamagedRecordError
+from trajscope.io import files, packing
+from trajscope.io import layout as store
+from trajscope.io.packing import (
+    flatten_batch,
+    make_layout,
+    numeric_hparams,
+    pack,
+    restore_hparams,
+    unflatten_batch,
+    unpack,
+)
+from trajscope.io.reader import TrajectoryReader
+from trajscope.io.records import Snapshot
+from trajscope.io.writer import TrajectoryWriter
+from trajscope.record.recorder import Recorder
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -87,8 +65,9 @@ def special_values(dtype: torch.dtype, n: int = 37) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
     fi = torch.finfo(dtype)
-    t[:7] = torch.tensor([-0.0, float("inf"), float("-inf"), float("nan"), fi.tiny / 4, fi.max, -fi.min],
-                         dtype=torch.float64).to(dtype)
+    t[:7] = torch.tensor(
+        [-0.0, float("inf"), float("-inf"), float("nan"), fi.tiny / 4, fi.max, -fi.min], dtype=torch.float64
+    ).to(dtype)
     return t
 
 
@@ -97,11 +76,11 @@ def special_values(dtype: torch.dtype, n: int = 37) -> torch.Tensor:
 def test_pack_unpack_roundtrip(dtype):
     if dtype.is_floating_point:
         a = special_values(dtype).reshape(37, 1)
-        b = special_values(dtype, 24).reshape(4, 6).t()          # non-contiguous
+        b = special_values(dtype, 24).reshape(4, 6).t()  # non-contiguous
     else:
         a = torch.arange(37).reshape(37, 1).to(dtype)
         b = (torch.arange(24) % 3).reshape(4, 6).t().to(dtype)
-    c = torch.ones((), dtype=torch.float32)                      # another pack, 0-d
+    c = torch.ones((), dtype=torch.float32)  # another pack, 0-d
     items = [("a", a), ("c", c), ("b", b)]
     layout = make_layout(items)
     packed = pack(layout, [t for _, t in items])
@@ -111,13 +90,16 @@ def test_pack_unpack_roundtrip(dtype):
         assert_bitexact(out[name], t, name)
     a_before = a.clone()
     for flat in packed.values():
-        flat.zero_()                  # the snapshot is a private copy: the optimizer's update cannot reach it
+        flat.zero_()  # the snapshot is a private copy: the optimizer's update cannot reach it
     assert_bitexact(a, a_before, "pack copies")
 
 
 def test_batch_structure_roundtrip():
-    x = {"ids": torch.arange(6).reshape(3, 2), "mask": torch.tensor([True, False, True]),
-         "nested": [torch.ones(3), (torch.zeros(3, 1, dtype=torch.float16), None)]}
+    x = {
+        "ids": torch.arange(6).reshape(3, 2),
+        "mask": torch.tensor([True, False, True]),
+        "nested": [torch.ones(3), (torch.zeros(3, 1, dtype=torch.float16), None)],
+    }
     y = (torch.randn(3), 2, 0.5, True)
     spec, leaves = flatten_batch((x, y))
     back = unflatten_batch(json.loads(json.dumps(spec)), dict(leaves))
@@ -127,37 +109,64 @@ def test_batch_structure_roundtrip():
 
 
 def test_hparams_roundtrip():
-    g = {"params": [], "lr": torch.tensor(0.01), "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False,
-         "foreach": None, "nesterov": True, "differentiable": False}
+    g = {
+        "params": [],
+        "lr": torch.tensor(0.01),
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "amsgrad": False,
+        "foreach": None,
+        "nesterov": True,
+        "differentiable": False,
+    }
     hp = numeric_hparams(g)
     names = list(hp)
     back = restore_hparams(names, np.array([hp[k] for k in names]), ["amsgrad", "nesterov", "differentiable"])
-    assert back == {"lr": pytest.approx(0.01), "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False,
-                    "nesterov": True, "differentiable": False}
+    assert back == {
+        "lr": pytest.approx(0.01),
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "amsgrad": False,
+        "nesterov": True,
+        "differentiable": False,
+    }
     assert isinstance(back["nesterov"], bool)
 
 
 # --------------------------------------------------------------------------- writer / reader
 def _meta(layout, hparam_names=("lr",)):
-    return {"params": [s.to_json() for s in layout], "buffers": [], "hparam_names": list(hparam_names),
-            "hparam_bools": [], "cadence": {"every": 1, "window": 1},
-            "optimizer": {"class": "torch.optim.sgd.SGD", "name": "SGD", "groups": [{"params": [s.name for s in layout]}]},
-            "model": {"spec": None, "kwargs": {}, "exported": None, "export_error": "none", "node_layers": []},
-            "loss": None}
+    return {
+        "params": [s.to_json() for s in layout],
+        "buffers": [],
+        "hparam_names": list(hparam_names),
+        "hparam_bools": [],
+        "cadence": {"every": 1, "window": 1},
+        "optimizer": {"class": "torch.optim.sgd.SGD", "name": "SGD", "groups": [{"params": [s.name for s in layout]}]},
+        "model": {"spec": None, "kwargs": {}, "exported": None, "export_error": "none", "node_layers": []},
+        "loss": None,
+    }
 
 
 def _snap(step, layout, tensors, batch=None):
     spec, leaves = flatten_batch(batch) if batch is not None else (None, [])
-    return Snapshot(step=step, loss=float(step) / 3, params=pack(layout, tensors), buffers={},
-                    hparams=np.array([[0.1 * (step + 1)]]), state_layout=None, state={}, batch_spec=spec,
-                    batch=leaves)
+    return Snapshot(
+        step=step,
+        loss=float(step) / 3,
+        params=pack(layout, tensors),
+        buffers={},
+        hparams=np.array([[0.1 * (step + 1)]]),
+        state_layout=None,
+        state={},
+        batch_spec=spec,
+        batch=leaves,
+    )
 
 
 def test_writer_reader_special_values_all_dtypes_and_long_rows(tmp_path, monkeypatch):
     """Every dtype bit-exact (NaN, -0.0, inf, subnormals); rows longer than a chunk split and come
     back; rows span several shard files."""
-    monkeypatch.setattr(store, "_MAX_CHUNK_ELEMS", 16)       # force several chunks per packed row
-    monkeypatch.setattr(store, "_SHARD_ROWS", 2)             # and several shards per array
+    monkeypatch.setattr(store, "_MAX_CHUNK_ELEMS", 16)  # force several chunks per packed row
+    monkeypatch.setattr(store, "_SHARD_ROWS", 2)  # and several shards per array
     items = [(f"p_{str(d).removeprefix('torch.')}", special_values(d)) for d in DTYPES]
     layout = make_layout(items)
     w = TrajectoryWriter(tmp_path, _meta(layout))
@@ -182,7 +191,9 @@ def test_writer_reader_special_values_all_dtypes_and_long_rows(tmp_path, monkeyp
         assert whole[step].tobytes() == r._read_row("params/float32", step).tobytes()
     # the chunks of a long row go missing: reading raises, it never returns zeros
     assert len(drop_chunks(tmp_path, "params/float32", 1)) > 2
-    with pytest.raises(DamagedRecordError, match="step 1 of params/float32 is damaged .its chunk is missing, the store was truncated"):
+    with pytest.raises(
+        DamagedRecordError, match="step 1 of params/float32 is damaged .its chunk is missing, the store was truncated"
+    ):
         TrajectoryReader(tmp_path).params(1)
     TrajectoryReader(tmp_path).params(2)
     # a shard file cut short (a copy that stopped half-way): its later rows are missing
@@ -190,7 +201,10 @@ def test_writer_reader_special_values_all_dtypes_and_long_rows(tmp_path, monkeyp
     shard = tmp_path / "trajectory.zarr" / "params/float32" / arr.metadata.encode_chunk_key((1, 0))
     with open(shard, "r+b") as f:
         f.truncate(f.seek(0, 2) - 1)
-    with pytest.raises(DamagedRecordError, match="step 2 of params/float32 is damaged .its shard file is cut short, the store was truncated"):
+    with pytest.raises(
+        DamagedRecordError,
+        match="step 2 of params/float32 is damaged .its shard file is cut short, the store was truncated",
+    ):
         TrajectoryReader(tmp_path).params(2)
     TrajectoryReader(tmp_path).params(0)
 
@@ -202,7 +216,7 @@ def test_uncommitted_rows_are_invisible(tmp_path):
     w = TrajectoryWriter(tmp_path, _meta(layout))
     w.append(_snap(0, layout, [items[0][1]]))
     w.append(_snap(1, layout, [items[0][1] + 1]))
-    w._write_commit(records=1, last_step=0)        # as if the process died right before the commit
+    w._write_commit(records=1, last_step=0)  # as if the process died right before the commit
     r = TrajectoryReader(tmp_path)
     assert list(r.steps) == [0] and r.n_records == 1
     assert_bitexact(r.params(0)["w"], items[0][1])
@@ -217,12 +231,13 @@ def test_store_creation_is_atomic(tmp_path, monkeypatch):
 
     def die(*a, **k):
         raise KeyboardInterrupt("killed")
+
     monkeypatch.setattr(files.os, "rename", die)
     with pytest.raises(KeyboardInterrupt):
         TrajectoryWriter(tmp_path / "run", _meta(layout))
     assert not store.is_run(tmp_path / "run")
     monkeypatch.undo()
-    TrajectoryWriter(tmp_path / "run", _meta(layout))            # also clears the stray temporary store
+    TrajectoryWriter(tmp_path / "run", _meta(layout))  # also clears the stray temporary store
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["trajectory.zarr"]
     assert len(trajscope.open_run(tmp_path / "run")) == 0
 
@@ -231,6 +246,7 @@ def test_store_creation_is_atomic(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_recorder_roundtrip_dtypes(tmp_path, dtype):
     """Parameters, buffers (float/int64/bool), Adam state and batches (short last batch) of every dtype."""
+
     def run_loop(rec_path):
         model = make_model("buffers", dtype=dtype)
         opt = torch.optim.Adam(model.parameters(), lr=0.01, eps=1e-3, weight_decay=1e-3)  # eps survives fp16
@@ -270,8 +286,12 @@ def test_recorder_roundtrip_nested_batch_and_probe(tmp_path):
             loss = loss_fn(model(**x), y)
             opt.zero_grad()
             loss.backward()
-            inputs = {**x, "ids": torch.arange(len(y)) * (t + 1), "keep": torch.arange(len(y)) % 2 == 0,
-                      "temperature": torch.tensor(0.5 + t)}                      # a 0-d leaf
+            inputs = {
+                **x,
+                "ids": torch.arange(len(y)) * (t + 1),
+                "keep": torch.arange(len(y)) % 2 == 0,
+                "temperature": torch.tensor(0.5 + t),
+            }  # a 0-d leaf
             targets = (y, [y.to(torch.float64), None], 7)
             rec.batch(inputs, targets)
             given.append((inputs, targets))
@@ -289,9 +309,14 @@ def test_probe_leaves_of_every_kind_roundtrip_and_read_by_plain_zarr(tmp_path):
     import zarr
 
     leaves = {f"f_{str(d).split('.')[-1]}": special_values(d).reshape(37, 1) for d in DTYPES}
-    leaves.update(ints=torch.arange(-5, 7, dtype=torch.int64), flags=torch.arange(9) % 3 == 0,
-                  bytes_=torch.arange(250, 256, dtype=torch.uint8), scalar=torch.tensor(2.5),
-                  empty=torch.zeros(0, 4), strided=torch.randn(4, 6).t())
+    leaves.update(
+        ints=torch.arange(-5, 7, dtype=torch.int64),
+        flags=torch.arange(9) % 3 == 0,
+        bytes_=torch.arange(250, 256, dtype=torch.uint8),
+        scalar=torch.tensor(2.5),
+        empty=torch.zeros(0, 4),
+        strided=torch.randn(4, 6).t(),
+    )
     probe = (leaves, torch.randn(3, 2, dtype=torch.float64))
     model = make_model("tensor")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -337,11 +362,14 @@ def test_batch_leaves_of_every_dtype_read_back_by_trajscope_and_plain_zarr(tmp_p
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 4, generator=g)
-    extra = {"u8": torch.randint(0, 255, (3, 5), generator=g, dtype=torch.uint8),
-             "b": torch.rand(3, 2, generator=g) > 0.5, "i8": torch.randint(-100, 100, (3,), generator=g, dtype=torch.int8),
-             "i16": torch.randint(-999, 999, (3, 2), generator=g, dtype=torch.int16),
-             "i32": torch.randint(-99999, 99999, (3,), generator=g, dtype=torch.int32),
-             "c64": torch.randn(3, 2, dtype=torch.complex64, generator=g)}
+    extra = {
+        "u8": torch.randint(0, 255, (3, 5), generator=g, dtype=torch.uint8),
+        "b": torch.rand(3, 2, generator=g) > 0.5,
+        "i8": torch.randint(-100, 100, (3,), generator=g, dtype=torch.int8),
+        "i16": torch.randint(-999, 999, (3, 2), generator=g, dtype=torch.int16),
+        "i32": torch.randint(-99999, 99999, (3,), generator=g, dtype=torch.int32),
+        "c64": torch.randn(3, 2, dtype=torch.complex64, generator=g),
+    }
     model = make_model("tensor")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = torch.nn.MSELoss()
@@ -382,8 +410,13 @@ def test_batch_leaves_whose_other_dims_vary(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = torch.nn.MSELoss()
     g = torch.Generator().manual_seed(1)
-    given = [({"x": torch.randn(b, T, 4, generator=g), "mask": (torch.rand(T, generator=g) > 0.3).float()},
-              torch.randn(b, 3, generator=g)) for b, T in [(3, 5), (2, 7), (4, 2), (3, 7)]]
+    given = [
+        (
+            {"x": torch.randn(b, T, 4, generator=g), "mask": (torch.rand(T, generator=g) > 0.3).float()},
+            torch.randn(b, 3, generator=g),
+        )
+        for b, T in [(3, 5), (2, 7), (4, 2), (3, 7)]
+    ]
     with Recorder(tmp_path / "run", model, opt, loss_fn, export=False) as rec:
         for x, y in given:
             loss = loss_fn(model(**x), y)
@@ -444,8 +477,9 @@ def small_run(tmp_path_factory):
     model = make_model("tensor")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.MSELoss()
-    with Recorder(path, model, opt, loss_fn, export=False, model_spec="trajscope.zoo:mlp",
-                  model_kwargs={"sizes": [4, 6, 3]}) as rec:
+    with Recorder(
+        path, model, opt, loss_fn, export=False, model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": [4, 6, 3]}
+    ) as rec:
         train(model, opt, loss_fn, make_batches("tensor", 5), rec=rec)
     return path
 
@@ -484,7 +518,7 @@ def test_other_format_version_and_not_a_run(small_run, tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(TrajscopeError, match="format version 99"):
         trajscope.open_run(path)
-    with pytest.raises(TrajscopeError, match="format version 99"):       # nor is it resumed
+    with pytest.raises(TrajscopeError, match="format version 99"):  # nor is it resumed
         m = make_model("tensor")
         Recorder(path, m, torch.optim.SGD(m.parameters(), lr=0.1), resume=True)
     with pytest.raises(TrajscopeError, match="not a trajscope run"):
@@ -493,18 +527,20 @@ def test_other_format_version_and_not_a_run(small_run, tmp_path):
         trajscope.open_run(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("spec,kwargs,name", [
-    ("trajscope.zoo:mlp", '{"sizes": [4, 7, 3]}', "0.weight"),                 # wrong shape
-    ("trajscope.zoo:mlp", '{"sizes": [4, 6, 3], "bias": false}', "0.bias"),   # missing parameter
-    ("trajscope.zoo:mlp", '{"sizes": [4, 6, 3, 3]}', "4."),                   # extra parameter
-])
+@pytest.mark.parametrize(
+    "spec,kwargs,name",
+    [
+        ("trajscope.zoo:mlp", '{"sizes": [4, 7, 3]}', "0.weight"),  # wrong shape
+        ("trajscope.zoo:mlp", '{"sizes": [4, 6, 3], "bias": false}', "0.bias"),  # missing parameter
+        ("trajscope.zoo:mlp", '{"sizes": [4, 6, 3, 3]}', "4."),  # extra parameter
+    ],
+)
 def test_model_spec_mismatch_names_the_parameter(small_run, spec, kwargs, name):
     run = trajscope.open_run(small_run)
     with pytest.raises(TrajscopeError) as ei:
         run.model(spec, kwargs)
     assert name in str(ei.value) and "\n" not in str(ei.value)
-    run.model()   # the recorded spec matches
-
+    run.model()  # the recorded spec matches
 
 
 # ==============================================================================================
@@ -523,12 +559,16 @@ EMPTY = 2**64 - 1
 
 # --------------------------------------------------------------------------- helpers
 def _review_meta(layout):
-    return {"params": [s.to_json() for s in layout], "buffers": [], "hparam_names": ["lr", "momentum"],
-            "hparam_bools": [], "cadence": {"every": 1, "window": 1},
-            "optimizer": {"class": "torch.optim.sgd.SGD", "name": "SGD",
-                          "groups": [{"params": [s.name for s in layout]}]},
-            "model": {"spec": None, "kwargs": {}, "exported": None, "export_error": "none", "node_layers": []},
-            "loss": None}
+    return {
+        "params": [s.to_json() for s in layout],
+        "buffers": [],
+        "hparam_names": ["lr", "momentum"],
+        "hparam_bools": [],
+        "cadence": {"every": 1, "window": 1},
+        "optimizer": {"class": "torch.optim.sgd.SGD", "name": "SGD", "groups": [{"params": [s.name for s in layout]}]},
+        "model": {"spec": None, "kwargs": {}, "exported": None, "export_error": "none", "node_layers": []},
+        "loss": None,
+    }
 
 
 def _same(got: np.ndarray, want: np.ndarray, what: str) -> None:
@@ -547,12 +587,12 @@ def _rows_agree_with_zarr(run_dir: Path) -> int:
     checked = 0
     for name, arr in sorted(arrays.items()):
         n = len(r.skipped) if name == "skipped" else r.n_records
-        whole = arr[:n]                                   # one zarr read per array
+        whole = arr[:n]  # one zarr read per array
         for row in range(n):
             if name.startswith("state/") and int(r._records[row, 3]) != int(name.split("/")[1]):
-                continue                                  # the row used another optimizer-state layout
+                continue  # the row used another optimizer-state layout
             if name.startswith("batch") and r._records[row, 2] < 0:
-                continue                                  # the record has no batch
+                continue  # the record has no batch
             extents = None
             if name.startswith("batch/") and f"batch_shape/{name[6:]}" in arrays:
                 extents = [int(e) for e in arrays[f"batch_shape/{name[6:]}"][row]]
@@ -589,26 +629,42 @@ def _special(dtype: torch.dtype, shape, seed: int) -> torch.Tensor:
     elif dtype.is_complex:
         t = torch.randn(n, generator=g, dtype=dtype)
         if n >= 3:
-            t[:3] = torch.tensor([complex(float("nan"), -0.0), complex(float("inf"), 1.0), complex(-0.0, -float("inf"))],
-                                 dtype=dtype)
+            t[:3] = torch.tensor(
+                [complex(float("nan"), -0.0), complex(float("inf"), 1.0), complex(-0.0, -float("inf"))], dtype=dtype
+            )
     elif dtype.is_floating_point:
         t = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
         fi = torch.finfo(dtype)
-        sp = torch.tensor([-0.0, float("nan"), float("inf"), fi.tiny / 4, fi.max, fi.min], dtype=torch.float64).to(dtype)
-        t[:min(n, 6)] = sp[:min(n, 6)]
+        sp = torch.tensor([-0.0, float("nan"), float("inf"), fi.tiny / 4, fi.max, fi.min], dtype=torch.float64).to(
+            dtype
+        )
+        t[: min(n, 6)] = sp[: min(n, 6)]
     else:
         info = torch.iinfo(dtype)
-        t = torch.randint(max(info.min, -2**31), min(info.max, 2**31 - 1), (n,), generator=g, dtype=torch.int64).to(dtype)
+        t = torch.randint(max(info.min, -(2**31)), min(info.max, 2**31 - 1), (n,), generator=g, dtype=torch.int64).to(
+            dtype
+        )
         if n >= 2:
             t[:2] = torch.tensor([info.min, info.max], dtype=dtype)
     return t.reshape(shape)
 
 
-PARAM_SPECS = [("b", torch.bool, (40,)), ("i8", torch.int8, (5, 7)), ("u8", torch.uint8, (3,)),
-               ("i16", torch.int16, (2, 2)), ("i32", torch.int32, (17,)), ("i64", torch.int64, ()),
-               ("f16", torch.float16, (33,)), ("bf16", torch.bfloat16, (20,)), ("f32", torch.float32, (2, 3)),
-               ("f64", torch.float64, (0,)), ("c64", torch.complex64, (9,)), ("c128", torch.complex128, (4,)),
-               ("f32b", torch.float32, ()), ("bf16b", torch.bfloat16, (3, 3))]
+PARAM_SPECS = [
+    ("b", torch.bool, (40,)),
+    ("i8", torch.int8, (5, 7)),
+    ("u8", torch.uint8, (3,)),
+    ("i16", torch.int16, (2, 2)),
+    ("i32", torch.int32, (17,)),
+    ("i64", torch.int64, ()),
+    ("f16", torch.float16, (33,)),
+    ("bf16", torch.bfloat16, (20,)),
+    ("f32", torch.float32, (2, 3)),
+    ("f64", torch.float64, (0,)),
+    ("c64", torch.complex64, (9,)),
+    ("c128", torch.complex128, (4,)),
+    ("f32b", torch.float32, ()),
+    ("bf16b", torch.bfloat16, (3, 3)),
+]
 # batch size and sequence length per record: the first fixes the chunk shape, later ones grow past it
 # (several chunk columns per row), shrink, and a 0-size batch
 BATCH_GEOM = [(3, 2), (5, 4), (2, 1), (6, 5), (0, 3), (1, 2), (4, 4), (6, 1), (3, 5), (2, 2), (5, 3)]
@@ -616,10 +672,15 @@ BATCH_GEOM = [(3, 2), (5, 4), (2, 1), (6, 5), (0, 3), (1, 2), (4, 4), (6, 1), (3
 
 def _batch(t: int):
     b, T = BATCH_GEOM[t]
-    x = {"f16": _special(torch.float16, (b, 3), 100 + t), "bf": _special(torch.bfloat16, (b,), 200 + t),
-         "mask": _special(torch.bool, (b, T), 300 + t), "i8": _special(torch.int8, (b,), 400 + t),
-         "c": _special(torch.complex64, (b, 2), 500 + t), "s": torch.tensor(t, dtype=torch.int64),
-         "h": _special(torch.float16, (), 600 + t)}
+    x = {
+        "f16": _special(torch.float16, (b, 3), 100 + t),
+        "bf": _special(torch.bfloat16, (b,), 200 + t),
+        "mask": _special(torch.bool, (b, T), 300 + t),
+        "i8": _special(torch.int8, (b,), 400 + t),
+        "c": _special(torch.complex64, (b, 2), 500 + t),
+        "s": torch.tensor(t, dtype=torch.int64),
+        "h": _special(torch.float16, (), 600 + t),
+    }
     return x, _special(torch.float32, (b, T, 2), 700 + t)
 
 
@@ -637,11 +698,22 @@ def test_rows_of_every_dtype_and_geometry_match_plain_zarr(tmp_path, monkeypatch
     given = []
     for t in range(len(BATCH_GEOM)):
         tensors = [_special(d, s, 1000 * t + i) for i, (_, d, s) in enumerate(PARAM_SPECS)]
-        batch = _batch(t) if t != 7 else None          # record 7 has no batch
+        batch = _batch(t) if t != 7 else None  # record 7 has no batch
         spec, leaves = flatten_batch(batch) if batch is not None else (None, [])
-        w.append(Snapshot(step=3 * t, loss=t / 9, params=pack(layout, tensors), buffers={},
-                          hparams=np.array([[0.1 * t, 0.9]]), state_layout=None, state={},
-                          batch_spec=spec, batch=leaves), commit=t % 3 == 2)
+        w.append(
+            Snapshot(
+                step=3 * t,
+                loss=t / 9,
+                params=pack(layout, tensors),
+                buffers={},
+                hparams=np.array([[0.1 * t, 0.9]]),
+                state_layout=None,
+                state={},
+                batch_spec=spec,
+                batch=leaves,
+            ),
+            commit=t % 3 == 2,
+        )
         if t % 4 == 1:
             w.skip(3 * t + 1, commit=False)
         given.append((tensors, batch))
@@ -649,7 +721,7 @@ def test_rows_of_every_dtype_and_geometry_match_plain_zarr(tmp_path, monkeypatch
     w.close()
     arrays = per_record_arrays(tmp_path / store.STORE_NAME)
     # the geometry this test is about is really there
-    assert arrays["params/bool"].chunks == (1, 16) and arrays["params/bool"].shape[1] == 40   # 3 columns
+    assert arrays["params/bool"].chunks == (1, 16) and arrays["params/bool"].shape[1] == 40  # 3 columns
     assert arrays["batch/.0.f16"].chunks == (1, 3, 3) and arrays["batch/.0.f16"].shape[1] == 6
     assert arrays["batch/.0.s"].shape[1:] == () and arrays["skipped"].shape[1:] == ()
     assert _rows_agree_with_zarr(tmp_path) > 200
@@ -670,17 +742,32 @@ def test_packed_row_longer_than_4mi_elements_real_split(tmp_path):
     """Without monkeypatching: a bool pack of 4 Mi + 5 elements (two chunk columns, the second
     padded) and an int8 pack; trajscope's rows == zarr's == what was written."""
     n = (1 << 22) + 5
-    layout = make_layout([("mask", torch.zeros(n, dtype=torch.bool)), ("q", torch.zeros(7, dtype=torch.int8)),
-                          ("w", torch.zeros(3))])
+    layout = make_layout(
+        [("mask", torch.zeros(n, dtype=torch.bool)), ("q", torch.zeros(7, dtype=torch.int8)), ("w", torch.zeros(3))]
+    )
     w = TrajectoryWriter(tmp_path, _review_meta(layout))
     given = []
     for t in range(2):
         g = torch.Generator().manual_seed(t)
-        tensors = [torch.rand(n, generator=g) > 0.5, torch.randint(-128, 127, (7,), generator=g, dtype=torch.int8),
-                   torch.randn(3, generator=g)]
-        tensors[0][-5:] = torch.tensor([True, False, True, True, t == 1])   # the padded tail chunk
-        w.append(Snapshot(step=t, loss=0.0, params=pack(layout, tensors), buffers={}, hparams=np.array([[0.1, 0.0]]),
-                          state_layout=None, state={}, batch_spec=None, batch=[]))
+        tensors = [
+            torch.rand(n, generator=g) > 0.5,
+            torch.randint(-128, 127, (7,), generator=g, dtype=torch.int8),
+            torch.randn(3, generator=g),
+        ]
+        tensors[0][-5:] = torch.tensor([True, False, True, True, t == 1])  # the padded tail chunk
+        w.append(
+            Snapshot(
+                step=t,
+                loss=0.0,
+                params=pack(layout, tensors),
+                buffers={},
+                hparams=np.array([[0.1, 0.0]]),
+                state_layout=None,
+                state={},
+                batch_spec=None,
+                batch=[],
+            )
+        )
         given.append(tensors)
     w.close()
     arr = per_record_arrays(tmp_path / store.STORE_NAME)["params/bool"]
@@ -742,14 +829,17 @@ def test_reader_opened_while_recording_keeps_its_rows_and_layouts(tmp_path):
         rec.flush()
         early = TrajectoryReader(tmp_path / "run")
         assert early.n_records == 3
-        b0 = early.batch(0)                               # layouts of the batch arrays cached here
+        b0 = early.batch(0)  # layouts of the batch arrays cached here
         assert_batch_equal(b0, data[0], "batch_0")
         train(model, opt, LOSS, data[3:], rec=rec)
         rec.flush()
         for t in range(3):
             assert_batch_equal(early.batch(t), data[t], f"early batch_{t}")
-            _same(early._read_row("params/float32", t), per_record_arrays(tmp_path / "run" / store.STORE_NAME)["params/float32"][t],
-                  f"params[{t}]")
+            _same(
+                early._read_row("params/float32", t),
+                per_record_arrays(tmp_path / "run" / store.STORE_NAME)["params/float32"][t],
+                f"params[{t}]",
+            )
         assert early.n_records == 3 and list(early.steps) == [0, 1, 2]
     finally:
         rec.close()
@@ -790,9 +880,13 @@ def _set_entry(path: Path, row: int, off: int, nbytes: int) -> None:
     reseal_index(path, 64)
 
 
-READ = {"params/float32": lambda r, t: r.params(t), "hparams": lambda r, t: r.hparams(t),
-        "state/0/float32": lambda r, t: r.state(t), "batch/.0": lambda r, t: r.batch(t),
-        "batch_shape/.1": lambda r, t: r.batch(t)}
+READ = {
+    "params/float32": lambda r, t: r.params(t),
+    "hparams": lambda r, t: r.hparams(t),
+    "state/0/float32": lambda r, t: r.state(t),
+    "batch/.0": lambda r, t: r.batch(t),
+    "batch_shape/.1": lambda r, t: r.batch(t),
+}
 
 
 def _damage(shard: Path, kind: str, row: int) -> None:
@@ -823,8 +917,20 @@ def _damage(shard: Path, kind: str, row: int) -> None:
         raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["entry_past_end", "entry_straddles_end", "nbytes_too_large", "nbytes_too_small",
-                                  "nbytes_zero", "offset_empty_only", "cut_inside_index", "empty_file", "directory"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "entry_past_end",
+        "entry_straddles_end",
+        "nbytes_too_large",
+        "nbytes_too_small",
+        "nbytes_zero",
+        "offset_empty_only",
+        "cut_inside_index",
+        "empty_file",
+        "directory",
+    ],
+)
 @pytest.mark.parametrize("array", sorted(READ))
 def test_damaged_index_or_file_is_one_line_error(small_store, tmp_path, array, kind):
     """Row 3's chunk is damaged in one of many ways: reading it is a one-line TrajscopeError that
@@ -852,7 +958,7 @@ def test_index_offset_beyond_off_t_is_one_line_error(small_store, tmp_path, off)
     shutil.copytree(small_store, path)
     shard = path / store.STORE_NAME / "params" / "float32" / "c.0.0"
     _, nb = _entry(shard, 3)
-    _set_entry(shard, 3, off, nb)           # nbytes right, offset garbage
+    _set_entry(shard, 3, off, nb)  # nbytes right, offset garbage
     r = TrajectoryReader(path)
     with pytest.raises(TrajscopeError, match="params/float32"):
         r.params(3)
@@ -917,19 +1023,18 @@ def test_a_param_group_added_mid_run_stops_recording_cleanly(tmp_path):
     with pytest.warns(RuntimeWarning, match="parameter groups changed"):
         with Recorder(tmp_path / "run", model, opt, LOSS, export=False, background=False) as rec:
             for t in range(4):
-                if t == 2:       # fine-tuning: unfreeze the head with its own learning rate
+                if t == 2:  # fine-tuning: unfreeze the head with its own learning rate
                     opt.add_param_group({"params": model[2].parameters(), "lr": 0.01})
                 x, y = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
                 loss = LOSS(model(x), y)
                 opt.zero_grad()
                 loss.backward()
                 rec.batch(x, y)
-                opt.step()   # training goes on
+                opt.step()  # training goes on
     assert rec.failed is not None and "parameter groups changed" in str(rec.failed)
     run = trajscope.open_run(tmp_path / "run")
     assert list(run.steps) == [0, 1]
     assert [h["lr"] for h in run.reader.hparams(0)] == [0.1] == [h["lr"] for h in run.reader.hparams(1)]
-
 
 
 # ==============================================================================================
@@ -937,6 +1042,7 @@ def test_a_param_group_added_mid_run_stops_recording_cleanly(tmp_path):
 # commit timer and the plain-Zarr probe writer): the part about this module
 # ==============================================================================================
 LOSS = nn.MSELoss()
+
 
 # --------------------------------------------------------------------------------------------
 # store: probe leaves of every odd kind
@@ -960,8 +1066,8 @@ def _odd_leaves() -> dict[str, torch.Tensor]:
         "i16_0d": torch.tensor(-7, dtype=torch.int16),
         "bool_0d": torch.tensor(True),
         "f32_0d": torch.tensor(-0.0),
-        "i32": torch.tensor([-2**31, 2**31 - 1], dtype=torch.int32),
-        "i64": torch.tensor([-2**63, 2**63 - 1]),
+        "i32": torch.tensor([-(2**31), 2**31 - 1], dtype=torch.int32),
+        "i64": torch.tensor([-(2**63), 2**63 - 1]),
         "empty": torch.zeros(0),
         "empty_3d": torch.zeros(3, 0, 2, dtype=torch.float64),
         "empty_bool": torch.zeros(0, 2, dtype=torch.bool),
@@ -994,8 +1100,11 @@ def test_odd_probe_leaves_bit_exact_through_trajscope_zarr_and_chunk_bytes(tmp_p
     assert isinstance(got, tuple) and isinstance(got[1], list) and got[1][1] is None and got[1][2] == 3
     assert torch.equal(got[1][0], want["c64"])
     spath = tmp_path / "run" / store.STORE_NAME
-    walked = {name for name, node in zarr.open_group(str(spath / "probe"), mode="r").members(max_depth=None)
-              if isinstance(node, zarr.Array)}
+    walked = {
+        name
+        for name, node in zarr.open_group(str(spath / "probe"), mode="r").members(max_depth=None)
+        if isinstance(node, zarr.Array)
+    }
     assert walked == {f"probe.0.{k}" for k in want} | {"probe.1.0"}, sorted(walked)
     for k, w in want.items():
         t = got[0][k]
@@ -1003,8 +1112,12 @@ def test_odd_probe_leaves_bit_exact_through_trajscope_zarr_and_chunk_bytes(tmp_p
         assert _raw(t) == _raw(w), k
         # plain zarr, and the chunk file itself (one uncompressed chunk, C order, little endian)
         arr = zarr.open_array(str(spath / "probe" / f"probe.0.{k}"), mode="r")
-        np_want = np.frombuffer(_raw(w), dtype=np.uint16 if w.dtype == torch.bfloat16 else
-                                (w.detach().resolve_conj().resolve_neg().contiguous().numpy().dtype)).reshape(tuple(w.shape))
+        np_want = np.frombuffer(
+            _raw(w),
+            dtype=np.uint16
+            if w.dtype == torch.bfloat16
+            else (w.detach().resolve_conj().resolve_neg().contiguous().numpy().dtype),
+        ).reshape(tuple(w.shape))
         assert arr.shape == np_want.shape and arr.dtype == np_want.dtype, (k, arr.shape, arr.dtype)
         assert np.asarray(arr[...]).tobytes() == np_want.tobytes(), k
         chunk = spath / "probe" / f"probe.0.{k}" / ".".join(["c"] + ["0"] * w.dim())
@@ -1032,8 +1145,11 @@ def test_resumed_run_keeps_its_probe_or_replaces_it(tmp_path):
     for k, w in want.items():
         assert run.probe[k].dtype == w.dtype and _raw(run.probe[k]) == _raw(w), k
     # resumed with a new probe: same leaf names, other dtypes and shapes (a 0-d leaf becomes empty, ...)
-    new = {"x": torch.zeros(0, 5, dtype=torch.int8), "y": torch.tensor(2.5, dtype=torch.float64),
-           "n": torch.arange(12, dtype=torch.int64).reshape(3, 4)}
+    new = {
+        "x": torch.zeros(0, 5, dtype=torch.int8),
+        "y": torch.tensor(2.5, dtype=torch.float64),
+        "n": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+    }
     with Recorder(tmp_path / "run", model, opt, LOSS, export=False, resume=True, probe=new, background=False) as rec:
         train(model, opt, LOSS, data[4:], rec=rec)
     run = trajscope.open_run(tmp_path / "run")
@@ -1069,15 +1185,14 @@ def test_probe_keys_cannot_write_or_delete_outside_the_run_folder(tmp_path):
     victim.mkdir()
     (victim / "precious.txt").write_text("not trajscope's")
     run_dir = tmp_path / "runs" / "run"
-    key = "/" + "/".join([".."] * 5) + "/victim"   # probe/probe./../../../../../victim -> tmp_path/victim
+    key = "/" + "/".join([".."] * 5) + "/victim"  # probe/probe./../../../../../victim -> tmp_path/victim
     probe = {key: torch.ones(2)}
     model = make_model("tensor")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for resume in (False, True):
-            with Recorder(run_dir, model, opt, LOSS, export=False, probe=probe, background=False,
-                          resume=resume) as rec:
+            with Recorder(run_dir, model, opt, LOSS, export=False, probe=probe, background=False, resume=resume) as rec:
                 train(model, opt, LOSS, make_batches("tensor", 1), rec=rec)
     assert (victim / "precious.txt").exists(), "a file outside the run folder was deleted"
     assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"], "files were written outside the run folder"

@@ -19,6 +19,7 @@ Checks that go past the round trips of test_store / test_recorder:
 
 The last tests are regressions for bugs found in review.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -39,23 +40,32 @@ import torch
 import zarr
 
 import trajscope
+from tests.helpers.recording import (
+    Ref,
+    assert_batch_equal,
+    assert_bitexact,
+    assert_state_bitexact,
+    assert_tensors_bitexact,
+    drop_chunks,
+    make_model,
+    per_record_arrays,
+    train,
+)
+from tests.helpers.scripts import run_script
 from trajscope import TrajscopeError
-from trajscope.io import files, layout as store, packing
 from trajscope.errors import DamagedRecordError
-from trajscope.record import writer_thread as recorder_mod
-from trajscope.record.recorder import Recorder
+from trajscope.io import files, packing
+from trajscope.io import layout as store
 from trajscope.io.packing import flatten_batch, make_layout, pack
 from trajscope.io.reader import TrajectoryReader
 from trajscope.io.records import Snapshot
 from trajscope.io.writer import TrajectoryWriter
-
-from tests.helpers.recording import (Ref, assert_batch_equal, assert_bitexact, assert_state_bitexact,
-                               assert_tensors_bitexact, drop_chunks, make_model, per_record_arrays, train)
-from tests.helpers.scripts import run_script
+from trajscope.record import writer_thread as recorder_mod
+from trajscope.record.recorder import Recorder
 
 LOSS = torch.nn.MSELoss()
 EMPTY = 2**64 - 1
-SIZES = (3, 5, 2, 6, 5, 4)      # the first batch fixes the chunk shape; 5 and 6 need two chunks per row
+SIZES = (3, 5, 2, 6, 5, 4)  # the first batch fixes the chunk shape; 5 and 6 need two chunks per row
 
 
 def batches(n: int, seed: int = 7, shift: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -140,18 +150,22 @@ class RawArray:
             required = all(j * c < n for j, c, n in zip(g, self.inner, need))
             data = self._file(self.dir / ".".join(["c", str(r // self.S), *map(str, g)]))
             if data:
-                assert data[16 * self.S:self.index_bytes] == crc(data[:16 * self.S]), f"{self.dir} row {r}: index CRC"
+                assert data[16 * self.S : self.index_bytes] == crc(data[: 16 * self.S]), (
+                    f"{self.dir} row {r}: index CRC"
+                )
             off, nb = struct.unpack_from("<QQ", data, 16 * (r % self.S)) if data else (EMPTY, EMPTY)
             if off == EMPTY:
                 assert not required, f"{self.dir.name} row {r} chunk {g}: never written"
                 continue
-            assert (off, nb) == (self.index_bytes + (r % self.S) * self.chunk_bytes, self.chunk_bytes), \
+            assert (off, nb) == (self.index_bytes + (r % self.S) * self.chunk_bytes, self.chunk_bytes), (
                 f"{self.dir} row {r}: index entry {(off, nb)}"
+            )
             assert len(data) >= off + nb, f"{self.dir} row {r}: shard file too short"
-            values = data[off:off + self.value_bytes]
-            assert data[off + self.value_bytes:off + nb] == crc(values), f"{self.dir} row {r}: chunk CRC"
-            out[tuple(slice(j * c, (j + 1) * c) for j, c in zip(g, self.inner))] = \
-                np.frombuffer(values, self.dtype).reshape(self.inner)
+            values = data[off : off + self.value_bytes]
+            assert data[off + self.value_bytes : off + nb] == crc(values), f"{self.dir} row {r}: chunk CRC"
+            out[tuple(slice(j * c, (j + 1) * c) for j, c in zip(g, self.inner))] = np.frombuffer(
+                values, self.dtype
+            ).reshape(self.inner)
         return out[tuple(slice(0, n) for n in self.shape)]
 
 
@@ -186,8 +200,17 @@ def check_store(run_dir: Path, ref: Ref, data: list, boundary_rows: Any = (), fi
     same_bytes(records[:, 0], np.arange(n, dtype=np.float64), "records.step")
     same_bytes(records[:, 1], np.array(ref.losses[:n]), "records.loss")
     same_bytes(records[:, 2], np.array([len(y) for _, y in data], dtype=np.float64), "records.batch_size")
-    assert {"records", "hparams", "params/float32", "buffers/float32", "buffers/int64", "buffers/bool",
-            "state/0/float32", "batch/.0", "batch/.1"} <= set(whole), sorted(whole)
+    assert {
+        "records",
+        "hparams",
+        "params/float32",
+        "buffers/float32",
+        "buffers/int64",
+        "buffers/bool",
+        "state/0/float32",
+        "batch/.0",
+        "batch/.1",
+    } <= set(whole), sorted(whole)
     layouts = [[packing.Slot.from_json(s) for s in lay] for lay in attrs["state_layouts"]]
     raw = {name: RawArray(spath / name) for name in whole}
     for r in range(first, n):
@@ -196,7 +219,7 @@ def check_store(run_dir: Path, ref: Ref, data: list, boundary_rows: Any = (), fi
         b = int(records[r, 2])
         for name, rows in whole.items():
             if name.startswith("state/") and int(name.split("/")[1]) != lid:
-                continue                      # this record used another state layout (or none)
+                continue  # this record used another state layout (or none)
             extents = None
             if name.startswith("batch/"):
                 leaf = data[r][int(name.split(".")[1])]
@@ -212,18 +235,19 @@ def check_store(run_dir: Path, ref: Ref, data: list, boundary_rows: Any = (), fi
                 same_bytes(raw[name].row(r, extents)[region], rows[i][region], f"raw vs zarr {name}[{r}]")
         # semantics of the packed rows, against the reference (not through trajscope's unpack)
         for s in (packing.Slot.from_json(j) for j in attrs["params"]):
-            assert whole[f"params/{s.pack}"][i, s.offset:s.offset + s.numel].tobytes() == \
-                tensor_bytes(ref.params[r][s.name]), f"params {s.name}[{r}]"
+            assert whole[f"params/{s.pack}"][i, s.offset : s.offset + s.numel].tobytes() == tensor_bytes(
+                ref.params[r][s.name]
+            ), f"params {s.name}[{r}]"
         for s in (packing.Slot.from_json(j) for j in attrs["buffers"]):
             want = ref.buffers[r][s.name]
-            got = whole[f"buffers/{s.pack}"][i, s.offset:s.offset + s.numel]
+            got = whole[f"buffers/{s.pack}"][i, s.offset : s.offset + s.numel]
             assert got.tobytes() == tensor_bytes(want), f"buffers {s.name}[{r}]"
         if lid < 0:
             assert not ref.state[r], f"state of row {r}"
         else:
             for s in layouts[lid]:
                 pname, _, key = s.name.rpartition("/")
-                got = whole[f"state/{lid}/{s.pack}"][i, s.offset:s.offset + s.numel]
+                got = whole[f"state/{lid}/{s.pack}"][i, s.offset : s.offset + s.numel]
                 assert got.tobytes() == tensor_bytes(ref.state[r][pname][key]), f"state {s.name}[{r}]"
         lr_col = attrs["hparam_names"].index("lr")
         assert whole["hparams"][i, 0, lr_col] == ref.lrs[r][0]
@@ -269,19 +293,21 @@ def test_131_records_read_back_through_zarr_bytes_and_reader(tmp_path, backgroun
     spath = tmp_path / "run" / store.STORE_NAME
     assert sorted(p.name for p in (spath / "params" / "float32").iterdir()) == ["c.0.0", "c.1.0", "c.2.0", "zarr.json"]
     # batch/.0 holds (B=6, 4) rows in chunks of the first batch (3 rows): two chunk columns
-    assert {p.name for p in (spath / "batch" / ".0").iterdir()} == {f"c.{s}.{j}.0" for s in range(3) for j in range(2)} | {"zarr.json"}
+    assert {p.name for p in (spath / "batch" / ".0").iterdir()} == {
+        f"c.{s}.{j}.0" for s in range(3) for j in range(2)
+    } | {"zarr.json"}
     # a partly filled last shard: index and its CRC, then exactly 3 rows, each its values and their CRC
     arr = per_record_arrays(spath)["params/float32"]
     row_bytes = arr.shape[1] * 4 + 4
     shard = (spath / "params" / "float32" / "c.2.0").read_bytes()
     assert len(shard) == 16 * 64 + 4 + 3 * row_bytes
-    idx = np.frombuffer(shard[:16 * 64], "<u8").reshape(64, 2)
+    idx = np.frombuffer(shard[: 16 * 64], "<u8").reshape(64, 2)
     assert idx[:3].tolist() == [[16 * 64 + 4 + i * row_bytes, row_bytes] for i in range(3)]
     assert (idx[3:] == EMPTY).all()
-    assert shard[16 * 64:16 * 64 + 4] == crc(shard[:16 * 64])
+    assert shard[16 * 64 : 16 * 64 + 4] == crc(shard[: 16 * 64])
     for i in range(3):
         off = 16 * 64 + 4 + i * row_bytes
-        assert shard[off + row_bytes - 4:off + row_bytes] == crc(shard[off:off + row_bytes - 4])
+        assert shard[off + row_bytes - 4 : off + row_bytes] == crc(shard[off : off + row_bytes - 4])
     check_store(tmp_path / "run", ref, data, BOUNDARY_ROWS)
 
 
@@ -305,15 +331,13 @@ def test_restarts_rewrite_rows_at_real_shard_boundaries(tmp_path):
         run = trajscope.open_run(path)
         assert [(x["at_step"], x["dropped_records"]) for x in run.restarts] == expected_restarts
         check_store(path, reference(data), data, (at - 1, at), first=at - 2)
-    check_store(path, reference(data), data, BOUNDARY_ROWS)      # and all rows of the last trajectory
+    check_store(path, reference(data), data, BOUNDARY_ROWS)  # and all rows of the last trajectory
     assert open_store_files(tmp_path) == []
 
 
 def test_restart_reads_records_without_zarr_threads(tmp_path):
     """A restart reads the recorded steps straight from the shard files (across a shard boundary):
     the resumed training process starts no zarr event-loop or pool thread."""
-    import subprocess
-    import sys
 
     path = tmp_path / "run"
     data = batches(70)
@@ -331,7 +355,7 @@ def test_restart_on_a_truncated_records_shard_refuses_without_changes(tmp_path):
     data = batches(5)
     record(path, data, background=False)
     shard = path / store.STORE_NAME / "records" / "c.0.0"
-    shard.write_bytes(shard.read_bytes()[:-8])             # the last record's chunk cut short
+    shard.write_bytes(shard.read_bytes()[:-8])  # the last record's chunk cut short
     before = (path / store.STORE_NAME / "commit" / "zarr.json").read_bytes()
     model, opt = trainer_before(data, 2)
     with pytest.raises(TrajscopeError, match="row 4 of records is damaged .its shard file is cut short"):
@@ -347,7 +371,12 @@ def test_restart_and_resume_around_small_shards(tmp_path, monkeypatch, backgroun
     path = tmp_path / "run"
     base = batches(10)
     record(path, base, background)
-    assert sorted(p.name for p in (path / store.STORE_NAME / "records").iterdir()) == ["c.0.0", "c.1.0", "c.2.0", "zarr.json"]
+    assert sorted(p.name for p in (path / store.STORE_NAME / "records").iterdir()) == [
+        "c.0.0",
+        "c.1.0",
+        "c.2.0",
+        "zarr.json",
+    ]
     other = batches(14, seed=55, shift=2)
     data = base[:at] + other[at:]
     model, opt = trainer_before(data, at)
@@ -391,7 +420,7 @@ class _KillingOs:
     def pwrite(self, fd, data, offset):
         if self._tick():
             if self.partial and len(data) > 16 and not (offset == 0 and len(data) <= 4096):
-                os.pwrite(fd, bytes(data)[:len(data) // 2], offset)
+                os.pwrite(fd, bytes(data)[: len(data) // 2], offset)
             raise Killed
         return os.pwrite(fd, data, offset)
 
@@ -399,7 +428,7 @@ class _KillingOs:
         if self._tick():
             if self.partial:
                 joined = b"".join(bytes(b) for b in buffers)
-                os.pwrite(fd, joined[:len(joined) // 2], offset)
+                os.pwrite(fd, joined[: len(joined) // 2], offset)
             raise Killed
         return os.pwritev(fd, buffers, offset)
 
@@ -415,11 +444,16 @@ class _KillingOs:
 
 
 def _kill_meta(layout: list) -> dict:
-    return {"params": [s.to_json() for s in layout], "buffers": [], "hparam_names": ["lr"], "hparam_bools": [],
-            "cadence": {"every": 1, "window": 1},
-            "optimizer": {"class": "torch.optim.sgd.SGD", "name": "SGD", "groups": [{"params": [s.name for s in layout]}]},
-            "model": {"spec": None, "kwargs": {}, "exported": None, "export_error": "none", "node_layers": []},
-            "loss": None}
+    return {
+        "params": [s.to_json() for s in layout],
+        "buffers": [],
+        "hparam_names": ["lr"],
+        "hparam_bools": [],
+        "cadence": {"every": 1, "window": 1},
+        "optimizer": {"class": "torch.optim.sgd.SGD", "name": "SGD", "groups": [{"params": [s.name for s in layout]}]},
+        "model": {"spec": None, "kwargs": {}, "exported": None, "export_error": "none", "node_layers": []},
+        "loss": None,
+    }
 
 
 def _kill_snapshot(step: int, layout: list) -> Snapshot:
@@ -427,8 +461,17 @@ def _kill_snapshot(step: int, layout: list) -> Snapshot:
     tensors = [torch.randn(7, generator=g), torch.randn(2, 3, generator=g, dtype=torch.float64)]
     b = (2, 5, 3)[step % 3]
     spec, leaves = flatten_batch((torch.randn(b, 2, generator=g), torch.tensor(float(step))))
-    return Snapshot(step=step, loss=step / 7, params=pack(layout, tensors), buffers={},
-                    hparams=np.array([[0.1 * step]]), state_layout=None, state={}, batch_spec=spec, batch=leaves)
+    return Snapshot(
+        step=step,
+        loss=step / 7,
+        params=pack(layout, tensors),
+        buffers={},
+        hparams=np.array([[0.1 * step]]),
+        state_layout=None,
+        state={},
+        batch_spec=spec,
+        batch=leaves,
+    )
 
 
 def _check_kill_store(run_dir: Path, layout: list, n: int, through_reader: Any = (), first: int = 0) -> None:
@@ -437,16 +480,19 @@ def _check_kill_store(run_dir: Path, layout: list, n: int, through_reader: Any =
     r = TrajectoryReader(run_dir)
     assert r.n_records == n and list(r.steps) == list(range(n)) and list(r.losses) == [t / 7 for t in range(n)]
     spath = run_dir / store.STORE_NAME
-    raw = {name: RawArray(spath / name) for name in ("params/float32", "params/float64", "batch/.0", "batch/.1")} \
-        if n else {}
+    raw = (
+        {name: RawArray(spath / name) for name in ("params/float32", "params/float64", "batch/.0", "batch/.1")}
+        if n
+        else {}
+    )
     for t in range(first, n):
         want = _kill_snapshot(t, layout)
         x, y = want.batch[0][1], want.batch[1][1]
         assert raw["params/float32"].row(t).tobytes() == tensor_bytes(want.params["float32"]), f"w@{t}"
         assert raw["params/float64"].row(t).tobytes() == tensor_bytes(want.params["float64"]), f"v@{t}"
-        assert raw["batch/.0"].row(t, list(x.shape))[:len(x)].tobytes() == tensor_bytes(x), f"x@{t}"
+        assert raw["batch/.0"].row(t, list(x.shape))[: len(x)].tobytes() == tensor_bytes(x), f"x@{t}"
         assert raw["batch/.1"].row(t).tobytes() == tensor_bytes(y), f"y@{t}"
-        r._read_row("params/float32", t)                 # raises on a missing or cut chunk
+        r._read_row("params/float32", t)  # raises on a missing or cut chunk
         r._read_row("batch/.0", t, list(x.shape))
         if t in through_reader:
             got = r.params(t)
@@ -466,7 +512,7 @@ def _write_kill_run(run_dir: Path, layout: list, progress: list[int]) -> None:
                 w.commit()
                 progress.append(t + 1)
     finally:
-        w.close()          # (closing writes nothing: a dead process's descriptors close too)
+        w.close()  # (closing writes nothing: a dead process's descriptors close too)
 
 
 def test_writer_stopped_at_any_write_leaves_committed_rows_intact(tmp_path, monkeypatch):
@@ -502,7 +548,7 @@ def test_writer_stopped_at_any_write_leaves_committed_rows_intact(tmp_path, monk
             _write_kill_run(run_dir, layout, progress)
         monkeypatch.setattr(files, "os", os)
         if not store.is_run(run_dir):
-            assert k <= 3                  # killed while the empty store was being made
+            assert k <= 3  # killed while the empty store was being made
             continue
         n = progress[-1]
         outcomes.add(n)
@@ -514,8 +560,7 @@ def test_writer_stopped_at_any_write_leaves_committed_rows_intact(tmp_path, monk
         w.commit()
         w.close()
         assert not list(run_dir.rglob("*.partial"))
-        _check_kill_store(run_dir, layout, 9, through_reader=() if k % 9 else set(range(9)),
-                          first=n if k % 9 else 0)
+        _check_kill_store(run_dir, layout, 9, through_reader=() if k % 9 else set(range(9)), first=n if k % 9 else 0)
     assert outcomes == {0, 2, 4} and len(points) > 30
 
 
@@ -550,20 +595,21 @@ def test_damaged_shard_is_a_one_line_error_naming_the_array(small_run, tmp_path,
     naming the array, the step and what is wrong (never zeros); the rows the damage did not reach
     still read."""
     import shutil
+
     path = tmp_path / "run"
     shutil.copytree(small_run, path)
     arr = per_record_arrays(path / store.STORE_NAME)[array]
     shard = path / store.STORE_NAME / array / arr.metadata.encode_chunk_key((1, *[0] * (arr.ndim - 1)))
     assert shard.is_file()
-    index = 16 * 4 + 4                                # 4 entries and their CRC
+    index = 16 * 4 + 4  # 4 entries and their CRC
     if damage == "blank_index_entry":
         assert drop_chunks(path, array, 5)
         intact, problem = [4, 6], "its chunk is missing"
     elif damage == "cut_short":
         size = shard.stat().st_size
-        chunk = (size - index) // 4                   # the shard holds all 4 rows (4..7)
+        chunk = (size - index) // 4  # the shard holds all 4 rows (4..7)
         with open(shard, "r+b") as f:
-            f.truncate(index + chunk + chunk // 2)   # half of row 5's chunk
+            f.truncate(index + chunk + chunk // 2)  # half of row 5's chunk
         intact, problem = [4], "its shard file is cut short"
     else:
         shard.unlink()
@@ -599,13 +645,13 @@ def test_damaged_records_or_skipped_fail_at_open(tmp_path, monkeypatch, damage):
             row = 5
         else:
             with open(shard, "r+b") as f:
-                f.truncate(16 * 4 + 4 + 4)         # the index and its CRC, then 4 bytes of row 4
+                f.truncate(16 * 4 + 4 + 4)  # the index and its CRC, then 4 bytes of row 4
             row = 4
         with pytest.raises(TrajscopeError) as e:
             TrajectoryReader(run_dir)
         msg = str(e.value)
         assert "\n" not in msg and f"row {row} of {array} is damaged" in msg and "cannot be opened" in msg, msg
-        assert not isinstance(e.value, DamagedRecordError)     # every record needs it: the store is unreadable
+        assert not isinstance(e.value, DamagedRecordError)  # every record needs it: the store is unreadable
 
 
 # --------------------------------------------------------------------------- 0-d and empty rows
@@ -613,21 +659,40 @@ def test_zero_size_and_scalar_rows_in_shards(tmp_path, monkeypatch):
     """An empty parameter pack, 0-d parameters, 0-d batch leaves and `skipped` (0-d rows) across
     several 4-row shards: trajscope and plain zarr read them back exactly."""
     monkeypatch.setattr(store, "_SHARD_ROWS", 4)
-    items = [("w", torch.zeros(3)), ("empty", torch.zeros(0, dtype=torch.float64)),
-             ("half", torch.zeros((), dtype=torch.float16)), ("bf", torch.zeros(2, dtype=torch.bfloat16))]
+    items = [
+        ("w", torch.zeros(3)),
+        ("empty", torch.zeros(0, dtype=torch.float64)),
+        ("half", torch.zeros((), dtype=torch.float16)),
+        ("bf", torch.zeros(2, dtype=torch.bfloat16)),
+    ]
     layout = make_layout(items)
     meta = _kill_meta(layout)
     w = TrajectoryWriter(tmp_path, meta)
     given = []
     for t in range(10):
         g = torch.Generator().manual_seed(t)
-        tensors = [torch.randn(3, generator=g), torch.zeros(0, dtype=torch.float64),
-                   torch.randn((), generator=g).to(torch.float16), torch.randn(2, generator=g).to(torch.bfloat16)]
-        batch = (torch.randn(2, 2, generator=g), torch.tensor(t, dtype=torch.int64))   # 0-d targets
+        tensors = [
+            torch.randn(3, generator=g),
+            torch.zeros(0, dtype=torch.float64),
+            torch.randn((), generator=g).to(torch.float16),
+            torch.randn(2, generator=g).to(torch.bfloat16),
+        ]
+        batch = (torch.randn(2, 2, generator=g), torch.tensor(t, dtype=torch.int64))  # 0-d targets
         spec, leaves = flatten_batch(batch)
-        w.append(Snapshot(step=t, loss=float(t), params=pack(layout, tensors), buffers={},
-                          hparams=np.array([[0.5]]), state_layout=None, state={}, batch_spec=spec, batch=leaves),
-                 commit=t % 3 == 0)
+        w.append(
+            Snapshot(
+                step=t,
+                loss=float(t),
+                params=pack(layout, tensors),
+                buffers={},
+                hparams=np.array([[0.5]]),
+                state_layout=None,
+                state={},
+                batch_spec=spec,
+                batch=leaves,
+            ),
+            commit=t % 3 == 0,
+        )
         w.skip(1000 + t, commit=False)
         given.append((tensors, batch))
     w.commit()
@@ -646,9 +711,12 @@ def test_zero_size_and_scalar_rows_in_shards(tmp_path, monkeypatch):
             else:
                 assert got[name].shape == want.shape and got[name].dtype == want.dtype, name
         assert_batch_equal(r.batch(t), batch, f"batch_{t}")
-        same_bytes(raw_row(tmp_path / store.STORE_NAME / "skipped", t), np.array(1000 + t, dtype=np.int64), "raw skipped")
-        same_bytes(raw_row(tmp_path / store.STORE_NAME / "params" / "float16", t),
-                   tensors[2].reshape(1).numpy(), "raw float16")
+        same_bytes(
+            raw_row(tmp_path / store.STORE_NAME / "skipped", t), np.array(1000 + t, dtype=np.int64), "raw skipped"
+        )
+        same_bytes(
+            raw_row(tmp_path / store.STORE_NAME / "params" / "float16", t), tensors[2].reshape(1).numpy(), "raw float16"
+        )
         assert arrays["params/bfloat16"][t].tobytes() == tensor_bytes(tensors[3])
 
 
@@ -665,7 +733,7 @@ def test_inline_records_visible_without_flush_and_close_releases_files(tmp_path)
         assert rec.background is False and rec._thread is None
         train(model, opt, LOSS, data, rec=rec)
         done = time.monotonic()
-        assert rec.writer._files and open_store_files(tmp_path)       # kept open between records
+        assert rec.writer._files and open_store_files(tmp_path)  # kept open between records
         while len(trajscope.open_run(tmp_path / "run")) < 5 and time.monotonic() - done < 5:
             time.sleep(0.02)
         assert time.monotonic() - done < 2.0  # the timer's 0.25 s, with room for a loaded CI machine
@@ -698,11 +766,11 @@ def test_inline_commit_timer_against_training_readers_and_flush(tmp_path, monkey
                 n = r.n_records
                 seen.append(n)
                 if n:
-                    t = n - 1                          # the newest committed record is complete
+                    t = n - 1  # the newest committed record is complete
                     assert_tensors_bitexact(r.params(t), ref.params[t], f"theta_{t}")
                     x = data[t][0]
                     got = RawArray(tmp_path / "run" / store.STORE_NAME / "batch" / ".0").row(t, list(x.shape))
-                    assert got[:len(x)].tobytes() == tensor_bytes(x), f"batch_{t}"
+                    assert got[: len(x)].tobytes() == tensor_bytes(x), f"batch_{t}"
         except BaseException as e:  # reported on the main thread
             errors.append(e)
 
@@ -733,7 +801,7 @@ def test_inline_commit_timer_against_training_readers_and_flush(tmp_path, monkey
         rec.close()
     assert not errors, errors
     assert rec.failed is None and max(seen) >= 1
-    assert seen == sorted(seen)                      # the marker never goes back
+    assert seen == sorted(seen)  # the marker never goes back
     check_store(tmp_path / "run", ref, data, (3, 4, 39))
 
 
@@ -749,7 +817,7 @@ def test_close_leaves_no_commit_timer_thread(tmp_path):
     opt = adam(model)
     rec = Recorder(tmp_path / "run", model, opt, LOSS, export=False, background=False)
     train(model, opt, LOSS, data, rec=rec)
-    assert _commit_timers()                          # the last records wait for the timer
+    assert _commit_timers()  # the last records wait for the timer
     rec.close()
     assert rec._timer is None and _commit_timers() == []
     check_store(tmp_path / "run", reference(data), data)
@@ -765,8 +833,8 @@ def test_timer_firing_after_close_does_not_rearm(tmp_path):
     rec = Recorder(tmp_path / "run", model, opt, LOSS, export=False, background=False)
     train(model, opt, LOSS, data, rec=rec)
     rec.close()
-    rec._last_step_time = time.monotonic() + 60      # "training is running": the timer would re-arm
-    rec._commit_tail(True)                           # what the timer thread runs once it has the lock
+    rec._last_step_time = time.monotonic() + 60  # "training is running": the timer would re-arm
+    rec._commit_tail(True)  # what the timer thread runs once it has the lock
     assert rec._timer is None and _commit_timers() == []
     check_store(tmp_path / "run", reference(data), data)
 
@@ -792,7 +860,7 @@ def test_inline_training_thread_failure_keeps_written_records(tmp_path):
         warnings.simplefilter("ignore")
         rec = Recorder(tmp_path / "run", model, opt, LOSS, export=False, background=False)
         train(model, opt, LOSS, data[:3], rec=rec)
-        rec.batch(object(), None)          # TypeError on the training thread: recording stops
+        rec.batch(object(), None)  # TypeError on the training thread: recording stops
         rec.close()
     assert rec.failed and rec.n_recorded == 3
     assert len(trajscope.open_run(tmp_path / "run")) == 3
@@ -808,7 +876,7 @@ def test_restart_record_without_batch_has_no_batch(tmp_path):
             loss = LOSS(model(x), y)
             opt.zero_grad()
             loss.backward()
-            opt.step()                      # no rec.batch(): these records have no batch
+            opt.step()  # no rec.batch(): these records have no batch
     run = trajscope.open_run(path)
     assert list(run.steps) == [0, 1, 2]
     assert run.checkpoint(1).batch is None
@@ -833,8 +901,8 @@ def test_reader_opened_while_records_commit_describes_them(tmp_path, monkeypatch
     real_check = store._check_version
 
     def check_then_record(attrs, path):
-        real_check(attrs, path)                     # the reader has read the root attributes here
-        train(model, opt, LOSS, data, rec=rec)      # record 0 (first batch), record 1 (first Adam state)
+        real_check(attrs, path)  # the reader has read the root attributes here
+        train(model, opt, LOSS, data, rec=rec)  # record 0 (first batch), record 1 (first Adam state)
         rec.flush()
 
     monkeypatch.setattr(store, "_check_version", check_then_record)

@@ -1,4 +1,5 @@
 """TensorBoard event files (docs/spec.md §9) read back with TensorBoard's own EventAccumulator."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 
 from tests.helpers.plugin import LAYERS, N_STEPS, synthetic_run, write_run
-from trajscope.io.tbevents import HIST_METRICS, EventWriter, histogram_bins
 from trajscope.io.results import LABELS
+from trajscope.io.tbevents import HIST_METRICS, EventWriter, histogram_bins
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +101,18 @@ def test_custom_scalars_layout(acc):
 def test_nan_safe(tmp_path):
     w = EventWriter(tmp_path, ["fc"])
     nan = np.full(4, np.nan, np.float32)
-    w.write(0, {"loss": float("nan"), "sharpness": 1.0, "threshold": 2.0},
-            {"fc": {"label": np.array([0, 1, 2, 3], np.uint8), "rho": nan,
-                    "drift": np.array([np.nan, np.inf, 0.5, 0.5], np.float32),
-                    "param_norm": np.full(4, 2.0, np.float32)}})
+    w.write(
+        0,
+        {"loss": float("nan"), "sharpness": 1.0, "threshold": 2.0},
+        {
+            "fc": {
+                "label": np.array([0, 1, 2, 3], np.uint8),
+                "rho": nan,
+                "drift": np.array([np.nan, np.inf, 0.5, 0.5], np.float32),
+                "param_norm": np.full(4, 2.0, np.float32),
+            }
+        },
+    )
     w.close()
     a = ea.EventAccumulator(str(tmp_path), size_guidance=ea.STORE_EVERYTHING_SIZE_GUIDANCE)
     a.Reload()

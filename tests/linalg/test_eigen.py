@@ -4,21 +4,12 @@ Long (over 400 lines) because it holds every case of trajscope.linalg.eigen: the
 accuracy and robustness cases (ill-conditioned, graded, subnormal, non-finite input) follow the
 fold marker.
 """
+
 from __future__ import annotations
-
-import threading
-
-import numpy as np
-import pytest
-import torch
-
-from trajscope.linalg import eigen
 
 # imports of the cases folded from test_eigen_adversarial (below)
 import json
 import subprocess
-import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -26,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from trajscope.linalg import eigen
 from tests.helpers.scripts import run_script
+from trajscope.linalg import eigen
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -80,7 +71,7 @@ def test_random_matrices_match_lapack(n, psd):
 def test_large_orders_match_lapack(n):  # conv filters: 32 x 3 x 3 + 1, and the kernel's limit
     K = sym(16, n, seed=n, psd=True)
     ev = kernel(K)
-    assert max_err(ev, reference(K)) < 8 * EPS32 * n ** 0.5
+    assert max_err(ev, reference(K)) < 8 * EPS32 * n**0.5
     assert bool((ev[:, 1:] >= ev[:, :-1]).all())
 
 
@@ -94,14 +85,17 @@ def test_accuracy_is_not_vacuous():
 def test_closed_forms():
     n = 40
     diag = torch.linspace(-3, 5, n)
-    K = torch.stack([
-        torch.zeros(n, n),                        # exact zeros, not ±tiny
-        torch.diag(diag[torch.randperm(n)]),      # already tridiagonal (no reflections)
-        2.5 * torch.eye(n),                       # one eigenvalue of multiplicity n
-        torch.outer(torch.arange(n) + 1.0, torch.arange(n) + 1.0),  # rank one
-        -torch.eye(n) - torch.ones(n, n),         # negative definite: -1 (n-1 times), -1-n
-        torch.diag(torch.ones(n - 1), 1) + torch.diag(torch.ones(n - 1), -1),  # path graph
-    ] + [torch.zeros(n, n)] * 10)
+    K = torch.stack(
+        [
+            torch.zeros(n, n),  # exact zeros, not ±tiny
+            torch.diag(diag[torch.randperm(n)]),  # already tridiagonal (no reflections)
+            2.5 * torch.eye(n),  # one eigenvalue of multiplicity n
+            torch.outer(torch.arange(n) + 1.0, torch.arange(n) + 1.0),  # rank one
+            -torch.eye(n) - torch.ones(n, n),  # negative definite: -1 (n-1 times), -1-n
+            torch.diag(torch.ones(n - 1), 1) + torch.diag(torch.ones(n - 1), -1),  # path graph
+        ]
+        + [torch.zeros(n, n)] * 10
+    )
     ev = kernel(K).double()
     assert bool((ev[0] == 0).all())
     tol = 16 * EPS32
@@ -110,7 +104,9 @@ def test_closed_forms():
     rank1 = float(((torch.arange(n) + 1.0) ** 2).sum())
     assert abs(float(ev[3, -1]) - rank1) <= tol * rank1
     assert float(ev[3, :-1].abs().max()) <= tol * rank1
-    assert abs(float(ev[4, 0]) + 1 + n) <= tol * n and torch.allclose(ev[4, 1:], -torch.ones(n - 1, dtype=torch.float64), atol=tol * n)
+    assert abs(float(ev[4, 0]) + 1 + n) <= tol * n and torch.allclose(
+        ev[4, 1:], -torch.ones(n - 1, dtype=torch.float64), atol=tol * n
+    )
     k = torch.arange(1, n + 1, dtype=torch.float64)
     path = (2 * torch.cos(k * torch.pi / (n + 1))).sort().values
     assert torch.allclose(ev[5], path, atol=tol * 2)
@@ -119,7 +115,7 @@ def test_closed_forms():
 def test_each_matrix_keeps_its_own_scale():
     # lanes of one SIMD block holding 1e-30 and 1e+30 matrices: each scaled on its own
     base = sym(16, 24, seed=7)
-    scales = torch.tensor([10.0 ** s for s in (-30, 30, -20, 20, 0, -10, 10, 1) * 2])
+    scales = torch.tensor([10.0**s for s in (-30, 30, -20, 20, 0, -10, 10, 1) * 2])
     K = base * scales[:, None, None]
     ev = kernel(K).double() / scales[:, None].double()
     assert max_err(ev, reference(base)) < 8 * EPS32 * 5
@@ -179,8 +175,9 @@ def test_node_spectra_same_with_kernel_and_lapack(monkeypatch):
     from trajscope.nodes import find_node_layers
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.ReLU(), torch.nn.Linear(48, 48),
-                                torch.nn.Tanh(), torch.nn.Linear(48, 5))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 48), torch.nn.ReLU(), torch.nn.Linear(48, 48), torch.nn.Tanh(), torch.nn.Linear(48, 5)
+    )
     x, y = torch.randn(40, 20), torch.randint(0, 5, (40,))
     params = {k: v.detach() for k, v in model.named_parameters()}
     layers = find_node_layers(model)
@@ -193,7 +190,6 @@ def test_node_spectra_same_with_kernel_and_lapack(monkeypatch):
             a, b = fast.eigvals[l.name], slow.eigvals[l.name]
             scale = b.abs().amax(1, keepdim=True).clamp_min(1e-30)
             assert float(((a - b).abs() / scale).max()) < 1e-4, (kind, l.name)
-
 
 
 # ==============================================================================================
@@ -220,7 +216,6 @@ def test_node_spectra_same_with_kernel_and_lapack(monkeypatch):
 
 C = 2.0
 TINY32 = float(np.finfo(np.float32).tiny)
-
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -254,9 +249,11 @@ def check(Ks, what: str, c: float = C) -> np.ndarray:
     bad = np.flatnonzero(err > c)
     if bad.size:
         lap = rel_errors(torch.linalg.eigvalsh(torch.from_numpy(K32)).numpy(), K32)
-        pytest.fail(f"{what} (n={K32.shape[-1]}): kernel error / (n_eff eps ||K||) = "
-                    f"{err[bad].max():.3g} at matrices {bad[:8].tolist()} (bound {c}); "
-                    f"LAPACK float32 on the same matrices: {lap[bad].max():.3g}")
+        pytest.fail(
+            f"{what} (n={K32.shape[-1]}): kernel error / (n_eff eps ||K||) = "
+            f"{err[bad].max():.3g} at matrices {bad[:8].tolist()} (bound {c}); "
+            f"LAPACK float32 on the same matrices: {lap[bad].max():.3g}"
+        )
     return ev
 
 
@@ -277,8 +274,7 @@ def with_spectrum(rng, lam) -> np.ndarray:
 def wilkinson(m: int) -> np.ndarray:
     """W_{2m+1}^+: pairs of eigenvalues agreeing to ~1/m! (W21: to ~1e-14)."""
     n = 2 * m + 1
-    return (np.diag(np.abs(np.arange(n) - m).astype(float))
-            + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1))
+    return np.diag(np.abs(np.arange(n) - m).astype(float)) + np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
 
 
 def glued_wilkinson(m: int, k: int, delta: float) -> np.ndarray:
@@ -286,7 +282,7 @@ def glued_wilkinson(m: int, k: int, delta: float) -> np.ndarray:
     p = W.shape[0]
     G = np.zeros((p * k, p * k))
     for i in range(k):
-        G[i * p:(i + 1) * p, i * p:(i + 1) * p] = W
+        G[i * p : (i + 1) * p, i * p : (i + 1) * p] = W
     for i in range(1, k):
         G[i * p - 1, i * p] = G[i * p, i * p - 1] = delta
     return G
@@ -342,8 +338,7 @@ def test_graded_increasing_1e20(n):
 # eps relative eigenvalue error (at x = 1e-22: 14%).
 @pytest.mark.skipif(eigen._smalleig is None, reason="C kernel not built")
 def test_tiny_first_column_subnormal_householder_norm():
-    xs = [1e-20, 3e-21, 1e-21, 3e-22, 1e-22, 1e-19, 1e-18, 3e-23, 1e-23, 0.0,
-          5e-20, 2e-20, 5e-21, 2e-21, 5e-22, 2e-22]
+    xs = [1e-20, 3e-21, 1e-21, 3e-22, 1e-22, 1e-19, 1e-18, 3e-23, 1e-23, 0.0, 5e-20, 2e-20, 5e-21, 2e-21, 5e-22, 2e-22]
     K = np.zeros((16, 3, 3))
     K[:, 0, 0], K[:, 1, 1], K[:, 2, 2], K[:, 1, 2] = 0.5, 1.0, 1.998, 0.3
     K[:, 2, 0] = xs
@@ -423,7 +418,7 @@ def test_results_do_not_depend_on_block_neighbours():
     K[9] = 0.0
     together = kernel_np(K)
     for i in (0, 5, 9, 15):
-        alone = kernel_np(K[i:i + 1])
+        alone = kernel_np(K[i : i + 1])
         assert np.array_equal(alone[0], together[i]), i
 
 
@@ -453,8 +448,9 @@ def test_nearly_diagonal(n):
 @pytest.mark.parametrize("n", [3, 10, 40])
 def test_nearly_diagonal_1e21_off_diagonal(n):
     rng = np.random.default_rng(15 + n)
-    Ks = [np.diag(rng.standard_normal(n)) + sym_np(rng.standard_normal((n, n))) * 10.0 ** -(20 + i / 8)
-          for i in range(16)]
+    Ks = [
+        np.diag(rng.standard_normal(n)) + sym_np(rng.standard_normal((n, n))) * 10.0 ** -(20 + i / 8) for i in range(16)
+    ]
     check([np.tril(K) + np.tril(K, -1).T for K in Ks], "nearly diagonal, 1e-21 off-diagonal")
 
 
@@ -462,8 +458,10 @@ def test_nearly_diagonal_1e21_off_diagonal(n):
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 64])
 def test_tridiagonal_and_diagonal(n):
     rng = np.random.default_rng(20 + n)
-    tri = [np.diag(rng.standard_normal(n)) + np.diag(x, 1) + np.diag(x, -1)
-           for x in rng.standard_normal((16, max(n - 1, 0)))]
+    tri = [
+        np.diag(rng.standard_normal(n)) + np.diag(x, 1) + np.diag(x, -1)
+        for x in rng.standard_normal((16, max(n - 1, 0)))
+    ]
     check(tri, "tridiagonal")
     diag = [np.diag(d) for d in rng.standard_normal((17, n)) * 10.0 ** rng.uniform(-5, 5, (17, 1))]
     check(diag, "diagonal")
@@ -476,12 +474,13 @@ def test_clusters(n):
     Ks = []
     for i in range(16):
         h = n // 2
-        lam = np.r_[1 + 10.0 ** -(4 + i % 5) * rng.standard_normal(h),
-                    -1 + 1e-7 * rng.standard_normal(n - h - 1), 3.0]
+        lam = np.r_[1 + 10.0 ** -(4 + i % 5) * rng.standard_normal(h), -1 + 1e-7 * rng.standard_normal(n - h - 1), 3.0]
         Ks.append(with_spectrum(rng, lam))
     check(Ks, "clusters of nearly equal eigenvalues")
-    check([2.5 * np.eye(n) + 1e-6 * sym_np(rng.standard_normal((n, n))) for _ in range(16)],
-          "multiple eigenvalue + 1e-6 perturbation")
+    check(
+        [2.5 * np.eye(n) + 1e-6 * sym_np(rng.standard_normal((n, n))) for _ in range(16)],
+        "multiple eigenvalue + 1e-6 perturbation",
+    )
 
 
 @pytest.mark.skipif(eigen._smalleig is None, reason="C kernel not built")

@@ -14,6 +14,7 @@ It shows run ``digits_mlp``: the layer with the most distinct labels, the analys
 most sources in it (the phase portrait and the marked label-map column), and one of those
 sources selected (its time series).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,14 +24,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.plugin import DEAD_UNIT, REAL_RUN, SYNTH_WARNING, build_logdir, real_logdir, tensorboard_server
+from tests.helpers.plugin import DEAD_UNIT, REAL_RUN, SYNTH_WARNING, build_logdir, tensorboard_server
 from trajscope.io.results import open_results
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("TRAJSCOPE_CHROMIUM", "/usr/bin/chromium")  # Debian's chromium
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 README_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "dashboard.png"
 SCREENSHOT_ENV = "TRAJSCOPE_SCREENSHOT_LOGDIR"
 README_RUN = "digits_mlp"
@@ -41,6 +49,7 @@ TIMEOUT = 20_000  # ms, every wait is bounded
 
 
 # -- helpers (also used to make the README screenshot) -----------------------------------------
+
 
 def _missing() -> str | None:
     try:
@@ -60,8 +69,15 @@ def watch(page) -> list[str]:
     """Collects page errors, console errors and failed requests."""
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
-    page.on("console", lambda m: m.type == "error" and "favicon" not in m.text and "404" not in m.text
-            and problems.append(f"console: {m.text}"))
+    page.on(
+        "console",
+        lambda m: (
+            m.type == "error"
+            and "favicon" not in m.text
+            and "404" not in m.text
+            and problems.append(f"console: {m.text}")
+        ),
+    )
     page.on("response", lambda r: r.status >= 400 and "favicon" not in r.url and problems.append(f"{r.status} {r.url}"))
     return problems
 
@@ -74,9 +90,12 @@ def cell(canvas, row: int, col: int) -> dict:
 
 def pixel(canvas, row: int, col: int) -> tuple[int, int, int]:
     """The colour drawn at the centre of a label-map cell."""
-    rgb = canvas.evaluate("(c, p) => { const d = window.devicePixelRatio || 1;"
-                          " return Array.from(c.getContext('2d').getImageData(Math.round(p.x * d),"
-                          " Math.round(p.y * d), 1, 1).data.slice(0, 3)); }", cell(canvas, row, col))
+    rgb = canvas.evaluate(
+        "(c, p) => { const d = window.devicePixelRatio || 1;"
+        " return Array.from(c.getContext('2d').getImageData(Math.round(p.x * d),"
+        " Math.round(p.y * d), 1, 1).data.slice(0, 3)); }",
+        cell(canvas, row, col),
+    )
     return tuple(rgb)
 
 
@@ -104,7 +123,8 @@ def show_step(frame, res, index: int) -> None:
     frame.locator(f'#ts-step-slider[max="{len(res) - 1}"]').wait_for(state="attached", timeout=TIMEOUT)
     step = int(res.steps[index])
     frame.locator("#ts-step-slider").evaluate(
-        "(s, i) => { s.value = String(i); s.dispatchEvent(new Event('input')); }", index)
+        "(s, i) => { s.value = String(i); s.dispatchEvent(new Event('input')); }", index
+    )
     frame.locator("#ts-step-label", has_text=f"step {step} ").wait_for(timeout=TIMEOUT)
 
 
@@ -118,6 +138,7 @@ def story(res) -> tuple[str, int, int]:
     """(layer, step index, node) for the README: the layer with the most distinct labels (then the
     most source cells), its analysed step with the most sources, and the source at that step whose
     label changes most often (ties: the first)."""
+
     def score(m: str) -> tuple[int, int]:
         lab = res.node(m, "label")
         return len(np.unique(lab[lab < len(LABEL_RGB)])), int((lab == SOURCE).sum())
@@ -162,11 +183,19 @@ def readme_screenshot(browser, logdir: Path, out: Path = README_SCREENSHOT, run:
             assert not problems, problems
         finally:
             page.close()
-    return {"run": run, "layer": layer, "step": step, "node": node, "nodes": res.layers[layer],
-            "steps": len(res), "path": str(out)}
+    return {
+        "run": run,
+        "layer": layer,
+        "step": step,
+        "node": node,
+        "nodes": res.layers[layer],
+        "steps": len(res),
+        "path": str(out),
+    }
 
 
 # -- tests --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -209,8 +238,7 @@ def test_dashboard_in_tensorboard(browser, served, tmp_path):
 
         # The cells are drawn with the colour of each node's label (default order: node index).
         src_col, src_node = map(int, np.argwhere(labels == SOURCE)[0])
-        for node, col in ((0, 0), (DEAD_UNIT, 3), (DEAD_UNIT, k - 1), (n - 1, k - 1), (src_node, src_col),
-                          (7, k // 2)):
+        for node, col in ((0, 0), (DEAD_UNIT, 3), (DEAD_UNIT, k - 1), (n - 1, k - 1), (src_node, src_col), (7, k // 2)):
             assert pixel(canvas, node, col) == LABEL_RGB[labels[col, node]], (node, col)
 
         # Another layer, and back.
@@ -308,8 +336,10 @@ def main(argv: list[str]) -> int:
             shown = readme_screenshot(b, logdir, out)
         finally:
             b.close()
-    print(f"{shown['path']}: run {shown['run']}, layer {shown['layer']} ({shown['nodes']} nodes × "
-          f"{shown['steps']} steps), node {shown['node']} selected, phase portrait at step {shown['step']}")
+    print(
+        f"{shown['path']}: run {shown['run']}, layer {shown['layer']} ({shown['nodes']} nodes × "
+        f"{shown['steps']} steps), node {shown['node']} selected, phase portrait at step {shown['step']}"
+    )
     return 0
 
 

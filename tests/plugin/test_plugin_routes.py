@@ -7,6 +7,7 @@ The contract tests run on a real run: recorded with ``trajscope.Recorder`` and a
 layer, dotted module names, a zero-norm node (NaN ρ and drift), a one-layer model, labels not
 computed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,6 @@ import base64
 import json
 import re
 import shutil
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -27,11 +26,23 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 from tensorboard.plugins import base_plugin
 from werkzeug.test import Client
 
-from tests.helpers.plugin import (DEAD_UNIT, LAYERS, N_STEPS, REAL_LAYERS, REAL_RUN, REAL_STEPS, RUNS, SYNTH_WARNING, build_logdir,
-                             event_labels, read_events, real_logdir)
+from tests.helpers.plugin import (
+    DEAD_UNIT,
+    LAYERS,
+    N_STEPS,
+    REAL_LAYERS,
+    REAL_RUN,
+    REAL_STEPS,
+    RUNS,
+    SYNTH_WARNING,
+    build_logdir,
+    event_labels,
+    read_events,
+    real_logdir,
+)
+from tests.helpers.scripts import run_script
 from trajscope.io.results import LABELS, open_results
 from trajscope_tensorboard.loader import TrajscopeLoader
-from tests.helpers.scripts import run_script, script_argv, script_env
 
 P = "/data/plugin/trajscope"
 
@@ -88,8 +99,9 @@ def get_json(client: Client, url: str, status: int = 200) -> dict:
 
 
 def unpack(packed: dict) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(packed["data"]), dtype=np.dtype(packed["dtype"]).newbyteorder("<")) \
-        .reshape(packed["shape"])
+    return np.frombuffer(base64.b64decode(packed["data"]), dtype=np.dtype(packed["dtype"]).newbyteorder("<")).reshape(
+        packed["shape"]
+    )
 
 
 def nan_to_none(a: np.ndarray) -> list:
@@ -109,6 +121,7 @@ def copy_run(src: Path, dst: Path, store: bool = True, events: bool = True) -> P
 
 # -- contract: a real run, recorded and analysed ------------------------------------------------
 
+
 def test_real_run_is_what_the_tests_expect(res, events):
     """The fixture itself: every step but the last analysed, more than one label, the dead unit a plateau."""
     assert res.layers == REAL_LAYERS and len(res) == REAL_STEPS - 1
@@ -125,10 +138,11 @@ def test_runs(client, res, events):
     assert [r["name"] for r in d["runs"]] == [REAL_RUN]
     r = d["runs"][0]
     assert r["results"] and r["results_error"] is None
-    assert r["warnings"] == []   # a faithful SGD replay: nothing to warn about
+    assert r["warnings"] == []  # a faithful SGD replay: nothing to warn about
     assert r["steps"] == len(res) and r["max_step"] == int(res.steps[-1]) == event_labels(events, "0")[0][-1]
-    assert [(l["name"], l["nodes"], l["labels"], l["metrics"]) for l in r["layers"]] == \
-        [(m, n, True, True) for m, n in res.layers.items()]
+    assert [(l["name"], l["nodes"], l["labels"], l["metrics"]) for l in r["layers"]] == [
+        (m, n, True, True) for m, n in res.layers.items()
+    ]
     assert d["label_names"] == list(res.label_names)
 
 
@@ -164,10 +178,11 @@ def test_node_series(client, res, events):
 def test_step(client, res):
     last = len(res) - 1
     for layer, url, index in (
-            ("0", f"{P}/step?run={REAL_RUN}&layer=0&index=3", 3),
-            ("2", f"{P}/step?run={REAL_RUN}&layer=2&step={int(res.steps[5])}", 5),
-            ("0", f"{P}/step?run={REAL_RUN}&layer=0", last),
-            ("4", f"{P}/step?run={REAL_RUN}&layer=4&index=-1", last)):
+        ("0", f"{P}/step?run={REAL_RUN}&layer=0&index=3", 3),
+        ("2", f"{P}/step?run={REAL_RUN}&layer=2&step={int(res.steps[5])}", 5),
+        ("0", f"{P}/step?run={REAL_RUN}&layer=0", last),
+        ("4", f"{P}/step?run={REAL_RUN}&layer=4&index=-1", last),
+    ):
         d = get_json(client, url)
         assert d["index"] == index and d["step"] == int(res.steps[index]) and d["nodes"] == res.layers[layer]
         assert d["steps"] == res.steps.tolist() and list(d["metrics"]) == res.metrics(layer)
@@ -196,8 +211,9 @@ def test_stability(client, res, events):
         assert entry["steps"] == res.steps.tolist() and entry["nodes"] == res.layers[m]
         for code, name in enumerate(res.label_names):
             np.testing.assert_allclose(entry["fractions"][name], (labels == code).mean(axis=1))
-            np.testing.assert_allclose(entry["fractions"][name],
-                                       [e.value for e in events.Scalars(f"trajscope/{m}/frac/{name}")], rtol=1e-6)
+            np.testing.assert_allclose(
+                entry["fractions"][name], [e.value for e in events.Scalars(f"trajscope/{m}/frac/{name}")], rtol=1e-6
+            )
         r = res.node(m, "spectral_radius").astype(np.float64)
         assert entry["max_spectral_radius"]["steps"] == res.steps.tolist()
         np.testing.assert_allclose(entry["max_spectral_radius"]["values"], np.nanmax(r, axis=1), rtol=1e-6)
@@ -212,8 +228,9 @@ def test_run_with_only_events_or_only_store(tmp_path, real, res):
     runs = {r["name"]: r for r in get_json(c, f"{P}/runs")["runs"]}
     assert list(runs) == ["events_only"]  # no event files: TensorBoard does not know the run
     assert runs["events_only"]["results"] is False and runs["events_only"]["steps"] is None
-    assert [(l["name"], l["nodes"], l["metrics"]) for l in runs["events_only"]["layers"]] == \
-        [(m, n, False) for m, n in sorted(res.layers.items())]
+    assert [(l["name"], l["nodes"], l["metrics"]) for l in runs["events_only"]["layers"]] == [
+        (m, n, False) for m, n in sorted(res.layers.items())
+    ]
     lab = get_json(c, f"{P}/labels?run=events_only&layer=0")
     assert lab["source"] == "events" and lab["steps"] == res.steps.tolist()
     np.testing.assert_array_equal(unpack(lab["labels"]).T, res.node("0", "label"))
@@ -229,6 +246,7 @@ def test_run_with_only_events_or_only_store(tmp_path, real, res):
 
 def test_labels_fall_back_to_store(client, res, monkeypatch):
     from trajscope_tensorboard import plugin as plugin_mod
+
     monkeypatch.setattr(plugin_mod.TrajscopePlugin, "_label_series", lambda self, request: {})
     d = get_json(client, f"{P}/labels?run={REAL_RUN}&layer=2")
     assert d["source"] == "analysis.zarr" and d["steps"] == res.steps.tolist()
@@ -249,11 +267,12 @@ def test_other_format_version_is_409(tmp_path, real):
 
 # -- what only the synthetic logdir shows --------------------------------------------------------
 
+
 def test_synthetic_every_label_dotted_names_and_nan(synth_client, logdir):
     """Every label in one layer, dotted module names, and a zero-norm node whose ρ/drift are NaN."""
     runs = get_json(synth_client, f"{P}/runs")["runs"]
     assert [r["name"] for r in runs] == list(RUNS)
-    assert all(r["warnings"] == [SYNTH_WARNING] for r in runs)   # the analysis' WARNING lines, for the banner
+    assert all(r["warnings"] == [SYNTH_WARNING] for r in runs)  # the analysis' WARNING lines, for the banner
     d = get_json(synth_client, f"{P}/labels?run=alpha&layer=net.2")
     assert set(np.unique(unpack(d["labels"]))) == {0, 1, 2, 3}
     for run in RUNS:
@@ -267,25 +286,31 @@ def test_synthetic_every_label_dotted_names_and_nan(synth_client, logdir):
     assert all(v is None for v in dead["series"]["rho"]) and all(v is None for v in dead["series"]["drift"])
     assert dead["series"]["hess_max"] == nan_to_none(res.node_series("net.0", "hess_max", 7))
     stab = get_json(synth_client, f"{P}/stability?run=alpha")
-    np.testing.assert_allclose(stab["layers"][0]["max_spectral_radius"]["values"],
-                               np.nanmax(res.node("net.0", "spectral_radius"), axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        stab["layers"][0]["max_spectral_radius"]["values"],
+        np.nanmax(res.node("net.0", "spectral_radius"), axis=1),
+        rtol=1e-6,
+    )
 
 
-@pytest.mark.parametrize("url, status, needle", [
-    (f"{P}/labels?run=nope&layer=0", 404, "unknown run 'nope'"),
-    (f"{P}/labels?run={REAL_RUN}&layer=9", 404, "unknown layer '9'"),
-    (f"{P}/node?run={REAL_RUN}&layer=nope&node=0", 404, "unknown layer"),
-    (f"{P}/step?run=nope&layer=0", 404, "unknown run"),
-    (f"{P}/stability?run=nope", 404, "unknown run"),
-    (f"{P}/labels?layer=0", 400, "missing query parameter 'run'"),
-    (f"{P}/node?run={REAL_RUN}&layer=0", 400, "missing query parameter 'node'"),
-    (f"{P}/node?run={REAL_RUN}&layer=0&node=x", 400, "must be an integer"),
-    (f"{P}/node?run={REAL_RUN}&layer=0&node={REAL_LAYERS['0']}", 400, "out of range"),
-    (f"{P}/step?run={REAL_RUN}&layer=0&index=99", 400, "out of range"),
-    (f"{P}/step?run={REAL_RUN}&layer=0&step={REAL_STEPS - 1}", 404, f"step {REAL_STEPS - 1} was not analysed"),
-    (f"{P}/labels?run={REAL_RUN}&layer=0&kind=bogus", 400, "kind must be"),
-    (f"{P}/labels?run=..%2F..&layer=0", 404, "unknown run"),
-])
+@pytest.mark.parametrize(
+    "url, status, needle",
+    [
+        (f"{P}/labels?run=nope&layer=0", 404, "unknown run 'nope'"),
+        (f"{P}/labels?run={REAL_RUN}&layer=9", 404, "unknown layer '9'"),
+        (f"{P}/node?run={REAL_RUN}&layer=nope&node=0", 404, "unknown layer"),
+        (f"{P}/step?run=nope&layer=0", 404, "unknown run"),
+        (f"{P}/stability?run=nope", 404, "unknown run"),
+        (f"{P}/labels?layer=0", 400, "missing query parameter 'run'"),
+        (f"{P}/node?run={REAL_RUN}&layer=0", 400, "missing query parameter 'node'"),
+        (f"{P}/node?run={REAL_RUN}&layer=0&node=x", 400, "must be an integer"),
+        (f"{P}/node?run={REAL_RUN}&layer=0&node={REAL_LAYERS['0']}", 400, "out of range"),
+        (f"{P}/step?run={REAL_RUN}&layer=0&index=99", 400, "out of range"),
+        (f"{P}/step?run={REAL_RUN}&layer=0&step={REAL_STEPS - 1}", 404, f"step {REAL_STEPS - 1} was not analysed"),
+        (f"{P}/labels?run={REAL_RUN}&layer=0&kind=bogus", 400, "kind must be"),
+        (f"{P}/labels?run=..%2F..&layer=0", 404, "unknown run"),
+    ],
+)
 def test_bad_requests_are_json_4xx(client, url, status, needle):
     d = get_json(client, url, status)
     assert needle in d["error"]
@@ -307,10 +332,19 @@ def test_static_files(client):
             assert "http" not in target
 
 
-@pytest.mark.parametrize("path", [
-    "/static/../plugin.py", "/static/%2e%2e/plugin.py", "/static/..%2Fplugin.py", "/static/%2e%2e%2f__init__.py",
-    "/static//etc/passwd", "/static/", "/static/nope.js", "/static/./index.js/../../loader.py",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../plugin.py",
+        "/static/%2e%2e/plugin.py",
+        "/static/..%2Fplugin.py",
+        "/static/%2e%2e%2f__init__.py",
+        "/static//etc/passwd",
+        "/static/",
+        "/static/nope.js",
+        "/static/./index.js/../../loader.py",
+    ],
+)
 def test_static_refuses_paths_outside(client, path):
     r = client.get(P + path)
     assert 400 <= r.status_code < 500, (path, r.status_code)
@@ -351,8 +385,11 @@ def test_internal_error_is_json_500_without_trace(client, monkeypatch):
 
 def test_loader_keeps_every_step():
     loader = TrajscopeLoader()
-    for given, want in (({}, {"trajscope": 0}), ("images=5", {"images": 5, "trajscope": 0}),
-                        ({"trajscope": 7}, {"trajscope": 7})):
+    for given, want in (
+        ({}, {"trajscope": 0}),
+        ("images=5", {"images": 5, "trajscope": 0}),
+        ({"trajscope": 7}, {"trajscope": 7}),
+    ):
         flags = argparse.Namespace(samples_per_plugin=given)
         loader.fix_flags(flags)
         assert flags.samples_per_plugin == want

@@ -3,6 +3,7 @@
 It serves the logdir of a run recorded with ``trajscope.Recorder`` and analysed with
 ``trajscope.analyze`` (``tests.helpers.plugin.real_logdir``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -13,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.helpers.plugin import REAL_RUN, event_labels, read_events, real_logdir, tensorboard_server
+from tests.helpers.plugin import REAL_RUN, event_labels, read_events
 from trajscope.io.results import open_results
 
 pytestmark = pytest.mark.slow
@@ -61,8 +62,9 @@ def test_routes_answer_with_every_step(served):
     rho = json.loads(body)["series"]["rho"]
     np.testing.assert_allclose(rho, res.node_series("0", "rho", 3), rtol=1e-6)
     status, _, body = fetch(f"{base}/data/plugin/trajscope/stability?run={REAL_RUN}")
-    np.testing.assert_allclose(json.loads(body)["global"]["series"]["sharpness"], res.global_series("sharpness"),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        json.loads(body)["global"]["series"]["sharpness"], res.global_series("sharpness"), rtol=1e-6
+    )
     status, ctype, body = fetch(f"{base}/data/plugin/trajscope/labels?run=gamma&layer=0")
     assert status == 404 and ctype == "application/json" and "unknown run" in json.loads(body)["error"]
     status, _, _ = fetch(f"{base}/data/plugin/trajscope/static/..%2Fplugin.py")

@@ -1,9 +1,15 @@
 """A Recorder never closed (argv[1]: the run folder): atexit must close it. Run by
 test_recorder_left_open_is_closed_by_atexit_without_zarr_threads."""
-import sys, threading, torch
-from tests.helpers.recording import make_batches, make_model, train
+
+import sys
+import threading
+
+import torch
+
 import trajscope.record.writer_thread as R
+from tests.helpers.recording import make_batches, make_model, train
 from trajscope.record.recorder import Recorder
+
 R._COMMIT_INTERVAL = 5.0  # the last records surely wait for the timer when the script ends
 model = make_model("tensor")
 opt = torch.optim.SGD(model.parameters(), lr=0.1)

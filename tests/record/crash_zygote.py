@@ -1,11 +1,19 @@
 """The crash-test zygote: warms up once, then forks one recording child per line read from stdin
 (argv[1]: the repository root, put on sys.path). Run by the zygote fixture of test_crash."""
-import os, sys
+
+import os
+import sys
+
 sys.path.insert(0, sys.argv[1])
 import torch
+
 torch.set_num_threads(1)
-import trajscope, trajscope.record.recorder, trajscope.io.writer, zarr, numpy
+
+import trajscope
+import trajscope.io.writer
+import trajscope.record.recorder
 from tests.helpers.recording import crash_model, crash_optimizer, crash_step
+
 
 def child(run_dir, background, steps=5000):
     model = crash_model()
@@ -16,10 +24,12 @@ def child(run_dir, background, steps=5000):
         crash_step(model, opt, loss_fn, t, rec)
     rec.close()
 
+
 # Warm up once (lazy imports, zarr codec registry, first torch ops) so a forked child starts recording
 # within milliseconds. The recorder's writer thread is joined by close(); zarr resets its IO thread
 # in a forked child (os.register_at_fork).
 import tempfile
+
 with tempfile.TemporaryDirectory() as d:
     child(os.path.join(d, "warmup"), True, steps=3)
     child(os.path.join(d, "warmup2"), False, steps=3)

@@ -13,6 +13,7 @@ imported torch (~1.3 s per plain interpreter start on this machine). After every
 * ``Recorder(resume=True)`` continues at step n, and ``resume=True, step=N`` (N <= last step)
   truncates later records and notes the restart; the new records are bit-exact too.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,16 +29,24 @@ import pytest
 import torch
 
 import trajscope
-from trajscope.cli.main import main as cli_main
-from trajscope.record.recorder import Recorder
-from trajscope.io.layout import is_run
-
-from tests.helpers.recording import (assert_bitexact, assert_state_bitexact, assert_tensors_bitexact, copy_state_dict,
-                               crash_batch, crash_model, crash_optimizer, crash_step)
+from tests.helpers.recording import (
+    assert_bitexact,
+    assert_state_bitexact,
+    assert_tensors_bitexact,
+    copy_state_dict,
+    crash_batch,
+    crash_model,
+    crash_optimizer,
+    crash_step,
+)
 from tests.helpers.scripts import ROOT, script_argv
+from trajscope.cli.main import main as cli_main
+from trajscope.io.layout import is_run
+from trajscope.record.recorder import Recorder
 
 TRIALS = 12
 MAX_DELAY = 1.0
+
 
 class Reference:
     """The crash trajectory recomputed in-process, extended on demand (θ_t, state before step t, batch, loss)."""
@@ -54,8 +62,12 @@ class Reference:
         while len(self.params) < n:
             t = len(self.params)
             self.params.append({k: p.detach().clone() for k, p in self.model.named_parameters()})
-            self.states.append({self.names[id(p)]: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
-                                for p, st in self.opt.state.items()})
+            self.states.append(
+                {
+                    self.names[id(p)]: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                    for p, st in self.opt.state.items()
+                }
+            )
             self.opt_dicts.append(copy_state_dict(self.opt))
             self.losses.append(crash_step(self.model, self.opt, self.loss_fn, t).item())
         return self
@@ -87,8 +99,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def zygote():
-    proc = subprocess.Popen(script_argv(Path(__file__).parent / "crash_zygote.py", str(ROOT)), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        script_argv(Path(__file__).parent / "crash_zygote.py", str(ROOT)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
     assert proc.stdout.readline().strip() == "ready"
     yield proc
     proc.stdin.close()
@@ -109,7 +126,7 @@ def check_committed(run, ref, where):
     assert list(run.losses) == ref.losses[:n], where
     for name in ("params/float32", "hparams", "batch/.0", "batch/.1"):
         for t in range(n):
-            run.reader._read_row(name, t)            # raises on a missing or cut chunk
+            run.reader._read_row(name, t)  # raises on a missing or cut chunk
     # ... and a few full checkpoints through the public API
     for t in sorted({0, n // 2, n - 1}):
         ck = run.checkpoint(t)
@@ -165,7 +182,7 @@ def test_sigkill_at_random_moments(tmp_path, zygote, one_thread):
         status = int(zygote.stdout.readline().split()[1])
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{where}: child ended {status}"
 
-        if not is_run(path):            # killed before the store existed: nothing half-made is visible
+        if not is_run(path):  # killed before the store existed: nothing half-made is visible
             assert not (path / "trajectory.zarr").exists(), where
             committed.append(None)
             continue
@@ -175,10 +192,10 @@ def test_sigkill_at_random_moments(tmp_path, zygote, one_thread):
         if len(run) and not info_checked:
             info_checked = True
             assert cli_main(["info", str(path)]) == 0, where
-        if (i // 2) % 2 == 0 or len(run) == 0:   # resume or restart, with either writer
+        if (i // 2) % 2 == 0 or len(run) == 0:  # resume or restart, with either writer
             resume_and_check(path, ref, None, where + " resume")
         else:
-            restart_at = rng.randrange(len(run))           # at or before the last recorded step
+            restart_at = rng.randrange(len(run))  # at or before the last recorded step
             resume_and_check(path, ref, restart_at, where + f" restart at {restart_at}")
     # the kills landed both before any commit and in the middle of recording
     opened = [c for c in committed if c is not None]

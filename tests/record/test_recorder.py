@@ -3,54 +3,36 @@
 Long (over 400 lines) because it holds every case of trajscope.record.recorder: the commit
 timer under races, open/close cycles and atexit follow the fold marker.
 """
+
 from __future__ import annotations
 
-import time
-import warnings
-
-import pytest
-import torch
-
-import trajscope
-from trajscope import TrajscopeError
-from trajscope.record.recorder import Recorder
-from trajscope.io.writer import TrajectoryWriter
-
-from tests.helpers.recording import (Ref, assert_batch_equal, assert_state_bitexact,
-                               assert_tensors_bitexact, make_batches, make_model, train)
-
 # imports of the cases folded from test_review_device_timer_probe (below)
-import json
-import math
-import os
 import random
-import shutil
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import zarr
 from torch import nn
 
 import trajscope
-from trajscope.record import writer_thread as recorder_mod
-from trajscope import zoo
-from trajscope.io import layout as store
-from tests.helpers.calls import node_curvature
-from trajscope.nodes import find_node_layers
-from trajscope.record.recorder import Recorder
-
-from tests.helpers.analysis import F64, record, store_arrays
-from tests.helpers.recording import Ref, make_batches, make_model, train
+from tests.helpers.recording import (
+    Ref,
+    assert_batch_equal,
+    assert_state_bitexact,
+    assert_tensors_bitexact,
+    make_batches,
+    make_model,
+    train,
+)
 from tests.helpers.recording import raw_bytes as _raw
 from tests.helpers.scripts import run_script
+from trajscope import TrajscopeError
+from trajscope.io.writer import TrajectoryWriter
+from trajscope.record import writer_thread as recorder_mod
+from trajscope.record.recorder import Recorder
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
@@ -97,17 +79,20 @@ def check_against(run, ref, steps, opt):
 
 # --------------------------------------------------------------------------- the contract loop
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "thread"])
-@pytest.mark.parametrize("opt_name,kind,export", [
-    ("sgd", "tensor", False),
-    ("sgd_momentum_dampening", "tensor", False),
-    ("sgd_nesterov_wd", "tensor", False),
-    ("adam", "tensor", False),
-    ("adamw", "tensor", False),
-    ("adam", "tuple", True),
-    ("sgd_nesterov_wd", "tuple", False),
-    ("sgd_momentum_dampening", "dict", True),
-    ("adamw", "dict", False),
-])
+@pytest.mark.parametrize(
+    "opt_name,kind,export",
+    [
+        ("sgd", "tensor", False),
+        ("sgd_momentum_dampening", "tensor", False),
+        ("sgd_nesterov_wd", "tensor", False),
+        ("adam", "tensor", False),
+        ("adamw", "tensor", False),
+        ("adam", "tuple", True),
+        ("sgd_nesterov_wd", "tuple", False),
+        ("sgd_momentum_dampening", "dict", True),
+        ("adamw", "dict", False),
+    ],
+)
 def test_contract_loop_matches_reference(tmp_path, opt_name, kind, export, background):
     ref = reference(kind, opt_name)
     model, opt, rec = record(tmp_path / "run", kind, opt_name, export=export, background=background)
@@ -121,7 +106,9 @@ def test_contract_loop_matches_reference(tmp_path, opt_name, kind, export, backg
     batches = make_batches(kind, STEPS)
     for t in range(STEPS):
         assert_batch_equal(run.checkpoint(t).batch, batches[t], f"batch_{t}")
-    assert run.checkpoint(STEPS - 1).inputs is not None and len(run.checkpoint(STEPS - 1).targets) == 3  # short last batch
+    assert (
+        run.checkpoint(STEPS - 1).inputs is not None and len(run.checkpoint(STEPS - 1).targets) == 3
+    )  # short last batch
     if export:
         # The exported program (traced at the first batch) replays the recorded loss.
         assert run.attrs["model"]["exported"] == "extra/model.pt2", run.attrs["model"]["export_error"]
@@ -135,6 +122,7 @@ def test_export_never_overlaps_an_optimizer_step(tmp_path):
     """torch.export sets process-global flags (torch.compiler.is_compiling()) while it runs; Adam then takes
     its compile-time code path and rounds differently. The export must not overlap training steps."""
     from trajscope.record import export as record_export
+
     record_export.export_model(make_model("tensor").eval(), make_batches("tensor", 1)[0][0], str(tmp_path / "warm.pt2"))
     n = 40
     ref = reference("tensor", "adam", n=n)
@@ -144,7 +132,7 @@ def test_export_never_overlaps_an_optimizer_step(tmp_path):
 
     def observe(optimizer, args, kwargs):
         seen.append(torch.compiler.is_compiling())
-        time.sleep(0.003)          # slow steps: a background export would overlap several of them
+        time.sleep(0.003)  # slow steps: a background export would overlap several of them
 
     opt.register_step_pre_hook(observe)
     loss_fn = torch.nn.MSELoss()
@@ -158,7 +146,10 @@ def test_export_never_overlaps_an_optimizer_step(tmp_path):
 
 
 def test_export_by_default_only_without_model_spec(tmp_path):
-    for name, kw in (("spec", {"model_spec": "trajscope.zoo:mlp", "model_kwargs": {"sizes": [4, 6, 3]}}), ("nospec", {})):
+    for name, kw in (
+        ("spec", {"model_spec": "trajscope.zoo:mlp", "model_kwargs": {"sizes": [4, 6, 3]}}),
+        ("nospec", {}),
+    ):
         model = make_model("tensor")
         opt = OPTIMIZERS["sgd"](model.parameters())
         with Recorder(tmp_path / name, model, opt, torch.nn.MSELoss(), **kw) as rec:
@@ -170,14 +161,16 @@ def test_export_by_default_only_without_model_spec(tmp_path):
 
 def test_param_groups_and_scheduler_record_the_lr_in_force(tmp_path):
     def groups(model):
-        return [{"params": model[0].parameters(), "lr": 0.1},
-                {"params": model[2].parameters(), "lr": 0.02, "momentum": 0.5, "dampening": 0.1}]
+        return [
+            {"params": model[0].parameters(), "lr": 0.1},
+            {"params": model[2].parameters(), "lr": 0.02, "momentum": 0.5, "dampening": 0.1},
+        ]
 
     def opt_factory(ps):
         return torch.optim.SGD(ps, lr=0.3, momentum=0.9, nesterov=False)
 
     def sched(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 0.8 ** t, lambda t: 1.0 / (1 + t)])
+        return torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 0.8**t, lambda t: 1.0 / (1 + t)])
 
     OPTIMIZERS["two_groups"] = opt_factory
     try:
@@ -185,7 +178,7 @@ def test_param_groups_and_scheduler_record_the_lr_in_force(tmp_path):
         model, opt, _ = record(tmp_path / "run", "tensor", "two_groups", n=5, sched=sched, groups=groups)
     finally:
         del OPTIMIZERS["two_groups"]
-    assert ref.lrs[3] == [0.1 * 0.8 ** 3, 0.02 / 4]  # the reference captured the lr used by step 3
+    assert ref.lrs[3] == [0.1 * 0.8**3, 0.02 / 4]  # the reference captured the lr used by step 3
     run = trajscope.open_run(tmp_path / "run")
     assert run.param_groups == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
     check_against(run, ref, range(5), opt)
@@ -195,12 +188,15 @@ def test_param_groups_and_scheduler_record_the_lr_in_force(tmp_path):
 
 
 # --------------------------------------------------------------------------- cadence
-@pytest.mark.parametrize("every,window,expect", [
-    (1, None, list(range(12))),
-    (5, None, [0, 1, 5, 6, 10, 11]),           # default window 2 when every > 1
-    (4, 3, [0, 1, 2, 4, 5, 6, 8, 9, 10]),
-    (6, 1, [0, 6]),
-])
+@pytest.mark.parametrize(
+    "every,window,expect",
+    [
+        (1, None, list(range(12))),
+        (5, None, [0, 1, 5, 6, 10, 11]),  # default window 2 when every > 1
+        (4, 3, [0, 1, 2, 4, 5, 6, 8, 9, 10]),
+        (6, 1, [0, 6]),
+    ],
+)
 def test_cadence(tmp_path, every, window, expect):
     ref = reference("tensor", "sgd_momentum_dampening", n=12)
     model, opt, rec = record(tmp_path / "run", "tensor", "sgd_momentum_dampening", n=12, every=every, window=window)
@@ -216,8 +212,9 @@ def test_cadence(tmp_path, every, window, expect):
 # --------------------------------------------------------------------------- replay
 def test_replay_from_import_spec_and_trusted_export(tmp_path, other_user):
     sizes = [4, 6, 3]
-    model, _, _ = record(tmp_path / "spec", "tensor", "adam", n=5, model_spec="trajscope.zoo:mlp",
-                         model_kwargs={"sizes": sizes})
+    model, _, _ = record(
+        tmp_path / "spec", "tensor", "adam", n=5, model_spec="trajscope.zoo:mlp", model_kwargs={"sizes": sizes}
+    )
     with other_user():  # a run received from elsewhere: its exported program needs trust
         record(tmp_path / "exported", "tensor", "adam", n=5, export=True)
     record(tmp_path / "mine", "tensor", "adam", n=5, export=True)
@@ -328,15 +325,16 @@ def test_writer_failure_warns_once_and_training_finishes(tmp_path, monkeypatch, 
     ref = reference("tensor", "sgd_momentum_dampening", n=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, opt, rec = record(tmp_path / "run", "tensor", "sgd_momentum_dampening", n=8,
-                                 background=where != "writer_inline")
+        model, opt, rec = record(
+            tmp_path / "run", "tensor", "sgd_momentum_dampening", n=8, background=where != "writer_inline"
+        )
     runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(runtime) == 1, [str(w.message) for w in runtime]
     assert "No space left on device" in str(runtime[0].message) and "Training continues" in str(runtime[0].message)
     assert rec.failed and "No space left" in rec.failed
     assert_tensors_bitexact(dict(model.named_parameters()), ref.final, "training unaffected")
     run = trajscope.open_run(tmp_path / "run")
-    check_against(run, ref, range(fail_at), opt)   # the half-written record is not visible
+    check_against(run, ref, range(fail_at), opt)  # the half-written record is not visible
 
 
 def _slow_writer(monkeypatch, delay):
@@ -350,19 +348,20 @@ def _slow_writer(monkeypatch, delay):
 
 
 def test_when_behind_skip_notes_skipped_steps(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("COLUMNS", "200")   # rich would wrap the info table at 80 columns
+    monkeypatch.setenv("COLUMNS", "200")  # rich would wrap the info table at 80 columns
     _slow_writer(monkeypatch, 0.03)
     ref = reference("tensor", "sgd", n=14)
     model = make_model("tensor")
     opt = OPTIMIZERS["sgd"](model.parameters())
     loss_fn = torch.nn.MSELoss()
     batches = make_batches("tensor", 14)
-    with Recorder(tmp_path / "run", model, opt, loss_fn, export=False, background=True, when_behind="skip",
-                  memory_budget=1) as rec:
+    with Recorder(
+        tmp_path / "run", model, opt, loss_fn, export=False, background=True, when_behind="skip", memory_budget=1
+    ) as rec:
         for t in range(14):
-            train(model, opt, loss_fn, batches[t:t + 1], rec=rec)
+            train(model, opt, loss_fn, batches[t : t + 1], rec=rec)
             if t in (5, 9):
-                rec.flush()            # let the writer catch up: the next step is recorded again
+                rec.flush()  # let the writer catch up: the next step is recorded again
     run = trajscope.open_run(tmp_path / "run")
     recorded, skipped = list(run.steps), list(run.skipped_steps)
     assert skipped and len(recorded) >= 3, (recorded, skipped)
@@ -371,6 +370,7 @@ def test_when_behind_skip_notes_skipped_steps(tmp_path, monkeypatch, capsys):
     check_against(run, ref, recorded, opt)
 
     from trajscope.cli.main import main
+
     assert main(["info", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "skipped steps" in out and f"{len(skipped)} ({', '.join(map(str, skipped[:3]))}" in out
@@ -407,12 +407,13 @@ def test_records_become_visible_while_training_runs(tmp_path, background):
 def test_writer_placement_follows_free_cores(monkeypatch):
     """Default placement: a writer thread only where it does not preempt torch's own threads."""
     from trajscope.record import writer_thread as recorder_mod
+
     model = make_model("tensor")
     monkeypatch.setattr(recorder_mod.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     for threads, expected in [(4, False), (2, True), (8, False)]:
         monkeypatch.setattr(recorder_mod.torch, "get_num_threads", lambda n=threads: n)
         assert recorder_mod._free_core_for_writer(model) is expected, threads
-    meta = torch.nn.Linear(2, 2, device="meta")     # parameters off the CPU: the CPU is free
+    meta = torch.nn.Linear(2, 2, device="meta")  # parameters off the CPU: the CPU is free
     assert recorder_mod._free_core_for_writer(meta) is True
 
 
@@ -426,13 +427,13 @@ def test_bad_arguments_raise_before_training(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-
 # ==============================================================================================
 # folded from test_review_device_timer_probe (adversarial review of device handling, the
 # commit timer and the plain-Zarr probe writer): the part about this module
 # ==============================================================================================
 HERE = Path(__file__).resolve().parent
 LOSS = nn.MSELoss()
+
 
 # --------------------------------------------------------------------------------------------
 # recorder: the inline writer's commit timer
@@ -483,12 +484,12 @@ def test_timer_that_fired_while_training_committed_leaves_no_timer_after_close(t
     lock = _TimerWaitsLock()
     rec._lock = lock
     try:
-        _step(model, opt, rec, *data[0])     # first record: committed at once
-        _step(model, opt, rec, *data[1])     # within the interval: the timer T1 is armed
+        _step(model, opt, rec, *data[0])  # first record: committed at once
+        _step(model, opt, rec, *data[1])  # within the interval: the timer T1 is armed
         t1 = rec._timer
         assert t1 is not None
-        assert lock.timer_waiting.wait(5)    # T1 fired and waits for the lock
-        _step(model, opt, rec, *data[2])     # pre-hook commits and cancels T1; the record arms T2
+        assert lock.timer_waiting.wait(5)  # T1 fired and waits for the lock
+        _step(model, opt, rec, *data[2])  # pre-hook commits and cancels T1; the record arms T2
         lock.gate.set()
         t1.join(5)
         rec.close()
@@ -518,7 +519,7 @@ def test_many_open_close_cycles_and_close_as_the_timer_fires_leave_no_timer(tmp_
         rec = Recorder(tmp_path / f"r{i}", model, opt, LOSS, export=False, background=False)
         for x, y in data:
             _step(model, opt, rec, x, y)
-        armed += rec._timer is not None     # the last records wait for the timer
+        armed += rec._timer is not None  # the last records wait for the timer
         time.sleep(rnd.uniform(0.0, 0.35))
         rec.close()
         assert rec._timer is None
@@ -529,8 +530,6 @@ def test_many_open_close_cycles_and_close_as_the_timer_fires_leave_no_timer(tmp_
             for k, v in ref.params[r].items():
                 assert _raw(run.params(r)[k]) == _raw(v), (i, r, k)
     assert armed >= 6, armed
-
-
 
 
 def test_recorder_left_open_is_closed_by_atexit_without_zarr_threads(tmp_path):

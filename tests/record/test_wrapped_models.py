@@ -1,6 +1,7 @@
 """Wrapped models (torch.compile's OptimizedModule, DistributedDataParallel, DataParallel) are
 recorded under the bare model's parameter names, so a run replays with the model's own factory and
 the replayed loss equals the recorded one."""
+
 from __future__ import annotations
 
 import socket
@@ -11,10 +12,9 @@ import torch.distributed as dist
 from torch import nn
 
 import trajscope
-from trajscope.io.specs import unwrap_model
-
 from tests.helpers.analysis import batches, make_mlp, mlp_spec
 from tests.helpers.references import ref_exact
+from trajscope.io.specs import unwrap_model
 from trajscope.nodes import find_node_layers
 
 SIZES = (3, 5, 2)
@@ -55,12 +55,14 @@ def _check_replay(path, wrapper: str) -> None:
         H = ref_exact(bare, params, x.double(), y.double(), nn.MSELoss(), layers[layer], node)
         ev = torch.linalg.eigvalsh(H)
         assert res.node(layer, "hess_max")[k, node] == pytest.approx(float(ev[-1]), rel=1e-6, abs=1e-12)
-        assert res.node(layer, "hess_min")[k, node] == pytest.approx(float(ev[0]), rel=1e-6, abs=1e-9 * float(ev.abs().max()))
+        assert res.node(layer, "hess_min")[k, node] == pytest.approx(
+            float(ev[0]), rel=1e-6, abs=1e-9 * float(ev.abs().max())
+        )
 
 
 def test_torch_compile(tmp_path):
     bare = make_mlp(SIZES)
-    compiled = torch.compile(bare, backend="eager")   # a real OptimizedModule, without a C++ build
+    compiled = torch.compile(bare, backend="eager")  # a real OptimizedModule, without a C++ build
     assert next(iter(dict(compiled.named_parameters()))).startswith("_orig_mod.")
     _train(tmp_path / "run", compiled, bare)
     _check_replay(tmp_path / "run", "OptimizedModule")

@@ -4,6 +4,7 @@
 unmounts them at teardown, also when the test failed with files still open on them (then lazily).
 The tests run as root (CI too): chmod does not stop root's writes, a read-only mount does.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,10 @@ class Mounts:
     def _run(*cmd: str) -> None:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
-            pytest.fail(f"{' '.join(cmd)} failed ({r.stderr.strip()}): the reliability tests need root "
-                        "and tmpfs mounts (CI runs as root)")
+            pytest.fail(
+                f"{' '.join(cmd)} failed ({r.stderr.strip()}): the reliability tests need root "
+                "and tmpfs mounts (CI runs as root)"
+            )
 
     def unmount_all(self) -> None:
         for where in reversed(self.mounted):

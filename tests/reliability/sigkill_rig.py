@@ -23,6 +23,7 @@ Recorder was constructed, so every kill must leave a run that opens.
 
 Imported by path from the zygote too: no pytest here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,13 +40,12 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]   # the repository root: tests.helpers imports from there
+ROOT = HERE.parents[1]  # the repository root: tests.helpers imports from there
 for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
 from tests.helpers.recording import CRASH_SIZES, crash_batch, crash_model, crash_optimizer  # noqa: E402
-
 from trajscope.record.writer_thread import _COMMIT_INTERVAL  # noqa: E402
 
 # A recorded step is committed at most _COMMIT_INTERVAL (0.25 s, documented in the Recorder and
@@ -55,8 +55,9 @@ from trajscope.record.writer_thread import _COMMIT_INTERVAL  # noqa: E402
 # writer that fell behind (bounded by memory_budget, not by time), the fsync of the log line and
 # scheduling. Observed over 2 x 200 kills: at most 0.29 s (inline) and 0.42 s (thread).
 LOSS_WINDOW = _COMMIT_INTERVAL + 0.5
-EVERY_K = 5            # the sparse cadence: every=5, window=2
+EVERY_K = 5  # the sparse cadence: every=5, window=2
 MODEL_SPEC = {"model_spec": "trajscope.zoo:mlp", "model_kwargs": {"sizes": CRASH_SIZES}}
+
 
 def theta_hash(tensors) -> str:
     """SHA-256 of the parameters' bytes, in the model's parameter order."""
@@ -69,13 +70,15 @@ def theta_hash(tensors) -> str:
 def child(run_dir: str, log_path: str, background: bool, every: int, window: int, steps: int = 10**7) -> None:
     """Train under a Recorder, logging ``step time sha256(θ_t)`` (fsync'd) before each update."""
     from trajscope.record.recorder import Recorder
+
     model = crash_model()
     opt = crash_optimizer(model)
     loss_fn = torch.nn.MSELoss()
     params = list(model.parameters())
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    rec = Recorder(run_dir, model, opt, loss_fn, every=every, window=window, export=False, background=background,
-                   **MODEL_SPEC)
+    rec = Recorder(
+        run_dir, model, opt, loss_fn, every=every, window=window, export=False, background=background, **MODEL_SPEC
+    )
     os.write(fd, b"start\n")
     os.fsync(fd)
     for t in range(steps):
@@ -93,8 +96,13 @@ def child(run_dir: str, log_path: str, background: bool, every: int, window: int
 
 class Zygote:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "zygote.py"), str(ROOT), str(HERE)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "zygote.py"), str(ROOT), str(HERE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         line = self.proc.stdout.readline().strip()
         if line != "ready":
             self.close()
@@ -129,7 +137,7 @@ class Reference:
         self.params: list[dict[str, torch.Tensor]] = []
         self.opt_dicts: list[dict] = []
 
-    def upto(self, n: int) -> "Reference":
+    def upto(self, n: int) -> Reference:
         while len(self.hashes) < n:
             t = len(self.hashes)
             self.params.append({k: p.detach().clone() for k, p in self.model.named_parameters()})
@@ -150,7 +158,7 @@ class Reference:
             for k, p in model.named_parameters():
                 p.copy_(self.params[t][k])
         opt = crash_optimizer(model)
-        opt.load_state_dict(copy.deepcopy(self.opt_dicts[t]))   # it keeps the given tensors: a copy
+        opt.load_state_dict(copy.deepcopy(self.opt_dicts[t]))  # it keeps the given tensors: a copy
         return model, opt
 
 
@@ -161,10 +169,10 @@ class Kill:
     mode: str
     every: int
     delay: float
-    logged: int = 0                   # steps the child logged before the kill
-    committed: int = 0                # records the killed run holds
-    uncommitted: int = 0              # recorded (cadence) logged steps that were not committed
-    oldest_lost_age: float = 0.0      # seconds between the oldest uncommitted logged step and the kill
+    logged: int = 0  # steps the child logged before the kill
+    committed: int = 0  # records the killed run holds
+    uncommitted: int = 0  # recorded (cadence) logged steps that were not committed
+    oldest_lost_age: float = 0.0  # seconds between the oldest uncommitted logged step and the kill
     opened: bool = False
     lost_beyond_window: int = 0
     hash_mismatches: int = 0
@@ -183,13 +191,14 @@ def read_log(path: Path) -> tuple[bool, dict[int, tuple[float, str]]]:
             started = True
             continue
         parts = line.split()
-        if len(parts) == 3 and len(parts[2]) == 64:      # a line cut by the kill is not counted
+        if len(parts) == 3 and len(parts[2]) == 64:  # a line cut by the kill is not counted
             steps[int(parts[0])] = (float(parts[1]), parts[2])
     return started, steps
 
 
-def kill_one(zygote: Zygote, ref: Reference, folder: Path, mode: str, every: int, delay: float,
-             resume_steps: int | None = None) -> Kill:
+def kill_one(
+    zygote: Zygote, ref: Reference, folder: Path, mode: str, every: int, delay: float, resume_steps: int | None = None
+) -> Kill:
     """One child: record, SIGKILL ``delay`` s after the Recorder exists, check everything."""
     import trajscope
     from trajscope.record.recorder import Recorder
@@ -238,7 +247,7 @@ def kill_one(zygote: Zygote, ref: Reference, folder: Path, mode: str, every: int
         return k
     k.committed = len(steps)
     cadence = [t for t in sorted(logged) if t % every < window]
-    if steps != cadence[:len(steps)]:
+    if steps != cadence[: len(steps)]:
         k.problems.append(f"committed steps are not the leading recorded steps: {steps[:8]}... of {cadence[:8]}...")
     for t in steps:
         try:
@@ -255,8 +264,10 @@ def kill_one(zygote: Zygote, ref: Reference, folder: Path, mode: str, every: int
         k.oldest_lost_age = t_kill - logged[lost[0]][0]
     k.lost_beyond_window = sum(t_kill - logged[t][0] > LOSS_WINDOW for t in lost)
     if k.lost_beyond_window:
-        k.problems.append(f"{k.lost_beyond_window} recorded step(s) logged more than {LOSS_WINDOW} s before the kill "
-                          f"are not committed (oldest {k.oldest_lost_age:.3f} s)")
+        k.problems.append(
+            f"{k.lost_beyond_window} recorded step(s) logged more than {LOSS_WINDOW} s before the kill "
+            f"are not committed (oldest {k.oldest_lost_age:.3f} s)"
+        )
     if k.hash_mismatches:
         k.problems.append(f"{k.hash_mismatches} committed step(s) differ from the logged θ_t")
 
@@ -265,13 +276,13 @@ def kill_one(zygote: Zygote, ref: Reference, folder: Path, mode: str, every: int
     if pairs:
         try:
             (res,) = trajscope.analyze(run_dir, steps=(pairs[-min(3, len(pairs))], None), sharpness=False).values()
-            k.analyze_ok = [int(s) for s in res.steps] == pairs[-min(3, len(pairs)):]
+            k.analyze_ok = [int(s) for s in res.steps] == pairs[-min(3, len(pairs)) :]
             if not k.analyze_ok:
                 k.problems.append(f"analyze gave steps {list(res.steps)}, wanted {pairs[-3:]}")
         except Exception as e:
             k.problems.append(f"analyze failed: {type(e).__name__}: {e}")
     else:
-        k.analyze_ok = True      # nothing analysable (fewer than two consecutive records): nothing to fail
+        k.analyze_ok = True  # nothing analysable (fewer than two consecutive records): nothing to fail
 
     # -- resume -------------------------------------------------------------------------------------
     start = steps[-1] + 1 if steps else 0
@@ -279,8 +290,18 @@ def kill_one(zygote: Zygote, ref: Reference, folder: Path, mode: str, every: int
     try:
         model, opt = ref.trainer_at(start)
         loss_fn = torch.nn.MSELoss()
-        with Recorder(run_dir, model, opt, loss_fn, every=every, window=window, export=False, resume=True,
-                      background=mode == "thread", **MODEL_SPEC) as rec:
+        with Recorder(
+            run_dir,
+            model,
+            opt,
+            loss_fn,
+            every=every,
+            window=window,
+            export=False,
+            resume=True,
+            background=mode == "thread",
+            **MODEL_SPEC,
+        ) as rec:
             if rec.step != start:
                 raise AssertionError(f"resumed at step {rec.step}, not {start}")
             for t in range(start, start + n_more):
@@ -326,17 +347,21 @@ def plan(n_kills: int, modes: tuple[str, ...], max_delay: float, seed: int) -> l
 
 def summary(kills: list[Kill]) -> str:
     """The figures per writer mode and cadence, as a table."""
-    rows = ["mode    every  kills  opened  lost>window  hash-mismatch  analyze-fail  resume-fail  "
-            "records/kill (min-max)  uncommitted at kill (max)  oldest uncommitted (s)"]
+    rows = [
+        "mode    every  kills  opened  lost>window  hash-mismatch  analyze-fail  resume-fail  "
+        "records/kill (min-max)  uncommitted at kill (max)  oldest uncommitted (s)"
+    ]
     groups: dict[tuple[str, int | str], list[Kill]] = {}
     for k in kills:
         groups.setdefault((k.mode, k.every), []).append(k)
         groups.setdefault((k.mode, "all"), []).append(k)
     for (mode, every), ks in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         rec = [k.committed for k in ks]
-        rows.append(f"{mode:7} {str(every):>5}  {len(ks):5}  {sum(k.opened for k in ks):3}/{len(ks):<3} "
-                    f"{sum(k.lost_beyond_window for k in ks):11}  {sum(k.hash_mismatches for k in ks):13}  "
-                    f"{sum(not k.analyze_ok for k in ks):12}  {sum(not k.resume_ok for k in ks):11}  "
-                    f"{sum(rec) / len(rec):8.0f} ({min(rec)}-{max(rec)})        "
-                    f"{max(k.uncommitted for k in ks):10}                 {max(k.oldest_lost_age for k in ks):.3f}")
+        rows.append(
+            f"{mode:7} {str(every):>5}  {len(ks):5}  {sum(k.opened for k in ks):3}/{len(ks):<3} "
+            f"{sum(k.lost_beyond_window for k in ks):11}  {sum(k.hash_mismatches for k in ks):13}  "
+            f"{sum(not k.analyze_ok for k in ks):12}  {sum(not k.resume_ok for k in ks):11}  "
+            f"{sum(rec) / len(rec):8.0f} ({min(rec)}-{max(rec)})        "
+            f"{max(k.uncommitted for k in ks):10}                 {max(k.oldest_lost_age for k in ks):.3f}"
+        )
     return "\n".join(rows)

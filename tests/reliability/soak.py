@@ -11,6 +11,7 @@ older than the commit window is lost, ``trajscope.analyze`` works on the last co
 checkpoints, and ``Recorder(resume=True)`` continues it (see ``sigkill_rig.py``). Prints one line
 per kill and a table per mode and cadence; exits 1 if any kill failed a check. About 4 s per kill.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     # never the tester's own signing key (trajscope.trust), inherited by the children
     os.environ["TRAJSCOPE_KEY_FILE"] = os.path.join(tempfile.mkdtemp(prefix="trajscope-soak-key-"), "signing.key")
     import torch
-    torch.set_num_threads(1)                 # the in-process reference must match the child bit for bit
+
+    torch.set_num_threads(1)  # the in-process reference must match the child bit for bit
     import sigkill_rig
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="trajscope-soak-"))
@@ -53,16 +55,22 @@ def main(argv: list[str] | None = None) -> int:
             folder = work / f"kill{i:04d}"
             k = sigkill_rig.kill_one(zygote, ref, folder, mode, every, delay)
             kills.append(k)
-            print(f"{i:4d} {mode:6} every={every} kill after {delay:.3f} s: logged {k.logged}, committed "
-                  f"{k.committed}, uncommitted {k.uncommitted} (oldest {k.oldest_lost_age:.3f} s) "
-                  f"{'ok' if not k.problems else 'FAILED: ' + '; '.join(k.problems)}", flush=True)
+            print(
+                f"{i:4d} {mode:6} every={every} kill after {delay:.3f} s: logged {k.logged}, committed "
+                f"{k.committed}, uncommitted {k.uncommitted} (oldest {k.oldest_lost_age:.3f} s) "
+                f"{'ok' if not k.problems else 'FAILED: ' + '; '.join(k.problems)}",
+                flush=True,
+            )
             if args.keep is None and not k.problems:
                 import shutil
+
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
         zygote.close()
-    print(f"\n{len(kills)} kills in {time.monotonic() - t0:.0f} s (seed {seed}); "
-          f"loss window asserted: {sigkill_rig.LOSS_WINDOW} s")
+    print(
+        f"\n{len(kills)} kills in {time.monotonic() - t0:.0f} s (seed {seed}); "
+        f"loss window asserted: {sigkill_rig.LOSS_WINDOW} s"
+    )
     print(sigkill_rig.summary(kills))
     return 1 if any(k.problems for k in kills) else 0
 

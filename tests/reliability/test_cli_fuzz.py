@@ -4,6 +4,7 @@ line on stderr, exit 2 and the run folder untouched; never a traceback.
 Arguments are drawn from a seeded grammar of every option with good, borderline and hostile values,
 so a failure names its seed and reproduces. `TRAJSCOPE_FUZZ_CASES` raises the count (default 120).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,19 +13,71 @@ import shutil
 
 import pytest
 
-from trajscope.cli.main import main
-
 from tests.helpers.analysis import simple_run, tree_digest
+from trajscope.cli.main import main
 
 CASES = int(os.environ.get("TRAJSCOPE_FUZZ_CASES", "120"))
 
-NUMBERS = ["0", "1", "2", "-1", "-0", "1e9", "nan", "inf", "-inf", "0.5", "1.5", "", " ", "x", "0x10", "1_000",
-           "9" * 40]
-STEPS = ["0:2", "1:", ":2", "5", "9:2", ":", "", "1000:2000", "a:b", "1:2:3", " 1 : 2 ", "-3:", "2:2", "0:99999999999999999999"]
-JSON = ['{}', '{"sizes": [3, 4, 2]}', '{bad json', '[1, 2]', 'null', '"x"', '{"sizes": "x"}', '{"reduction": "sum"}',
-        '{"a": ' * 50, '1e999']
-SPECS = ["trajscope.zoo:mlp", "torch.nn:MSELoss", "torch.nn:L1Loss", "os:system", "no.such:thing", "trajscope.zoo",
-         ":", "trajscope.zoo:", "torch.nn:Linear", "trajscope.zoo:cnn", "builtins:eval"]
+NUMBERS = [
+    "0",
+    "1",
+    "2",
+    "-1",
+    "-0",
+    "1e9",
+    "nan",
+    "inf",
+    "-inf",
+    "0.5",
+    "1.5",
+    "",
+    " ",
+    "x",
+    "0x10",
+    "1_000",
+    "9" * 40,
+]
+STEPS = [
+    "0:2",
+    "1:",
+    ":2",
+    "5",
+    "9:2",
+    ":",
+    "",
+    "1000:2000",
+    "a:b",
+    "1:2:3",
+    " 1 : 2 ",
+    "-3:",
+    "2:2",
+    "0:99999999999999999999",
+]
+JSON = [
+    "{}",
+    '{"sizes": [3, 4, 2]}',
+    "{bad json",
+    "[1, 2]",
+    "null",
+    '"x"',
+    '{"sizes": "x"}',
+    '{"reduction": "sum"}',
+    '{"a": ' * 50,
+    "1e999",
+]
+SPECS = [
+    "trajscope.zoo:mlp",
+    "torch.nn:MSELoss",
+    "torch.nn:L1Loss",
+    "os:system",
+    "no.such:thing",
+    "trajscope.zoo",
+    ":",
+    "trajscope.zoo:",
+    "torch.nn:Linear",
+    "trajscope.zoo:cnn",
+    "builtins:eval",
+]
 DEVICES = ["cpu", "cuda", "cuda:0", "cuda:7", "meta", "nonsense", "", "cpu:0", "mps", "lazy"]
 STRINGS = ["", "x", "..", "/", "encoder.*", "0", "*", "%", "\x00"[:0] + "\u00e9", "-" * 3]
 
@@ -47,8 +100,9 @@ def _argv(rng: random.Random, run: str) -> list[str]:
         "--model-args": lambda: ["--model-args", rng.choice(JSON)],
         "--loss": lambda: ["--loss", rng.choice(SPECS)],
         "--loss-args": lambda: ["--loss-args", rng.choice(JSON)],
-        "flags": lambda: rng.sample(["--all-steps", "--no-sharpness", "--no-progress", "--trust", "--frobnicate"],
-                                    rng.randint(1, 2)),
+        "flags": lambda: rng.sample(
+            ["--all-steps", "--no-sharpness", "--no-progress", "--trust", "--frobnicate"], rng.randint(1, 2)
+        ),
     }
     argv = ["analyze", rng.choice([run, run, run, run + "/nope", ""]), "--no-progress", "--no-sharpness"]
     for key in rng.sample(list(options), rng.randint(1, 4)):
@@ -66,7 +120,7 @@ def run(tmp_path_factory):
 
 
 def test_fuzzed_command_lines(run, capsys, monkeypatch):
-    monkeypatch.chdir(run.parent)    # a relative or empty path never reaches the repository
+    monkeypatch.chdir(run.parent)  # a relative or empty path never reaches the repository
     rng = random.Random(20261203)
     outcomes = {0: 0, 2: 0}
     for case in range(CASES):
@@ -75,7 +129,7 @@ def test_fuzzed_command_lines(run, capsys, monkeypatch):
         capsys.readouterr()
         try:
             rc = main(argv)
-        except SystemExit as e:          # argparse: --help (0) and its one-line errors (2)
+        except SystemExit as e:  # argparse: --help (0) and its one-line errors (2)
             rc = e.code
         out, err = capsys.readouterr()
         where = f"case {case}: trajscope {' '.join(map(repr, argv))}\n{err}"

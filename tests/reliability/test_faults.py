@@ -7,6 +7,7 @@ handler). Mid-run the same faults warn once and stop recording; training finishe
 committed steps stay readable and bit-exact. The faults are real: read-only and tiny tmpfs
 mounts (``conftest.py``), a path that is a file, a name too long, an unprivileged process.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -24,11 +25,10 @@ import pytest
 import torch
 
 import trajscope
+from tests.helpers.recording import Ref, assert_tensors_bitexact, make_batches, make_model, train
 from trajscope import TrajscopeError
 from trajscope.record.recorder import Recorder
 from trajscope.zoo import mlp
-
-from tests.helpers.recording import Ref, assert_tensors_bitexact, make_batches, make_model, train
 
 
 def trainer(kind_sizes=None):
@@ -47,7 +47,7 @@ class Leftovers:
     def __init__(self, opt, loss_fn):
         self.opt, self.loss_fn = opt, loss_fn
         self.atexit_before = atexit._ncallbacks()
-        self.threads_before = set(threading.enumerate())    # (an analysis earlier in the session keeps a pool)
+        self.threads_before = set(threading.enumerate())  # (an analysis earlier in the session keeps a pool)
 
     def check(self):
         assert not self.opt._optimizer_step_pre_hooks, "a step pre-hook stayed on the optimizer"
@@ -115,25 +115,40 @@ def test_name_too_long(tmp_path):
     model, opt, loss_fn = trainer()
     e = refused(path, model, opt, loss_fn, errno.ENAMETOOLONG)
     assert str(e).endswith(": file name too long (errno 36); choose a shorter path")
-    assert not (tmp_path / "runs").exists()     # the folder made on the way is gone again
+    assert not (tmp_path / "runs").exists()  # the folder made on the way is gone again
 
 
 def test_permission_denied_as_an_unprivileged_user():
     """Root ignores permissions: the recording runs in a process of user nobody (setpriv)."""
     if not shutil.which("setpriv"):
         pytest.fail("setpriv (util-linux) is needed to run a process as an unprivileged user")
-    folder = Path(tempfile.mkdtemp(prefix="trajscope-eacces-"))   # outside pytest's 0700 tmp folders
+    folder = Path(tempfile.mkdtemp(prefix="trajscope-eacces-"))  # outside pytest's 0700 tmp folders
     try:
-        folder.chmod(0o755)                                      # nobody may look, not write
+        folder.chmod(0o755)  # nobody may look, not write
         root = Path(trajscope.__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(root), "HOME": str(folder), "TRAJSCOPE_KEY_FILE": str(folder / "k")}
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                            str(Path(__file__).parent / "unprivileged_recorder.py"), str(folder / "run")], capture_output=True, text=True, cwd=root, env=env,
-                           timeout=120)
+        r = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                str(Path(__file__).parent / "unprivileged_recorder.py"),
+                str(folder / "run"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip() == (f"error: cannot record to {folder / 'run'}: permission denied (errno 13); "
-                                    "choose a folder you may write to, or change its permissions "
-                                    "| cause: PermissionError 13"), r.stdout + r.stderr[-2000:]
+        assert r.stdout.strip() == (
+            f"error: cannot record to {folder / 'run'}: permission denied (errno 13); "
+            "choose a folder you may write to, or change its permissions "
+            "| cause: PermissionError 13"
+        ), r.stdout + r.stderr[-2000:]
         assert not list(folder.iterdir())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -149,8 +164,9 @@ def test_disk_full_at_construction(mounts):
     for path, kw in ((fs / "runs" / "new", {}), (fs / "old", {"overwrite": True})):
         model, opt, loss_fn = trainer()
         e = refused(path, model, opt, loss_fn, errno.ENOSPC, **kw)
-        assert str(e).endswith(": no space left on device (errno 28); free some space or choose a folder on "
-                               "another disk")
+        assert str(e).endswith(
+            ": no space left on device (errno 28); free some space or choose a folder on another disk"
+        )
     assert not (fs / "runs").exists() and not store_partials(fs)
     assert list(trajscope.open_run(fs / "old").steps) == [0, 1]
 
@@ -158,7 +174,7 @@ def test_disk_full_at_construction(mounts):
     filler.unlink()
     mounts.fill(fs, leave=48 * 1024)
     model, opt, loss_fn = trainer()
-    probe = (torch.randn(64, 4, 256), torch.randn(64, 3))            # 256 KiB
+    probe = (torch.randn(64, 4, 256), torch.randn(64, 3))  # 256 KiB
     for background in (False, True):
         refused(fs / "runs" / "probe", model, opt, loss_fn, errno.ENOSPC, probe=probe, background=background)
         assert not (fs / "runs").exists() and not store_partials(fs)
@@ -180,7 +196,7 @@ def test_usage_errors_keep_raising_as_before(tmp_path):
 
 # --------------------------------------------------------------------------- mid-run
 RECORDER_THREADS = ("trajscope-writer", "trajscope-commit-timer")
-SIZES = [16, 128, 16]     # 4,240 parameters: a record (θ, momentum, batch) ~36 KB
+SIZES = [16, 128, 16]  # 4,240 parameters: a record (θ, momentum, batch) ~36 KB
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "thread"])
@@ -197,9 +213,9 @@ def test_disk_full_mid_run_warns_once_and_training_finishes(mounts, background):
         warnings.simplefilter("always")
         with Recorder(fs / "run", model, opt, loss_fn, export=False, background=background) as rec:
             for t in range(n):
-                train(model, opt, loss_fn, batches[t:t + 1], rec=rec)
+                train(model, opt, loss_fn, batches[t : t + 1], rec=rec)
                 if t % 2:
-                    rec.flush()      # commits as training goes (else the 0.25 s marker would hold most)
+                    rec.flush()  # commits as training goes (else the 0.25 s marker would hold most)
     runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     # A chunk that fills the disk half-way is a short pwrite(): the store writes the rest, and that
     # write names the kernel's reason.

@@ -4,6 +4,7 @@ Six kills: the background writer thread and the training-thread writer, each wit
 ``every=5, window=2``, killed 0-1 s after the Recorder was constructed. What each kill is checked
 for is in ``sigkill_rig.py``; ``python tests/reliability/soak.py --kills 100`` runs the long soak.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def zygote():
 @pytest.fixture(scope="module")
 def reference():
     before = torch.get_num_threads()
-    torch.set_num_threads(1)           # the child's trajectory, bit for bit
+    torch.set_num_threads(1)  # the child's trajectory, bit for bit
     yield sigkill_rig.Reference()
     torch.set_num_threads(before)
 
@@ -37,7 +38,9 @@ def test_sigkill_leaves_a_run_that_opens_bit_exact_analyses_and_resumes(tmp_path
     kills = []
     for i, (mode, every, delay) in enumerate(sigkill_rig.plan(KILLS_PER_MODE, ("thread", "inline"), MAX_DELAY, seed)):
         k = sigkill_rig.kill_one(zygote, reference, tmp_path / f"kill{i}", mode, every, delay)
-        assert not k.problems, f"seed {seed}, kill {i} ({mode} writer, every={every}, after {delay:.3f} s): {k.problems}"
+        assert not k.problems, (
+            f"seed {seed}, kill {i} ({mode} writer, every={every}, after {delay:.3f} s): {k.problems}"
+        )
         kills.append(k)
     print(f"seed {seed}\n{sigkill_rig.summary(kills)}")
     # the kills landed mid-stream, with records committed (not only right after construction)

@@ -1,14 +1,18 @@
 """The SIGKILL rig's zygote (sigkill_rig.Zygote): warms up, then forks one child per stdin line
 (argv[1:3]: the repository root and this folder, put on sys.path)."""
-import os, sys
+
+import os
+import sys
+
 sys.path[:0] = sys.argv[1:3]
 import torch
+
 torch.set_num_threads(1)
-import trajscope, trajscope.record.recorder, trajscope.io.writer, zarr, numpy
+import tempfile
+
 from tests.reliability import sigkill_rig
 
-import tempfile
-with tempfile.TemporaryDirectory() as d:   # warm up: lazy imports, first torch ops, both writers
+with tempfile.TemporaryDirectory() as d:  # warm up: lazy imports, first torch ops, both writers
     for i, bg in enumerate((True, False)):
         sigkill_rig.child(os.path.join(d, f"w{i}"), os.path.join(d, f"w{i}.log"), bg, 1, 1, steps=3)
 print("ready", flush=True)

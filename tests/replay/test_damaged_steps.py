@@ -1,5 +1,6 @@
 """A damaged record is local damage (SPEC 10): its checkpoint's row is NaN and marked, with a
 warning naming the step; the other checkpoints are analysed as if it were not there."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,11 +9,10 @@ import numpy as np
 import pytest
 
 import trajscope
+from tests.helpers.analysis import simple_run
 from trajscope.errors import DamagedRecordError
 from trajscope.io.results import open_results
 from trajscope.replay.run import Run
-
-from tests.helpers.analysis import simple_run
 
 
 def _damage(monkeypatch, steps: set[int]) -> None:
@@ -54,6 +54,7 @@ def test_damaged_step_is_a_marked_nan_row_and_the_rest_is_unchanged(tmp_path, mo
 
 def test_every_step_damaged_is_one_line(tmp_path, monkeypatch, capsys):
     from trajscope.cli.main import main
+
     run = tmp_path / "run"
     simple_run(run, steps=3)
     _damage(monkeypatch, {0, 1, 2})
@@ -64,6 +65,7 @@ def test_every_step_damaged_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_a_checkpoint_whose_analysis_fails_is_a_failed_row_not_an_abort(tmp_path, monkeypatch):
     from trajscope.analysis import pipeline
+
     run = tmp_path / "run"
     simple_run(run, steps=5)
     real = pipeline._Analyser.checkpoint
@@ -84,11 +86,24 @@ def test_a_checkpoint_whose_analysis_fails_is_a_failed_row_not_an_abort(tmp_path
 
 def test_a_loss_that_cannot_be_replayed_is_one_line_before_anything_is_written(tmp_path, capsys):
     from trajscope.cli.main import main
+
     run = tmp_path / "run"
     simple_run(run, steps=3)
     capsys.readouterr()
-    assert main(["analyze", str(run), "--no-progress", "--loss", "torch.nn:CrossEntropyLoss",
-                 "--loss-args", '{"reduction": "none"}']) == 2
+    assert (
+        main(
+            [
+                "analyze",
+                str(run),
+                "--no-progress",
+                "--loss",
+                "torch.nn:CrossEntropyLoss",
+                "--loss-args",
+                '{"reduction": "none"}',
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "replaying the loss on step 0's batch failed" in err, err
     assert not (run / "analysis.zarr").exists()

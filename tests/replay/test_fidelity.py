@@ -1,15 +1,15 @@
 """The fidelity check: at every analysed checkpoint the replayed loss is compared with the recorded
 one; a gap above the tolerance is a per-step value, a results attribute and a loud summary line."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 import trajscope
+from tests.helpers.analysis import batches, simple_run
 from trajscope.cli.main import main
 from trajscope.io.results import open_results
-
-from tests.helpers.analysis import batches, simple_run
 
 
 def test_faithful_replay_passes(tmp_path, capsys):

@@ -7,6 +7,7 @@ here without trajscope's replay: ``torch.func.hessian`` (float64) of the trainin
 computed it (BatchNorm without running statistics, i.e. on batch statistics; dropout masks drawn again from
 the recorded RNG state and applied as fixed factors).
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,15 +19,13 @@ from torch import nn
 
 import trajscope
 from tests.helpers.calls import node_curvature, sharpness
-from trajscope.replay import trainmode as replay_mod
-from trajscope.curvature.blocks import dense_blocks
 from trajscope.analysis.pipeline import recorded_node_layers
 from trajscope.cli.main import main
-from trajscope.io.results import open_results
+from trajscope.curvature.blocks import dense_blocks
 from trajscope.io.records import ForwardState
+from trajscope.io.results import open_results
+from trajscope.replay import trainmode as replay_mod
 from trajscope.zoo import mnist_net, resnet_block
-
-
 
 F64 = torch.float64
 RESNET = {"in_channels": 3, "width": 3, "classes": 3}
@@ -40,7 +39,7 @@ def _record(path, model, opt, loss_fn, data, spec, kwargs, accumulate=1, probe=N
     with trajscope.Recorder(path, model, opt, loss_fn, model_spec=spec, model_kwargs=kwargs, probe=probe) as rec:
         for i in range(0, len(data), accumulate):
             opt.zero_grad()
-            for x, y in data[i:i + accumulate]:
+            for x, y in data[i : i + accumulate]:
                 (loss_fn(model(x), y) / accumulate).backward()
                 rec.batch(x, y)
             opt.step()
@@ -52,10 +51,24 @@ def _resnet_run(path, accumulate=1, steps=3, b=6, probe=False, cfg=RESNET):
     model = resnet_block(**cfg).to(F64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(b, cfg["in_channels"], 4, 4, generator=g, dtype=F64),
-             torch.randint(0, cfg["classes"], (b,), generator=g)) for _ in range(steps * accumulate)]
-    return _record(path, model, opt, nn.CrossEntropyLoss(), data, "trajscope.zoo:resnet_block", cfg, accumulate,
-                   probe=data[0] if probe else None)
+    data = [
+        (
+            torch.randn(b, cfg["in_channels"], 4, 4, generator=g, dtype=F64),
+            torch.randint(0, cfg["classes"], (b,), generator=g),
+        )
+        for _ in range(steps * accumulate)
+    ]
+    return _record(
+        path,
+        model,
+        opt,
+        nn.CrossEntropyLoss(),
+        data,
+        "trajscope.zoo:resnet_block",
+        cfg,
+        accumulate,
+        probe=data[0] if probe else None,
+    )
 
 
 def _mnist_run(path, steps=3):
@@ -63,8 +76,10 @@ def _mnist_run(path, steps=3):
     model = mnist_net(**MNIST).to(F64)
     opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
     g = torch.Generator().manual_seed(2)
-    data = [(torch.randn(8, 1, 12, 12, generator=g, dtype=F64), torch.randint(0, 10, (8,), generator=g))
-            for _ in range(steps)]
+    data = [
+        (torch.randn(8, 1, 12, 12, generator=g, dtype=F64), torch.randint(0, 10, (8,), generator=g))
+        for _ in range(steps)
+    ]
     return _record(path, model, opt, nn.NLLLoss(), data, "trajscope.zoo:mnist_net", MNIST)
 
 
@@ -75,15 +90,16 @@ def _node_loss(model, params, layer, i, loss_of_params):
     W = params[wname]
     w0 = W[i].reshape(-1)
     has_b = bname in params
-    theta = torch.cat([w0, params[bname][i:i + 1]]) if has_b else w0
+    theta = torch.cat([w0, params[bname][i : i + 1]]) if has_b else w0
 
     def f(v):
         p = dict(params)
-        p[wname] = torch.cat([W[:i], v[:w0.numel()].reshape(1, *W.shape[1:]), W[i + 1:]])
+        p[wname] = torch.cat([W[:i], v[: w0.numel()].reshape(1, *W.shape[1:]), W[i + 1 :]])
         if has_b:
             b = params[bname]
-            p[bname] = torch.cat([b[:i], v[-1:], b[i + 1:]])
+            p[bname] = torch.cat([b[:i], v[-1:], b[i + 1 :]])
         return loss_of_params(p)
+
     return f, theta
 
 
@@ -103,6 +119,7 @@ def _bn_loss(model, params, micro_inputs, targets, loss_fn):
     def loss(p):
         out = torch.cat([torch.func.functional_call(twin, p, (x,)) for x in micro_inputs])
         return loss_fn(out, targets)
+
     return twin, loss
 
 
@@ -110,8 +127,11 @@ def _dropout_masks(model, x, rng_state):
     """The masks the step's forward pass drew: the same draws (same shapes, same order) from the recorded
     RNG state (nothing but the dropout modules draws random numbers in this net)."""
     shapes = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, (type(mod), o.shape)))
-             for n, m in model.named_modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: shapes.__setitem__(n, (type(mod), o.shape)))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Dropout, nn.Dropout2d))
+    ]
     with torch.no_grad():
         copy.deepcopy(model).eval()(x)
     for h in hooks:
@@ -145,8 +165,17 @@ def _curvature(run, step, kind):
     model = run.model().to(F64)
     rp, issue = replay_mod.plan(model, ck.forward, ck.inputs, "cpu")
     assert issue is None
-    cr = node_curvature(model, ck.params, ck.buffers, ck.inputs, ck.targets, run.loss_fn(),
-                        recorded_node_layers(run), kind=kind, replay=rp)
+    cr = node_curvature(
+        model,
+        ck.params,
+        ck.buffers,
+        ck.inputs,
+        ck.targets,
+        run.loss_fn(),
+        recorded_node_layers(run),
+        kind=kind,
+        replay=rp,
+    )
     return ck, model, cr
 
 
@@ -172,10 +201,11 @@ def test_resnet_block_batchnorm_exact_blocks_equal_hessian_of_training_loss(tmp_
             assert torch.allclose(blocks[k], ref, rtol=1e-7, atol=1e-9 * ref.abs().max()), (layer, i)
             ev = torch.linalg.eigvalsh(ref).flip(0)
             got = cr.eigvals[layer][i]
-            assert torch.allclose(got, ev[:len(got)], atol=1e-8 * ev.abs().max()), (layer, i)
+            assert torch.allclose(got, ev[: len(got)], atol=1e-8 * ev.abs().max()), (layer, i)
     # the eval-mode function is another one: its Hessian differs (so the check above can fail)
-    eval_cr = node_curvature(model, ck.params, ck.buffers, ck.inputs, ck.targets, run.loss_fn(),
-                             recorded_node_layers(run), kind="exact")
+    eval_cr = node_curvature(
+        model, ck.params, ck.buffers, ck.inputs, ck.targets, run.loss_fn(), recorded_node_layers(run), kind="exact"
+    )
     assert not torch.allclose(eval_cr.eigvals["conv1"], cr.eigvals["conv1"], rtol=1e-3)
     # the recorded running statistics are untouched by the replay
     assert torch.equal(run.checkpoint(1).buffers["bn1.running_mean"], ck.buffers["bn1.running_mean"])
@@ -223,7 +253,7 @@ def test_gradient_accumulation_replays_each_micro_batch(tmp_path):
         # samples of different micro-batches are not coupled: the block is the sum of the two micro-batches'
         halves = []
         for h in range(2):
-            xs, ys = ck.inputs[4 * h:4 * h + 4], ck.targets[4 * h:4 * h + 4]
+            xs, ys = ck.inputs[4 * h : 4 * h + 4], ck.targets[4 * h : 4 * h + 4]
             _, lh = _bn_loss(model, ck.params, [xs], ys, loss_fn)
             fh, _ = _node_loss(twin, ck.params, layer, i, lh)
             halves.append(torch.func.hessian(fh)(theta) / 2)
@@ -255,8 +285,17 @@ def test_mnist_dropout_replayed_with_the_steps_masks(tmp_path, capsys):
     # the RNG state of the analysing process is left as it was
     rp, _ = replay_mod.plan(model, ck.forward, ck.inputs, "cpu")
     before = torch.get_rng_state()
-    node_curvature(model, ck.params, ck.buffers, ck.inputs, ck.targets, nn.NLLLoss(), recorded_node_layers(run),
-                   kind="ggn", replay=rp)
+    node_curvature(
+        model,
+        ck.params,
+        ck.buffers,
+        ck.inputs,
+        ck.targets,
+        nn.NLLLoss(),
+        recorded_node_layers(run),
+        kind="ggn",
+        replay=rp,
+    )
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -269,8 +308,9 @@ def test_train_mode_off_is_the_eval_mode_analysis(tmp_path, capsys):
     assert res.attrs["train_mode"] == "off" and res.attrs["train_mode_replay"]["replayed_checkpoints"] == 0
     ck = run.checkpoint(1)
     model = run.model().to(F64)
-    cr = node_curvature(model, ck.params, ck.buffers, ck.inputs, ck.targets, run.loss_fn(),
-                        recorded_node_layers(run), kind="exact")          # today's eval-mode route
+    cr = node_curvature(
+        model, ck.params, ck.buffers, ck.inputs, ck.targets, run.loss_fn(), recorded_node_layers(run), kind="exact"
+    )  # today's eval-mode route
     assert res.global_series("loss")[1] == pytest.approx(float(cr.loss), rel=1e-12)
     hmax = res.node("fc1", "hess_max", 1)
     assert torch.allclose(torch.from_numpy(hmax).to(F64), cr.eigvals["fc1"].amax(1).clamp_min(0), rtol=1e-6)
@@ -290,9 +330,10 @@ def test_forward_passes_pair_with_batches_in_order(tmp_path, order):
     other = trajscope.Recorder(tmp_path / "other", model, opt, nn.MSELoss(), export=False)
     states = []
     with trajscope.Recorder(tmp_path / "run", model, opt, nn.MSELoss(), export=False) as rec:
+
         def give(x, y):
             rec.batch(x, y)
-            other.batch(x, y)      # a no-op once closed
+            other.batch(x, y)  # a no-op once closed
 
         for t in range(3):
             if t == 2:
@@ -328,7 +369,7 @@ def test_forward_state_recorded_per_micro_batch(tmp_path):
     states = []
     with trajscope.Recorder(tmp_path / "run", model, opt, nn.MSELoss(), export=False) as rec:
         for t in range(3):
-            model[2].train(t != 2)          # step 2: dropout off, BatchNorm in train mode
+            model[2].train(t != 2)  # step 2: dropout off, BatchNorm in train mode
             for _ in range(2):
                 x, y = torch.randn(3, 3, dtype=F64), torch.randn(3, 2, dtype=F64)
                 states.append(torch.get_rng_state())
@@ -350,8 +391,9 @@ def test_forward_state_recorded_per_micro_batch(tmp_path):
 def test_old_run_without_forward_state_is_replayed_in_eval_mode_and_says_so(tmp_path, capsys):
     run = _mnist_run(tmp_path / "run", steps=2)
     attrs = dict(run.attrs)
-    del attrs["forward_from"]                  # as a run recorded before the forward state was
+    del attrs["forward_from"]  # as a run recorded before the forward state was
     from trajscope.io.files import _write_group
+
     _write_group(run.reader.path, attrs)
     run = trajscope.open_run(run.path)
     assert run.checkpoint(0).forward is None
@@ -378,15 +420,20 @@ def test_probe_batch_is_replayed_in_eval_mode(tmp_path, capsys):
 def test_unreproducible_masks_are_a_warning(case):
     model = mnist_net(**MNIST).to(F64)
     x = torch.zeros(2, 1, 12, 12, dtype=F64)
-    fs = ForwardState(size=2, training=True, differ=(), rng_cpu=torch.get_rng_state(),
-                      rng_cuda=torch.zeros(16, dtype=torch.uint8) if case == "cuda" else None,
-                      cuda_device=0 if case == "cuda" else None)
+    fs = ForwardState(
+        size=2,
+        training=True,
+        differ=(),
+        rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.zeros(16, dtype=torch.uint8) if case == "cuda" else None,
+        cuda_device=0 if case == "cuda" else None,
+    )
     rp, why = replay_mod.plan(model, [fs], x, "cpu", compiled=case == "compiled")
     assert rp.micro and rp.dropout is False and "dropout cannot be replayed with the masks training used" in why
     assert ("CUDA" in why) if case == "cuda" else ("torch.compile" in why)
     out = rp.forward(model, dict(model.named_parameters()), dict(model.named_buffers()), x)
     ref = copy.deepcopy(model).eval()(x)
-    assert torch.equal(out, ref)          # dropout off, deterministic
+    assert torch.equal(out, ref)  # dropout off, deterministic
 
 
 def test_a_validation_pass_between_backward_and_batch_does_not_replace_the_training_pass(tmp_path):
@@ -395,15 +442,16 @@ def test_a_validation_pass_between_backward_and_batch_does_not_replace_the_train
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     loss_fn = nn.NLLLoss()
     g = torch.Generator().manual_seed(3)
-    with trajscope.Recorder(tmp_path / "run", model, opt, loss_fn, model_spec="trajscope.zoo:mnist_net",
-                            model_kwargs=MNIST) as rec:
+    with trajscope.Recorder(
+        tmp_path / "run", model, opt, loss_fn, model_spec="trajscope.zoo:mnist_net", model_kwargs=MNIST
+    ) as rec:
         for _ in range(2):
             x, y = torch.randn(4, 1, 12, 12, generator=g, dtype=F64), torch.randint(0, 10, (4,), generator=g)
             model.train()
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             model.eval()
-            with torch.no_grad():            # a metric pass on other data, in eval mode
+            with torch.no_grad():  # a metric pass on other data, in eval mode
                 model(torch.randn(3, 1, 12, 12, dtype=F64))
             model.train()
             rec.batch(x, y)
@@ -442,13 +490,14 @@ def test_sharpness_is_that_of_the_training_loss(tmp_path):
 
     def f(v):
         return loss({k: t.reshape(ck.params[k].shape) for k, t in zip(names, v.split(sizes))})
+
     # The dense Hessian by plain double backward, one column at a time: torch.func.hessian (and jacrev of
     # jacrev) get the cross terms of BatchNorm weights wrong here (torch 2.13; off by up to 0.28 against
     # finite differences of the gradient, which this agrees with).
     v = flat.clone().requires_grad_(True)
     g = torch.autograd.grad(f(v), v, create_graph=True)[0]
     H = torch.stack([torch.autograd.grad(g[i], v, retain_graph=True)[0] for i in range(len(flat))])
-    i = sum(sizes[:names.index("bn2.weight")])      # a column where torch.func's Hessian is wrong
+    i = sum(sizes[: names.index("bn2.weight")])  # a column where torch.func's Hessian is wrong
     e = torch.zeros_like(flat)
     e[i] = 1e-5
     fd = (torch.func.grad(f)(flat + e) - torch.func.grad(f)(flat - e)) / 2e-5

@@ -1,9 +1,11 @@
 """The analysis of one checkpoint: replay, curvature, per-layer spectra, kinematics, labels, sharpness."""
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,17 +16,25 @@ from trajscope.analysis.options import AnalysisOptions
 from trajscope.analysis.selection import horizon, recorded_node_layers
 from trajscope.curvature.node import CurvatureResult, node_curvature
 from trajscope.curvature.sharpness import sharpness as compute_sharpness
-from trajscope.replay.problem import Problem
 from trajscope.dynamics.labels import resolve_delta
-from trajscope.dynamics.updatemap import (NodeMap, UpdateRule, node_map, preconditioner, stability_threshold,
-                                          step_gradient, update_rule)
+from trajscope.dynamics.updatemap import (
+    NodeMap,
+    UpdateRule,
+    node_map,
+    preconditioner,
+    stability_threshold,
+    step_gradient,
+    update_rule,
+)
 from trajscope.errors import TrajscopeError
 from trajscope.nodes import NodeLayer, node_matrix
 from trajscope.replay import trainmode as replay_mod
+from trajscope.replay.problem import Problem
 from trajscope.replay.run import Checkpoint, Run
 from trajscope.trust import loss_spec
 
 __all__ = ["Analyser", "NOT_COMPUTED"]
+
 
 # --------------------------------------------------------------------------- one checkpoint
 def _to(x: Any, device: str, dtype: torch.dtype) -> Any:
@@ -55,7 +65,9 @@ class Analyser:
             raise TrajscopeError(f"{run.path}: the model has no Linear/Conv layer, so there are no nodes to analyse")
         self.kinematics_only = not run.has_batches and not (opts.batch == "probe" and run.probe is not None)
         if opts.batch == "probe" and run.probe is None:
-            raise TrajscopeError(f"{run.path} has no probe batch: record one with Recorder(probe=...) or use --batch step")
+            raise TrajscopeError(
+                f"{run.path} has no probe batch: record one with Recorder(probe=...) or use --batch step"
+            )
         self.model = None
         self.loss_fn: Callable | None = None
         self.loss_override: str | None = None
@@ -69,20 +81,28 @@ class Analyser:
         self.exported = opts.model is None and not meta.get("spec") and bool(meta.get("exported"))
         self.compiled = "OptimizedModule" in (meta.get("wrapped_by") or [])
         self.recorded_sensitive = meta.get("mode_sensitive") or []
-        self.replay_issues: dict[str, list[int]] = {}     # why a replay departs from training -> steps
-        self.coupled = False                              # some checkpoint used the coupled curvature route
-        self.n_replayed = 0                               # checkpoints replayed per recorded forward pass
+        self.replay_issues: dict[str, list[int]] = {}  # why a replay departs from training -> steps
+        self.coupled = False  # some checkpoint used the coupled curvature route
+        self.n_replayed = 0  # checkpoints replayed per recorded forward pass
         self.group_of = {name: g for g, names in enumerate(run.param_groups) for name in names}
         self.total_steps = int(run.steps[-1]) + 1 if len(run.steps) else 1
         self.horizon = horizon(run, opts)
         self.delta = resolve_delta(opts.labels, self.total_steps, self.horizon)
-        self.failures: list[str] = []   # a part of one checkpoint that failed (its values NaN): summary lines
+        self.failures: list[str] = []  # a part of one checkpoint that failed (its values NaN): summary lines
 
     def replay(self, ck: Checkpoint, inputs: Any) -> replay_mod.Replay:
         """How checkpoint ``ck`` is replayed on ``inputs``; a departure from training is kept for the summary."""
-        rp, issue = replay_mod.plan(self.model, ck.forward, inputs, self.opts.device, mode=self.opts.train_mode,
-                                    exported=self.exported, compiled=self.compiled,
-                                    probe=self.opts.batch == "probe", recorded_sensitive=self.recorded_sensitive)
+        rp, issue = replay_mod.plan(
+            self.model,
+            ck.forward,
+            inputs,
+            self.opts.device,
+            mode=self.opts.train_mode,
+            exported=self.exported,
+            compiled=self.compiled,
+            probe=self.opts.batch == "probe",
+            recorded_sensitive=self.recorded_sensitive,
+        )
         if issue:
             self.replay_issues.setdefault(issue, []).append(ck.step)
         self.n_replayed += bool(rp.micro)
@@ -101,19 +121,31 @@ class Analyser:
         params = {k: _to(v, dev, dt) for k, v in ck.params.items()}
         buffers = {k: _to(v, dev, dt) for k, v in ck.buffers.items()}
         inputs = _to(batch[0], dev, dt)
-        rp, _ = replay_mod.plan(self.model, ck.forward, inputs, dev, mode=self.opts.train_mode,
-                                exported=self.exported, compiled=self.compiled,
-                                probe=self.opts.batch == "probe", recorded_sensitive=self.recorded_sensitive)
+        rp, _ = replay_mod.plan(
+            self.model,
+            ck.forward,
+            inputs,
+            dev,
+            mode=self.opts.train_mode,
+            exported=self.exported,
+            compiled=self.compiled,
+            probe=self.opts.batch == "probe",
+            recorded_sensitive=self.recorded_sensitive,
+        )
         try:
             with torch.no_grad():
                 loss = self.loss_fn(rp.forward(self.model, params, buffers, inputs), _to(batch[1], dev, dt))
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-                raise TypeError(f"it returned {type(loss).__name__}"
-                                f"{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}, not a scalar tensor")
+                raise TypeError(
+                    f"it returned {type(loss).__name__}"
+                    f"{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}, not a scalar tensor"
+                )
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else ""
-            raise TrajscopeError(f"{self.run.path}: replaying the loss on step {ck.step}'s batch failed ({type(e).__name__}: "
-                                 f"{msg[:300]}): check the model and loss (--model, --loss)") from None
+            raise TrajscopeError(
+                f"{self.run.path}: replaying the loss on step {ck.step}'s batch failed ({type(e).__name__}: "
+                f"{msg[:300]}): check the model and loss (--model, --loss)"
+            ) from None
 
     def rules(self, ck: Checkpoint) -> list[UpdateRule]:
         out = []
@@ -135,8 +167,12 @@ class Analyser:
         rules = self.rules(ck)
         threshold = min((_threshold(r) for r in rules), default=math.nan)
         live = not self.kinematics_only and _finite(params.values())
-        glob: dict[str, float] = {"loss": ck.loss, "sharpness": math.nan, "threshold": threshold,
-                                  "step_gap": float(succ - step) if succ is not None else math.nan}
+        glob: dict[str, float] = {
+            "loss": ck.loss,
+            "sharpness": math.nan,
+            "threshold": threshold,
+            "step_gap": float(succ - step) if succ is not None else math.nan,
+        }
         cr, (inputs, targets, rp) = self._curvature(ck, params, buffers, glob) if live else (None, (None, None, None))
         # a clipped step's map is the rule's on c_t·H (c_t frozen; updatemap, "What else changes the step")
         clip = glob.pop("map_factor", 1.0)
@@ -146,12 +182,15 @@ class Analyser:
         if live and self.opts.sharpness:
             try:
                 glob.update(self._sharpness(params, buffers, inputs, targets, precond, rules, rp, clip))
-            except (RuntimeError, torch.linalg.LinAlgError) as e:   # as for the curvature: NaN, not an abort
-                self._failed(f"step {step}: sharpness failed ({type(e).__name__}: {_first_line(e)}); "
-                             f"global/sharpness is NaN")
+            except (RuntimeError, torch.linalg.LinAlgError) as e:  # as for the curvature: NaN, not an abort
+                self._failed(
+                    f"step {step}: sharpness failed ({type(e).__name__}: {_first_line(e)}); global/sharpness is NaN"
+                )
         k = (succ - step) if succ is not None else 1
-        layers = [self._layer_inputs(l, params, nxt, k, cr, rules, precond, glob["loss"], first_norms, clip)
-                  for l in self.layers]
+        layers = [
+            self._layer_inputs(l, params, nxt, k, cr, rules, precond, glob["loss"], first_norms, clip)
+            for l in self.layers
+        ]
         return glob, self._nodes(layers)
 
     def _tensors(self, ck: Checkpoint, succ: int | None) -> tuple[dict, dict, dict | None]:
@@ -163,8 +202,9 @@ class Analyser:
         nxt = {k: _to(v, "cpu", dt) for k, v in self.run.params(succ).items()} if succ is not None else None
         return params, buffers, nxt
 
-    def _curvature(self, ck: Checkpoint, params: dict, buffers: dict, glob: dict[str, float]
-                   ) -> tuple[CurvatureResult | None, tuple[Any, Any, replay_mod.Replay]]:
+    def _curvature(
+        self, ck: Checkpoint, params: dict, buffers: dict, glob: dict[str, float]
+    ) -> tuple[CurvatureResult | None, tuple[Any, Any, replay_mod.Replay]]:
         """The node curvature of the checkpoint (None where it failed: nodes get NaN) and the batch it was
         replayed on, ``(inputs, targets, replay)``; the loss, fidelity and gradient check go into ``glob``."""
         opts, step = self.opts, ck.step
@@ -174,8 +214,11 @@ class Analyser:
         rp = self.replay(ck, inputs)
         self.coupled |= rp.batch_statistics(self.model)
         try:
-            cr = node_curvature(Problem(self.model, params, buffers, inputs, targets, self.loss_fn, rp),
-                                self.layers, kind=opts.curvature)
+            cr = node_curvature(
+                Problem(self.model, params, buffers, inputs, targets, self.loss_fn, rp),
+                self.layers,
+                kind=opts.curvature,
+            )
             glob["loss"] = float(cr.loss)
             if opts.batch == "step" and math.isfinite(ck.loss):
                 # fidelity: the replayed function against the one trained, at this step
@@ -190,27 +233,51 @@ class Analyser:
             cr = None
         return cr, (inputs, targets, rp)
 
-    def _preconditioners(self, ck: Checkpoint, cr: CurvatureResult | None, rules: list[UpdateRule], params: dict,
-                         clip: float) -> dict[str, torch.Tensor] | None:
+    def _preconditioners(
+        self, ck: Checkpoint, cr: CurvatureResult | None, rules: list[UpdateRule], params: dict, clip: float
+    ) -> dict[str, torch.Tensor] | None:
         """Adam's frozen preconditioner D per parameter, once per checkpoint (None: no rule is preconditioned,
         or no curvature): the node spectra and the preconditioned sharpness both use it."""
         if cr is None or not any(r.preconditioned for r in rules):
             return None
-        return {name: _precond(rules[self.group_of.get(name, 0)], ck.optimizer_state.get(name, {}),
-                               clip * cr.grads[name], p) for name, p in params.items()}
+        return {
+            name: _precond(
+                rules[self.group_of.get(name, 0)], ck.optimizer_state.get(name, {}), clip * cr.grads[name], p
+            )
+            for name, p in params.items()
+        }
 
-    def _layer_inputs(self, layer: NodeLayer, params: dict, nxt: dict | None, k: int, cr: CurvatureResult | None,
-                      rules: list[UpdateRule], precond: dict | None, loss: float,
-                      first_norms: dict[str, torch.Tensor] | None, clip: float) -> LayerInputs:
+    def _layer_inputs(
+        self,
+        layer: NodeLayer,
+        params: dict,
+        nxt: dict | None,
+        k: int,
+        cr: CurvatureResult | None,
+        rules: list[UpdateRule],
+        precond: dict | None,
+        loss: float,
+        first_norms: dict[str, torch.Tensor] | None,
+        clip: float,
+    ) -> LayerInputs:
         """One layer's rows of θ_t, θ_{t+k}, ∇L and D (each :func:`~trajscope.nodes.node_matrix` done once)."""
         nm = None if self.kinematics_only else self.node_map(layer, rules)
         pre = node_matrix(precond, layer) if cr is not None and nm is not None and nm.rule.preconditioned else None
         # per-node work from here on is small: on the CPU, whatever the analysis device
-        return LayerInputs(layer=layer, theta=node_matrix(params, layer).cpu(),
-                           theta_next=node_matrix(nxt, layer).cpu() if nxt is not None else None, k=k, nmap=nm, cr=cr,
-                           grads=node_matrix(cr.grads, layer) if cr is not None else None, precond=pre,
-                           precond_cpu=pre.cpu() if pre is not None else None, loss=loss,
-                           first_norm=first_norms.get(layer.name) if first_norms else None, clip=clip)
+        return LayerInputs(
+            layer=layer,
+            theta=node_matrix(params, layer).cpu(),
+            theta_next=node_matrix(nxt, layer).cpu() if nxt is not None else None,
+            k=k,
+            nmap=nm,
+            cr=cr,
+            grads=node_matrix(cr.grads, layer) if cr is not None else None,
+            precond=pre,
+            precond_cpu=pre.cpu() if pre is not None else None,
+            loss=loss,
+            first_norm=first_norms.get(layer.name) if first_norms else None,
+            clip=clip,
+        )
 
     def _nodes(self, layers: list[LayerInputs]) -> dict[str, dict[str, np.ndarray]]:
         """The node arrays of every layer: the motions first (the loss shares are over an equal share of
@@ -230,12 +297,22 @@ class Analyser:
         :data:`STEP_SERIES` and ``map_factor`` (c_t where clipped, else 1)."""
         names = [n for n in self.group_of if n in cr.grads]
         replayed = math.sqrt(sum(float(cr.grads[n].detach().double().pow(2).sum()) for n in names))
-        sg = step_gradient(replayed, ck.grad_norms.get("stepped", math.nan), ck.grad_norms.get("backward", math.nan),
-                           loss_faithful=loss_faithful)
-        out = {"grad_norm": sg.replayed, "recorded_grad_norm": sg.stepped, "backward_grad_norm": sg.backward,
-               "step_factor": sg.factor, "loss_scale": sg.loss_scale, "clipped": float(sg.clipped),
-               "grad_norm_mismatch": sg.mismatch}
-        if math.isnan(sg.factor):   # nothing recorded to compare with (a run recorded before the norms were)
+        sg = step_gradient(
+            replayed,
+            ck.grad_norms.get("stepped", math.nan),
+            ck.grad_norms.get("backward", math.nan),
+            loss_faithful=loss_faithful,
+        )
+        out = {
+            "grad_norm": sg.replayed,
+            "recorded_grad_norm": sg.stepped,
+            "backward_grad_norm": sg.backward,
+            "step_factor": sg.factor,
+            "loss_scale": sg.loss_scale,
+            "clipped": float(sg.clipped),
+            "grad_norm_mismatch": sg.mismatch,
+        }
+        if math.isnan(sg.factor):  # nothing recorded to compare with (a run recorded before the norms were)
             return {}
         return {**out, "map_factor": sg.map_factor}
 
@@ -261,8 +338,10 @@ def _loss_override(run: Run, spec: str | None, loss_fn: Callable) -> str | None:
     got = f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', '?')}"
     if got == recorded:
         return None
-    return (f"--loss {spec} replaces the recorded loss {recorded}: the analysis replays another function than the "
-            f"one trained (curvature, spectra and labels are of that function)")
+    return (
+        f"--loss {spec} replaces the recorded loss {recorded}: the analysis replays another function than the "
+        f"one trained (curvature, spectra and labels are of that function)"
+    )
 
 
 def _threshold(rule: UpdateRule, clip: float = 1.0) -> float:
@@ -272,7 +351,9 @@ def _threshold(rule: UpdateRule, clip: float = 1.0) -> float:
     return th if rule.preconditioned else (th - rule.coupled_shift) / clip
 
 
-def _precond(rule: UpdateRule, state: Mapping[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def _precond(
+    rule: UpdateRule, state: Mapping[str, torch.Tensor], grad: torch.Tensor, param: torch.Tensor
+) -> torch.Tensor:
     """The optimizer's frozen diagonal preconditioner D for one parameter (updatemap.preconditioner)."""
     moved = {k: _opt(v, param) for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == param.shape}
     return preconditioner(rule, moved, grad, param=param).to(param.dtype)

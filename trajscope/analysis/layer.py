@@ -4,11 +4,12 @@ map's spectrum, the motion along which the excited preset judges a node, and the
 All rows are :func:`~trajscope.nodes.node_matrix` rows, :math:`\theta_i = [\mathrm{vec}(W_i);\ b_i]`
 (N nodes × p); per-node work runs on the CPU whatever the analysis device.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -93,43 +94,52 @@ def map_eigvals(inp: LayerInputs) -> tuple[Tensor, UpdateRule]:
         fast = None
         if nm.lr_scale is not None and not rule.preconditioned:  # a bias in another SGD group
             w = torch.as_tensor(nm.shift, dtype=torch.float64).reshape(-1)
-            fast = bias_group_eigvals(factor, nm.sign, float(w[0]) / clip, float(w[-1]) / clip,
-                                      float(nm.lr_scale[-1]))
+            fast = bias_group_eigvals(factor, nm.sign, float(w[0]) / clip, float(w[-1]) / clip, float(nm.lr_scale[-1]))
         if fast is not None:  # the eigenvalues less wd: the rule adds wd to all p of them
             return clip * fast, replace(rule, weight_decay=float(w[0]))
         dm = map_scale(nm, inp.precond if rule.preconditioned else None, torch.empty(n, p, dtype=torch.float64))
         shift = nm.shift / clip
-        eig = clip * (preconditioned_eigvals(factor, dm, shift=shift) if nm.sign > 0 else
-                      -preconditioned_eigvals(factor, dm, shift=-shift).flip(1))
+        eig = clip * (
+            preconditioned_eigvals(factor, dm, shift=shift)
+            if nm.sign > 0
+            else -preconditioned_eigvals(factor, dm, shift=-shift).flip(1)
+        )
     elif clip != 1.0:
-        eig = clip * eig   # λ' = s·c·λ + wd: decay is added after clipping
+        eig = clip * eig  # λ' = s·c·λ + wd: decay is added after clipping
     return eig, rule
 
 
-def _spectra(inp: LayerInputs, delta: float, fractions: bool, out: dict[str, np.ndarray]
-             ) -> tuple[Tensor, Tensor, Tensor, NodeSpectra, tuple[Tensor, Tensor, Tensor] | None]:
+def _spectra(
+    inp: LayerInputs, delta: float, fractions: bool, out: dict[str, np.ndarray]
+) -> tuple[Tensor, Tensor, Tensor, NodeSpectra, tuple[Tensor, Tensor, Tensor] | None]:
     """``(hess_max, hess_min, grad_norm, spectra, motion)`` of the layer; NaN (and no motion) without
     curvature. ``fractions``: also the motion fractions, into ``out``."""
     nm, cr, n, p = inp.nmap, inp.cr, inp.layer.n_nodes, inp.layer.node_dim
     if cr is None:
         fill = torch.full((n,), float("nan"), dtype=torch.float64)
-        return fill, fill, fill, node_update_spectra(torch.full((n, 1), float("nan"), dtype=torch.float64), p,
-                                                     nm.rule), None
+        return (
+            fill,
+            fill,
+            fill,
+            node_update_spectra(torch.full((n, 1), float("nan"), dtype=torch.float64), p, nm.rule),
+            None,
+        )
     eig = cr.eigvals[inp.layer.name]
     hmax, hmin = node_hessian_extremes(eig, p)
     grad_norm = inp.grads.norm(dim=1).cpu()
     eig, rule = map_eigvals(inp)
     spectra = node_update_spectra(eig, p, rule)
     pre, clip, move = inp.precond_cpu if nm.rule.preconditioned else None, inp.clip, inp.move
-    motion = (*motion_from_eigs(motion_curvature(cr.factors[inp.layer.name], nm, move[0], pre, clip), nm.rule),
-              move[1])
+    motion = (*motion_from_eigs(motion_curvature(cr.factors[inp.layer.name], nm, move[0], pre, clip), nm.rule), move[1])
     if fractions:
         neutral_f, unstable_f = motion_fractions(cr.factors[inp.layer.name], nm, nm.rule, move[0], pre, delta, clip)
         out.update(neutral_fraction=_np32(neutral_f), unstable_fraction=_np32(unstable_f))
     return hmax, hmin, grad_norm, spectra, motion
 
 
-def analyse_layer(inp: LayerInputs, labels: LabelConfig, delta: float, fractions: bool = False) -> dict[str, np.ndarray]:
+def analyse_layer(
+    inp: LayerInputs, labels: LabelConfig, delta: float, fractions: bool = False
+) -> dict[str, np.ndarray]:
     """The node arrays of one layer at one checkpoint (the ``node/`` series of analysis.zarr but the stable label).
 
     Args:
@@ -143,24 +153,52 @@ def analyse_layer(inp: LayerInputs, labels: LabelConfig, delta: float, fractions
     n = inp.layer.n_nodes
     kin = node_kinematics(inp.theta, inp.theta_next, inp.k)
     nan = np.full(n, np.nan, np.float32)
-    out: dict[str, np.ndarray] = {"param_norm": _np32(kin["param_norm"]), "rho": _np32(kin["rho"]),
-                                  "drift": _np32(kin["drift"])}
+    out: dict[str, np.ndarray] = {
+        "param_norm": _np32(kin["param_norm"]),
+        "rho": _np32(kin["rho"]),
+        "drift": _np32(kin["drift"]),
+    }
     if inp.nmap is None:
-        out.update(motion_radius=nan, loss_share=nan, hess_max=nan, hess_min=nan, spectral_radius=nan, grad_norm=nan,
-                   null_dims=np.zeros(n, np.int32), neutral_dims=np.zeros(n, np.int32),
-                   label=np.full(n, NOT_COMPUTED, np.uint8), reason=np.full(n, NOT_COMPUTED, np.uint8))
+        out.update(
+            motion_radius=nan,
+            loss_share=nan,
+            hess_max=nan,
+            hess_min=nan,
+            spectral_radius=nan,
+            grad_norm=nan,
+            null_dims=np.zeros(n, np.int32),
+            neutral_dims=np.zeros(n, np.int32),
+            label=np.full(n, NOT_COMPUTED, np.uint8),
+            reason=np.full(n, NOT_COMPUTED, np.uint8),
+        )
         return out
     hmax, hmin, grad_norm, spectra, motion = _spectra(inp, delta, fractions, out)
     norms = kin["param_norm"].to(torch.float64)
     ref = collapse_reference_norm(labels, norms, inp.first_norm)
-    label, reason, neutral = classify(spectra, norms, ref, grad_norm.to(torch.float64), hmin.to(torch.float64),
-                                      float(inp.loss), labels, delta, motion=motion, hess_max=hmax.to(torch.float64))
-    out.update(motion_radius=_np32(motion[0]) if motion is not None else nan,
-               loss_share=_np32(motion[2]) if motion is not None else nan,
-               hess_max=_np32(hmax), hess_min=_np32(hmin), spectral_radius=_np32(spectra.radius),
-               grad_norm=_np32(grad_norm), null_dims=spectra.null_dims.cpu().numpy().astype(np.int32),
-               neutral_dims=neutral.cpu().numpy().astype(np.int32), label=label.cpu().numpy().astype(np.uint8),
-               reason=reason.cpu().numpy().astype(np.uint8))
+    label, reason, neutral = classify(
+        spectra,
+        norms,
+        ref,
+        grad_norm.to(torch.float64),
+        hmin.to(torch.float64),
+        float(inp.loss),
+        labels,
+        delta,
+        motion=motion,
+        hess_max=hmax.to(torch.float64),
+    )
+    out.update(
+        motion_radius=_np32(motion[0]) if motion is not None else nan,
+        loss_share=_np32(motion[2]) if motion is not None else nan,
+        hess_max=_np32(hmax),
+        hess_min=_np32(hmin),
+        spectral_radius=_np32(spectra.radius),
+        grad_norm=_np32(grad_norm),
+        null_dims=spectra.null_dims.cpu().numpy().astype(np.int32),
+        neutral_dims=neutral.cpu().numpy().astype(np.int32),
+        label=label.cpu().numpy().astype(np.uint8),
+        reason=reason.cpu().numpy().astype(np.uint8),
+    )
     return out
 
 

@@ -1,15 +1,17 @@
 """The options of an analysis (``trajscope analyze`` and :func:`trajscope.analyze`), checked on
 construction: every bad value is one line before anything is read or written (docs/spec.md §10)."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from trajscope.io import specs
 from trajscope.dynamics.labels import LabelConfig
 from trajscope.errors import TrajscopeError
+from trajscope.io import specs
 
 
 @dataclass
@@ -20,11 +22,11 @@ class AnalysisOptions:
     steps: tuple[int | None, int | None] | None = None
     stride: int = 1
     all_steps: bool = False
-    batch: str = "step"                 # "step" | "probe"
-    curvature: str = "ggn"              # "ggn" | "exact"
+    batch: str = "step"  # "step" | "probe"
+    curvature: str = "ggn"  # "ggn" | "exact"
     sharpness: bool = True
-    motion_fractions: bool = False      # per node: the motion's fractions along neutral / unstable directions
-    train_mode: str = "replay"          # "replay" (train-mode layers as trained) | "off" (eval mode)
+    motion_fractions: bool = False  # per node: the motion's fractions along neutral / unstable directions
+    train_mode: str = "replay"  # "replay" (train-mode layers as trained) | "off" (eval mode)
     labels: LabelConfig = field(default_factory=LabelConfig)
     device: str = "cpu"
     dtype: str = "float32"
@@ -36,9 +38,12 @@ class AnalysisOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, value, choices in (("batch", self.batch, ("step", "probe")), ("curvature", self.curvature, ("ggn", "exact")),
-                                     ("train_mode", self.train_mode, ("replay", "off")),
-                                     ("dtype", self.dtype, ("float32", "float64"))):
+        for name, value, choices in (
+            ("batch", self.batch, ("step", "probe")),
+            ("curvature", self.curvature, ("ggn", "exact")),
+            ("train_mode", self.train_mode, ("replay", "off")),
+            ("dtype", self.dtype, ("float32", "float64")),
+        ):
             if value not in choices:
                 raise TrajscopeError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if not isinstance(self.stride, int) or self.stride < 1:
@@ -50,13 +55,16 @@ class AnalysisOptions:
             if any(v is not None and v < 0 for v in (lo, hi)):
                 raise TrajscopeError(f"steps are >= 0, got {range_text(self.steps)}")
             if lo is not None and hi is not None and hi <= lo:
-                raise TrajscopeError(f"step range {range_text(self.steps)} is empty (the end is exclusive): "
-                                     f"give A:B with B > A")
+                raise TrajscopeError(
+                    f"step range {range_text(self.steps)} is empty (the end is exclusive): give A:B with B > A"
+                )
         for name, text, spec in (("model", self.model_args, self.model), ("loss", self.loss_args, self.loss)):
             if text is not None and spec is None:
-                raise TrajscopeError(f"--{name}-args is given without --{name}: name the {name} those arguments are for")
+                raise TrajscopeError(
+                    f"--{name}-args is given without --{name}: name the {name} those arguments are for"
+                )
             if text is not None:
-                specs.parse_kwargs(text)        # one line now for bad JSON, not after the model is built
+                specs.parse_kwargs(text)  # one line now for bad JSON, not after the model is built
         self.device = check_device(self.device)
 
 
@@ -72,7 +80,9 @@ def parse_steps(text: str) -> tuple[int | None, int | None]:
             raise ValueError
         return (int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
     except ValueError:
-        raise TrajscopeError(f"--steps {text!r} must look like A:B, A: or :B, e.g. 100:500 (step 5 alone: 5:6)") from None
+        raise TrajscopeError(
+            f"--steps {text!r} must look like A:B, A: or :B, e.g. 100:500 (step 5 alone: 5:6)"
+        ) from None
 
 
 def check_device(name: str) -> str:
@@ -88,11 +98,15 @@ def check_device(name: str) -> str:
         if n == 0:
             raise TrajscopeError("--device cuda was asked for but torch sees no CUDA device: use --device cpu")
         if dev.index is not None and dev.index >= n:
-            raise TrajscopeError(f"--device {name} was asked for but torch sees {n} CUDA device(s): use cuda:0 .. cuda:{n - 1}")
+            raise TrajscopeError(
+                f"--device {name} was asked for but torch sees {n} CUDA device(s): use cuda:0 .. cuda:{n - 1}"
+            )
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise TrajscopeError("--device mps was asked for but torch sees no MPS device: use --device cpu")
     try:
         torch.empty(1, device=dev)
     except Exception as e:  # a device type torch knows but has no backend for in this process
-        raise TrajscopeError(f"--device {name}: torch cannot place tensors there ({type(e).__name__}): use cpu or cuda") from None
+        raise TrajscopeError(
+            f"--device {name}: torch cannot place tensors there ({type(e).__name__}): use cpu or cuda"
+        ) from None
     return name

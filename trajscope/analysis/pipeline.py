@@ -23,14 +23,16 @@ This module runs the analyses of runs (locking, appending, writing); the steps l
 :mod:`~trajscope.analysis.fidelity` (the run-level checks), :mod:`~trajscope.analysis.attrs` (the results
 attributes), :mod:`~trajscope.analysis.progress`; the command line is :mod:`trajscope.cli.analyze`.
 """
+
 from __future__ import annotations
 
 import math
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,24 +40,37 @@ from rich.console import Console
 
 from trajscope.analysis.attrs import result_attrs
 from trajscope.analysis.checkpoint import Analyser
-from trajscope.analysis.fidelity import (STEP_SERIES, earlier_step_rows, grad_fidelity, loss_fidelity, step_changes,
-                                         train_mode_summary)
+from trajscope.analysis.fidelity import (
+    STEP_SERIES,
+    earlier_step_rows,
+    grad_fidelity,
+    loss_fidelity,
+    step_changes,
+    train_mode_summary,
+)
 from trajscope.analysis.layer import NOT_COMPUTED
 from trajscope.analysis.options import AnalysisOptions
 from trajscope.analysis.progress import analysis_progress
 from trajscope.analysis.selection import check_selection, eligible_steps, recorded_node_layers
 from trajscope.dynamics.labels import LabelConfig, StableLabelState
 from trajscope.errors import DamagedRecordError, TrajscopeError
-from trajscope.io.results import (NODE_FLOAT, NODE_INT, NODE_U8, UNSET_INT, discard_partial_stores, open_results,
-                               results_exist)
+from trajscope.io.layout import find_runs
+from trajscope.io.results import (
+    NODE_FLOAT,
+    NODE_INT,
+    NODE_U8,
+    UNSET_INT,
+    discard_partial_stores,
+    open_results,
+    results_exist,
+)
 from trajscope.io.resultswriter import ResultsWriter
 from trajscope.io.runlock import analysis_lock
 from trajscope.io.tbevents import EventWriter
-from trajscope.io.layout import find_runs
 from trajscope.nodes import NodeLayer
 from trajscope.replay.run import Checkpoint, Run, open_run
 
-_Analyser = Analyser   # its name before the split (tests patch pipeline._Analyser.checkpoint)
+_Analyser = Analyser  # its name before the split (tests patch pipeline._Analyser.checkpoint)
 
 __all__ = ["RunSummary", "analyze", "analyze_run", "eligible_steps", "recorded_node_layers", "NOT_COMPUTED"]
 
@@ -67,8 +82,8 @@ class RunSummary:
     results: Any
     kinematics_only: bool = False
     notes: list[str] = field(default_factory=list)
-    mismatches: dict[int, float] = field(default_factory=dict)   # step -> relative replayed/recorded loss gap
-    step_rows: dict[int, dict[str, float]] = field(default_factory=dict)   # step -> STEP_SERIES values
+    mismatches: dict[int, float] = field(default_factory=dict)  # step -> relative replayed/recorded loss gap
+    step_rows: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> STEP_SERIES values
 
 
 # --------------------------------------------------------------------------- one run
@@ -134,18 +149,23 @@ def _previous(run: Run, an: Analyser, opts: AnalysisOptions) -> Any:
     # (stores written before the label_config attribute named its preset used the acted rule)
     was = (attrs.get("label_config") or {}).get("preset", "acted") if prev is not None and done else None
     if was is not None and was != opts.labels.preset:
-        raise TrajscopeError(f"{run.path} was analysed with label preset {was!r}; appended labels must use the same: "
-                             f"pass --preset {was}, or move {run.path / 'analysis.zarr'} aside to re-analyse from scratch")
+        raise TrajscopeError(
+            f"{run.path} was analysed with label preset {was!r}; appended labels must use the same: "
+            f"pass --preset {was}, or move {run.path / 'analysis.zarr'} aside to re-analyse from scratch"
+        )
     if "delta" in attrs:
         if opts.labels.delta is not None and not math.isclose(opts.labels.delta, attrs["delta"]):
-            raise TrajscopeError(f"{run.path} was analysed with delta {attrs['delta']:g}; appended labels must use the "
-                                 f"same: drop --delta, or move {run.path / 'analysis.zarr'} aside to re-analyse from scratch")
+            raise TrajscopeError(
+                f"{run.path} was analysed with delta {attrs['delta']:g}; appended labels must use the "
+                f"same: drop --delta, or move {run.path / 'analysis.zarr'} aside to re-analyse from scratch"
+            )
         an.delta = float(attrs["delta"])
     return prev
 
 
-def _resume(prev: Any, done: Sequence[int], layers: Mapping[str, int], opts: AnalysisOptions
-            ) -> tuple[dict[str, torch.Tensor], StableLabelState]:
+def _resume(
+    prev: Any, done: Sequence[int], layers: Mapping[str, int], opts: AnalysisOptions
+) -> tuple[dict[str, torch.Tensor], StableLabelState]:
     """First norms (collapse reference) and label history for stable labels, from earlier analyses."""
     first_norms: dict[str, torch.Tensor] = {}
     stable = StableLabelState(layers, opts.labels.stable_window)
@@ -163,21 +183,30 @@ def _map_notes(rules0: Sequence[Any], maps0: Mapping[str, str | None]) -> list[s
     """The summary's lines on the update maps of the run (per layer, and no map for the optimizer)."""
     notes = [f"{name}: {note}" for name, note in maps0.items() if note]
     if any(r.kind == "gd_fallback" for r in rules0):
-        notes.append(f"WARNING: trajscope has no update map for {rules0[0].optimizer.rsplit('.', 1)[-1]}: the "
-                     f"spectra, thresholds and labels use plain gradient descent with the group's lr")
+        notes.append(
+            f"WARNING: trajscope has no update map for {rules0[0].optimizer.rsplit('.', 1)[-1]}: the "
+            f"spectra, thresholds and labels use plain gradient descent with the group's lr"
+        )
     return notes
 
 
-def _append_step(an: Analyser, step: int, succ: int | None, first_norms: dict[str, torch.Tensor],
-                 stable: StableLabelState, summary: RunSummary, writer: ResultsWriter, events: EventWriter
-                 ) -> dict[str, torch.Tensor]:
+def _append_step(
+    an: Analyser,
+    step: int,
+    succ: int | None,
+    first_norms: dict[str, torch.Tensor],
+    stable: StableLabelState,
+    summary: RunSummary,
+    writer: ResultsWriter,
+    events: EventWriter,
+) -> dict[str, torch.Tensor]:
     """Analyse one checkpoint and append its row (a NaN row where it failed); returns the first norms."""
     try:
         glob, nodes = an.checkpoint(step, succ, first_norms)
     except Exception as e:
         # Local failure (docs/spec.md §10): this row is NaN and says so; the other steps go on.
         if isinstance(e, TrajscopeError) and not isinstance(e, DamagedRecordError):
-            raise          # bad input that holds for every step: one line, not a row per step
+            raise  # bad input that holds for every step: one line, not a row per step
         marker = "damaged" if isinstance(e, DamagedRecordError) else "failed"
         why = str(e) if marker == "damaged" else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(f"step {step}: {why}; its row is NaN (global/{marker} = 1)")
@@ -202,8 +231,11 @@ def _append_step(an: Analyser, step: int, succ: int | None, first_norms: dict[st
 def _finish(an: Analyser, opts: AnalysisOptions, prev: Any, summary: RunSummary, writer: ResultsWriter) -> None:
     """The run-level checks over every analysed step (this analysis and the earlier ones): summary notes and
     results attributes."""
-    earlier = ({int(st): float(m) for st, m in zip(prev.steps, prev.global_series("loss_mismatch")) if np.isfinite(m)}
-               if prev is not None and "loss_mismatch" in prev.global_names else {})
+    earlier = (
+        {int(st): float(m) for st, m in zip(prev.steps, prev.global_series("loss_mismatch")) if np.isfinite(m)}
+        if prev is not None and "loss_mismatch" in prev.global_names
+        else {}
+    )
     replayed = train_mode_summary(an, opts)
     summary.notes += replayed["notes"]
     fidelity = loss_fidelity({**earlier, **summary.mismatches})
@@ -213,8 +245,9 @@ def _finish(an: Analyser, opts: AnalysisOptions, prev: Any, summary: RunSummary,
     rows = {**earlier_step_rows(prev), **summary.step_rows}
     fidelity["grad_norm"], changes = grad_fidelity(rows), step_changes(rows)
     summary.notes += [n for n in (*changes["notes"], fidelity["grad_norm"]["note"]) if n]
-    writer.update_attrs(fidelity=fidelity, step_changes=changes,
-                        train_mode_replay={k: v for k, v in replayed.items() if k != "notes"})
+    writer.update_attrs(
+        fidelity=fidelity, step_changes=changes, train_mode_replay={k: v for k, v in replayed.items() if k != "notes"}
+    )
     # the WARNING lines of every analysis of the run, for the dashboard (earlier ones first, once each)
     said = list(prev.attrs.get("warnings", [])) if prev is not None else []
     writer.update_attrs(warnings=said + [n for n in summary.notes if n.startswith("WARNING") and n not in said])
@@ -245,7 +278,9 @@ def _nan_row(layers: Sequence[NodeLayer], marker: str) -> tuple[dict[str, float]
 
 
 # --------------------------------------------------------------------------- many runs, API and CLI
-def analyze(paths: str | Path | Sequence[str | Path], *, console: Console | None = None, **options: Any) -> dict[Path, Any]:
+def analyze(
+    paths: str | Path | Sequence[str | Path], *, console: Console | None = None, **options: Any
+) -> dict[Path, Any]:
     """Analyse run folders (or folders of runs). Returns ``{run folder: trajscope.io.results.Results}``.
 
     Keyword options are the fields of :class:`AnalysisOptions`; label options may be given either as
@@ -264,7 +299,9 @@ def _options(**options: Any) -> AnalysisOptions:
     return AnalysisOptions(**options)
 
 
-def analyze_many(paths: str | Path | Sequence[str | Path], opts: AnalysisOptions, console: Console | None) -> list[RunSummary]:
+def analyze_many(
+    paths: str | Path | Sequence[str | Path], opts: AnalysisOptions, console: Console | None
+) -> list[RunSummary]:
     """Analyse every run under ``paths`` (run folders or folders of runs); one summary per run, in order."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -275,8 +312,9 @@ def analyze_many(paths: str | Path | Sequence[str | Path], opts: AnalysisOptions
             raise TrajscopeError(f"{p} does not exist: give a run folder or a folder of runs")
     runs = find_runs(paths)
     if not runs:
-        raise TrajscopeError(f"no trajscope run under {', '.join(map(str, paths))}: a run folder holds trajectory.zarr (written by trajscope.Recorder)")
+        raise TrajscopeError(
+            f"no trajscope run under {', '.join(map(str, paths))}: a run folder holds trajectory.zarr (written by trajscope.Recorder)"
+        )
     if opts.steps is not None:
         check_selection(runs, opts)
     return [analyze_run(r, opts, console) for r in runs]
-

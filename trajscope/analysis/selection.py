@@ -1,9 +1,11 @@
 """Which node layers and which checkpoints of a run are analysed (``--modules``, ``--steps``, ``--stride``,
 ``--all-steps``), and the label horizon K those checkpoints span."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,8 +22,10 @@ def recorded_node_layers(run: Run, include: Sequence[str] | None = None) -> list
     out = [NodeLayer(**{**d, "conv": _tuples(d["conv"])}) for d in table if not include or matches(d["name"], include)]
     if include and not out:
         names = [d["name"] for d in table]
-        raise TrajscopeError(f"--modules {' '.join(include)} matches no Linear/Conv module of the run "
-                             f"(it has: {', '.join(names) or 'none'})")
+        raise TrajscopeError(
+            f"--modules {' '.join(include)} matches no Linear/Conv module of the run "
+            f"(it has: {', '.join(names) or 'none'})"
+        )
     return out
 
 
@@ -54,6 +58,7 @@ def eligible_steps(run: Run, opts: AnalysisOptions, done: Sequence[int]) -> list
     last = max(done) if done else None
     return [(s, n) for s, n in pairs if last is None or s > last]
 
+
 def horizon(run: Run, opts: AnalysisOptions) -> int:
     """K: the training steps between analysed checkpoints (the median gap; the recording
     interval when one checkpoint is analysed), over which one checkpoint's map stands for the
@@ -62,6 +67,7 @@ def horizon(run: Run, opts: AnalysisOptions) -> int:
     if len(steps) > 1:
         return max(1, int(np.median(np.diff(steps))))
     return max(1, int(run.every or 1))
+
 
 def check_selection(runs: Sequence[Path], opts: AnalysisOptions) -> None:
     """One line, before anything is written, when ``--steps`` selects no checkpoint of any run."""
@@ -72,6 +78,6 @@ def check_selection(runs: Sequence[Path], opts: AnalysisOptions) -> None:
             return
         if len(run.steps):
             spans.append(f"{run.path.name}: {int(run.steps[0])}..{int(run.steps[-1])}")
-    raise TrajscopeError(f"--steps {range_text(opts.steps)} selects no recorded checkpoint (recorded steps "
-                         f"{'; '.join(spans) or 'none'})")
-
+    raise TrajscopeError(
+        f"--steps {range_text(opts.steps)} selects no recorded checkpoint (recorded steps {'; '.join(spans) or 'none'})"
+    )

@@ -1,4 +1,5 @@
 """The ``trajscope`` command (``python -m trajscope``)."""
+
 from trajscope.cli.main import main
 
 __all__ = ["main"]

@@ -1,5 +1,6 @@
 """``trajscope analyze`` on the command line: arguments -> options, then the summary tables, notes and the
 ``tensorboard --logdir`` line."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,11 @@ from trajscope.dynamics.labels import LABELS, LabelConfig
 
 def _summary_table(s: RunSummary) -> Table:
     res = s.results
-    t = Table(title=f"{escape(str(s.run))}  ({len(s.analysed)} new checkpoint{'s' if len(s.analysed) != 1 else ''}, "
-                    f"{len(res.steps) if res is not None else 0} in all)", title_justify="left")
+    t = Table(
+        title=f"{escape(str(s.run))}  ({len(s.analysed)} new checkpoint{'s' if len(s.analysed) != 1 else ''}, "
+        f"{len(res.steps) if res is not None else 0} in all)",
+        title_justify="left",
+    )
     t.add_column("layer")
     for name in LABELS:
         t.add_column(name.replace("_", " "), justify="right")
@@ -38,14 +42,34 @@ def _summary_table(s: RunSummary) -> Table:
 def options_from_args(args: Any) -> AnalysisOptions:
     """The analysis options of a ``trajscope analyze`` command line (argparse namespace from :mod:`trajscope.cli.main`)."""
     steps = parse_steps(args.steps) if args.steps is not None else None
-    labels = LabelConfig(preset=args.preset, delta=args.delta, collapse_ratio=args.collapse_ratio,
-                         collapse_reference=args.collapse_reference, stable_window=args.stable_window,
-                         share_min=args.share_min)
-    return AnalysisOptions(modules=args.modules, steps=steps, stride=args.stride, all_steps=args.all_steps,
-                           batch=args.batch, curvature=args.curvature, sharpness=not args.no_sharpness,
-                           motion_fractions=args.fractions, train_mode=args.train_mode, labels=labels,
-                           device=args.device, dtype=args.dtype, model=args.model, model_args=args.model_args,
-                           loss=args.loss, loss_args=args.loss_args, trust=args.trust, progress=not args.no_progress)
+    labels = LabelConfig(
+        preset=args.preset,
+        delta=args.delta,
+        collapse_ratio=args.collapse_ratio,
+        collapse_reference=args.collapse_reference,
+        stable_window=args.stable_window,
+        share_min=args.share_min,
+    )
+    return AnalysisOptions(
+        modules=args.modules,
+        steps=steps,
+        stride=args.stride,
+        all_steps=args.all_steps,
+        batch=args.batch,
+        curvature=args.curvature,
+        sharpness=not args.no_sharpness,
+        motion_fractions=args.fractions,
+        train_mode=args.train_mode,
+        labels=labels,
+        device=args.device,
+        dtype=args.dtype,
+        model=args.model,
+        model_args=args.model_args,
+        loss=args.loss,
+        loss_args=args.loss_args,
+        trust=args.trust,
+        progress=not args.no_progress,
+    )
 
 
 def _print_run(console: Console, s: RunSummary) -> None:
@@ -72,7 +96,9 @@ def analyze_cli(args: Any) -> int:
         _print_run(console, s)
     # Plain print, not rich: the command must survive pipes (no wrapping) and odd folder names (no markup).
     logdir = os.path.commonpath([str(s.run.parent.resolve()) for s in summaries])
-    print(f"analysed {sum(len(s.analysed) for s in summaries)} checkpoints of {len(summaries)} run(s) in "
-          f"{time.perf_counter() - t0:.1f} s; results: RUN/analysis.zarr and RUN/events.out.tfevents.* in each run folder")
+    print(
+        f"analysed {sum(len(s.analysed) for s in summaries)} checkpoints of {len(summaries)} run(s) in "
+        f"{time.perf_counter() - t0:.1f} s; results: RUN/analysis.zarr and RUN/events.out.tfevents.* in each run folder"
+    )
     print(f"view them with:  tensorboard --logdir {shlex.quote(logdir)}")
     return 0

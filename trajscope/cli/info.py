@@ -6,6 +6,7 @@ analysis store's documents) so that a damaged run is an error, not a summary.
 :func:`verify` reads every committed record and checks every checksum (format version 3 stores;
 version 2 stores have none, and only their structure and readability are checked).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from trajscope.io import results
 from trajscope.errors import DamagedRecordError, TrajscopeError
+from trajscope.io import results
 from trajscope.replay.run import Run, open_run
 from trajscope.trust import TrustPolicy, loss_spec
 from trajscope.trust import allowed as trust_allowed
@@ -48,27 +49,48 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
     overview.add_row("steps", _steps_text(run))
     overview.add_row("last committed step", str(run.steps[-1]) if len(run.steps) else "-")
     sk = run.skipped_steps
-    overview.add_row("skipped steps", f"{len(sk)}" + (f" ({', '.join(map(str, sk[:8]))}{', ...' if len(sk) > 8 else ''})" if len(sk) else ""))
+    overview.add_row(
+        "skipped steps",
+        f"{len(sk)}" + (f" ({', '.join(map(str, sk[:8]))}{', ...' if len(sk) > 8 else ''})" if len(sk) else ""),
+    )
     if run.restarts:
-        overview.add_row("restarts", "; ".join(f"at step {r['at_step']} (dropped {r['dropped_records']})" for r in run.restarts))
+        overview.add_row(
+            "restarts", "; ".join(f"at step {r['at_step']} (dropped {r['dropped_records']})" for r in run.restarts)
+        )
     opt = a["optimizer"]
-    overview.add_row("optimizer", f"{opt['name']} ({len(opt['groups'])} param group{'s' if len(opt['groups']) != 1 else ''})")
+    overview.add_row(
+        "optimizer", f"{opt['name']} ({len(opt['groups'])} param group{'s' if len(opt['groups']) != 1 else ''})"
+    )
     if len(run.steps):
         hp = run.reader.hparams(len(run.steps) - 1)
-        shown = {k: v for k, v in hp[0].items() if k in ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")}
-        overview.add_row("hyperparameters (last, group 0)", ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+        shown = {
+            k: v
+            for k, v in hp[0].items()
+            if k in ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")
+        }
+        overview.add_row(
+            "hyperparameters (last, group 0)",
+            ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()),
+        )
     loss = a.get("loss")
-    overview.add_row("loss", (loss.get("class") or loss.get("function")) + (f" {loss.get('kwargs')}" if loss.get("kwargs") else "") if loss else "not recorded (pass --loss to analyze)")
+    overview.add_row(
+        "loss",
+        (loss.get("class") or loss.get("function")) + (f" {loss.get('kwargs')}" if loss.get("kwargs") else "")
+        if loss
+        else "not recorded (pass --loss to analyze)",
+    )
     m = a["model"]
     kinds = []
     if m.get("spec"):
         kw = m.get("kwargs") or ""
-        if isinstance(kw, dict) and isinstance(kw.get("config"), dict):   # a transformers config: its class
+        if isinstance(kw, dict) and isinstance(kw.get("config"), dict):  # a transformers config: its class
             kw = {**kw, "config": f"<{kw['config'].get('model_type', '?')} config, {len(kw['config'])} fields>"}
         kinds.append(f"import spec {m['spec']} {kw}".strip())
     if m.get("exported"):
         kinds.append("torch.export program")
-    overview.add_row("model capture", "; ".join(kinds) if kinds else f"none ({m.get('export_error')}); pass --model to analyze")
+    overview.add_row(
+        "model capture", "; ".join(kinds) if kinds else f"none ({m.get('export_error')}); pass --model to analyze"
+    )
     batch = a.get("batch")
     missing = run.reader.missing_shards()
     if "distributed" in a:
@@ -78,12 +100,18 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
         overview.add_row("batches", "none recorded: analysis gives kinematics only")
     elif len(readable):
         b = run.reader.batch(int(readable[-1]))
-        overview.add_row("batch (last)", _describe_batch(b) if b is not None else "none (batch() was not called for that step)")
+        overview.add_row(
+            "batch (last)", _describe_batch(b) if b is not None else "none (batch() was not called for that step)"
+        )
     overview.add_row("code named by the run", _trust_text(run))
     overview.add_row("probe batch", "yes" if "probe" in a else "no")
     overview.add_row("size on disk", _size(run.reader.disk_bytes()))
-    overview.add_row("checksums", "CRC32C per chunk (check them all: trajscope verify)" if run.reader.checksums
-                     else f"none (format version {run.reader.format_version})")
+    overview.add_row(
+        "checksums",
+        "CRC32C per chunk (check them all: trajscope verify)"
+        if run.reader.checksums
+        else f"none (format version {run.reader.format_version})",
+    )
     if analysis is not None:
         overview.add_row("analysis", analysis)
 
@@ -102,7 +130,11 @@ def _distributed_text(run: Run, missing: dict[int, np.ndarray]) -> str:
     """The ranks of a distributed run and the steps a rank's batch shard is missing for."""
     world = int(run.attrs["distributed"]["world_size"])
     text = f"{world} ranks: rank 0 recorded parameters and state, each rank its batch shard (a step's batch is their union)"
-    gaps = [f"rank {k} lacks {len(m)} step(s) ({_steps_list(m)}: damaged steps, not analysed)" for k, m in missing.items() if len(m)]
+    gaps = [
+        f"rank {k} lacks {len(m)} step(s) ({_steps_list(m)}: damaged steps, not analysed)"
+        for k, m in missing.items()
+        if len(m)
+    ]
     return "; ".join([text, *gaps]) if gaps else f"{text}; every shard present"
 
 
@@ -172,12 +204,16 @@ def _verify_run(run: Run) -> str:
     nbytes = reader.verify_records()
     _check_program(run)
     took = time.perf_counter() - start
-    what = (f"{run.path}: {reader.n_records} records and {len(reader.skipped)} skipped steps read "
-            f"({_size(nbytes)}) in {took:.2f} s")
+    what = (
+        f"{run.path}: {reader.n_records} records and {len(reader.skipped)} skipped steps read "
+        f"({_size(nbytes)}) in {took:.2f} s"
+    )
     if reader.checksums:
         return f"{what}: every checksum matches"
-    return (f"{what}: every record is present and readable; this store (format version {reader.format_version}) "
-            f"has no checksums, so damaged values cannot be detected (runs recorded now have them)")
+    return (
+        f"{what}: every record is present and readable; this store (format version {reader.format_version}) "
+        f"has no checksums, so damaged values cannot be detected (runs recorded now have them)"
+    )
 
 
 def _check_program(run: Run) -> None:
@@ -209,17 +245,19 @@ def analysis_summary(run_dir: Path) -> str:
         return f"none yet (trajscope analyze {run_dir})"
 
     def damaged(why: str) -> TrajscopeError:
-        return TrajscopeError(f"{path}: the analysis store is damaged ({why}): move it aside and run "
-                              f"`trajscope analyze {run_dir}` to rebuild it")
+        return TrajscopeError(
+            f"{path}: the analysis store is damaged ({why}): move it aside and run "
+            f"`trajscope analyze {run_dir}` to rebuild it"
+        )
 
     attrs = _document(path / "zarr.json", "its zarr.json", damaged).get("attributes")
     if isinstance(attrs, dict) and "trajscope_format" in attrs and _committed(attrs):
         for name in _analysis_arrays(attrs):
             _document(path / name / "zarr.json", f"{name}/zarr.json", damaged)
-    res = results.open_results(run_dir)          # another format or version: its own one-line error
+    res = results.open_results(run_dir)  # another format or version: its own one-line error
     if not len(res):
         return "created, no checkpoint analysed yet"
-    if bool(np.any(res.steps < 0)):              # a chunk of ``steps`` read back as its fill value
+    if bool(np.any(res.steps < 0)):  # a chunk of ``steps`` read back as its fill value
         raise damaged("chunks of its steps array are missing")
     return f"{len(res)} checkpoints analysed, steps {res.steps[0]}..{res.steps[-1]}"
 

@@ -48,10 +48,11 @@ coupled exact  N·B·T HVPs (B: largest micro-batch);     N·(BT)²·p + N·p³ 
 coupled GGN    B·C backward passes; memory N·B·C·p       N·B·C·p² or N·(BC)³ (Gram)
 =============  =======================================  ===============================
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -163,7 +164,7 @@ def block_quadratic_forms(factor: LayerFactor, U: Tensor) -> Tensor:
         for g, pos, ii in _node_groups(factor, idx):
             u = U[ii]
             X = factor.X[g]
-            if factor.form == "sqrt" and factor.G is None:   # y[c,j] = Σ_t δ_{c,j,i,t} (X_{j,t}·u_i)
+            if factor.form == "sqrt" and factor.G is None:  # y[c,j] = Σ_t δ_{c,j,i,t} (X_{j,t}·u_i)
                 Xu = torch.einsum("jtp,np->njt", X, u)
                 y = torch.einsum("cjnt,njt->ncj", factor.delta[:, :, ii], Xu)
                 qi = (y * y).sum((1, 2))
@@ -180,4 +181,3 @@ def block_quadratic_forms(factor: LayerFactor, U: Tensor) -> Tensor:
                     qi = torch.einsum("njt,njts,njs->n", yb, w, yb)
             q[pos.cpu()] = qi.to(torch.float64).cpu()
     return q
-

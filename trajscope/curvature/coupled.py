@@ -1,7 +1,8 @@
 """Node-block factors when the samples of a forward pass are coupled (BatchNorm on batch statistics)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -10,9 +11,22 @@ from trajscope.curvature.factors import LayerFactor, _batched_grad, _bnt_to_z, _
 from trajscope.nodes import NodeLayer
 
 
-def _coupled_factors(kind: str, live: Sequence[NodeLayer], dzs: list[Tensor], Xs: list[Tensor], loss: Tensor,
-                     f: Tensor, fd: Tensor, gf: Tensor | None, B: int, C: int, act_bytes: int, max_tile_bytes: int,
-                     method: str, sizes: Sequence[int] | None = None) -> dict[str, LayerFactor]:
+def _coupled_factors(
+    kind: str,
+    live: Sequence[NodeLayer],
+    dzs: list[Tensor],
+    Xs: list[Tensor],
+    loss: Tensor,
+    f: Tensor,
+    fd: Tensor,
+    gf: Tensor | None,
+    B: int,
+    C: int,
+    act_bytes: int,
+    max_tile_bytes: int,
+    method: str,
+    sizes: Sequence[int] | None = None,
+) -> dict[str, LayerFactor]:
     r"""Node blocks when the samples of a forward pass are coupled (a BatchNorm normalising with
     batch statistics downstream of a layer makes :math:`\partial^2 L/\partial z_j\partial z_k \ne 0`
     for j ≠ k). With X ``(B·T, p)`` the layer's input rows of all samples and positions:
@@ -33,8 +47,10 @@ def _coupled_factors(kind: str, live: Sequence[NodeLayer], dzs: list[Tensor], Xs
         facs = _coupled_ggn_factors(live, dzs, Xs, f, fd, gf, B, C, sizes, act_bytes, max_tile_bytes)
     else:
         gzs = torch.autograd.grad(loss, dzs, create_graph=True, allow_unused=True)
-        facs = [_coupled_exact_factor(l, gz, dz, X, B, sizes, act_bytes, max_tile_bytes)
-                for l, gz, dz, X in zip(live, gzs, dzs, Xs)]
+        facs = [
+            _coupled_exact_factor(l, gz, dz, X, B, sizes, act_bytes, max_tile_bytes)
+            for l, gz, dz, X in zip(live, gzs, dzs, Xs)
+        ]
     out = {}
     for l, fac in zip(live, facs):
         if fac.form not in ("zero", "nan"):
@@ -51,8 +67,16 @@ def _micro_spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return list(zip(starts, sizes))
 
 
-def _coupled_exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, X: Tensor, B: int, sizes: Sequence[int],
-                          act_bytes: int, max_tile_bytes: int) -> LayerFactor:
+def _coupled_exact_factor(
+    l: NodeLayer,
+    gz: Tensor | None,
+    dz: Tensor,
+    X: Tensor,
+    B: int,
+    sizes: Sequence[int],
+    act_bytes: int,
+    max_tile_bytes: int,
+) -> LayerFactor:
     r"""Exact blocks with cross-sample terms: column (k, t) of :math:`M_i` is the HVP of ``gz`` = ∂L/∂z
     w.r.t. ``dz`` in the direction "unit i at sample k, position t"; one HVP holds the u-th sample of
     every micro-batch (their blocks of :math:`M_i` do not overlap)."""
@@ -66,7 +90,8 @@ def _coupled_exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, X: Tensor
         raise ValueError(
             f"exact curvature of layer {l.name!r} with batch statistics needs {N} coupled blocks of "
             f"{BT}x{BT} ({need / 2**30:.1f} GiB, over 16 x max_tile_bytes): use kind='ggn', a smaller "
-            "batch, or a larger max_tile_bytes")
+            "batch, or a larger max_tile_bytes"
+        )
     spans = _micro_spans(sizes)
     n_dirs = N * U * T
     chunk = int(max(1, min(n_dirs, 1024, max_tile_bytes // max(6 * act_bytes, 1))))
@@ -85,15 +110,25 @@ def _coupled_exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, X: Tensor
         hv = _z_to_bnt(hv.detach(), l, lead=1)[at, :, ii, :]  # (m, B, T): row j of column (i, k, t)
         for o, n in spans:
             sel = u < n
-            E[ii[sel], o * T:(o + n) * T, (o + u[sel]) * T + tt[sel]] = hv[sel, o:o + n].reshape(-1, n * T)
+            E[ii[sel], o * T : (o + n) * T, (o + u[sel]) * T + tt[sel]] = hv[sel, o : o + n].reshape(-1, n * T)
     E = 0.5 * (E + E.mT)
     Gn, p = X.shape[0], X.shape[-1]
     return LayerFactor(l, "block", "exact", X=X.reshape(Gn, 1, BT, p), E=E.unsqueeze(1), rank_bound=BT)
 
 
-def _coupled_ggn_factors(live: Sequence[NodeLayer], dzs: list[Tensor], Xs: list[Tensor], f: Tensor, fd: Tensor,
-                         gf: Tensor, B: int, C: int, sizes: Sequence[int], act_bytes: int, max_tile_bytes: int,
-                         ) -> list[LayerFactor]:
+def _coupled_ggn_factors(
+    live: Sequence[NodeLayer],
+    dzs: list[Tensor],
+    Xs: list[Tensor],
+    f: Tensor,
+    fd: Tensor,
+    gf: Tensor,
+    B: int,
+    C: int,
+    sizes: Sequence[int],
+    act_bytes: int,
+    max_tile_bytes: int,
+) -> list[LayerFactor]:
     r"""GGN blocks with cross-sample terms: all :math:`G_i` ``(N, B·C', p)`` of every layer, from batched
     backward passes of the output-space directions :math:`e_j \otimes S_j[:,c]`; one direction holds
     the u-th sample of every micro-batch (each micro-batch's rows of δ are its own sample's)."""
@@ -105,12 +140,12 @@ def _coupled_ggn_factors(live: Sequence[NodeLayer], dzs: list[Tensor], Xs: list[
     dirs_all = torch.zeros(U, n_c, B, C, dtype=f.dtype, device=f.device)  # [u, c', k, :] = [k = o + u] S_k[:, c']
     for o, n in spans:
         u = torch.arange(n, device=f.device)
-        dirs_all[u, :, o + u, :] = S[o:o + n].permute(0, 2, 1).to(f.dtype)
+        dirs_all[u, :, o + u, :] = S[o : o + n].permute(0, 2, 1).to(f.dtype)
     dirs_all = dirs_all.reshape(D, *f.shape)
     chunk = int(max(1, min(D, max_tile_bytes // max(4 * act_bytes, 1))))
     parts: list[list[Tensor] | None] = [[] for _ in live]
     for s in range(0, D, chunk):
-        d = _batched_grad(f, dzs, dirs_all[s:s + chunk])
+        d = _batched_grad(f, dzs, dirs_all[s : s + chunk])
         u = torch.arange(s, min(D, s + chunk), device=f.device) // n_c
         for k, (l, X) in enumerate(zip(live, Xs)):
             if d[k] is None or parts[k] is None:
@@ -119,9 +154,18 @@ def _coupled_ggn_factors(live: Sequence[NodeLayer], dzs: list[Tensor], Xs: list[
             delta = _z_to_bnt(d[k].detach(), l, lead=1)  # (m, B, N, T)
             per = l.n_nodes // X.shape[0]
             for o, n in spans:  # rows (j = o + u, c) of G_i: the samples of j's micro-batch
-                dm = delta[u < n, o:o + n]
-                parts[k].append(torch.cat([torch.einsum("mknt,ktp->nmp", dm[:, :, g * per:(g + 1) * per],
-                                                        X[g, o:o + n]) for g in range(X.shape[0])]))
-    return [LayerFactor(l, "zero", "ggn") if pk is None else
-            LayerFactor(l, "sqrt", "ggn", X=X, G=torch.cat(pk, dim=1), rank_bound=B * n_c)
-            for l, X, pk in zip(live, Xs, parts)]
+                dm = delta[u < n, o : o + n]
+                parts[k].append(
+                    torch.cat(
+                        [
+                            torch.einsum("mknt,ktp->nmp", dm[:, :, g * per : (g + 1) * per], X[g, o : o + n])
+                            for g in range(X.shape[0])
+                        ]
+                    )
+                )
+    return [
+        LayerFactor(l, "zero", "ggn")
+        if pk is None
+        else LayerFactor(l, "sqrt", "ggn", X=X, G=torch.cat(pk, dim=1), rank_bound=B * n_c)
+        for l, X, pk in zip(live, Xs, parts)
+    ]

@@ -1,12 +1,13 @@
 r"""Per-layer factors of the node blocks: :class:`LayerFactor`, the capture of layer inputs and
 output sensitivities, and the exact / GGN factors of uncoupled samples (see
 :mod:`trajscope.curvature.blocks` for the maths)."""
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -114,7 +115,6 @@ class CurvatureResult:
     kind: str
 
 
-
 def _batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor) -> list[Tensor | None]:
     """``torch.autograd.grad`` with a leading batch of ``grad_outputs`` (vmap over the backward
     pass); falls back to a Python loop where an op has no batching rule."""
@@ -122,13 +122,14 @@ def _batched_grad(outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tenso
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*performance drop.*")
-            return list(torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True,
-                                            is_grads_batched=True, allow_unused=True))
+            return list(
+                torch.autograd.grad(
+                    outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=True, allow_unused=True
+                )
+            )
     except (RuntimeError, NotImplementedError):
-        res = [torch.autograd.grad(outputs, inputs, g, retain_graph=True, allow_unused=True)
-               for g in grad_outputs]
-        return [None if res[0][k] is None else torch.stack([r[k] for r in res])
-                for k in range(len(inputs))]
+        res = [torch.autograd.grad(outputs, inputs, g, retain_graph=True, allow_unused=True) for g in grad_outputs]
+        return [None if res[0][k] is None else torch.stack([r[k] for r in res]) for k in range(len(inputs))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class _Capture:
     """Forward hooks that store each node layer's input and add a zero tensor ``dz`` (a leaf
     that requires grad) to its output, so that ∂L/∂dz = ∂L/∂z for every layer at once."""
 
-    expected = 1     # calls of each layer per forward pass
+    expected = 1  # calls of each layer per forward pass
 
     def __init__(self, model: nn.Module, layers: Sequence[NodeLayer]):
         self.inputs: dict[str, Tensor] = {}
@@ -157,6 +158,7 @@ class _Capture:
             dz = torch.zeros_like(out, requires_grad=True)
             self.dz[name] = dz
             return out + dz
+
         return hook
 
     def remove(self) -> None:
@@ -180,8 +182,14 @@ class _MicroCapture(_Capture):
         def hook(mod, args, out):
             k = self.calls[name]
             self.calls[name] += 1
-            if k >= self.expected or not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor) \
-                    or out.dim() == 0 or out.shape[0] != self.sizes[k]:
+            if (
+                k >= self.expected
+                or not args
+                or not isinstance(args[0], Tensor)
+                or not isinstance(out, Tensor)
+                or out.dim() == 0
+                or out.shape[0] != self.sizes[k]
+            ):
                 return None
             if k == 0:
                 self.dz[name] = out.new_zeros(sum(self.sizes), *out.shape[1:]).requires_grad_(True)
@@ -189,7 +197,8 @@ class _MicroCapture(_Capture):
             if k == self.expected - 1:
                 self.inputs[name] = torch.cat(self._parts[name])
             start = sum(self.sizes[:k])
-            return out + self.dz[name][start:start + self.sizes[k]]
+            return out + self.dz[name][start : start + self.sizes[k]]
+
         return hook
 
 
@@ -212,7 +221,6 @@ def _bnt_to_z(v: Tensor, layer: NodeLayer, zshape: torch.Size) -> Tensor:
     return v.transpose(-1, -2).reshape(m, *zshape)
 
 
-
 def _sqrt_factors(delta: Tensor, X: Tensor) -> Tensor:
     r""":math:`G_i[(c,j),:] = \sum_t \delta_{c,j,i,t} X_{j,t,:}` for ``delta`` (C, B, n, T) and
     X (B, T, p) → ``(n, C·B, p)``."""
@@ -223,7 +231,7 @@ def _all_sqrt_factors(delta: Tensor, X: Tensor) -> Tensor:
     """All G_i of a layer ``(N, c·B, p)`` from ``delta`` (c, B, N, T) and X (G, B, T, p)."""
     Gn, N = X.shape[0], delta.shape[2]
     per = N // Gn
-    return torch.cat([_sqrt_factors(delta[:, :, g * per:(g + 1) * per], X[g]) for g in range(Gn)])
+    return torch.cat([_sqrt_factors(delta[:, :, g * per : (g + 1) * per], X[g]) for g in range(Gn)])
 
 
 def _output_sqrt(f: Tensor, fd: Tensor, gf: Tensor, B: int, C: int) -> Tensor | None:
@@ -255,9 +263,17 @@ def _output_sqrt(f: Tensor, fd: Tensor, gf: Tensor, B: int, C: int) -> Tensor | 
     return S
 
 
-def _ggn_deltas(f: Tensor, fd: Tensor, gf: Tensor, dzs: list[Tensor], B: int, C: int,
-                act_bytes: int, max_tile_bytes: int, reducers: list[Callable[[Tensor], Tensor]],
-                ) -> tuple[list[list[Tensor] | None], int]:
+def _ggn_deltas(
+    f: Tensor,
+    fd: Tensor,
+    gf: Tensor,
+    dzs: list[Tensor],
+    B: int,
+    C: int,
+    act_bytes: int,
+    max_tile_bytes: int,
+    reducers: list[Callable[[Tensor], Tensor]],
+) -> tuple[list[list[Tensor] | None], int]:
     r"""Output sensitivities :math:`\delta^{(c)} = \partial (\sum_j S_j[:,c]\cdot f_j)/\partial z`
     of every layer, for the non-null directions c of the per-sample loss Hessians
     :math:`S_j S_j^\top = \partial^2 L/\partial f_j^2`.
@@ -276,7 +292,7 @@ def _ggn_deltas(f: Tensor, fd: Tensor, gf: Tensor, dzs: list[Tensor], B: int, C:
     chunk = int(max(1, min(n_dir, max_tile_bytes // max(4 * act_bytes, 1))))
     kept: list[list[Tensor] | None] = [[] for _ in dzs]
     for s in range(0, n_dir, chunk):
-        dirs = S[:, :, s:s + chunk].permute(2, 0, 1).to(f.dtype).reshape(-1, *f.shape)
+        dirs = S[:, :, s : s + chunk].permute(2, 0, 1).to(f.dtype).reshape(-1, *f.shape)
         d = _batched_grad(f, dzs, dirs)
         for k in range(len(dzs)):
             if d[k] is None or kept[k] is None:
@@ -286,8 +302,9 @@ def _ggn_deltas(f: Tensor, fd: Tensor, gf: Tensor, dzs: list[Tensor], B: int, C:
     return kept, n_dir
 
 
-def _exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, input_2d: bool, X: Tensor, B: int,
-                  act_bytes: int, max_tile_bytes: int) -> LayerFactor:
+def _exact_factor(
+    l: NodeLayer, gz: Tensor | None, dz: Tensor, input_2d: bool, X: Tensor, B: int, act_bytes: int, max_tile_bytes: int
+) -> LayerFactor:
     r"""Exact :math:`\partial^2 L/\partial z_i^2` of one layer by HVPs of ``gz`` = ∂L/∂z
     (built with its graph) w.r.t. the layer's ``dz``: direction "unit i (at position t) in
     every sample"; cross-sample terms vanish (no batch statistics: else :func:`_coupled_exact_factor`)."""
@@ -303,7 +320,8 @@ def _exact_factor(l: NodeLayer, gz: Tensor | None, dz: Tensor, input_2d: bool, X
         raise ValueError(
             f"exact curvature of layer {l.name!r} needs its {N}x{B} position blocks of "
             f"{T}x{T} ({need / 2**30:.1f} GiB, over 16 x max_tile_bytes): use kind='ggn', "
-            "a smaller batch, or a larger max_tile_bytes")
+            "a smaller batch, or a larger max_tile_bytes"
+        )
     n_dirs = N * (1 if two_d else T)
     chunk = int(max(1, min(n_dirs, 1024, max_tile_bytes // max(6 * act_bytes, 1))))
     if two_d:

@@ -1,17 +1,26 @@
 """Loss, gradients and the spectrum of every node block on one batch (docs/spec.md §4; the maths is in
 :mod:`trajscope.curvature.blocks`)."""
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from trajscope.curvature.spectra import _jobs, _run_jobs
 from trajscope.curvature.coupled import _coupled_factors
-from trajscope.curvature.factors import (CurvatureResult, LayerFactor, _all_sqrt_factors, _Capture, _exact_factor,
-                                         _ggn_deltas, _MicroCapture, _z_to_bnt)
+from trajscope.curvature.factors import (
+    CurvatureResult,
+    LayerFactor,
+    _all_sqrt_factors,
+    _Capture,
+    _exact_factor,
+    _ggn_deltas,
+    _MicroCapture,
+    _z_to_bnt,
+)
 from trajscope.curvature.patches import _patches
+from trajscope.curvature.spectra import _jobs, _run_jobs
 from trajscope.nodes import NodeLayer, node_matrix
 from trajscope.replay.problem import Problem
 
@@ -57,16 +66,20 @@ def node_curvature(
         raise ValueError(f"kind must be 'ggn' or 'exact', not {kind!r}")
     if method not in ("auto", "gram", "dense"):
         raise ValueError(f"method must be 'auto', 'gram' or 'dense', not {method!r}")
-    leaves = {k: (v.detach().requires_grad_(True) if v.is_floating_point() else v.detach())
-              for k, v in problem.params.items()}
+    leaves = {
+        k: (v.detach().requires_grad_(True) if v.is_floating_point() else v.detach()) for k, v in problem.params.items()
+    }
     replay = problem.replay
     coupled = replay is not None and replay.batch_statistics(problem.model)
     # embeddings, attention projections, tied weights: blocks by products w.r.t. the parameter
     param_layers = [l for l in layers if l.route == "param"]
     all_layers, layers = layers, [l for l in layers if l.route != "param"]
     with problem.eval_mode():
-        cap = _MicroCapture(problem.model, layers, replay.sizes) if replay is not None and replay.sizes \
+        cap = (
+            _MicroCapture(problem.model, layers, replay.sizes)
+            if replay is not None and replay.sizes
             else _Capture(problem.model, layers)
+        )
         try:
             with torch.enable_grad(), twice_differentiable_attention():
                 f = problem.forward(leaves)
@@ -78,8 +91,20 @@ def node_curvature(
                 # a module called several times (a shared layer, an RNN cell), or whose weight is used
                 # without calling it: the parameter route's blocks cover every use
                 param_layers += [l for l in layers if l.name in bad]
-                factors = _hook_factors(kind, method, live, cap, leaves, loss, f, fd, gf, coupled,
-                                        replay.sizes if coupled else None, max_tile_bytes)
+                factors = _hook_factors(
+                    kind,
+                    method,
+                    live,
+                    cap,
+                    leaves,
+                    loss,
+                    f,
+                    fd,
+                    gf,
+                    coupled,
+                    replay.sizes if coupled else None,
+                    max_tile_bytes,
+                )
                 for l in layers:
                     if l.name in bad:
                         factors[l.name] = LayerFactor(l, "nan", kind, note=bad[l.name])
@@ -87,6 +112,7 @@ def node_curvature(
                         factors[l.name] = LayerFactor(l, "zero", kind, note="not used by the forward pass")
                 if param_layers:
                     from trajscope.curvature.paramroute import param_factors
+
                     factors.update(param_factors(problem, leaves, param_layers, kind, max_tile_bytes))
         finally:
             cap.remove()
@@ -99,8 +125,12 @@ def node_curvature(
     return CurvatureResult(loss=loss.detach(), grads=grads, eigvals=eigvals, factors=factors, kind=kind)
 
 
-def _loss_and_grads(problem: Problem, f: Tensor, leaves: dict[str, Tensor], kind: str,
-                    ) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+def _loss_and_grads(
+    problem: Problem,
+    f: Tensor,
+    leaves: dict[str, Tensor],
+    kind: str,
+) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
     r"""``(loss, fd, gf, grads)``: the loss, a detached copy ``fd`` of the output f, for GGN
     :math:`g_f = \partial L/\partial f` at ``fd`` with its graph (None for exact), and
     :math:`\nabla_\theta L` for every parameter (zeros where unused). GGN takes the gradient as
@@ -111,21 +141,24 @@ def _loss_and_grads(problem: Problem, f: Tensor, leaves: dict[str, Tensor], kind
     if kind == "ggn":
         loss = problem.loss(fd)
         gf = torch.autograd.grad(loss, fd, create_graph=True)[0]
-        grads_list = torch.autograd.grad(f, [leaves[k] for k in diff_names], gf.detach(),
-                                         retain_graph=True, allow_unused=True)
+        grads_list = torch.autograd.grad(
+            f, [leaves[k] for k in diff_names], gf.detach(), retain_graph=True, allow_unused=True
+        )
     else:
         loss = problem.loss(f)
-        grads_list = torch.autograd.grad(loss, [leaves[k] for k in diff_names],
-                                         retain_graph=True, allow_unused=True)
-    grads = {k: (g.detach() if g is not None else torch.zeros_like(leaves[k]))
-             for k, g in zip(diff_names, grads_list)}
+        grads_list = torch.autograd.grad(loss, [leaves[k] for k in diff_names], retain_graph=True, allow_unused=True)
+    grads = {k: (g.detach() if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(diff_names, grads_list)}
     for k in leaves:
         grads.setdefault(k, torch.zeros_like(leaves[k]))
     return loss, fd, gf, grads
 
 
-def _hooked_layers(layers: Sequence[NodeLayer], cap: _Capture, grads: Mapping[str, Tensor], B: int,
-                   ) -> tuple[list[NodeLayer], dict[str, str]]:
+def _hooked_layers(
+    layers: Sequence[NodeLayer],
+    cap: _Capture,
+    grads: Mapping[str, Tensor],
+    B: int,
+) -> tuple[list[NodeLayer], dict[str, str]]:
     """The layers that can be analysed through their hook, and why each of the others cannot."""
     live: list[NodeLayer] = []
     bad: dict[str, str] = {}
@@ -144,9 +177,20 @@ def _hooked_layers(layers: Sequence[NodeLayer], cap: _Capture, grads: Mapping[st
     return live, bad
 
 
-def _hook_factors(kind: str, method: str, live: list[NodeLayer], cap: _Capture, leaves: Mapping[str, Tensor],
-                  loss: Tensor, f: Tensor, fd: Tensor, gf: Tensor | None, coupled: bool, sizes: Sequence[int] | None,
-                  max_tile_bytes: int) -> dict[str, LayerFactor]:
+def _hook_factors(
+    kind: str,
+    method: str,
+    live: list[NodeLayer],
+    cap: _Capture,
+    leaves: Mapping[str, Tensor],
+    loss: Tensor,
+    f: Tensor,
+    fd: Tensor,
+    gf: Tensor | None,
+    coupled: bool,
+    sizes: Sequence[int] | None,
+    max_tile_bytes: int,
+) -> dict[str, LayerFactor]:
     """The factors of the layers analysed through their hooks (coupled, GGN or exact route)."""
     factors: dict[str, LayerFactor] = {}
     finite_params = all(bool(torch.isfinite(v).all()) for v in leaves.values() if v.requires_grad)
@@ -159,14 +203,15 @@ def _hook_factors(kind: str, method: str, live: list[NodeLayer], cap: _Capture, 
     act_bytes = sum(dz.numel() for dz in dzs) * dzs[0].element_size()
     Xs = [_patches(cap.inputs[l.name], l) for l in live]
     if coupled:  # batch statistics: blocks with cross-sample terms
-        return _coupled_factors(kind, live, dzs, Xs, loss, f, fd, gf, B, C, act_bytes, max_tile_bytes, method,
-                                sizes)
+        return _coupled_factors(kind, live, dzs, Xs, loss, f, fd, gf, B, C, act_bytes, max_tile_bytes, method, sizes)
     if kind == "ggn":
         facs = _ggn_factors(live, Xs, dzs, cap, f, fd, gf, B, C, act_bytes, max_tile_bytes)
     else:  # ∂L/∂z of every layer, with its graph, for the HVPs w.r.t. z
         gzs = torch.autograd.grad(loss, dzs, create_graph=True, allow_unused=True)
-        facs = [_exact_factor(l, gz, dz, cap.inputs[l.name].dim() == 2, X, B, act_bytes, max_tile_bytes)
-                for l, gz, dz, X in zip(live, gzs, dzs, Xs)]
+        facs = [
+            _exact_factor(l, gz, dz, cap.inputs[l.name].dim() == 2, X, B, act_bytes, max_tile_bytes)
+            for l, gz, dz, X in zip(live, gzs, dzs, Xs)
+        ]
     for l, fac in zip(live, facs):
         if fac.form not in ("zero", "nan"):
             fac.method = method if method != "auto" else ("gram" if fac.rank_bound < fac.p else "dense")
@@ -174,8 +219,19 @@ def _hook_factors(kind: str, method: str, live: list[NodeLayer], cap: _Capture, 
     return factors
 
 
-def _ggn_factors(live: list[NodeLayer], Xs: list[Tensor], dzs: list[Tensor], cap: _Capture, f: Tensor, fd: Tensor,
-                 gf: Tensor, B: int, C: int, act_bytes: int, max_tile_bytes: int) -> list[LayerFactor]:
+def _ggn_factors(
+    live: list[NodeLayer],
+    Xs: list[Tensor],
+    dzs: list[Tensor],
+    cap: _Capture,
+    f: Tensor,
+    fd: Tensor,
+    gf: Tensor,
+    B: int,
+    C: int,
+    act_bytes: int,
+    max_tile_bytes: int,
+) -> list[LayerFactor]:
     """GGN factors of uncoupled samples: each chunk of output directions is reduced as it comes
     (bounded memory): 2-D Linear keeps e = Σ_c δ², conv / 3-D Linear the smaller of δ and all G_i."""
     reducers, forms = [], []

@@ -25,10 +25,11 @@ backward passes through the model, batched ``m`` at a time with
 projections of small models. The blocks are stored as dense ``"block"`` factors
 (:math:`H_i = I\,E_i\,I`), so every spectrum of :mod:`trajscope.curvature.blocks` applies.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -42,8 +43,9 @@ __all__ = ["param_factors"]
 _MAX_CHUNK = 256
 
 
-def param_factors(problem: Problem, leaves: Mapping[str, Tensor], layers: Sequence[NodeLayer], kind: str,
-                  max_tile_bytes: int) -> dict[str, LayerFactor]:
+def param_factors(
+    problem: Problem, leaves: Mapping[str, Tensor], layers: Sequence[NodeLayer], kind: str, max_tile_bytes: int
+) -> dict[str, LayerFactor]:
     """The factors of ``layers`` (all ``route="param"``) on the batch; ``problem.forward(leaves)``
     gives the model output with a graph to ``leaves``, the parameters (requiring grad, the analysis
     dtype), replayed as the hook route's is (train-mode layers, micro-batches). A layer that cannot
@@ -60,14 +62,16 @@ def param_factors(problem: Problem, leaves: Mapping[str, Tensor], layers: Sequen
         fd = f.detach().requires_grad_(True)
         loss = problem.loss(fd)
         gf = torch.autograd.grad(loss, fd, create_graph=True)[0]
-    if not bool(torch.isfinite(loss)):   # a diverged checkpoint is data: NaN spectra, as on the hook route
+    if not bool(torch.isfinite(loss)):  # a diverged checkpoint is data: NaN spectra, as on the hook route
         return {l.name: LayerFactor(l, "nan", kind, note="non-finite loss or parameters") for l in layers}
     for l in layers:
         try:
-            need = l.n_nodes * l.node_dim ** 2 * f.element_size()
+            need = l.n_nodes * l.node_dim**2 * f.element_size()
             if need > 16 * max_tile_bytes:
-                raise MemoryError(f"its {l.n_nodes} blocks of {l.node_dim}x{l.node_dim} need {need / 2**30:.1f} GiB "
-                                  f"(over 16 x max_tile_bytes)")
+                raise MemoryError(
+                    f"its {l.n_nodes} blocks of {l.node_dim}x{l.node_dim} need {need / 2**30:.1f} GiB "
+                    f"(over 16 x max_tile_bytes)"
+                )
             ps = [leaves[l.weight]] + ([leaves[l.bias]] if l.bias else [])
             if kind == "exact":
                 product = _hvp(loss, ps)
@@ -76,8 +80,11 @@ def param_factors(problem: Problem, leaves: Mapping[str, Tensor], layers: Sequen
             out[l.name] = _factor(l, kind, product, tuple(leaves[l.weight].shape), chunk, f)
         except (RuntimeError, ValueError, MemoryError, NotImplementedError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warnings.warn(f"trajscope: no curvature for node layer {l.name!r}: {msg}; its node spectra are NaN",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"trajscope: no curvature for node layer {l.name!r}: {msg}; its node spectra are NaN",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             out[l.name] = LayerFactor(l, "nan", kind, note=msg)
     return out
 
@@ -89,7 +96,7 @@ def _flat(ts: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
 def _hvp(loss: Tensor, ps: list[Tensor]) -> Callable[[Tensor], list[Tensor | None]]:
     """``V (m, |ps|) -> H V`` for the exact Hessian w.r.t. ``ps`` (one batched double backward)."""
     g = _flat(torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True), ps)
-    if not g.requires_grad:   # the loss is linear in ps
+    if not g.requires_grad:  # the loss is linear in ps
         return lambda V: [None] * len(ps)
     return lambda V: _batched_grad(g, ps, V)
 
@@ -116,8 +123,14 @@ def _ggn_vp(f: Tensor, fd: Tensor, gf: Tensor, ps: list[Tensor]) -> Callable[[Te
     return product
 
 
-def _factor(l: NodeLayer, kind: str, product: Callable[[Tensor], list[Tensor | None]], wshape: tuple[int, ...], chunk: int,
-            like: Tensor) -> LayerFactor:
+def _factor(
+    l: NodeLayer,
+    kind: str,
+    product: Callable[[Tensor], list[Tensor | None]],
+    wshape: tuple[int, ...],
+    chunk: int,
+    like: Tensor,
+) -> LayerFactor:
     """Dense blocks ``(N, p, p)`` from products with the unit directions ``e_{i,k}``, ``chunk`` at a time."""
     N, p = l.n_nodes, l.node_dim
     H = like.new_zeros(N, p, p)
@@ -130,21 +143,22 @@ def _factor(l: NodeLayer, kind: str, product: Callable[[Tensor], list[Tensor | N
         R = like.new_zeros(len(k), N, p)
         R[at, ii, cc] = 1
         parts = node_to_params(R, l, wshape)
-        V = torch.cat([parts[l.weight].reshape(len(k), -1)] + ([parts[l.bias].reshape(len(k), -1)] if l.bias else []),
-                      dim=1)
+        V = torch.cat(
+            [parts[l.weight].reshape(len(k), -1)] + ([parts[l.bias].reshape(len(k), -1)] if l.bias else []), dim=1
+        )
         res = product(V)
         if all(r is None for r in res):
             continue
         zero = False
         w = res[0] if res[0] is not None else like.new_zeros(len(k), *wshape)
-        rows = (w.transpose(1, 2) if l.transposed else w).reshape(len(k), N, -1)[at, ii]   # (m, fan_in)
+        rows = (w.transpose(1, 2) if l.transposed else w).reshape(len(k), N, -1)[at, ii]  # (m, fan_in)
         if l.bias:
             b = res[1] if res[1] is not None else like.new_zeros(len(k), N)
             rows = torch.cat([rows, b.reshape(len(k), N)[at, ii, None]], dim=1)
         H[ii, :, cc] = rows.detach()
     if zero:
         return LayerFactor(l, "zero", kind, note="the layer does not reach the loss on this batch")
-    H = 0.5 * (H + H.mT)   # the products' rounding: symmetric blocks for the eigensolvers
+    H = 0.5 * (H + H.mT)  # the products' rounding: symmetric blocks for the eigensolvers
     if not bool(torch.isfinite(H).all()):
         return LayerFactor(l, "nan", kind, note="non-finite curvature products")
     eye = torch.eye(p, dtype=H.dtype, device=H.device)[None, None]

@@ -1,4 +1,5 @@
 """Layer inputs as the rows that a node's parameters multiply (unfolded conv patches)."""
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ def _patches(x: Tensor, layer: NodeLayer) -> Tensor:
         # x: (B, Cin, *O, *k) -> (G, B, T, Cin_g * prod(k)) in weight[i] C-order
         G = cv["groups"]
         Cin = x.shape[1]
-        O = x.shape[2:2 + d]
+        O = x.shape[2 : 2 + d]
         x = x.reshape(B, G, Cin // G, *O, *cv["kernel_size"])
         perm = [1, 0] + list(range(3, 3 + d)) + [2] + list(range(3 + d, 3 + 2 * d))
         X = x.permute(*perm).reshape(G, B, math.prod(O), -1)

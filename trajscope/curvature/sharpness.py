@@ -21,11 +21,13 @@ re-orthogonalisation the basis loses orthogonality only as Ritz pairs converge (
 accurate; keeping the whole basis, as ARPACK does, would stream ``ncv`` vectors of the parameter
 size at every step, which cost 3x the products themselves on a 670k-parameter MLP.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,8 +83,9 @@ def hvp_operator(
     if names is None:
         names = [k for k, v in params.items() if v.is_floating_point()]
     names = list(names)
-    leaves = {k: (v.detach().requires_grad_(k in names) if v.is_floating_point() else v.detach())
-              for k, v in params.items()}
+    leaves = {
+        k: (v.detach().requires_grad_(k in names) if v.is_floating_point() else v.detach()) for k, v in params.items()
+    }
     xs = [leaves[k] for k in names]
     sizes = [x.numel() for x in xs]
     dim = int(sum(sizes))
@@ -101,14 +104,18 @@ def hvp_operator(
         matvec.count += 1
         res: list[Tensor | None] = [None] * len(xs)
         if live:
-            pieces = [vt[offsets[i]:offsets[i + 1]].view_as(xs[i]) for i in live]
+            pieces = [vt[offsets[i] : offsets[i + 1]].view_as(xs[i]) for i in live]
             with torch.enable_grad():
-                hv = torch.autograd.grad([gs[i] for i in live], [xs[i] for i in live], pieces,
-                                         retain_graph=True, allow_unused=True)
+                hv = torch.autograd.grad(
+                    [gs[i] for i in live], [xs[i] for i in live], pieces, retain_graph=True, allow_unused=True
+                )
             for i, h in zip(live, hv):
                 res[i] = h
-        out_v = torch.cat([(h.detach() if h is not None else torch.zeros_like(x)).reshape(-1)
-                           for h, x in zip(res, xs)]) if xs else vt.new_zeros(0)
+        out_v = (
+            torch.cat([(h.detach() if h is not None else torch.zeros_like(x)).reshape(-1) for h, x in zip(res, xs)])
+            if xs
+            else vt.new_zeros(0)
+        )
         return out_v.to("cpu", torch.float64).numpy() if is_np else out_v
 
     matvec.count = 0
@@ -150,15 +157,25 @@ def sharpness(
     dev = params[mv.names[0]].device  # the Lanczos vectors live with the parameters
     scale = None
     if precond is not None:
-        scale = torch.cat([
-            (precond[k].detach().to(dev, torch.float64).clamp_min(0).sqrt().reshape(-1)
-             if k in precond else torch.ones(params[k].numel(), dtype=torch.float64, device=dev))
-            for k in mv.names])
+        scale = torch.cat(
+            [
+                (
+                    precond[k].detach().to(dev, torch.float64).clamp_min(0).sqrt().reshape(-1)
+                    if k in precond
+                    else torch.ones(params[k].numel(), dtype=torch.float64, device=dev)
+                )
+                for k in mv.names
+            ]
+        )
 
     w = None
     if shift and any(float(shift.get(k, 0.0)) for k in mv.names):
-        w = torch.cat([torch.full((params[k].numel(),), float(shift.get(k, 0.0)), dtype=torch.float64, device=dev)
-                       for k in mv.names])
+        w = torch.cat(
+            [
+                torch.full((params[k].numel(),), float(shift.get(k, 0.0)), dtype=torch.float64, device=dev)
+                for k in mv.names
+            ]
+        )
 
     def op(v: Tensor) -> Tensor:
         u = v * scale if scale is not None else v

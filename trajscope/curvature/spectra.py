@@ -17,11 +17,12 @@ matrices do not use several cores), with one tile in flight per worker, so the t
 in memory together never exceed ``max_tile_bytes``; no path holds all p × p blocks of a layer.
 Largest eigen-batches are scheduled first, across all layers.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -76,8 +77,7 @@ def _tile_bytes(factor: LayerFactor, route: str, precond: bool) -> int:
     return per_node_F + 4 * R * R * 8
 
 
-def _shared_gram(factor: LayerFactor, g: int, F: Tensor, sqrt: bool,
-                 dtype: torch.dtype = torch.float64) -> Tensor:
+def _shared_gram(factor: LayerFactor, g: int, F: Tensor, sqrt: bool, dtype: torch.dtype = torch.float64) -> Tensor:
     r"""Cached Gram matrix :math:`F F^\top` of group g (or, in float64, its square root)."""
     key = ("G", g)
     if key not in factor.cache:
@@ -108,8 +108,9 @@ class _Plan:
     jobs: list[_Job] = field(default_factory=list)
 
     def add(self, idx: Tensor, build: Callable[[], Tensor], m: int) -> None:
-        self.jobs.append(_Job(idx, build, float(len(idx)) * m ** 3, self.out, self.r, self.factor.p, self.eps,
-                              self.solve))
+        self.jobs.append(
+            _Job(idx, build, float(len(idx)) * m**3, self.out, self.r, self.factor.p, self.eps, self.solve)
+        )
 
     def split(self, idx: Tensor) -> list[Tensor]:
         """Enough jobs for every worker."""
@@ -117,8 +118,12 @@ class _Plan:
         return list(idx.split(size))
 
 
-def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor, max_tile_bytes: int,
-          ) -> tuple[Tensor, list[_Job]]:
+def _jobs(
+    factor: LayerFactor,
+    precond: Tensor | None,
+    shift: float | Tensor,
+    max_tile_bytes: int,
+) -> tuple[Tensor, list[_Job]]:
     r"""Output buffer ``(N, r')`` and the jobs that fill it with the eigenvalues of
     :math:`D_i^{1/2}(H_i + \mathrm{diag}(s))D_i^{1/2}` (D = I without ``precond``; s a scalar
     or one value per node coordinate, ``(p,)``).
@@ -138,16 +143,16 @@ def _jobs(factor: LayerFactor, precond: Tensor | None, shift: float | Tensor, ma
     out = torch.empty(N, r, dtype=torch.float64)  # spectra are gathered on the CPU
     sd = None if precond is None else precond.to(dev, factor.dtype).clamp_min(0).sqrt()
     nw = max(1, torch.get_num_threads())
-    plan = _Plan(factor, out, r, torch.finfo(factor.dtype).eps, _solve_dtype(factor.dtype), sd, shift.to(dev),
-                 shifted, nw)
+    plan = _Plan(
+        factor, out, r, torch.finfo(factor.dtype).eps, _solve_dtype(factor.dtype), sd, shift.to(dev), shifted, nw
+    )
     budget = max(1, max_tile_bytes // nw)  # one tile in flight per worker
     tile = int(max(1, min(N, budget // max(_tile_bytes(factor, route, sd is not None), 1))))
     # 2-D Linear: process nodes in order of their live-sample count (tight Gram buckets)
-    order = torch.argsort((factor.e != 0).sum(1), stable=True) if factor.form == "diag" \
-        else torch.arange(N, device=dev)
+    order = torch.argsort((factor.e != 0).sum(1), stable=True) if factor.form == "diag" else torch.arange(N, device=dev)
     with torch.no_grad():
         for s in range(0, N, tile):
-            for g, _, idx_g in _node_groups(factor, order[s:s + tile]):
+            for g, _, idx_g in _node_groups(factor, order[s : s + tile]):
                 if route == "dense":
                     _dense_jobs(plan, g, idx_g)
                 elif factor.form == "diag" and bool((factor.e[idx_g] >= 0).all()):
@@ -175,15 +180,20 @@ def _dense_jobs(plan: _Plan, g: int, idx_g: Tensor) -> None:
     r"""Dense route: :math:`D_i^{1/2}(H_i + \mathrm{diag}(s))D_i^{1/2}`, p × p per node."""
     factor, sd, p = plan.factor, plan.sd, plan.factor.p
     for idx in plan.split(idx_g):
+
         def build(idx=idx, g=g) -> Tensor:
             sdi = None if sd is None else sd[idx]
             F, W = _operands(factor, g, idx, sdi)
             H = _dense(F, W).to(torch.float64)
             if plan.shifted:
-                dd = sdi.to(torch.float64) ** 2 if sdi is not None else \
-                    torch.ones(len(idx), p, dtype=torch.float64, device=factor.device)
+                dd = (
+                    sdi.to(torch.float64) ** 2
+                    if sdi is not None
+                    else torch.ones(len(idx), p, dtype=torch.float64, device=factor.device)
+                )
                 H = H + torch.diag_embed(plan.shift * dd)
             return H
+
         plan.add(idx, build, p)
 
 
@@ -212,6 +222,7 @@ def _psd_gram_jobs(plan: _Plan, g: int, idx_g: Tensor) -> None:
                 Fk = X0[o] * sd[idx][:, None, :]
                 Gk = (Fk @ Fk.mT).to(solve)
             return Gk.mul_(swk[:, :, None]).mul_(swk[:, None, :])
+
         plan.add(idx, build, k)
 
 
@@ -219,9 +230,11 @@ def _gram_jobs(plan: _Plan, g: int, idx_g: Tensor) -> None:
     r"""W = I (``"sqrt"`` form): :math:`F_i F_i^\top`, R × R per node."""
     factor, sd = plan.factor, plan.sd
     for idx in plan.split(idx_g):
+
         def build(idx=idx, g=g) -> Tensor:
             F, _ = _operands(factor, g, idx, None if sd is None else sd[idx])
             return (F @ F.mT).to(torch.float64)
+
         plan.add(idx, build, factor.rank_bound)
 
 
@@ -234,6 +247,7 @@ def _sqrt_gram_jobs(plan: _Plan, g: int, idx_g: Tensor) -> None:
         F0, _ = _operands(factor, g, idx_g[:1], None)
         Rm = _shared_gram(factor, g, F0, sqrt=True)
     for idx in plan.split(idx_g):
+
         def build(idx=idx, g=g, Rs=Rm if shared else None) -> Tensor:
             F, (wk, w) = _operands(factor, g, idx, None if sd is None else sd[idx])
             R_ = Rs if Rs is not None else _psd_sqrt(F @ F.mT)
@@ -241,6 +255,7 @@ def _sqrt_gram_jobs(plan: _Plan, g: int, idx_g: Tensor) -> None:
             if wk == "diag":
                 return (R_ * w[:, None, :]) @ R_
             return R_ @ _blockdiag(w) @ R_
+
         plan.add(idx, build, factor.rank_bound)
 
 
@@ -267,8 +282,9 @@ def node_hessian_extremes(eigvals: Tensor, p: int) -> tuple[Tensor, Tensor]:
     return hmax, hmin
 
 
-def preconditioned_eigvals(factor: LayerFactor, precond: Tensor, shift: float | Tensor = 0.0,
-                           max_tile_bytes: int = 256 * 2**20) -> Tensor:
+def preconditioned_eigvals(
+    factor: LayerFactor, precond: Tensor, shift: float | Tensor = 0.0, max_tile_bytes: int = 256 * 2**20
+) -> Tensor:
     r"""Eigenvalues of :math:`D_i^{1/2} (H_i + \mathrm{diag}(s)) D_i^{1/2}` per node, ``(N, r')``
     float64, sorted descending, with the rank tolerance applied.
 
@@ -282,8 +298,9 @@ def preconditioned_eigvals(factor: LayerFactor, precond: Tensor, shift: float | 
     return _spectra(factor, precond, shift, max_tile_bytes)
 
 
-def bias_group_eigvals(factor: LayerFactor, sign: float, wd: float, bias_wd: float, bias_lr_ratio: float,
-                       max_tile_bytes: int = 256 * 2**20) -> Tensor | None:
+def bias_group_eigvals(
+    factor: LayerFactor, sign: float, wd: float, bias_wd: float, bias_lr_ratio: float, max_tile_bytes: int = 256 * 2**20
+) -> Tensor | None:
     r"""Eigenvalues of :math:`A^{1/2}(sH_i + W)A^{1/2} - \mathrm{wd}\,I` per node, ``(N, r')``
     float64 (the other p − r' are 0), for nodes whose bias steps in another parameter group:
     W = diag(wd, …, wd, wd_b), A = diag(1, …, 1, a) with a = ``bias_lr_ratio``.
@@ -309,8 +326,8 @@ def bias_group_eigvals(factor: LayerFactor, sign: float, wd: float, bias_wd: flo
     unit = X0.new_zeros(1, p)
     unit[0, -1] = 1.0
     e = torch.cat([sign * factor.e, factor.e.new_full((N, 1), gamma)], dim=1)
-    aug = LayerFactor(factor.layer, "diag", factor.kind, X=torch.cat([Xa, unit])[None, :, None, :], e=e,
-                      rank_bound=X0.shape[0] + 1)
+    aug = LayerFactor(
+        factor.layer, "diag", factor.kind, X=torch.cat([Xa, unit])[None, :, None, :], e=e, rank_bound=X0.shape[0] + 1
+    )
     aug.method = "gram" if aug.rank_bound < p else "dense"
     return _spectra(aug, None, 0.0, max_tile_bytes)
-

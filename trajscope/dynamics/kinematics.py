@@ -13,6 +13,7 @@ A zero norm leaves the direction undefined: drift is NaN, and ρ is NaN when ‖
 (ρ = 0 when only ‖θ_{t+k}‖ is 0: an exact collapse). Non-finite input gives NaN/Inf
 output, never an exception. Computed in float64, returned as float32.
 """
+
 from __future__ import annotations
 
 import math

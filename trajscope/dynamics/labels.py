@@ -82,11 +82,12 @@ excited preset finds it neither flat nor expanding.
 
 ``neutral_dims`` (every preset): acted-on directions with | |μ| − 1 | ≤ δ.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -96,8 +97,16 @@ from trajscope.dynamics.updatemap import NodeSpectra
 from trajscope.errors import TrajscopeError
 
 __all__ = [
-    "LABELS", "REASONS", "REASON_DOCS", "PRESETS", "LabelConfig", "resolve_delta",
-    "collapse_reference_norm", "classify", "stable_labels", "StableLabelState",
+    "LABELS",
+    "REASONS",
+    "REASON_DOCS",
+    "PRESETS",
+    "LabelConfig",
+    "resolve_delta",
+    "collapse_reference_norm",
+    "classify",
+    "stable_labels",
+    "StableLabelState",
 ]
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")
@@ -149,14 +158,18 @@ class LabelConfig:
         if self.preset not in PRESETS:
             raise TrajscopeError(f"unknown label preset {self.preset!r}: use one of {', '.join(PRESETS)}")
         if self.collapse_reference not in ("first", "layer_median"):
-            raise TrajscopeError(f"unknown collapse reference {self.collapse_reference!r}: use 'first' or 'layer_median'")
+            raise TrajscopeError(
+                f"unknown collapse reference {self.collapse_reference!r}: use 'first' or 'layer_median'"
+            )
         if self.delta is not None and not (self.delta >= 0 and math.isfinite(self.delta)):
             raise TrajscopeError(f"label delta must be a finite number >= 0, got {self.delta}")
         if self.stable_window < 1:
             raise TrajscopeError(f"stable_window must be >= 1, got {self.stable_window}")
         if not 0 <= self.collapse_ratio < 1:
-            raise TrajscopeError(f"collapse ratio must be in [0, 1) (a node is collapsed when its norm falls to that "
-                                 f"fraction of its reference), got {self.collapse_ratio}")
+            raise TrajscopeError(
+                f"collapse ratio must be in [0, 1) (a node is collapsed when its norm falls to that "
+                f"fraction of its reference), got {self.collapse_ratio}"
+            )
         for name in ("eps_contract", "eps_param", "eps_grad", "eps_loss", "eps_curv", "share_min"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise TrajscopeError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -187,10 +200,18 @@ def collapse_reference_norm(config: LabelConfig, param_norm: Tensor, first_norm:
     return pn if first_norm is None else first_norm.to(pn)
 
 
-def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, grad_norm: Tensor,
-             hess_min: Tensor, loss: float, config: LabelConfig, delta: float,
-             motion: tuple[Tensor, Tensor, Tensor] | None = None, hess_max: Tensor | None = None,
-             ) -> tuple[Tensor, Tensor, Tensor]:
+def classify(
+    spectra: NodeSpectra,
+    param_norm: Tensor,
+    reference_norm: Tensor,
+    grad_norm: Tensor,
+    hess_min: Tensor,
+    loss: float,
+    config: LabelConfig,
+    delta: float,
+    motion: tuple[Tensor, Tensor, Tensor] | None = None,
+    hess_max: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(label uint8 (N,), reason uint8 (N,), neutral_dims int32 (N,))`` for one layer.
 
     ``param_norm`` ‖θ_i‖, ``reference_norm`` the collapse reference (:func:`collapse_reference_norm`),
@@ -212,10 +233,17 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
     dev1 = (mu - 1.0).abs_()
 
     neutral_dims = (dev1 <= delta).sum(dim=1, dtype=torch.int32)
-    nonfinite = (torch.isnan(mu).sum(dim=1) > m - acted) | torch.isinf(mu).any(dim=1) | \
-        ~torch.isfinite(spectra.radius.to(torch.float64)) | ~torch.isfinite(pn)
-    acted_max = torch.nan_to_num(mu, nan=-math.inf, posinf=math.inf).amax(dim=1) if m \
+    nonfinite = (
+        (torch.isnan(mu).sum(dim=1) > m - acted)
+        | torch.isinf(mu).any(dim=1)
+        | ~torch.isfinite(spectra.radius.to(torch.float64))
+        | ~torch.isfinite(pn)
+    )
+    acted_max = (
+        torch.nan_to_num(mu, nan=-math.inf, posinf=math.inf).amax(dim=1)
+        if m
         else torch.full((n,), -math.inf, dtype=torch.float64)
+    )
 
     label = torch.full((n,), HEALTHY_SINK, dtype=torch.uint8)
     reason = torch.full((n,), _R["contracting"], dtype=torch.uint8)
@@ -239,15 +267,23 @@ def classify(spectra: NodeSpectra, param_norm: Tensor, reference_norm: Tensor, g
 _Put = Callable[[Tensor, int, str], None]
 
 
-def _excited(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
-             config: LabelConfig, delta: float, motion: tuple[Tensor, Tensor, Tensor] | None,
-             hess_max: Tensor | None) -> None:
+def _excited(
+    put: _Put,
+    spectra: NodeSpectra,
+    pn: Tensor,
+    gn: Tensor,
+    reference_norm: Tensor,
+    hess_min: Tensor,
+    config: LabelConfig,
+    delta: float,
+    motion: tuple[Tensor, Tensor, Tensor] | None,
+    hess_max: Tensor | None,
+) -> None:
     """The excited preset's rules, in reverse precedence order (module docstring)."""
     n = pn.shape[0]
     acted, null = spectra.acted.to(torch.int64), spectra.null_dims.to(torch.int64)
     nan = torch.full((n,), math.nan, dtype=torch.float64)
-    m_radius, m_neutral, share = (nan, nan, nan) if motion is None else \
-        (m.to(torch.float64).reshape(n) for m in motion)
+    m_radius, m_neutral, share = (nan, nan, nan) if motion is None else (m.to(torch.float64).reshape(n) for m in motion)
     hmax = nan if hess_max is None else hess_max.to(torch.float64).reshape(n)
     hmin = hess_min.to(torch.float64).reshape(n)
     put((m_neutral <= delta) & ~(share.abs() >= config.share_min), PLATEAU, "flat_motion")
@@ -258,8 +294,18 @@ def _excited(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_
     put(m_radius - 1.0 > delta, SOURCE, "expanding")
 
 
-def _acted(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
-           config: LabelConfig, delta: float, neutral_dims: Tensor, acted_max: Tensor) -> None:
+def _acted(
+    put: _Put,
+    spectra: NodeSpectra,
+    pn: Tensor,
+    gn: Tensor,
+    reference_norm: Tensor,
+    hess_min: Tensor,
+    config: LabelConfig,
+    delta: float,
+    neutral_dims: Tensor,
+    acted_max: Tensor,
+) -> None:
     """The acted preset's rules, in reverse precedence order (module docstring)."""
     n = pn.shape[0]
     acted, null = spectra.acted.to(torch.int64), spectra.null_dims.to(torch.int64)
@@ -271,8 +317,18 @@ def _acted(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_no
     put(acted_max - 1.0 > delta, SOURCE, "expanding")  # not > fl(1 + δ): the neutral test is |μ| − 1 ≤ δ
 
 
-def _seed(put: _Put, spectra: NodeSpectra, pn: Tensor, gn: Tensor, reference_norm: Tensor, hess_min: Tensor,
-          config: LabelConfig, delta: float, dev1: Tensor, loss: float | None) -> None:
+def _seed(
+    put: _Put,
+    spectra: NodeSpectra,
+    pn: Tensor,
+    gn: Tensor,
+    reference_norm: Tensor,
+    hess_min: Tensor,
+    config: LabelConfig,
+    delta: float,
+    dev1: Tensor,
+    loss: float | None,
+) -> None:
     """The seed preset's rules, in reverse precedence order (module docstring)."""
     n = pn.shape[0]
     null = spectra.null_dims.to(torch.int64)
@@ -329,7 +385,7 @@ class StableLabelState:
     def resume(self, layer: str, labels: np.ndarray, stable: np.ndarray) -> None:
         """Continue from an earlier analysis: ``labels`` (k, N) its instantaneous labels, oldest first,
         ``stable`` (N,) its last stable label."""
-        self.history[layer] = [row for row in labels[-(self.window - 1):]] if self.window > 1 else []
+        self.history[layer] = [row for row in labels[-(self.window - 1) :]] if self.window > 1 else []
         self.stable[layer] = stable
 
     def update(self, layer: str, label: np.ndarray, hysteresis: bool = True) -> np.ndarray:
@@ -345,6 +401,6 @@ class StableLabelState:
             hist = torch.from_numpy(np.stack(self.history[layer])) if self.history[layer] else None
             ps = torch.from_numpy(self.stable[layer]) if self.stable[layer] is not None else None
             stable = stable_labels(hist, ps, torch.from_numpy(label), self.window).numpy().astype(np.uint8)
-        self.history[layer] = (self.history[layer] + [label])[-(self.window - 1):] if self.window > 1 else []
+        self.history[layer] = (self.history[layer] + [label])[-(self.window - 1) :] if self.window > 1 else []
         self.stable[layer] = stable
         return stable

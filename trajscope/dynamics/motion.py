@@ -18,6 +18,7 @@ excites the directions it has components along:
   of the motion along the eigenvectors v_k of A_i whose map is neutral (some |μ(a_k) − 1| ≤ δ) or
   unstable (some |μ(a_k)| > 1 + δ); dense p × p eigenvectors, so opt-in (``motion_fractions=True``).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,7 @@ def map_scale(nm: NodeMap, precond: Tensor | None, like: Tensor) -> Tensor:
     return d * nm.lr_scale.to(d) if nm.lr_scale is not None else d
 
 
-def motion_curvature(factor: LayerFactor, nm: NodeMap, u: Tensor, precond: Tensor | None,
-                     clip: float = 1.0) -> Tensor:
+def motion_curvature(factor: LayerFactor, nm: NodeMap, u: Tensor, precond: Tensor | None, clip: float = 1.0) -> Tensor:
     r"""λ_u (N,) float64: the curvature of the map's operator along the motion u (N, p).
 
     Without ``nm.transformed``: :math:`u^\top H_i u / u^\top u`; with it, in the coordinates
@@ -76,8 +76,15 @@ def motion_from_eigs(lam_u: Tensor, rule: UpdateRule) -> tuple[Tensor, Tensor]:
     return radius, neutral
 
 
-def motion_fractions(factor: LayerFactor, nm: NodeMap, rule: UpdateRule, u: Tensor, precond: Tensor | None,
-                     delta: float, clip: float = 1.0) -> tuple[Tensor, Tensor]:
+def motion_fractions(
+    factor: LayerFactor,
+    nm: NodeMap,
+    rule: UpdateRule,
+    u: Tensor,
+    precond: Tensor | None,
+    delta: float,
+    clip: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """``(neutral, unstable)`` (N,) float64: the fractions of the motion u (N, p) along the neutral and
     the unstable eigen-directions of each node's map (module docstring); NaN where u = 0 or the
     factor is NaN. ``rule`` is the map applied to the eigenvalues of A_i (``nm.rule``); ``clip`` as
@@ -105,7 +112,7 @@ def motion_fractions(factor: LayerFactor, nm: NodeMap, rule: UpdateRule, u: Tens
         A = torch.where(ok[:, None, None], A, torch.zeros((), dtype=A.dtype))
         w, V = torch.linalg.eigh(0.5 * (A + A.mT))
         share = (V.mT @ ut[ii, :, None])[..., 0] ** 2 / torch.where(ok, norm2[ii], 1.0)[:, None]  # (t, p)
-        mu, _null = update_map_eigenvalues(w, p, rule)   # (t, p) or (t, 2p): [first roots | second roots]
+        mu, _null = update_map_eigenvalues(w, p, rule)  # (t, p) or (t, 2p): [first roots | second roots]
         roots = mu.reshape(len(ii), -1, p)
         is_neutral = ((roots - 1).abs() <= delta).any(dim=1)
         is_unstable = (roots.abs() - 1 > delta).any(dim=1)

@@ -4,12 +4,14 @@ group (:class:`NodeMap`), and the optimizer's frozen diagonal preconditioner D.
 
 The maps these rules define, and their spectra, are described in :mod:`trajscope.dynamics.updatemap`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,15 +116,21 @@ def node_map(weight_rule: UpdateRule, bias_rule: UpdateRule | None, p: int) -> N
     plain = NodeMap(w, w.preconditioned, w.curvature_sign, w.coupled_shift)
     if b is None or b == w:
         return plain
-    differ = [f for f in ("kind", "momentum", "dampening", "has_buffer", "beta1", "beta2", "eps", "step",
-                          "amsgrad", "maximize") if getattr(b, f) != getattr(w, f)]
+    differ = [
+        f
+        for f in ("kind", "momentum", "dampening", "has_buffer", "beta1", "beta2", "eps", "step", "amsgrad", "maximize")
+        if getattr(b, f) != getattr(w, f)
+    ]
     if w.kind == "adamw" and not math.isclose(b.decay_factor, w.decay_factor, rel_tol=1e-12, abs_tol=0.0):
         differ.append("decoupled decay factor (1 - lr*weight_decay)")
     if not (math.isfinite(w.lr) and w.lr > 0 and math.isfinite(b.lr) and b.lr >= 0):
         differ.append("lr")
     if differ:
-        return dataclasses.replace(plain, note=f"bias in a parameter group with a different {', '.join(differ)}: "
-                                               "the weight group's map is used for the whole node (approximate)")
+        return dataclasses.replace(
+            plain,
+            note=f"bias in a parameter group with a different {', '.join(differ)}: "
+            "the weight group's map is used for the whole node (approximate)",
+        )
     scale = torch.ones(p, dtype=torch.float64)
     scale[-1] = b.lr / w.lr
     if w.kind == "gd_fallback":  # the fallback ignores decay and sign
@@ -158,8 +166,16 @@ def update_rule(optimizer_class: str, hparams: Mapping[str, Any], state: Mapping
     """
     name = str(optimizer_class).rsplit(".", 1)[-1]
     hp = dict(hparams or {})
-    g = _Group(name, hp, dict(state or {}), _scalar(hp.get("lr"), math.nan), _scalar(hp.get("weight_decay"), 0.0),
-               bool(hp.get("maximize", False)), str(optimizer_class), [])
+    g = _Group(
+        name,
+        hp,
+        dict(state or {}),
+        _scalar(hp.get("lr"), math.nan),
+        _scalar(hp.get("weight_decay"), 0.0),
+        bool(hp.get("maximize", False)),
+        str(optimizer_class),
+        [],
+    )
     if g.maximize:
         g.notes.append("maximize=True: curvature enters mirrored (λ -> -λ)")
     build = _RULES.get("Adam" if name == "AdamW" else name)
@@ -195,9 +211,17 @@ def _sgd_rule(g: _Group) -> UpdateRule:
     has_buffer = kind != "sgd" and st.get("momentum_buffer") is not None
     if kind != "sgd" and not has_buffer:
         notes.append("no momentum buffer yet (first step): single-step map")
-    return UpdateRule(kind, g.lr, g.wd, momentum=beta, dampening=damp if kind != "sgd" else 0.0,
-                      has_buffer=has_buffer, maximize=g.maximize, optimizer=g.optimizer,
-                      note="; ".join(notes))
+    return UpdateRule(
+        kind,
+        g.lr,
+        g.wd,
+        momentum=beta,
+        dampening=damp if kind != "sgd" else 0.0,
+        has_buffer=has_buffer,
+        maximize=g.maximize,
+        optimizer=g.optimizer,
+        note="; ".join(notes),
+    )
 
 
 def _adam_rule(g: _Group) -> UpdateRule:
@@ -209,10 +233,20 @@ def _adam_rule(g: _Group) -> UpdateRule:
     step = int(_scalar(st.get("step"), 0.0)) if has_buffer or "step" in st else 0
     if not has_buffer:
         notes.append("no exp_avg yet (first step): single-step map")
-    return UpdateRule("adamw" if decoupled else "adam", g.lr, g.wd, has_buffer=has_buffer,
-                      beta1=b1, beta2=b2, eps=_scalar(hp.get("eps"), 1e-8), step=step,
-                      amsgrad=bool(hp.get("amsgrad", False)), maximize=g.maximize,
-                      optimizer=g.optimizer, note="; ".join(notes))
+    return UpdateRule(
+        "adamw" if decoupled else "adam",
+        g.lr,
+        g.wd,
+        has_buffer=has_buffer,
+        beta1=b1,
+        beta2=b2,
+        eps=_scalar(hp.get("eps"), 1e-8),
+        step=step,
+        amsgrad=bool(hp.get("amsgrad", False)),
+        maximize=g.maximize,
+        optimizer=g.optimizer,
+        note="; ".join(notes),
+    )
 
 
 def _rmsprop_rule(g: _Group) -> UpdateRule:
@@ -221,17 +255,35 @@ def _rmsprop_rule(g: _Group) -> UpdateRule:
     has_buffer = beta != 0.0 and st.get("momentum_buffer") is not None
     if beta != 0.0 and not has_buffer:
         notes.append("no momentum buffer yet (first step): single-step map")
-    return UpdateRule("rmsprop_momentum" if beta != 0.0 else "rmsprop", g.lr, g.wd, momentum=beta, has_buffer=has_buffer,
-                      beta2=_scalar(hp.get("alpha"), 0.99), eps=_scalar(hp.get("eps"), 1e-8),
-                      step=int(_scalar(st.get("step"), 0.0)), centered=bool(hp.get("centered", False)),
-                      maximize=g.maximize, optimizer=g.optimizer, note="; ".join(notes))
+    return UpdateRule(
+        "rmsprop_momentum" if beta != 0.0 else "rmsprop",
+        g.lr,
+        g.wd,
+        momentum=beta,
+        has_buffer=has_buffer,
+        beta2=_scalar(hp.get("alpha"), 0.99),
+        eps=_scalar(hp.get("eps"), 1e-8),
+        step=int(_scalar(st.get("step"), 0.0)),
+        centered=bool(hp.get("centered", False)),
+        maximize=g.maximize,
+        optimizer=g.optimizer,
+        note="; ".join(notes),
+    )
 
 
 def _adagrad_rule(g: _Group) -> UpdateRule:
     hp, st = g.hp, g.st
-    return UpdateRule("adagrad", g.lr, g.wd, eps=_scalar(hp.get("eps"), 1e-10), step=int(_scalar(st.get("step"), 0.0)),
-                      lr_decay=_scalar(hp.get("lr_decay"), 0.0), maximize=g.maximize,
-                      optimizer=g.optimizer, note="; ".join(g.notes))
+    return UpdateRule(
+        "adagrad",
+        g.lr,
+        g.wd,
+        eps=_scalar(hp.get("eps"), 1e-10),
+        step=int(_scalar(st.get("step"), 0.0)),
+        lr_decay=_scalar(hp.get("lr_decay"), 0.0),
+        maximize=g.maximize,
+        optimizer=g.optimizer,
+        note="; ".join(g.notes),
+    )
 
 
 #: the optimizers with an update map, by bare class name (AdamW is Adam's)
@@ -271,8 +323,13 @@ def _moment_gradient(rule: UpdateRule, grad: Tensor, param: Tensor | None) -> Te
     return g
 
 
-def adam_preconditioner(rule: UpdateRule, exp_avg_sq: Tensor | None, grad: Tensor,
-                        max_exp_avg_sq: Tensor | None = None, param: Tensor | None = None) -> Tensor:
+def adam_preconditioner(
+    rule: UpdateRule,
+    exp_avg_sq: Tensor | None,
+    grad: Tensor,
+    max_exp_avg_sq: Tensor | None = None,
+    param: Tensor | None = None,
+) -> Tensor:
     """D = 1/(√(v_used/(1 − β2^(step+1))) + ε), the diagonal the real Adam step divides by.
 
     v_used = β2·v + (1−β2)·g² is the second moment after the step's own update (v = 0

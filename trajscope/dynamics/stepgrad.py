@@ -1,6 +1,7 @@
 """What else changes a step than its gradient: the recorded gradient norms against the replayed
 ‖∇L(θ_t)‖ (loss scaling, gradient clipping, or a mismatch); see "What else changes the step" in
 :mod:`trajscope.dynamics.updatemap`."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ class StepGradient:
         return self.factor if self.clipped else 1.0
 
 
-def step_gradient(replayed: float, stepped: float, backward: float, tol: float = GRAD_NORM_TOL,
-                  loss_faithful: bool = True) -> StepGradient:
+def step_gradient(
+    replayed: float, stepped: float, backward: float, tol: float = GRAD_NORM_TOL, loss_faithful: bool = True
+) -> StepGradient:
     """Classify one step's recorded gradient norms against the replayed one (all non-negative floats).
 
     With r_b = backward/replayed and S = 2^round(log2 r_b): |r_b/S − 1| > tol is a mismatch (of that

@@ -81,6 +81,7 @@ The rules themselves (:class:`UpdateRule` from the recorded hyperparameters and 
 the preconditioner D) are in :mod:`trajscope.dynamics.optimizers`, the step factor in
 :mod:`trajscope.dynamics.stepgrad`; this module holds the maps' spectra and thresholds.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,15 @@ import torch
 from torch import Tensor
 
 # the rules and the step gradient live in their own modules; their names stay importable from here
-from trajscope.dynamics.optimizers import (KINDS, PRECONDITIONED, NodeMap, UpdateRule, adam_preconditioner, node_map,
-                                           preconditioner, update_rule)
+from trajscope.dynamics.optimizers import (
+    KINDS,
+    NodeMap,
+    UpdateRule,
+    adam_preconditioner,
+    node_map,
+    preconditioner,
+    update_rule,
+)
 from trajscope.dynamics.stepgrad import GRAD_NORM_TOL, StepGradient, step_gradient
 
 __all__ = [
@@ -148,7 +156,8 @@ def _eig_rows(eig: Tensor, p: int) -> Tensor:
 def _single_state(rule: UpdateRule) -> bool:
     """Maps on θ alone, μ = 1 − coef·λ': GD-like kinds, and momentum kinds before their buffer exists."""
     return rule.kind in ("sgd", "gd_fallback", "rmsprop", "adagrad") or (
-        rule.kind in ("sgd_momentum", "nesterov", "rmsprop_momentum") and not rule.has_buffer)
+        rule.kind in ("sgd_momentum", "nesterov", "rmsprop_momentum") and not rule.has_buffer
+    )
 
 
 def _char_poly(eig: Tensor, p: int, rule: UpdateRule) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float, float]:
@@ -278,8 +287,9 @@ def node_update_spectra(eig: Tensor, p: int, rule: UpdateRule) -> NodeSpectra:
             inside = (cols >= offset[:, None]) & (cols < (offset + run)[:, None])
             mu_abs = torch.where(inside, mags[:, r:], mu_abs)
             offset = offset + run
-    return NodeSpectra(mu_abs=mu_abs[:, :m], null_dims=null_dims, radius=radius, acted=acted, p=int(p),
-                       zero_eig_dims=zero_eig)
+    return NodeSpectra(
+        mu_abs=mu_abs[:, :m], null_dims=null_dims, radius=radius, acted=acted, p=int(p), zero_eig_dims=zero_eig
+    )
 
 
 def stability_threshold(rule: UpdateRule) -> float:

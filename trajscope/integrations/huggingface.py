@@ -20,13 +20,15 @@
   back into the micro-batch's own mean before giving it to the Recorder, which weights the
   micro-batches by their counted tokens.
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import transformers
@@ -50,8 +52,9 @@ def _logits_class(cls: type) -> type:
         out = cls.forward(self, *args, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
-    return type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
-                                       "__qualname__": f"logits_of.{cls.__name__}"})
+    return type(
+        cls.__name__, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": f"logits_of.{cls.__name__}"}
+    )
 
 
 def _architecture(name: str) -> type:
@@ -67,7 +70,7 @@ def from_config(architecture: str, config: Mapping[str, Any]) -> nn.Module:
     cls = _architecture(architecture)
     cfg = cls.config_class.from_dict(dict(config))
     cfg.use_cache = False
-    cfg._attn_implementation = "eager"   # same function as sdpa; differentiable twice on every device
+    cfg._attn_implementation = "eager"  # same function as sdpa; differentiable twice on every device
     return _logits_class(cls)(cfg)
 
 
@@ -115,7 +118,7 @@ class TrajscopeCallback(transformers.TrainerCallback):
         self.failed: str | None = None
         self._model: nn.Module | None = None
         self._loss: Any = None
-        self._micro: list[tuple[Any, Any, Any, Any]] = []    # (inputs, labels, loss, num_items) of this step
+        self._micro: list[tuple[Any, Any, Any, Any]] = []  # (inputs, labels, loss, num_items) of this step
         self._hooks: list[Any] = []
         self._finder: Any = None
         self._step0 = 0
@@ -129,10 +132,12 @@ class TrajscopeCallback(transformers.TrainerCallback):
         if model is None:
             raise TrajscopeError("TrajscopeCallback: the Trainer gave no model to record")
         if is_run(self.path) and not (self.recorder_kwargs.get("overwrite") or self.recorder_kwargs.get("resume")):
-            raise TrajscopeError(f"{self.path} already holds a recorded run: pass resume=True to continue it "
-                                 f"or overwrite=True to replace it")
+            raise TrajscopeError(
+                f"{self.path} already holds a recorded run: pass resume=True to continue it "
+                f"or overwrite=True to replace it"
+            )
         self._model = unwrap_model(model)[0]
-        self._loss = modelloss.for_model(self._model)      # an unsupported model: one line, before training
+        self._loss = modelloss.for_model(self._model)  # an unsupported model: one line, before training
         self._step0 = int(state.global_step)
         self._hooks.append(self._model.register_forward_hook(self._on_forward, with_kwargs=True))
         self._finder = register_optimizer_step_pre_hook(self._on_first_step)
@@ -142,7 +147,7 @@ class TrajscopeCallback(transformers.TrainerCallback):
             self._flush()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self._finder is not None and self.recorder is not None:   # not from inside the hook loop
+        if self._finder is not None and self.recorder is not None:  # not from inside the hook loop
             self._finder.remove()
             self._finder = None
 
@@ -185,8 +190,9 @@ class TrajscopeCallback(transformers.TrainerCallback):
         try:
             self._loss = _matching_denominator(self._loss, self._micro)
             # made inside the step's pre-hooks: its own pre-hook, added to this optimizer now, runs next
-            self.recorder = Recorder(self.path, self._model, optimizer, self._loss, step=self._step0,
-                                     **self.recorder_kwargs)
+            self.recorder = Recorder(
+                self.path, self._model, optimizer, self._loss, step=self._step0, **self.recorder_kwargs
+            )
             self._flush()
         except Exception as e:  # never break training
             self._stop("at its first step", e)
@@ -211,11 +217,17 @@ class TrajscopeCallback(transformers.TrainerCallback):
         try:
             batch = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k != "num_items_in_batch"}
             if args or "labels" not in batch:
-                return      # not a training call of the Trainer's (it calls model(**inputs) with labels)
+                return  # not a training call of the Trainer's (it calls model(**inputs) with labels)
             inputs, labels = self._loss.split(batch)
             loss = getattr(output, "loss", None)
-            self._micro.append((inputs, labels, loss.detach() if isinstance(loss, torch.Tensor) else None,
-                                kwargs.get("num_items_in_batch")))
+            self._micro.append(
+                (
+                    inputs,
+                    labels,
+                    loss.detach() if isinstance(loss, torch.Tensor) else None,
+                    kwargs.get("num_items_in_batch"),
+                )
+            )
         except Exception as e:  # never break training
             self._stop("reading a batch", e)
 

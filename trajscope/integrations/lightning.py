@@ -31,13 +31,15 @@ with one warning naming the others; record them to separate runs with your own R
 Resuming: ``TrajscopeCallback(path, resume=True)`` with ``fit(ckpt_path=...)`` continues the run at
 the checkpoint's step.
 """
+
 from __future__ import annotations
 
 import inspect
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -52,9 +54,11 @@ def split_xy(batch: Any) -> tuple[Any, Any]:
     """The default split: an ``(inputs, targets)`` pair (tuple or list of two)."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    raise TypeError(f"TrajscopeCallback: a batch of type {type(batch).__name__}"
-                    f"{f' with {len(batch)} items' if isinstance(batch, (tuple, list)) else ''} is not an "
-                    f"(inputs, targets) pair: pass split=lambda batch: (inputs, targets)")
+    raise TypeError(
+        f"TrajscopeCallback: a batch of type {type(batch).__name__}"
+        f"{f' with {len(batch)} items' if isinstance(batch, (tuple, list)) else ''} is not an "
+        f"(inputs, targets) pair: pass split=lambda batch: (inputs, targets)"
+    )
 
 
 class TrajscopeCallback(pl.Callback):
@@ -70,9 +74,16 @@ class TrajscopeCallback(pl.Callback):
             ``overwrite``, ``resume``, ``probe``, ...).
     """
 
-    def __init__(self, path: str | Path, *, loss_fn: Any = None, split: Split | None = None,
-                 model_spec: str | None = None, model_kwargs: dict[str, Any] | None = None,
-                 **recorder_kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        loss_fn: Any = None,
+        split: Split | None = None,
+        model_spec: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        **recorder_kwargs: Any,
+    ) -> None:
         self.path = Path(path)
         self.loss_fn, self.split = loss_fn, split or split_xy
         self.model_spec, self.model_kwargs = model_spec, model_kwargs
@@ -87,12 +98,18 @@ class TrajscopeCallback(pl.Callback):
             return
         if len(trainer.optimizers) > 1:
             others = ", ".join(type(o).__name__ for o in trainer.optimizers[1:])
-            warnings.warn(f"TrajscopeCallback: {len(trainer.optimizers)} optimizers; only the first "
-                          f"({type(trainer.optimizers[0]).__name__}) is recorded, not {others}", stacklevel=2)
+            warnings.warn(
+                f"TrajscopeCallback: {len(trainer.optimizers)} optimizers; only the first "
+                f"({type(trainer.optimizers[0]).__name__}) is recorded, not {others}",
+                stacklevel=2,
+            )
         loss_fn = self.loss_fn if self.loss_fn is not None else _module_loss(pl_module)
         if loss_fn is None:
-            warnings.warn("TrajscopeCallback: no loss_fn given and the module has no loss_fn or criterion "
-                          "attribute: the run records, and `trajscope analyze` will need --loss", stacklevel=2)
+            warnings.warn(
+                "TrajscopeCallback: no loss_fn given and the module has no loss_fn or criterion "
+                "attribute: the run records, and `trajscope analyze` will need --loss",
+                stacklevel=2,
+            )
         spec, kwargs = (self.model_spec, self.model_kwargs) if self.model_spec else _model_spec(pl_module)
         # Lightning divides each micro-batch's loss by accumulate_grad_batches under automatic optimization
         self._normalize = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
@@ -102,8 +119,9 @@ class TrajscopeCallback(pl.Callback):
             # on are a restart). Manual optimization with several optimizers counts all their steps:
             # pass step= then.
             kw["step"] = trainer.global_step
-        self.recorder = Recorder(self.path, pl_module, trainer.optimizers[0], loss_fn,
-                                 model_spec=spec, model_kwargs=kwargs, **kw)
+        self.recorder = Recorder(
+            self.path, pl_module, trainer.optimizers[0], loss_fn, model_spec=spec, model_kwargs=kwargs, **kw
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -120,14 +138,15 @@ class TrajscopeCallback(pl.Callback):
             self.recorder.close()
 
     # ------------------------------------------------------------------ per batch
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         rec = self.recorder
         if rec is None or rec.failed:
             return
         try:
             inputs, targets = self.split(batch)
-        except Exception as e:      # a usage error, found at the first batch: warn and stop, never break fit
+        except Exception as e:  # a usage error, found at the first batch: warn and stop, never break fit
             rec._fail(e)
             return
         rec.batch(inputs, targets)
@@ -167,13 +186,23 @@ def _model_spec(module: pl.LightningModule) -> tuple[str | None, dict[str, Any] 
             why = "its hparams are not JSON (numbers, strings, lists, dicts)"
         else:
             params = inspect.signature(cls.__init__).parameters.values()
-            missing = [p.name for p in params if p.name != "self" and p.default is p.empty
-                       and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in kwargs]
+            missing = [
+                p.name
+                for p in params
+                if p.name != "self"
+                and p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                and p.name not in kwargs
+            ]
             if missing:
-                why = f"__init__ needs {', '.join(missing)}, which self.hparams lacks (call self.save_hyperparameters())"
+                why = (
+                    f"__init__ needs {', '.join(missing)}, which self.hparams lacks (call self.save_hyperparameters())"
+                )
     if why is not None:
-        warnings.warn(f"TrajscopeCallback: no import spec for the model ({why}); pass model_spec= or "
-                      f"analyse with --model", stacklevel=3)
+        warnings.warn(
+            f"TrajscopeCallback: no import spec for the model ({why}); pass model_spec= or analyse with --model",
+            stacklevel=3,
+        )
         return None, None
     return f"{cls.__module__}:{cls.__qualname__}", kwargs
 

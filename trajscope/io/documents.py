@@ -1,5 +1,6 @@
 """The JSON side of a store: reading the Zarr v3 group and array documents (``zarr.json``) and
 the commit marker, and turning attributes into plain JSON values."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ def _read_group_attrs(folder: Path) -> dict[str, Any]:
     try:
         return dict(json.loads((folder / "zarr.json").read_text())["attributes"])
     except (OSError, ValueError, KeyError) as e:
-        raise TrajscopeError(f"{folder}: cannot be opened, its zarr.json is unreadable ({type(e).__name__}: {e}); "
-                             "the store is damaged") from None
+        raise TrajscopeError(
+            f"{folder}: cannot be opened, its zarr.json is unreadable ({type(e).__name__}: {e}); the store is damaged"
+        ) from None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -2,14 +2,16 @@
 store created under a temporary name, shard files created with their index, positioned writes
 of chunks and indexes. One module on purpose: crash tests stand in for its ``os`` to stop the
 writer at any one of its writes."""
+
 from __future__ import annotations
 
 import errno
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from trajscope.io.documents import _jsonable
 
@@ -28,7 +30,7 @@ def new_file(path: Path, head: bytes) -> Any:
     f = open(tmp, "w+b", buffering=0)
     try:
         f.write(head)
-        os.rename(tmp, path)                  # the open file keeps its descriptor
+        os.rename(tmp, path)  # the open file keeps its descriptor
     except BaseException:
         f.close()
         raise
@@ -51,7 +53,7 @@ def write_chunk(fd: int, raw: memoryview, crc: bytes, at: int) -> None:
     In pieces: one multi-MiB write() took 3-6x the kernel time of 1 MiB pieces here
     (2.7 MiB: 2.7-5.7 ms against 0.9 ms on this VM's ext4). The CRC goes with the last one."""
     for start in range(0, len(raw), _WRITE_PIECE):
-        piece = raw[start:start + _WRITE_PIECE]
+        piece = raw[start : start + _WRITE_PIECE]
         last = start + _WRITE_PIECE >= len(raw)
         tail = crc if last else b""
         wrote = os.pwritev(fd, [piece, tail], at + start) if tail else os.pwrite(fd, piece, at + start)

@@ -51,20 +51,22 @@ Small tensors are packed into one flat array per storage dtype so a small model 
 of chunk writes per step. bfloat16 has no Zarr dtype: it is stored as
 its uint16 bit pattern (pack name ``bfloat16``) and viewed back, so it round-trips bit-exactly.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from trajscope.errors import TrajscopeError
 
 FORMAT = "trajscope-trajectory"
-FORMAT_VERSION = 3         # 3: CRC32C per chunk and shard index; 2: row shards, no checksums; 1: a file per row
-READ_VERSIONS = (2, 3)     # versions trajscope reads (and resumes, keeping their layout)
-CHECKSUM_VERSION = 3       # the first version with checksums
-_CRC_BYTES = 4             # a little-endian CRC32C after each chunk and each shard index
+FORMAT_VERSION = 3  # 3: CRC32C per chunk and shard index; 2: row shards, no checksums; 1: a file per row
+READ_VERSIONS = (2, 3)  # versions trajscope reads (and resumes, keeping their layout)
+CHECKSUM_VERSION = 3  # the first version with checksums
+_CRC_BYTES = 4  # a little-endian CRC32C after each chunk and each shard index
 STORE_NAME = "trajectory.zarr"
 
 
@@ -74,10 +76,11 @@ def shard_store_name(rank: int) -> str:
     has renamed the main one into place."""
     return f"trajectory.rank{int(rank)}.zarr"
 
+
 _CAPACITY_BLOCK = 64
-_SHARD_ROWS = _CAPACITY_BLOCK     # rows per shard file
+_SHARD_ROWS = _CAPACITY_BLOCK  # rows per shard file
 _MAX_CHUNK_ELEMS = 1 << 22  # 4 Mi elements per chunk along a packed row
-_EMPTY = 2**64 - 1          # shard index entry of a chunk that was never written
+_EMPTY = 2**64 - 1  # shard index entry of a chunk that was never written
 # No compression. Weights barely compress: Blosc lz4 + bitshuffle saved 12% of the bytes of a
 # 784-512-512-10 MLP but doubled the writer's CPU per record (3.9 vs 1.9 ms for 2.9 MiB), and on a
 # small machine that CPU is taken from the training thread (benchmarks/bench_recorder.py). Without it
@@ -102,7 +105,8 @@ def _chunks_for(shape: tuple[int, ...]) -> tuple[int, ...]:
         inner[0] = max(1, min(inner[0], _MAX_CHUNK_ELEMS))
     return (1, *[max(1, int(x)) for x in inner])
 
-_INNER_CODECS = {False: ["bytes"], True: ["bytes", "crc32c"]}   # per ``checksums``, inner and index alike
+
+_INNER_CODECS = {False: ["bytes"], True: ["bytes", "crc32c"]}  # per ``checksums``, inner and index alike
 
 
 def _codecs(dtype: np.dtype, checksums: bool) -> list[dict[str, Any]]:
@@ -113,9 +117,22 @@ def _row_array_doc(shape: tuple[int, ...], dtype: np.dtype, checksums: bool = Tr
     """The ``zarr.json`` of a new per-record array: rows sharded by ``_SHARD_ROWS``, index at the
     start, uncompressed, a CRC32C after each chunk and after the index (``checksums``)."""
     chunk = _chunks_for(shape)
-    return _array_doc(shape, dtype, [_SHARD_ROWS, *chunk[1:]], [{"name": "sharding_indexed", "configuration": {
-        "chunk_shape": list(chunk), "codecs": _codecs(dtype, checksums),
-        "index_codecs": _codecs(np.dtype(np.uint64), checksums), "index_location": "start"}}])
+    return _array_doc(
+        shape,
+        dtype,
+        [_SHARD_ROWS, *chunk[1:]],
+        [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": list(chunk),
+                    "codecs": _codecs(dtype, checksums),
+                    "index_codecs": _codecs(np.dtype(np.uint64), checksums),
+                    "index_location": "start",
+                },
+            }
+        ],
+    )
 
 
 def _plain_array_doc(shape: tuple[int, ...], dtype: np.dtype, crc: int | None = None) -> dict[str, Any]:
@@ -140,10 +157,18 @@ def _array_doc(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: list[int], 
     in the training process; this ~10 us and no thread)."""
     dtype = np.dtype(dtype)
     fill: Any = False if dtype.kind == "b" else [0.0, 0.0] if dtype.kind == "c" else 0.0 if dtype.kind == "f" else 0
-    return {"shape": list(shape), "data_type": dtype.name,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
-            "chunk_key_encoding": _CHUNK_KEYS, "fill_value": fill, "codecs": codecs,
-            "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": []}
+    return {
+        "shape": list(shape),
+        "data_type": dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+        "chunk_key_encoding": _CHUNK_KEYS,
+        "fill_value": fill,
+        "codecs": codecs,
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
 
 
 def _check_version(attrs: Mapping[str, Any], path: Path) -> None:
@@ -152,8 +177,10 @@ def _check_version(attrs: Mapping[str, Any], path: Path) -> None:
     if fmt != FORMAT:
         raise TrajscopeError(f"{path} is not a trajscope trajectory store (format={fmt!r})")
     if isinstance(ver, bool) or ver not in READ_VERSIONS:
-        raise TrajscopeError(f"{path} has format version {ver}, this trajscope reads versions "
-                             f"{', '.join(map(str, READ_VERSIONS))}: use the trajscope release that recorded it")
+        raise TrajscopeError(
+            f"{path} has format version {ver}, this trajscope reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}: use the trajscope release that recorded it"
+        )
 
 
 def _version(attrs: Mapping[str, Any], path: Path) -> int:

@@ -1,10 +1,12 @@
 """Tensors to stored rows and back: storage dtypes (bf16 as its bit pattern), the packed rows
 of many tensors per dtype (:class:`Slot`), the batch tree (flattened to named leaves and a JSON
 spec) and the optimizer hyperparameters (numeric, tuples flattened)."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +48,7 @@ class Slot:
         return [self.name, self.dtype, list(self.shape), self.pack, self.offset, self.numel]
 
     @classmethod
-    def from_json(cls, j: Sequence) -> "Slot":
+    def from_json(cls, j: Sequence) -> Slot:
         return cls(j[0], j[1], tuple(j[2]), j[3], j[4], j[5])
 
 
@@ -69,8 +71,7 @@ def pack_sizes(layout: Sequence[Slot]) -> dict[str, int]:
     return sizes
 
 
-def pack(layout: Sequence[Slot], tensors: Sequence[torch.Tensor],
-         alloc: Any = None) -> dict[str, torch.Tensor]:
+def pack(layout: Sequence[Slot], tensors: Sequence[torch.Tensor], alloc: Any = None) -> dict[str, torch.Tensor]:
     """Concatenate tensors (in layout order) into one flat CPU tensor per pack: one copy, detached.
 
     The copy is what isolates the snapshot from the optimizer's in-place update that follows.
@@ -101,7 +102,7 @@ def _to_numpy(flat: torch.Tensor) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray, dtype_name: str) -> torch.Tensor:
-    a = np.asarray(a, order="C")      # not ascontiguousarray: it turns a 0-d leaf into shape (1,)
+    a = np.asarray(a, order="C")  # not ascontiguousarray: it turns a 0-d leaf into shape (1,)
     if dtype_name == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

@@ -1,9 +1,11 @@
 """A distributed run's other ranks: their batch shards, losses and forward states, each in its own
 store beside ``trajectory.zarr``, joined to rank 0's per step."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,10 +29,10 @@ class _RankShards:
 
     def __init__(self, run_dir: Path, world_size: int, open_store: Callable[[Path, str], TrajectoryReader]) -> None:
         self.run_dir, self.world_size = run_dir, world_size
-        self._open = open_store                          # TrajectoryReader (passed in: it imports this module)
+        self._open = open_store  # TrajectoryReader (passed in: it imports this module)
         self._readers: dict[int, TrajectoryReader | str] = {}
-        self._rows: dict[int, dict[int, int]] = {}       # rank -> {step: its row there}
-        self._mean: np.ndarray | None = None             # mean_loss, until a store is read again
+        self._rows: dict[int, dict[int, int]] = {}  # rank -> {step: its row there}
+        self._mean: np.ndarray | None = None  # mean_loss, until a store is read again
 
     def reader(self, k: int, refresh: bool = False) -> TrajectoryReader | str:
         """Rank k's shard store, or why it cannot be read."""
@@ -39,9 +41,12 @@ class _RankShards:
             try:
                 rd: TrajectoryReader | str = self._open(self.run_dir, name)
             except TrajscopeError as e:
-                rd = (str(e) if (self.run_dir / name).exists() else
-                      f"rank {k} recorded nothing, there is no {name}: create the Recorder on every rank, with the "
-                      f"same path (or pass distributed=False to record rank 0's shard alone)")
+                rd = (
+                    str(e)
+                    if (self.run_dir / name).exists()
+                    else f"rank {k} recorded nothing, there is no {name}: create the Recorder on every rank, with the "
+                    f"same path (or pass distributed=False to record rank 0's shard alone)"
+                )
             self._readers[k], self._mean = rd, None
             # the last row of a step: a restart re-records it after the rows it invalidated
             self._rows[k] = {int(st): r for r, st in enumerate(rd.steps)} if not isinstance(rd, str) else {}
@@ -53,7 +58,9 @@ class _RankShards:
         for k in range(1, self.world_size):
             rd = self.reader(k, refresh=True)
             if isinstance(rd, str):
-                raise DamagedRecordError(store, shard_store_name(k), None, f"rank {k}'s batch shards cannot be read: {rd}")
+                raise DamagedRecordError(
+                    store, shard_store_name(k), None, f"rank {k}'s batch shards cannot be read: {rd}"
+                )
             out.append(rd)
         return out
 
@@ -93,7 +100,9 @@ class _RankShards:
             out += theirs
         return out
 
-    def join(self, store: Path, step: int, meta: Mapping[str, Any], leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def join(
+        self, store: Path, step: int, meta: Mapping[str, Any], leaves: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Rank 0's ``leaves`` of ``step`` followed, along the batch axis, by those of ranks 1 .. W-1."""
         parts = [leaves]
         for k in range(1, self.world_size):
@@ -118,7 +127,11 @@ class _RankShards:
                 continue
             shards = [p[key] for p in parts]
             if any(t.shape[1:] != first.shape[1:] for t in shards):
-                raise DamagedRecordError(store, f"batch/{key}", step, "the ranks' shards differ in trailing shape "
-                                         f"({[list(t.shape) for t in shards]})")
+                raise DamagedRecordError(
+                    store,
+                    f"batch/{key}",
+                    step,
+                    f"the ranks' shards differ in trailing shape ({[list(t.shape) for t in shards]})",
+                )
             out[key] = torch.cat(shards)
         return out

@@ -1,11 +1,13 @@
 """The read side of the ``trajectory.zarr`` format (:mod:`trajscope.io.layout`): committed rows
 only, every chunk and index read checked against its CRC32C, and the integrity checks
 (:meth:`TrajectoryReader.check_structure`, :meth:`TrajectoryReader.verify_records`)."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +19,18 @@ from trajscope.io.layout import CHECKSUM_VERSION, GRAD_NORM_COLUMNS, RECORD_COLU
 from trajscope.io.packing import Slot, _from_numpy, pack_sizes, restore_hparams, unflatten_batch, unpack
 from trajscope.io.rankshards import _RankShards
 from trajscope.io.records import ForwardState
-from trajscope.io.shards import (_array_meta, _check_shard, _Damage, _leading_rows, _read_chunk, _row_shards, _RowShards, _shard_rows,
-                                 _twice, _whole_array)
+from trajscope.io.shards import (
+    _array_meta,
+    _check_shard,
+    _Damage,
+    _leading_rows,
+    _read_chunk,
+    _row_shards,
+    _RowShards,
+    _shard_rows,
+    _twice,
+    _whole_array,
+)
 
 
 class TrajectoryReader:
@@ -29,9 +41,13 @@ class TrajectoryReader:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / name
         if not self.run_dir.exists():
-            raise TrajscopeError(f"{self.run_dir} does not exist: give the folder a Recorder wrote (it holds {STORE_NAME})")
+            raise TrajscopeError(
+                f"{self.run_dir} does not exist: give the folder a Recorder wrote (it holds {STORE_NAME})"
+            )
         if not (self.path / "zarr.json").exists():
-            raise TrajscopeError(f"{self.run_dir} is not a trajscope run: no {STORE_NAME} inside; record one with trajscope.Recorder")
+            raise TrajscopeError(
+                f"{self.run_dir} is not a trajscope run: no {STORE_NAME} inside; record one with trajscope.Recorder"
+            )
         self.format_version = _version(_read_group_attrs(self.path), self.path)
         self.checksums = self.format_version >= CHECKSUM_VERSION
         self._root: zarr.Group | None = None
@@ -45,13 +61,21 @@ class TrajectoryReader:
         self.param_layout = [Slot.from_json(s) for s in self.attrs["params"]]
         self.buffer_layout = [Slot.from_json(s) for s in self.attrs.get("buffers", [])]
         self.state_layouts = [[Slot.from_json(s) for s in lay] for lay in self.attrs.get("state_layouts", [])]
-        self._records = (_leading_rows(self.path, "records", self.n_records, self.checksums) if self.n_records
-                         else np.zeros((0, len(RECORD_COLUMNS))))
+        self._records = (
+            _leading_rows(self.path, "records", self.n_records, self.checksums)
+            if self.n_records
+            else np.zeros((0, len(RECORD_COLUMNS)))
+        )
         n_sk = int(c.get("skipped", 0))
-        self.skipped = (_leading_rows(self.path, "skipped", n_sk, self.checksums).astype(np.int64) if n_sk
-                        else np.zeros(0, np.int64))
+        self.skipped = (
+            _leading_rows(self.path, "skipped", n_sk, self.checksums).astype(np.int64)
+            if n_sk
+            else np.zeros(0, np.int64)
+        )
         dist = self.attrs.get("distributed")
-        self.shards = _RankShards(self.run_dir, int(dist["world_size"]), TrajectoryReader) if isinstance(dist, Mapping) else None
+        self.shards = (
+            _RankShards(self.run_dir, int(dist["world_size"]), TrajectoryReader) if isinstance(dist, Mapping) else None
+        )
 
     @property
     def root(self) -> zarr.Group:
@@ -132,7 +156,9 @@ class TrajectoryReader:
     def buffers(self, r: int) -> dict[str, torch.Tensor]:
         if not self.buffer_layout:
             return {}
-        return unpack(self.buffer_layout, {p: self._read_row(f"buffers/{p}", r) for p in pack_sizes(self.buffer_layout)})
+        return unpack(
+            self.buffer_layout, {p: self._read_row(f"buffers/{p}", r) for p in pack_sizes(self.buffer_layout)}
+        )
 
     def state(self, r: int) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer state per parameter name: {param: {key: tensor}}."""
@@ -162,7 +188,7 @@ class TrajectoryReader:
         if meta is None:
             return None
         if self._records[r, 2] < 0:
-            return None      # Recorder.batch() was not called for this step
+            return None  # Recorder.batch() was not called for this step
         leaves = self._batch_leaves(r)
         if self.shards is not None:
             leaves = self.shards.join(self.path, self._step(r), meta, leaves)
@@ -175,8 +201,10 @@ class TrajectoryReader:
 
     def _batch_leaves(self, r: int) -> dict[str, torch.Tensor]:
         """Record r's batch leaves as recorded by this store's own process."""
-        return {key: _from_numpy(self._read_row(f"batch/{key}", r, self._batch_shape(key, r)), dt)
-                for key, dt in self.attrs["batch"]["dtypes"].items()}
+        return {
+            key: _from_numpy(self._read_row(f"batch/{key}", r, self._batch_shape(key, r)), dt)
+            for key, dt in self.attrs["batch"]["dtypes"].items()
+        }
 
     def forward(self, r: int) -> list[ForwardState] | None:
         """The forward state of record r's micro-batches (see :class:`ForwardState`); None where the
@@ -206,10 +234,16 @@ class TrajectoryReader:
         for i, (size, mode, dev) in enumerate(micro.tolist()):
             if not 0 <= mode < len(modes):
                 raise self._damaged("forward/micro", r, _Damage(f"forward mode {mode} is not described"))
-            out.append(ForwardState(size=int(size), training=bool(modes[mode]["training"]),
-                                    differ=tuple(modes[mode]["differ"]), rng_cpu=torch.from_numpy(cpu[i].copy()),
-                                    rng_cuda=None if dev < 0 else torch.from_numpy(cuda[i].copy()),
-                                    cuda_device=None if dev < 0 else int(dev)))
+            out.append(
+                ForwardState(
+                    size=int(size),
+                    training=bool(modes[mode]["training"]),
+                    differ=tuple(modes[mode]["differ"]),
+                    rng_cpu=torch.from_numpy(cpu[i].copy()),
+                    rng_cuda=None if dev < 0 else torch.from_numpy(cuda[i].copy()),
+                    cuda_device=None if dev < 0 else int(dev),
+                )
+            )
         return out
 
     def _row_layout_checked(self, name: str, r: int) -> tuple[int, ...]:
@@ -263,7 +297,7 @@ class TrajectoryReader:
         start = self.attrs.get("forward_from")
         if start is not None and int(start) < self.n_records:
             out.append(("forward/count", np.arange(int(start), self.n_records)))
-        if "shard" not in self.attrs:      # a rank's batch shards: rank 0 records the hyperparameters
+        if "shard" not in self.attrs:  # a rank's batch shards: rank 0 records the hyperparameters
             out.append(("hparams", every))
         if "grad_norms" in self.attrs:
             out.append(("grad_norms", every))
@@ -283,7 +317,7 @@ class TrajectoryReader:
             try:
                 found = self._check_shards(name, self._extent_groups(name, rows))
             except _Damage as d:
-                if d.row is None:          # an array document: every record of the array is affected
+                if d.row is None:  # an array document: every record of the array is affected
                     raise self._damaged(d.array or name, None, d) from None
                 found = d
             if found is not None and (first is None or found.row < first.row):
@@ -302,7 +336,7 @@ class TrajectoryReader:
         lay, full = self._row_layout(name)
         if not (name.startswith("batch/") and len(full) > 1):
             return [(list(full[1:]), rows)]
-        shape_name = f"batch_shape/{name[len('batch/'):]}"
+        shape_name = f"batch_shape/{name[len('batch/') :]}"
         try:
             shapes = _shard_rows(self.path, shape_name, rows, self.checksums)
         except _Damage as d:
@@ -343,15 +377,16 @@ class TrajectoryReader:
             mask = np.zeros(self.n_records, bool)
             mask[rows] = True
             arrays.append((name, mask))
-        nbytes = sum(self._whole_bytes(name, n) for name, n in (("records", self.n_records),
-                                                                ("skipped", len(self.skipped))) if n)
+        nbytes = sum(
+            self._whole_bytes(name, n) for name, n in (("records", self.n_records), ("skipped", len(self.skipped))) if n
+        )
         for r in range(self.n_records):
             for name, mask in arrays:
                 if not mask[r]:
                     continue
                 shape = None
                 if name.startswith("batch/"):
-                    key = name[len("batch/"):]
+                    key = name[len("batch/") :]
                     shape = self._batch_shape(key, r)
                     if shape is not None:
                         nbytes += self._row_bytes(f"batch_shape/{key}", None)

@@ -1,5 +1,6 @@
 """What one recorded step holds in memory: the :class:`Snapshot` the recorder hands the writer
 and the :class:`ForwardState` of each micro-batch (written and read back as ``forward/*``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +20,14 @@ class Snapshot:
 
     step: int
     loss: float
-    params: dict[str, torch.Tensor]          # pack -> flat
-    buffers: dict[str, torch.Tensor]         # pack -> flat
-    hparams: np.ndarray | None               # (G, H); None: a rank's batch shard (rank 0 writes them)
+    params: dict[str, torch.Tensor]  # pack -> flat
+    buffers: dict[str, torch.Tensor]  # pack -> flat
+    hparams: np.ndarray | None  # (G, H); None: a rank's batch shard (rank 0 writes them)
     state_layout: list[Slot] | None
-    state: dict[str, torch.Tensor]           # pack -> flat
+    state: dict[str, torch.Tensor]  # pack -> flat
     batch_spec: Any
-    batch: list[tuple[str, torch.Tensor]]    # leaves
-    forward: list["ForwardState"] = dataclasses.field(default_factory=list)   # per micro-batch
+    batch: list[tuple[str, torch.Tensor]]  # leaves
+    forward: list[ForwardState] = dataclasses.field(default_factory=list)  # per micro-batch
     # GRAD_NORM_COLUMNS: floats, or 0-d tensors the writer converts (no device sync on the training thread)
     grad_norms: tuple[Any, Any] = (math.nan, math.nan)
 
@@ -42,12 +43,12 @@ class ForwardState:
     module given to the Recorder): which modules were in train mode and the RNG state its dropout
     masks were drawn from. Replay restores it (``trajscope analyze --train-mode replay``)."""
 
-    size: int                                  # samples of the micro-batch
-    training: bool                             # the root module's flag
-    differ: tuple[str, ...]                    # submodules whose flag differs from the root's
-    rng_cpu: torch.Tensor                      # torch.get_rng_state() (uint8)
-    rng_cuda: torch.Tensor | None = None       # torch.cuda.get_rng_state(cuda_device) (uint8)
-    cuda_device: int | None = None             # the model's CUDA device, when it trained on one
+    size: int  # samples of the micro-batch
+    training: bool  # the root module's flag
+    differ: tuple[str, ...]  # submodules whose flag differs from the root's
+    rng_cpu: torch.Tensor  # torch.get_rng_state() (uint8)
+    rng_cuda: torch.Tensor | None = None  # torch.cuda.get_rng_state(cuda_device) (uint8)
+    cuda_device: int | None = None  # the model's CUDA device, when it trained on one
 
     @property
     def mode(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ trims every array to exactly ``committed`` rows, so a finished store has the ``(
 
 This module must not import torch: the TensorBoard plugin imports it.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -45,14 +46,36 @@ import zarr
 from trajscope.errors import TrajscopeError
 
 __all__ = [
-    "LABELS", "NODE_FLOAT", "NODE_INT", "NODE_U8", "NODE_METRICS", "GLOBAL",
-    "FORMAT_NAME", "FORMAT_VERSION", "STORE_NAME", "UNSET_U8", "UNSET_INT",
-    "Results", "open_results", "results_exist", "discard_partial_stores", "group_name",
+    "LABELS",
+    "NODE_FLOAT",
+    "NODE_INT",
+    "NODE_U8",
+    "NODE_METRICS",
+    "GLOBAL",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "STORE_NAME",
+    "UNSET_U8",
+    "UNSET_INT",
+    "Results",
+    "open_results",
+    "results_exist",
+    "discard_partial_stores",
+    "group_name",
 ]
 
 LABELS = ("healthy_sink", "degenerate_sink", "plateau", "source")  # codes 0..3 (docs/spec.md §7)
-NODE_FLOAT = ("hess_max", "hess_min", "spectral_radius", "grad_norm", "param_norm", "rho", "drift", "motion_radius",
-              "loss_share")
+NODE_FLOAT = (
+    "hess_max",
+    "hess_min",
+    "spectral_radius",
+    "grad_norm",
+    "param_norm",
+    "rho",
+    "drift",
+    "motion_radius",
+    "loss_share",
+)
 NODE_INT = ("null_dims", "neutral_dims")
 NODE_U8 = ("label", "stable_label", "reason")
 NODE_METRICS = NODE_FLOAT + NODE_INT + NODE_U8
@@ -113,20 +136,25 @@ def _store_path(run_dir: str | Path) -> Path:
 def _check_format(root: zarr.Group, path: Path) -> None:
     fmt = root.attrs.get("trajscope_format")
     if not isinstance(fmt, Mapping) or fmt.get("name") != FORMAT_NAME:
-        raise TrajscopeError(f"{path} is not a trajscope analysis store (no trajscope_format attribute): move it "
-                             f"aside and run `trajscope analyze` again")
+        raise TrajscopeError(
+            f"{path} is not a trajscope analysis store (no trajscope_format attribute): move it "
+            f"aside and run `trajscope analyze` again"
+        )
     if fmt.get("version") != FORMAT_VERSION:
         raise TrajscopeError(
             f"{path} holds results of analysis format version {fmt.get('version')}, this trajscope reads version "
-            f"{FORMAT_VERSION}: use the trajscope that wrote them, or move the store aside to re-analyse")
+            f"{FORMAT_VERSION}: use the trajscope that wrote them, or move the store aside to re-analyse"
+        )
 
 
 def _open_group(path: Path, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode=mode, zarr_format=3)
     except Exception as exc:  # zarr raises various types for missing/garbled metadata
-        raise TrajscopeError(f"cannot open {path} as a Zarr v3 group ({type(exc).__name__}): the analysis store is "
-                             f"damaged; move it aside and run `trajscope analyze` again to rebuild it") from None
+        raise TrajscopeError(
+            f"cannot open {path} as a Zarr v3 group ({type(exc).__name__}): the analysis store is "
+            f"damaged; move it aside and run `trajscope analyze` again to rebuild it"
+        ) from None
 
 
 class Results:
@@ -147,8 +175,10 @@ class Results:
         try:
             self.steps = np.asarray(root["steps"][: self._n], dtype=np.int64)
         except Exception as exc:
-            raise TrajscopeError(f"{path}: cannot read 'steps' ({type(exc).__name__}): the analysis store is damaged; "
-                                 f"move it aside and run `trajscope analyze` again to rebuild it") from None
+            raise TrajscopeError(
+                f"{path}: cannot read 'steps' ({type(exc).__name__}): the analysis store is damaged; "
+                f"move it aside and run `trajscope analyze` again to rebuild it"
+            ) from None
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -242,8 +272,10 @@ def open_results(run_dir: str | Path) -> Results:
     path = _store_path(run_dir)
     if not (path / "zarr.json").exists():
         if results_exist(run_dir):
-            raise TrajscopeError(f"{path} has no zarr.json: the analysis store is damaged; move it aside and run "
-                                 f"`trajscope analyze` again to rebuild it")
+            raise TrajscopeError(
+                f"{path} has no zarr.json: the analysis store is damaged; move it aside and run "
+                f"`trajscope analyze` again to rebuild it"
+            )
         raise TrajscopeError(f"no {STORE_NAME} in {Path(run_dir)}: run `trajscope analyze {Path(run_dir)}` first")
     root = _open_group(path, "r")
     _check_format(root, path)

@@ -1,6 +1,7 @@
 """The write side of the ``analysis.zarr`` results format (:mod:`trajscope.io.results` defines it):
 append-only rows behind the root attribute ``committed``. Imports no torch (the plugin's test
 fixtures write stores with it)."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,22 @@ import numpy as np
 import zarr
 
 from trajscope.errors import TrajscopeError
-from trajscope.io.results import (_RESERVED, BLOCK, FORMAT_NAME, FORMAT_VERSION, GLOBAL, LABELS, NODE_CHUNK, NODE_METRICS,
-                                  _check_format, _dtype_of, _fill_of, _open_group, _store_path, group_name)
+from trajscope.io.results import (
+    _RESERVED,
+    BLOCK,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GLOBAL,
+    LABELS,
+    NODE_CHUNK,
+    NODE_METRICS,
+    _check_format,
+    _dtype_of,
+    _fill_of,
+    _open_group,
+    _store_path,
+    group_name,
+)
 
 __all__ = ["ResultsWriter"]
 
@@ -23,8 +38,9 @@ __all__ = ["ResultsWriter"]
 class ResultsWriter:
     """Create ``RUN/analysis.zarr`` or open it to append checkpoints after the committed ones."""
 
-    def __init__(self, run_dir: str | Path, attrs: Mapping[str, Any], layers: Mapping[str, int],
-                 expected: int = 0) -> None:
+    def __init__(
+        self, run_dir: str | Path, attrs: Mapping[str, Any], layers: Mapping[str, int], expected: int = 0
+    ) -> None:
         """Open or create the store.
 
         Args:
@@ -66,7 +82,8 @@ class ResultsWriter:
         if have != want:
             raise TrajscopeError(
                 f"{self.path} holds layers {_describe(have)}, this analysis has {_describe(want)}: "
-                f"analyse into a fresh run folder or move {self.path.name} aside")
+                f"analyse into a fresh run folder or move {self.path.name} aside"
+            )
         committed = int(root.attrs.get("committed", 0))
         root.attrs.update(dict(attrs))
         return root, committed
@@ -80,15 +97,28 @@ class ResultsWriter:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.partial")
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         # The label vocabulary is part of the contract (docs/spec.md §9): default to docs/spec.md §7's.
-        root.attrs.update({"labels": list(LABELS), **dict(attrs),
-                           "trajscope_format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
-                           "layers": want, "committed": 0})
-        root.create_array("steps", shape=(rows,), chunks=(BLOCK,), dtype=np.int64, fill_value=-1,
-                          dimension_names=("step",))
+        root.attrs.update(
+            {
+                "labels": list(LABELS),
+                **dict(attrs),
+                "trajscope_format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+                "layers": want,
+                "committed": 0,
+            }
+        )
+        root.create_array(
+            "steps", shape=(rows,), chunks=(BLOCK,), dtype=np.int64, fill_value=-1, dimension_names=("step",)
+        )
         g = root.require_group("global")
         for name in GLOBAL:
-            g.create_array(name, shape=(rows,), chunks=(BLOCK,), dtype=np.float64, fill_value=float("nan"),
-                           dimension_names=("step",))
+            g.create_array(
+                name,
+                shape=(rows,),
+                chunks=(BLOCK,),
+                dtype=np.float64,
+                fill_value=float("nan"),
+                dimension_names=("step",),
+            )
         nodes = root.require_group("nodes")
         for layer in want:
             lg = nodes.require_group(layer["group"])
@@ -111,8 +141,14 @@ class ResultsWriter:
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
     def _create_node_array(group: zarr.Group, metric: str, n: int, dtype: np.dtype, rows: int) -> zarr.Array:
-        return group.create_array(metric, shape=(rows, n), chunks=(BLOCK, max(1, min(n, NODE_CHUNK))),
-                                  dtype=dtype, fill_value=_fill_of(dtype), dimension_names=("step", "node"))
+        return group.create_array(
+            metric,
+            shape=(rows, n),
+            chunks=(BLOCK, max(1, min(n, NODE_CHUNK))),
+            dtype=dtype,
+            fill_value=_fill_of(dtype),
+            dimension_names=("step", "node"),
+        )
 
     def _arrays(self):
         yield self._steps_arr
@@ -133,8 +169,9 @@ class ResultsWriter:
         """Training steps already analysed (committed or buffered for the next flush), in order."""
         return list(self._steps)
 
-    def append(self, step: int, global_values: Mapping[str, float],
-               nodes: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    def append(
+        self, step: int, global_values: Mapping[str, float], nodes: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> None:
         """Buffer one analysed checkpoint; it is written and committed by :meth:`flush` (every
         ``flush_every`` checkpoints and on :meth:`close`).
 
@@ -152,8 +189,9 @@ class ResultsWriter:
         missing = [m for m in self._layers if m not in nodes]
         extra = [m for m in nodes if m not in self._layers]
         if missing or extra:
-            raise ValueError(f"nodes must hold exactly the layers {list(self._layers)}; "
-                             f"missing {missing}, unknown {extra}")
+            raise ValueError(
+                f"nodes must hold exactly the layers {list(self._layers)}; missing {missing}, unknown {extra}"
+            )
         # Validate everything before anything is buffered.
         node_rows: dict[tuple[str, str], np.ndarray] = {}
         for module, metrics in nodes.items():
@@ -163,8 +201,9 @@ class ResultsWriter:
                 if a.shape != (n,):
                     raise ValueError(f"nodes[{module!r}][{metric!r}] has shape {a.shape}, expected ({n},)")
                 node_rows[(module, metric)] = a
-        self._pending.append((step, {k: (float(v) if v is not None else float("nan")) for k, v in global_values.items()},
-                              node_rows))
+        self._pending.append(
+            (step, {k: (float(v) if v is not None else float("nan")) for k, v in global_values.items()}, node_rows)
+        )
         self._steps.append(step)
         if len(self._pending) >= self.flush_every:
             self.flush()
@@ -194,8 +233,13 @@ class ResultsWriter:
         for name in names:
             if name not in self._globals:  # an extra global series appears: earlier rows read NaN
                 self._globals[name] = self._global_group.create_array(
-                    name, shape=(self._cap,), chunks=(BLOCK,), dtype=np.float64, fill_value=float("nan"),
-                    dimension_names=("step",))
+                    name,
+                    shape=(self._cap,),
+                    chunks=(BLOCK,),
+                    dtype=np.float64,
+                    fill_value=float("nan"),
+                    dimension_names=("step",),
+                )
         for name, arr in self._globals.items():
             arr[rows] = np.array([g.get(name, np.nan) for _, g, _ in self._pending], dtype=np.float64)
 
@@ -207,8 +251,9 @@ class ResultsWriter:
             arrays = self._node_arrays[module]
             if metric not in arrays:  # an extra per-node metric
                 sample = next(nr[(module, metric)] for _, _, nr in self._pending if (module, metric) in nr)
-                arrays[metric] = self._create_node_array(self._node_groups[module], metric, sample.shape[0],
-                                                         _dtype_of(metric, sample), self._cap)
+                arrays[metric] = self._create_node_array(
+                    self._node_groups[module], metric, sample.shape[0], _dtype_of(metric, sample), self._cap
+                )
         for module, arrays in self._node_arrays.items():
             for metric, arr in arrays.items():
                 fill = _fill_of(arr.dtype)
@@ -244,7 +289,7 @@ class ResultsWriter:
         self._cap = self._n
         self._closed = True
 
-    def __enter__(self) -> "ResultsWriter":
+    def __enter__(self) -> ResultsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

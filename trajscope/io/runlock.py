@@ -7,12 +7,13 @@ what is still new. ``flock`` is released by the kernel when its holder exits, ev
 so a crashed analysis never leaves a stale lock. It holds between processes of one machine
 (and on NFS where the server supports ``flock``), not across machines of an object store.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from trajscope.errors import TrajscopeError
 
@@ -47,8 +48,10 @@ def analysis_lock(run_dir: str | Path, on_wait: Callable[[str], None] | None = N
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise TrajscopeError(f"cannot analyse {run_dir}: cannot write {path.name} there ({e.strerror}); "
-                             f"copy the run to a writable folder") from None
+        raise TrajscopeError(
+            f"cannot analyse {run_dir}: cannot write {path.name} there ({e.strerror}); "
+            f"copy the run to a writable folder"
+        ) from None
     try:
         if fcntl is not None:
             try:
@@ -56,11 +59,13 @@ def analysis_lock(run_dir: str | Path, on_wait: Callable[[str], None] | None = N
             except BlockingIOError:
                 if on_wait is not None:
                     pid = holder(run_dir)
-                    on_wait(f"another analysis of {run_dir} is running (pid {pid if pid else '?'}): waiting for it "
-                            f"to finish")
+                    on_wait(
+                        f"another analysis of {run_dir} is running (pid {pid if pid else '?'}): waiting for it "
+                        f"to finish"
+                    )
                 fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)   # releases the lock
+        os.close(fd)  # releases the lock

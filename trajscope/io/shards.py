@@ -2,6 +2,7 @@
 where row r lives, the index and its CRC32C), the damage it reports (:class:`_Damage`), and the
 reads of rows (:func:`_read_chunk`, :func:`_shard_rows`), shard checks (:func:`_check_shard`) and the
 probe's single-chunk arrays (:func:`_whole_array`). Reads only: the writes are :mod:`trajscope.io.files`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -58,9 +60,9 @@ class _RowShards:
     I = 16 S + 4 bytes) opens the file. Each chunk is its values then their CRC32C. Without
     ``checksums`` (format version 2) neither CRC is there: I = 16 S, chunk_bytes = the values."""
 
-    rows: int                     # S, rows per shard
-    inner: tuple[int, ...]        # chunk shape without the row axis
-    dtype: np.dtype               # little-endian storage dtype
+    rows: int  # S, rows per shard
+    inner: tuple[int, ...]  # chunk shape without the row axis
+    dtype: np.dtype  # little-endian storage dtype
     checksums: bool = True
 
     @property
@@ -104,7 +106,7 @@ class _RowShards:
         n = 16 * self.rows
         if len(data) < self.index_bytes:
             raise _Damage(f"{name} is cut short inside its index, the store was truncated")
-        if self.checksums and _crc32c(data[:n]) != data[n:n + _CRC_BYTES]:
+        if self.checksums and _crc32c(data[:n]) != data[n : n + _CRC_BYTES]:
             raise _Mismatch(f"{name}: index checksum mismatch")
         return np.frombuffer(data, dtype="<u8", count=2 * self.rows).reshape(self.rows, 2)
 
@@ -124,7 +126,7 @@ class _RowShards:
         if self.checksums:
             body = np.frombuffer(raw, np.uint8, count=self.value_bytes, offset=offset)
             end = offset + self.value_bytes
-            if _crc32c(body) != raw[end:end + _CRC_BYTES]:
+            if _crc32c(body) != raw[end : end + _CRC_BYTES]:
                 raise _Mismatch("checksum mismatch")
         return np.frombuffer(raw, self.dtype, count=math.prod(self.inner), offset=offset).reshape(self.inner)
 
@@ -138,17 +140,27 @@ def _row_shards(doc: Mapping[str, Any], checksums: bool) -> _RowShards:
         inner_codecs, index_codecs = cfg["codecs"], cfg["index_codecs"]
         chunk, shard = list(cfg["chunk_shape"]), list(doc["chunk_grid"]["configuration"]["chunk_shape"])
         want = _INNER_CODECS[checksums]
-        ok = (codec["name"] == "sharding_indexed" and cfg.get("index_location") == "start"
-              and [c["name"] for c in inner_codecs] == want and [c["name"] for c in index_codecs] == want
-              and all(c.get("configuration", {}).get("endian", "little") == "little" for c in inner_codecs + index_codecs)
-              and chunk[0] == 1 and shard[1:] == chunk[1:] and not np.any(doc["fill_value"]))
+        ok = (
+            codec["name"] == "sharding_indexed"
+            and cfg.get("index_location") == "start"
+            and [c["name"] for c in inner_codecs] == want
+            and [c["name"] for c in index_codecs] == want
+            and all(c.get("configuration", {}).get("endian", "little") == "little" for c in inner_codecs + index_codecs)
+            and chunk[0] == 1
+            and shard[1:] == chunk[1:]
+            and not np.any(doc["fill_value"])
+        )
         dtype = np.dtype(doc["data_type"])
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
         raise _Damage(f"its zarr.json does not describe format version {CHECKSUM_VERSION if checksums else 2}")
-    return _RowShards(rows=int(shard[0]), inner=tuple(int(c) for c in chunk[1:]),
-                      dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype, checksums=checksums)
+    return _RowShards(
+        rows=int(shard[0]),
+        inner=tuple(int(c) for c in chunk[1:]),
+        dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype,
+        checksums=checksums,
+    )
 
 
 def _shard_path(base: Path, lay: _RowShards, r: int, g: tuple[int, ...]) -> Path:
@@ -228,6 +240,7 @@ def _array_meta(store: Path, name: str) -> dict[str, Any]:
         raise _Damage("its zarr.json is not an array document")
     return doc
 
+
 _OPEN_ROWS = {"records": "recorded steps", "skipped": "skipped steps"}
 
 
@@ -240,8 +253,10 @@ def _leading_rows(store: Path, name: str, n: int, checksums: bool) -> np.ndarray
         return _shard_rows(store, name, np.arange(n), checksums)
     except _Damage as d:
         where = name if d.row is None else f"row {d.row} of {name}"
-        raise TrajscopeError(f"{store}: {where} is damaged ({d}): the list of {_OPEN_ROWS.get(name, name)} "
-                             f"cannot be read, so the store cannot be opened") from None
+        raise TrajscopeError(
+            f"{store}: {where} is damaged ({d}): the list of {_OPEN_ROWS.get(name, name)} "
+            f"cannot be read, so the store cannot be opened"
+        ) from None
 
 
 def _shard_rows(store: Path, name: str, rows: np.ndarray, checksums: bool) -> np.ndarray:
@@ -311,8 +326,11 @@ def _plain_layout(doc: Mapping[str, Any], checksums: bool) -> tuple[tuple[int, .
         big = codecs[0].get("configuration", {}).get("endian", "little") == "big"
         (codec,) = codecs
         crc = doc.get("attributes", {}).get("crc32c") if checksums else None
-        ok = (codec["name"] == "bytes" and chunk in (shape, tuple(max(1, n) for n in shape))
-              and (crc is None or isinstance(crc, int)))
+        ok = (
+            codec["name"] == "bytes"
+            and chunk in (shape, tuple(max(1, n) for n in shape))
+            and (crc is None or isinstance(crc, int))
+        )
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         ok = False
     if not ok:

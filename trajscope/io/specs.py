@@ -15,13 +15,15 @@ of such a function with JSON keyword arguments as that function and its keywords
 computes itself (``loss="model"``, Hugging Face) is trajscope's :class:`~trajscope.modelloss.ModelLoss`
 and its arguments. Anything else (a lambda, a closure, a bound method) needs ``--loss`` at replay time.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +40,9 @@ def resolve(spec: str) -> Any:
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise TrajscopeError(f"cannot import {mod_name!r} for spec {spec!r} ({e}); install it or fix the spec") from None
+        raise TrajscopeError(
+            f"cannot import {mod_name!r} for spec {spec!r} ({e}); install it or fix the spec"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise TrajscopeError(f"{mod_name!r} has no attribute {attr!r} (spec {spec!r})")
@@ -91,8 +95,9 @@ def describe_loss(loss_fn: Any) -> dict[str, Any] | None:
     return None
 
 
-def build_loss(desc: Mapping[str, Any] | None, override: str | None = None,
-               override_kwargs: str | Mapping[str, Any] | None = None) -> Callable:
+def build_loss(
+    desc: Mapping[str, Any] | None, override: str | None = None, override_kwargs: str | Mapping[str, Any] | None = None
+) -> Callable:
     if override:
         obj = resolve(override)
         kwargs = parse_kwargs(override_kwargs)
@@ -124,22 +129,30 @@ def _construct(factory: Callable, kwargs: Mapping[str, Any], spec: str) -> Any:
     try:
         return factory(**kwargs)
     except Exception as e:  # user-chosen code: any exception is bad input here
-        raise TrajscopeError(f"{spec!r} rejected its arguments {dict(kwargs)}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise TrajscopeError(
+            f"{spec!r} rejected its arguments {dict(kwargs)}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- model
 #: wrapper class name -> attribute holding the wrapped module; the wrappers add a prefix to every
 #: parameter name (``_orig_mod.``, ``module.``) that the replayed model does not have.
-_WRAPPERS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module",
-             "FullyShardedDataParallel": "module"}
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "FullyShardedDataParallel": "module",
+}
 
 
 def unwrap_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The module inside ``torch.compile`` / DDP / DataParallel / FSDP wrappers, and the wrappers' class
     names (outermost first). Its parameters are the same tensors, named as the bare model names them."""
     wrappers: list[str] = []
-    while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, _WRAPPERS[type(model).__name__], None), nn.Module):
+    while type(model).__name__ in _WRAPPERS and isinstance(
+        getattr(model, _WRAPPERS[type(model).__name__], None), nn.Module
+    ):
         wrappers.append(type(model).__name__)
         model = getattr(model, _WRAPPERS[type(model).__name__])
     return model, wrappers

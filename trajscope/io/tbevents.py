@@ -21,6 +21,7 @@ comes after them). So a writer first waits, when it must, until the clock is pas
 every event file already in the run folder (at most about a second, and only for a re-analysis
 started within a second of the previous one).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from trajscope.io.results import LABELS
 
-__all__ = ["EventWriter", "HIST_METRICS", "PLUGIN_NAME", "LABELS_CONTENT_VERSION", "MAX_BINS", "histogram_bins",
-           "event_file_second"]
+__all__ = [
+    "EventWriter",
+    "HIST_METRICS",
+    "PLUGIN_NAME",
+    "LABELS_CONTENT_VERSION",
+    "MAX_BINS",
+    "histogram_bins",
+    "event_file_second",
+]
 
 PLUGIN_NAME = "trajscope"
 LABELS_CONTENT_VERSION = 1
@@ -68,8 +76,11 @@ def _wait_for_a_later_second(run_dir: Path) -> None:
     if latest is None:
         return
     if latest + 1 - time.time() > MAX_ORDER_WAIT_S:
-        warnings.warn(f"{run_dir} holds an event file from the future (second {latest}; clock skew?): the new "
-                      f"one sorts before it, so TensorBoard may show steps out of order", stacklevel=3)
+        warnings.warn(
+            f"{run_dir} holds an event file from the future (second {latest}; clock skew?): the new "
+            f"one sorts before it, so TensorBoard may show steps out of order",
+            stacklevel=3,
+        )
         return
     while int(time.time()) <= latest:
         time.sleep(max(0.0, latest + 1 - time.time()) + 1e-3)
@@ -124,32 +135,45 @@ class EventWriter:
         layout = {
             "trajscope": {
                 "sharpness vs stability threshold": [
-                    "Multiline", [f"^{re.escape(g)}(precond_)?sharpness$", f"^{re.escape(g)}threshold$"]],
+                    "Multiline",
+                    [f"^{re.escape(g)}(precond_)?sharpness$", f"^{re.escape(g)}threshold$"],
+                ],
                 "loss": ["Multiline", [f"^{re.escape(g)}loss$"]],
             },
         }
         if self.layers:
             layout["trajscope label fractions"] = {
-                f"{m} label fractions": ["Multiline", [f"^{re.escape(f'trajscope/{m}/frac/')}.*$"]]
-                for m in self.layers
+                f"{m} label fractions": ["Multiline", [f"^{re.escape(f'trajscope/{m}/frac/')}.*$"]] for m in self.layers
             }
         return layout
 
     def _labels_summary(self, module: str, labels: np.ndarray) -> summary_pb2.Summary:
         content = self._label_meta.get(module)
         if content is None:
-            content = json.dumps({"version": LABELS_CONTENT_VERSION, "labels": list(LABELS),
-                                  "module": module, "nodes": int(labels.shape[0])}).encode()
+            content = json.dumps(
+                {
+                    "version": LABELS_CONTENT_VERSION,
+                    "labels": list(LABELS),
+                    "module": module,
+                    "nodes": int(labels.shape[0]),
+                }
+            ).encode()
             self._label_meta[module] = content
         metadata = summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content),
             data_class=summary_pb2.DATA_CLASS_TENSOR,
         )
-        return summary_pb2.Summary(value=[summary_pb2.Summary.Value(
-            tag=f"trajscope/{module}/labels", metadata=metadata, tensor=tensor_util.make_tensor_proto(labels))])
+        return summary_pb2.Summary(
+            value=[
+                summary_pb2.Summary.Value(
+                    tag=f"trajscope/{module}/labels", metadata=metadata, tensor=tensor_util.make_tensor_proto(labels)
+                )
+            ]
+        )
 
-    def write(self, step: int, global_values: Mapping[str, float],
-              nodes: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    def write(
+        self, step: int, global_values: Mapping[str, float], nodes: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> None:
         """Write every tag of one analysed checkpoint at ``step``.
 
         Args:
@@ -182,9 +206,16 @@ class EventWriter:
                 with np.errstate(over="ignore"):  # a diverging run may overflow the sums: inf is data
                     total, squares = float(f.sum()), float(f @ f)
                 w.add_histogram_raw(
-                    f"trajscope/{module}/{metric}", min=float(f.min()), max=float(f.max()), num=int(f.size),
-                    sum=total, sum_squares=squares, bucket_limits=limits.tolist(),
-                    bucket_counts=counts.tolist(), global_step=step)
+                    f"trajscope/{module}/{metric}",
+                    min=float(f.min()),
+                    max=float(f.max()),
+                    num=int(f.size),
+                    sum=total,
+                    sum_squares=squares,
+                    bucket_limits=limits.tolist(),
+                    bucket_counts=counts.tolist(),
+                    global_step=step,
+                )
 
     def flush(self) -> None:
         """Push buffered events to disk."""
@@ -194,7 +225,7 @@ class EventWriter:
         """Flush and close the event file. Idempotent."""
         self._writer.close()
 
-    def __enter__(self) -> "EventWriter":
+    def __enter__(self) -> EventWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

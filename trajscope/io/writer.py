@@ -1,5 +1,6 @@
 """The write side of the ``trajectory.zarr`` format (:mod:`trajscope.io.layout`): records appended
 row by row into shard files, made visible by the atomic commit marker."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,9 @@ import shutil
 import struct
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -17,20 +19,37 @@ from trajscope.errors import TrajscopeError
 from trajscope.io import files
 from trajscope.io.documents import _commit_attrs, _jsonable, _read_group_attrs
 from trajscope.io.files import _atomic_write, _remove_partials, _write_group
-from trajscope.io.layout import (_CAPACITY_BLOCK, CHECKSUM_VERSION, FORMAT, FORMAT_VERSION, GRAD_NORM_COLUMNS, STORE_NAME,
-                                 _EMPTY, _plain_array_doc, _row_array_doc, _version)
+from trajscope.io.layout import (
+    _CAPACITY_BLOCK,
+    _EMPTY,
+    CHECKSUM_VERSION,
+    FORMAT,
+    FORMAT_VERSION,
+    GRAD_NORM_COLUMNS,
+    STORE_NAME,
+    _plain_array_doc,
+    _row_array_doc,
+    _version,
+)
 from trajscope.io.packing import Slot, _float, _to_numpy, flatten_batch, storage_dtype
 from trajscope.io.records import ForwardState, Snapshot
 from trajscope.io.shards import _crc32c, _Damage, _leading_rows, _row_shards, _RowShards, _shard_path
 
-_MAX_OPEN = 32   # shard files kept open by a writer (least recently used closed first)
+_MAX_OPEN = 32  # shard files kept open by a writer (least recently used closed first)
 
 
 class TrajectoryWriter:
     """Appends records to ``RUN/trajectory.zarr``. Not thread-safe: one writer thread owns it."""
 
-    def __init__(self, run_dir: str | Path, meta: Mapping[str, Any] | None = None, *, resume: bool = False,
-                 restart_step: int | None = None, name: str = STORE_NAME) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        resume: bool = False,
+        restart_step: int | None = None,
+        name: str = STORE_NAME,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / name
         exists = (self.path / "zarr.json").exists()
@@ -51,7 +70,7 @@ class TrajectoryWriter:
         self.records = int(self._commit["records"])
         self.n_skipped = int(self._commit["skipped"])
         self._written_last_step = self._commit.get("last_step")
-        self._arrays: dict[str, dict[str, Any]] = {}       # name -> its zarr.json document
+        self._arrays: dict[str, dict[str, Any]] = {}  # name -> its zarr.json document
         self._layouts: dict[str, _RowShards] = {}
         # per (array, chunk column): (shard number, open file, its index as written)
         self._files: dict[tuple[str, tuple[int, ...]], tuple[int, Any, np.ndarray]] = {}
@@ -67,8 +86,17 @@ class TrajectoryWriter:
             shutil.rmtree(stray, ignore_errors=True)
         tmp = self.run_dir / f".{name}.{uuid.uuid4().hex}.partial"
         (tmp / "commit").mkdir(parents=True)
-        _write_group(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(), **meta,
-                           "state_layouts": [], "grad_norms": list(GRAD_NORM_COLUMNS)})
+        _write_group(
+            tmp,
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": time.time(),
+                **meta,
+                "state_layouts": [],
+                "grad_norms": list(GRAD_NORM_COLUMNS),
+            },
+        )
         _write_group(tmp / "commit", {"records": 0, "last_step": None, "skipped": 0, "restarts": []})
         if self.path.exists():  # overwrite=True
             shutil.rmtree(self.path)
@@ -127,11 +155,11 @@ class TrajectoryWriter:
         file on disk is decodable; an existing one must have an index this writer could have written)."""
         held = self._files.pop((name, g), None)
         if held is not None and held[0] == r // lay.rows:
-            self._files[(name, g)] = held            # most recently used last
+            self._files[(name, g)] = held  # most recently used last
             return held[1].fileno(), held[2]
         if held is not None:
             held[1].close()
-        while len(self._files) >= _MAX_OPEN:         # e.g. a batch array grown to many chunk columns
+        while len(self._files) >= _MAX_OPEN:  # e.g. a batch array grown to many chunk columns
             self._files.pop(next(iter(self._files)))[1].close()
         path = _shard_path(self.path / name, lay, r, g)
         if not path.exists():
@@ -157,8 +185,10 @@ class TrajectoryWriter:
             raise TrajscopeError(f"{path.parent}: {d}; the store is damaged") from None
         expected = lay.index_bytes + np.arange(lay.rows, dtype=np.uint64) * np.uint64(lay.chunk_bytes)
         if not bool(np.all((idx[:, 0] == _EMPTY) | ((idx[:, 0] == expected) & (idx[:, 1] == lay.chunk_bytes)))):
-            raise TrajscopeError(f"{path}: shard index does not match format version "
-                                 f"{CHECKSUM_VERSION if lay.checksums else 2}; the store is damaged")
+            raise TrajscopeError(
+                f"{path}: shard index does not match format version "
+                f"{CHECKSUM_VERSION if lay.checksums else 2}; the store is damaged"
+            )
         return idx
 
     def _write_row(self, name: str, r: int, data: np.ndarray) -> None:
@@ -173,7 +203,7 @@ class TrajectoryWriter:
         the marker is replaced atomically after every chunk of the row is written.
         """
         lay = self._array(name, data.shape, data.dtype, r + 1)
-        data = np.asarray(data, dtype=lay.dtype, order="C")     # (ascontiguousarray would make 0-d rows 1-d)
+        data = np.asarray(data, dtype=lay.dtype, order="C")  # (ascontiguousarray would make 0-d rows 1-d)
         for g in lay.columns(data.shape):
             block = data[tuple(slice(j * c, (j + 1) * c) for j, c in zip(g, lay.inner))]
             if block.shape != lay.inner:
@@ -259,22 +289,24 @@ class TrajectoryWriter:
         if snap.batch_spec is not None and "batch" in self.attrs:
             now = {"spec": _jsonable(snap.batch_spec), "dtypes": {k: storage_dtype(t.dtype)[0] for k, t in snap.batch}}
             if now != self.attrs["batch"]:
-                raise TrajscopeError("the batch structure changed during the run (leaves or dtypes); "
-                                     "record it to a new folder")
+                raise TrajscopeError(
+                    "the batch structure changed during the run (leaves or dtypes); record it to a new folder"
+                )
         for key, t in snap.batch:
             leaf = _to_numpy(t.contiguous())
             self._write_row(f"batch/{key}", r, leaf)
-            if leaf.ndim:   # leaves are stored padded to the largest shape seen: keep each one's own
+            if leaf.ndim:  # leaves are stored padded to the largest shape seen: keep each one's own
                 self._write_row(f"batch_shape/{key}", r, np.array(leaf.shape, dtype=np.int64))
         self._write_forward(r, snap.forward)
         if snap.hparams is not None:
             self._write_row("hparams", r, np.asarray(snap.hparams, dtype=np.float64))
-        if "grad_norms" in self.attrs:   # a store resumed from before the column goes on without it
+        if "grad_norms" in self.attrs:  # a store resumed from before the column goes on without it
             self._write_row("grad_norms", r, np.array([_float(v) for v in snap.grad_norms], dtype=np.float64))
         self._write_row("records", r, np.array([snap.step, snap.loss, batch_size, layout_id], dtype=np.float64))
         if snap.batch_spec is not None and "batch" not in self.attrs:
-            self.set_attrs(batch={"spec": snap.batch_spec,
-                                  "dtypes": {k: storage_dtype(t.dtype)[0] for k, t in snap.batch}})
+            self.set_attrs(
+                batch={"spec": snap.batch_spec, "dtypes": {k: storage_dtype(t.dtype)[0] for k, t in snap.batch}}
+            )
         self.records = rows
         self._written_last_step = int(snap.step)
         if commit:
@@ -287,7 +319,7 @@ class TrajectoryWriter:
         if "forward_from" not in self.attrs:
             if not forward:
                 return
-            self.set_attrs(forward_from=r)      # described before any row that uses it is committed
+            self.set_attrs(forward_from=r)  # described before any row that uses it is committed
         self._write_row("forward/count", r, np.array(len(forward), dtype=np.int64))
         if not forward:
             return
@@ -299,8 +331,14 @@ class TrajectoryWriter:
                 modes = [*modes, m]
                 self.set_attrs(forward_modes=modes)
             ids.append(modes.index(m))
-        self._write_row("forward/micro", r, np.array(
-            [[fs.size, i, -1 if fs.cuda_device is None else fs.cuda_device] for fs, i in zip(forward, ids)], np.int64))
+        self._write_row(
+            "forward/micro",
+            r,
+            np.array(
+                [[fs.size, i, -1 if fs.cuda_device is None else fs.cuda_device] for fs, i in zip(forward, ids)],
+                np.int64,
+            ),
+        )
         self._write_row("forward/rng_cpu", r, np.stack([fs.rng_cpu.numpy() for fs in forward]))
         cuda = [fs.rng_cuda for fs in forward]
         if any(t is not None for t in cuda):
@@ -308,7 +346,7 @@ class TrajectoryWriter:
             rows = np.zeros((len(cuda), n), np.uint8)
             for i, t in enumerate(cuda):
                 if t is not None:
-                    rows[i, :t.numel()] = t.numpy()
+                    rows[i, : t.numel()] = t.numpy()
             self._write_row("forward/rng_cuda", r, rows)
 
     def skip(self, step: int, commit: bool = True) -> None:
@@ -341,18 +379,26 @@ class TrajectoryWriter:
     def _truncate_from(self, step: int) -> None:
         """Training restarted at ``step``: records at or after it become invalid; note the restart."""
         n = int(self._commit["records"])
-        steps = _leading_rows(self.path, "records", n, self.checksums)[:, 0].astype(np.int64) if n else np.zeros(0, np.int64)
+        steps = (
+            _leading_rows(self.path, "records", n, self.checksums)[:, 0].astype(np.int64)
+            if n
+            else np.zeros(0, np.int64)
+        )
         keep = int(np.searchsorted(steps, step, side="left"))
         sk_n = int(self._commit["skipped"])
-        sk = _leading_rows(self.path, "skipped", sk_n, self.checksums).astype(np.int64) if sk_n else np.zeros(0, np.int64)
+        sk = (
+            _leading_rows(self.path, "skipped", sk_n, self.checksums).astype(np.int64)
+            if sk_n
+            else np.zeros(0, np.int64)
+        )
         keep_sk = int(np.sum(sk < step))
         if keep == n and keep_sk == sk_n:
             return
         restarts = list(self._commit.get("restarts", []))
         restarts.append({"at_step": int(step), "dropped_records": n - keep, "time": time.time()})
         last = int(steps[keep - 1]) if keep else None
-        self.attrs = getattr(self, "attrs", None) or _read_group_attrs(self.path)   # (called from __init__ too)
-        if int(self.attrs.get("forward_from", -1)) > keep:   # the rows rewritten from keep on write forward/count
+        self.attrs = getattr(self, "attrs", None) or _read_group_attrs(self.path)  # (called from __init__ too)
+        if int(self.attrs.get("forward_from", -1)) > keep:  # the rows rewritten from keep on write forward/count
             self.set_attrs(forward_from=keep)
         self._write_commit(records=keep, last_step=last, skipped=keep_sk, restarts=restarts)
         self.records, self.n_skipped, self._written_last_step = keep, keep_sk, last

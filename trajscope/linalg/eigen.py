@@ -17,6 +17,7 @@ LAPACK is used for float64 (exactness where the analysis asks for it), for large
 batches too small to fill the kernel's 16 lanes, when the kernel was not compiled (no C
 compiler at install time), and when ``TRAJSCOPE_EIGENSOLVER=lapack`` is set.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,13 @@ def eigvalsh(K: Tensor) -> Tensor:
     (LAPACK may raise instead)."""
     n = K.shape[-1]
     b = K.numel() // (n * n) if n else 0
-    if (K.dtype == torch.float32 and not K.requires_grad and b >= KERNEL_MIN_BATCH
-            and 0 < n <= KERNEL_MAX_N and kernel_available()):
+    if (
+        K.dtype == torch.float32
+        and not K.requires_grad
+        and b >= KERNEL_MIN_BATCH
+        and 0 < n <= KERNEL_MAX_N
+        and kernel_available()
+    ):
         src = K.reshape(b, n, n).cpu().contiguous()
         out = torch.empty(b, n, dtype=torch.float32)
         _smalleig.eigvalsh(src.numpy(), out.numpy(), b, n)
@@ -89,6 +95,7 @@ def _eigvalsh(K: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         ev = eigvalsh(Kok).to("cpu", torch.float64)
     except Exception:  # LAPACK non-convergence: retry one by one, NaN what still fails
         import numpy as np
+
         ev = torch.full((Kok.shape[0], m), math.nan, dtype=torch.float64)
         for i in range(Kok.shape[0]):
             try:

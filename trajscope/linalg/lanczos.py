@@ -1,9 +1,10 @@
 r"""The largest eigenvalue of a symmetric operator by the Lanczos process (no restarts, three vectors;
 the stopping rule and why there is no full re-orthogonalisation: :mod:`trajscope.curvature.sharpness`)."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -14,8 +15,12 @@ class _NonFinite(Exception):
     pass
 
 
-def _lanczos_max(op: Callable[[Tensor], Tensor], v0: Tensor, tol: float, maxiter: int,
-                 ) -> tuple[float, bool]:
+def _lanczos_max(
+    op: Callable[[Tensor], Tensor],
+    v0: Tensor,
+    tol: float,
+    maxiter: int,
+) -> tuple[float, bool]:
     """Largest eigenvalue of the symmetric operator ``op`` (float64 vectors) by the Lanczos
     process from ``v0``: (value, converged within ``maxiter`` products)."""
     from scipy.linalg import eigh_tridiagonal
@@ -41,12 +46,10 @@ def _lanczos_max(op: Callable[[Tensor], Tensor], v0: Tensor, tol: float, maxiter
         if m == 1:
             theta, s_last = alphas[0], 1.0
         else:
-            val, vec = eigh_tridiagonal(np.array(alphas), np.array(betas), select="i",
-                                        select_range=(m - 1, m - 1))
+            val, vec = eigh_tridiagonal(np.array(alphas), np.array(betas), select="i", select_range=(m - 1, m - 1))
             theta, s_last = float(val[0]), float(vec[-1, 0])
         if beta * abs(s_last) <= tol * max(abs(theta), floor * tnorm) or beta <= 1e-14 * tnorm:
             return theta, True  # converged, or an invariant subspace (T_m exact there)
         betas.append(beta)
         q_prev, q = q, w.div_(beta)
     return theta, False
-

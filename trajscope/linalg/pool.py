@@ -2,14 +2,14 @@
 
 OpenMP is controlled per thread through ``ctypes`` (``omp_set_num_threads``); a fork hook
 forgets the pool in a forked child (which inherits the object but not its threads)."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
-
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_OK: bool | None = None
@@ -31,6 +31,7 @@ def _single_threaded_worker() -> None:
     without it, 2 pool threads × 2 OpenMP threads oversubscribe the cores and batched
     ``eigvalsh`` runs several times *slower* than sequentially."""
     import ctypes
+
     ctypes.CDLL(None).omp_set_num_threads(1)
 
 
@@ -43,12 +44,14 @@ def _pool_map(fn: Callable, items: list) -> list:
     if _POOL_OK is None:
         try:
             import ctypes
+
             _POOL_OK = hasattr(ctypes.CDLL(None), "omp_set_num_threads")
         except Exception:
             _POOL_OK = False
     if nw == 1 or len(items) < 2 or not _POOL_OK:
         return [fn(x) for x in items]
     if _POOL is None or _POOL._max_workers != nw:  # noqa: SLF001
-        _POOL = ThreadPoolExecutor(max_workers=nw, thread_name_prefix="trajscope-eig",
-                                   initializer=_single_threaded_worker)
+        _POOL = ThreadPoolExecutor(
+            max_workers=nw, thread_name_prefix="trajscope-eig", initializer=_single_threaded_worker
+        )
     return list(_POOL.map(fn, items))

@@ -1,11 +1,13 @@
 """A Recorder's construction on the file system: the folders it makes, the check that the store is
 writable, and the one-line message for an ``OSError`` that refuses the run."""
+
 from __future__ import annotations
 
 import errno
 import os
 import uuid
 from pathlib import Path
+
 
 def _missing_folders(path: Path) -> list[Path]:
     """``path`` and those of its ancestors that do not exist yet, deepest first."""

@@ -1,11 +1,13 @@
 """The run's description in the store's root attributes: parameter names and layouts, the optimizer
 and its hyperparameter columns, the model and loss as code specs, the signature over them; and the
 check that a resumed run is the same model and optimizer."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,9 +61,15 @@ class RunDescription:
 
     def _meta(self, model_spec: str | None, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
         opt = self.optimizer
-        groups = [{"params": [self._names[id(p)] for p in g["params"]],
-                   "static": {k: v for k, v in g.items() if k != "params" and not isinstance(v, (int, float, bool, tuple, list))}}
-                  for g in opt.param_groups]
+        groups = [
+            {
+                "params": [self._names[id(p)] for p in g["params"]],
+                "static": {
+                    k: v for k, v in g.items() if k != "params" and not isinstance(v, (int, float, bool, tuple, list))
+                },
+            }
+            for g in opt.param_groups
+        ]
         return {
             "trajscope_version": trajscope.__version__,
             "torch_version": torch.__version__,
@@ -69,15 +77,23 @@ class RunDescription:
             "params": [s.to_json() for s in self._param_layout],
             "trainable": [n for n, p in self._param_items if p.requires_grad],
             "buffers": [s.to_json() for s in self._buffer_layout],
-            "optimizer": {"class": f"{type(opt).__module__}.{type(opt).__qualname__}", "name": type(opt).__name__,
-                          "groups": groups},
+            "optimizer": {
+                "class": f"{type(opt).__module__}.{type(opt).__qualname__}",
+                "name": type(opt).__name__,
+                "groups": groups,
+            },
             "hparam_names": self._hparam_names,
             "hparam_bools": self._hparam_bools,
-            "model": {"class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
-                      "spec": model_spec, "kwargs": dict(model_kwargs or {}), "exported": None,
-                      "export_error": None if self.export else "export not requested",
-                      "node_layers": describe_node_layers(self.model), "wrapped_by": self._wrappers,
-                      "mode_sensitive": specs.mode_sensitive(self.model)},
+            "model": {
+                "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "spec": model_spec,
+                "kwargs": dict(model_kwargs or {}),
+                "exported": None,
+                "export_error": None if self.export else "export not requested",
+                "node_layers": describe_node_layers(self.model),
+                "wrapped_by": self._wrappers,
+                "mode_sensitive": specs.mode_sensitive(self.model),
+            },
             "loss": specs.describe_loss(self.loss_fn) if self.loss_fn is not None else None,
         }
 
@@ -86,16 +102,24 @@ class RunDescription:
         now = [tuple(s[:3]) for s in meta["params"]]
         if stored != now:
             diff = next((a for a, b in zip(now, stored) if a != b), None) or "parameter count"
-            raise TrajscopeError(f"cannot resume {self.path}: the model's parameters differ from the recorded ones "
-                                 f"(first difference: {diff}); record to a new folder")
+            raise TrajscopeError(
+                f"cannot resume {self.path}: the model's parameters differ from the recorded ones "
+                f"(first difference: {diff}); record to a new folder"
+            )
         # the hparams columns and groups are described once, in the root attributes
         was, now = attrs["optimizer"], meta["optimizer"]
-        if (was["class"], len(was["groups"]), attrs["hparam_names"]) != \
-                (now["class"], len(now["groups"]), meta["hparam_names"]):
-            raise TrajscopeError(f"cannot resume {self.path}: the optimizer differs from the recorded one (recorded "
-                                 f"{was['name']} with {len(was['groups'])} group(s) and hyperparameters "
-                                 f"{attrs['hparam_names']}, now {now['name']} with {len(now['groups'])} and "
-                                 f"{meta['hparam_names']}); record to a new folder")
+        if (was["class"], len(was["groups"]), attrs["hparam_names"]) != (
+            now["class"],
+            len(now["groups"]),
+            meta["hparam_names"],
+        ):
+            raise TrajscopeError(
+                f"cannot resume {self.path}: the optimizer differs from the recorded one (recorded "
+                f"{was['name']} with {len(was['groups'])} group(s) and hyperparameters "
+                f"{attrs['hparam_names']}, now {now['name']} with {len(now['groups'])} and "
+                f"{meta['hparam_names']}); record to a new folder"
+            )
+
 
 def _signature(model: Mapping[str, Any], loss: Any, exported_sha256: str | None) -> dict[str, Any] | None:
     """This user's signature over the run's description of its code (:mod:`trajscope.trust`): runs

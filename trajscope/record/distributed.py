@@ -1,5 +1,6 @@
 """Which torch.distributed rank records what: the default process group as seen locally (no collective),
 and the root attributes of each rank's store."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,10 @@ def _process_group(distributed: bool | None) -> tuple[int, int]:
     if group is not None:
         return group
     if distributed:
-        raise ValueError("distributed=True needs an initialised torch.distributed process group "
-                         "(torch.distributed.init_process_group)")
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group)"
+        )
     return 0, 1
 
 
@@ -42,7 +45,15 @@ def _distributed_meta(meta: dict[str, Any], rank: int, world_size: int) -> dict[
     """The root attributes of rank ``rank``'s store: rank 0's name the shards to join; a shard store
     describes no parameters, buffers or state (rank 0 records them, identical on every rank)."""
     if not rank:
-        return {**meta, "distributed": {"world_size": world_size,
-                                        "shards": [shard_store_name(k) for k in range(1, world_size)]}}
-    return {**meta, "params": [], "buffers": [], "trainable": [], "signature": None,
-            "shard": {"rank": rank, "world_size": world_size, "of": STORE_NAME}}
+        return {
+            **meta,
+            "distributed": {"world_size": world_size, "shards": [shard_store_name(k) for k in range(1, world_size)]},
+        }
+    return {
+        **meta,
+        "params": [],
+        "buffers": [],
+        "trainable": [],
+        "signature": None,
+        "shard": {"rank": rank, "world_size": world_size, "of": STORE_NAME},
+    }

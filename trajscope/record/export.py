@@ -1,12 +1,14 @@
 """Saving the model as a ``torch.export`` program, the replay fallback for runs without an import spec."""
+
 from __future__ import annotations
 
 import copy
 import inspect
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +45,9 @@ def export_model(model: nn.Module, inputs: Any, path: str) -> None:
     save(ep, path)
 
 
-def export_twin(model: nn.Module, inputs: Any, extra_path: Callable[[str], Path], memo: Mapping[int, Any]) -> dict[str, Any]:
+def export_twin(
+    model: nn.Module, inputs: Any, extra_path: Callable[[str], Path], memo: Mapping[int, Any]
+) -> dict[str, Any]:
     """Export a CPU copy of ``model`` (eval mode), traced with ``inputs``, to ``path``; best effort.
 
     Args:
@@ -67,7 +71,10 @@ def export_twin(model: nn.Module, inputs: Any, extra_path: Callable[[str], Path]
         os.replace(tmp, path)
         update = {"exported": "extra/model.pt2", "export_error": None}
     except Exception as e:  # export is best effort: replay can use the import spec
-        update = {"exported": None, "export_error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        update = {
+            "exported": None,
+            "export_error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+        }
         log.info("trajscope: torch.export failed (%s); replay will need model_spec or --model", e)
         if tmp is not None:
             try:

@@ -1,6 +1,7 @@
 """Hooks that watch a step of training while it runs: the optimizer's step pre-hook (and a closure
 passed to ``optimizer.step``), the forward pre-hook on the model the loop calls (train flags and RNG
 state of each forward pass), the loss hooks, and the gradient hooks that keep backward's gradient norms."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ _MAX_UNPAIRED_FORWARDS = 64
 # hook is a module-level function that finds its recorders here, not a bound method: a deep copy of the
 # model (the export twin, a user's EMA copy) or torch.save of the whole module would otherwise try to copy
 # or pickle the Recorder itself. It is registered once per module, while some recorder watches it.
-_FORWARD_WATCHERS: dict[int, list["weakref.ref[Recorder]"]] = {}
+_FORWARD_WATCHERS: dict[int, list[weakref.ref[Recorder]]] = {}
 _FORWARD_HANDLES: dict[int, Any] = {}
 
 
@@ -41,7 +42,7 @@ def _forward_pre_hook(module: nn.Module, args: Any) -> None:
 class _ForwardHookEntry:
     """Registers a recorder for :func:`_forward_pre_hook`; ``remove()`` (as a hook handle) unregisters it."""
 
-    def __init__(self, module: nn.Module, rec: "Recorder") -> None:
+    def __init__(self, module: nn.Module, rec: Recorder) -> None:
         self.key = id(module)
         self.ref = weakref.ref(rec)
         if self.key not in _FORWARD_WATCHERS:
@@ -61,9 +62,10 @@ def _closure_of(args: Any, kwargs: Any) -> tuple[Any, str] | None:
     """The closure passed to ``optimizer.step`` and where it was passed, if any."""
     if kwargs and callable(kwargs.get("closure")):
         return kwargs["closure"], "kwargs"
-    if len(args) > 1 and callable(args[1]):   # args[0] is the optimizer itself
+    if len(args) > 1 and callable(args[1]):  # args[0] is the optimizer itself
         return args[1], "args"
     return None
+
 
 def _grad_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of ``tensors`` taken together, a 0-d tensor (float32 at least, on the first one's
@@ -87,8 +89,13 @@ class StepHooks:
         81-module model on a busy 2-core machine (each module's flag, and a 5 KiB copy of the CPU
         generator's state); nothing on steps that are not recorded. A failure here only loses the
         forward state (those steps replay in eval mode, said at analysis), never the recording."""
-        if self.failed or self._closed or self._ignore_batches or not self.records(self._step) \
-                or not torch.is_grad_enabled():
+        if (
+            self.failed
+            or self._closed
+            or self._ignore_batches
+            or not self.records(self._step)
+            or not torch.is_grad_enabled()
+        ):
             return
         try:
             if self._modules is None:
@@ -98,8 +105,13 @@ class StepHooks:
             first = next(self.model.parameters(), None)
             dev = first.device if first is not None and first.device.type == "cuda" else None
             cuda = torch.cuda.get_rng_state(dev) if dev is not None else None
-            state = (training, differ, torch.get_rng_state(), cuda,
-                     None if dev is None else (dev.index if dev.index is not None else torch.cuda.current_device()))
+            state = (
+                training,
+                differ,
+                torch.get_rng_state(),
+                cuda,
+                None if dev is None else (dev.index if dev.index is not None else torch.cuda.current_device()),
+            )
             if self._awaiting_forward and self._batch_step == self._step:
                 self._micro_forward[self._awaiting_forward.pop(0)] = state
             elif len(self._unpaired_forwards) < _MAX_UNPAIRED_FORWARDS:
@@ -107,27 +119,34 @@ class StepHooks:
         except Exception as e:  # never break training, nor stop the recording for this
             if not self._warned_forward:
                 self._warned_forward = True
-                warnings.warn(f"trajscope: the forward pass's train flags and RNG state cannot be recorded "
-                              f"({type(e).__name__}: {e}); those steps will be replayed in eval mode", RuntimeWarning)
+                warnings.warn(
+                    f"trajscope: the forward pass's train flags and RNG state cannot be recorded "
+                    f"({type(e).__name__}: {e}); those steps will be replayed in eval mode",
+                    RuntimeWarning,
+                )
 
     def _forward_states(self, micro: list, leaves: list) -> list[ForwardState]:
         """The forward state of each micro-batch the record holds (all of them when they were joined,
         the last one when they could not be); none unless each of those had a forward pass."""
         parts = list(zip(micro, self._micro_forward))
-        if len(micro) > 1 and leaves is micro[-1][1]:     # not joinable: the record holds the last one only
+        if len(micro) > 1 and leaves is micro[-1][1]:  # not joinable: the record holds the last one only
             parts = parts[-1:]
         if not parts or len(self._micro_forward) != len(micro) or any(f is None for _, f in parts):
             return []
-        return [ForwardState(size=_batch_size(m[1]), training=f[0], differ=f[1], rng_cpu=f[2], rng_cuda=f[3],
-                             cuda_device=f[4]) for m, f in parts]
+        return [
+            ForwardState(
+                size=_batch_size(m[1]), training=f[0], differ=f[1], rng_cpu=f[2], rng_cuda=f[3], cuda_device=f[4]
+            )
+            for m, f in parts
+        ]
 
     def _on_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.numel() == 1 and not self._ignore_batches:
             self._hook_losses.append(output.detach())
-            del self._hook_losses[:-64]    # a loss module also used for metrics must not grow this
+            del self._hook_losses[:-64]  # a loss module also used for metrics must not grow this
 
     def _on_model_loss(self, module: nn.Module, args: Any, output: Any) -> None:
-        if module.training and torch.is_grad_enabled():   # a training forward, not an evaluation
+        if module.training and torch.is_grad_enabled():  # a training forward, not an evaluation
             self._on_loss(module, args, getattr(output, "loss", None))
 
     def _arm_step_hooks(self) -> None:
@@ -149,8 +168,12 @@ class StepHooks:
         it into the one the step uses (its norm is recorded NaN)."""
         if _distributed():
             return []
-        return [p.register_post_accumulate_grad_hook(self._on_grad) for group in self.optimizer.param_groups
-                for p in group["params"] if p.requires_grad and p.is_leaf]
+        return [
+            p.register_post_accumulate_grad_hook(self._on_grad)
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.requires_grad and p.is_leaf
+        ]
 
     def _on_grad(self, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook: keep ‖p.grad‖ as backward left it, as a tensor on p's device
@@ -160,7 +183,7 @@ class StepHooks:
             return
         try:
             self._backward_norms[id(p)] = _grad_norm([p.grad])
-        except Exception:   # an odd gradient (e.g. sparse layouts): this step's norm is unknown, training goes on
+        except Exception:  # an odd gradient (e.g. sparse layouts): this step's norm is unknown, training goes on
             self._backward_norms[id(p)] = torch.tensor(math.nan)
 
     def _step_grad_norms(self) -> tuple[Any, Any]:
@@ -194,14 +217,14 @@ class StepHooks:
 
         def recorded_closure(*a: Any, **k: Any) -> Any:
             nonlocal done
-            if done:   # LBFGS re-evaluates at trial points: not a new step, and its batch is this step's
+            if done:  # LBFGS re-evaluates at trial points: not a new step, and its batch is this step's
                 self._ignore_batches = True
                 try:
                     return closure(*a, **k)
                 finally:
                     self._ignore_batches = False
             out = closure(*a, **k)
-            done = True   # θ_t is still in place: optimizers update after the closure's first return
+            done = True  # θ_t is still in place: optimizers update after the closure's first return
             self._take_step()
             return out
 

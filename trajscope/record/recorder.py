@@ -25,6 +25,7 @@ step), :mod:`~trajscope.record.snapshot` (the step's copy), :mod:`~trajscope.rec
 (writing and commits), :mod:`~trajscope.record.export`, :mod:`~trajscope.record.distributed` and
 :mod:`~trajscope.record.construction` (the file system at construction).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -36,8 +37,9 @@ import shutil
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,17 +126,46 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
     warn once and stop recording (the committed steps stay readable) and training continues.
     """
 
-    def __init__(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any = None, *,
-                 every: int = 1, window: int | None = None, model_spec: str | None = None,
-                 model_kwargs: Mapping[str, Any] | None = None, export: bool | None = None, probe: Any = None,
-                 background: bool | None = None, memory_budget: int = 512 * 2**20, when_behind: str = "wait",
-                 resume: bool = False,
-                 step: int | None = None, overwrite: bool = False, distributed: bool | None = None,
-                 loss: Any = None) -> None:
-        cfg = configure(model, loss_fn, every=every, window=window, model_spec=model_spec, model_kwargs=model_kwargs,
-                        export=export, probe=probe, background=background, memory_budget=memory_budget,
-                        when_behind=when_behind, resume=resume, step=step, overwrite=overwrite,
-                        distributed=distributed, loss=loss)
+    def __init__(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Any = None,
+        *,
+        every: int = 1,
+        window: int | None = None,
+        model_spec: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        export: bool | None = None,
+        probe: Any = None,
+        background: bool | None = None,
+        memory_budget: int = 512 * 2**20,
+        when_behind: str = "wait",
+        resume: bool = False,
+        step: int | None = None,
+        overwrite: bool = False,
+        distributed: bool | None = None,
+        loss: Any = None,
+    ) -> None:
+        cfg = configure(
+            model,
+            loss_fn,
+            every=every,
+            window=window,
+            model_spec=model_spec,
+            model_kwargs=model_kwargs,
+            export=export,
+            probe=probe,
+            background=background,
+            memory_budget=memory_budget,
+            when_behind=when_behind,
+            resume=resume,
+            step=step,
+            overwrite=overwrite,
+            distributed=distributed,
+            loss=loss,
+        )
         self.path = Path(path)
         self.model, self._wrappers, self.optimizer, self.loss_fn = cfg.model, cfg.wrappers, optimizer, cfg.loss_fn
         self.rank, self.world_size, self._store = cfg.rank, cfg.world_size, cfg.store
@@ -176,7 +207,7 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         self._inflight = 0
         self._cv = threading.Condition()
         self._queue: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()                  # training-thread writes vs. the commit timer
+        self._lock = threading.Lock()  # training-thread writes vs. the commit timer
         self._timer: threading.Timer | None = None
         self._last_commit = -math.inf
         self._last_step_time = -math.inf
@@ -196,28 +227,31 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         fresh = False
         try:
             if is_run(self.path, self._store) and not (cfg.resume or cfg.overwrite):
-                raise TrajscopeError(f"{self.path} already holds a recorded run{f' (rank {self.rank})' if self.rank else ''}: "
-                                     f"pass resume=True to continue it or overwrite=True to replace it")
+                raise TrajscopeError(
+                    f"{self.path} already holds a recorded run{f' (rank {self.rank})' if self.rank else ''}: "
+                    f"pass resume=True to continue it or overwrite=True to replace it"
+                )
             meta = self._describe_run(cfg.model_spec, cfg.model_kwargs)
 
             writer_resume = bool(cfg.resume and is_run(self.path, self._store))
-            self.writer = TrajectoryWriter(self.path, None if writer_resume else meta, resume=writer_resume,
-                                           name=self._store)
+            self.writer = TrajectoryWriter(
+                self.path, None if writer_resume else meta, resume=writer_resume, name=self._store
+            )
             fresh = not writer_resume
             if writer_resume:
                 # Check before truncating: a refused resume must not lose recorded steps.
                 self._check_resumable(self.writer.attrs, meta)
-                _check_writable(self.writer.path)   # nothing else writes before the first record
+                _check_writable(self.writer.path)  # nothing else writes before the first record
                 if cfg.step is not None:
                     self.writer._truncate_from(int(cfg.step))
-            if cfg.probe is not None and not self.rank:     # rank 0 stores the probe for the run
+            if cfg.probe is not None and not self.rank:  # rank 0 stores the probe for the run
                 # Written here, on the constructing thread, so that a full disk fails the constructor.
                 try:
                     self.writer.write_probe(_detached_copy(cfg.probe))
                 except Exception as e:
                     if isinstance(e, OSError):
                         raise
-                    self._fail(e)        # a probe the store cannot hold: as for any record, warn and stop
+                    self._fail(e)  # a probe the store cannot hold: as for any record, warn and stop
         except OSError as e:
             self._abandon_construction(made, fresh)
             raise TrajscopeError(_cannot_record(self.path, e)) from e
@@ -250,11 +284,12 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         if os.path.isdir(self.path):
             for tmp in self.path.glob(f".{self._store}.*.partial"):
                 shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:          # deepest first; a folder someone else filled meanwhile stays
+        for folder in made:  # deepest first; a folder someone else filled meanwhile stays
             try:
                 folder.rmdir()
             except OSError:
                 pass
+
     # ------------------------------------------------------------------ training-thread side
     def records(self, step: int) -> bool:
         """Whether ``step`` is recorded under the cadence."""
@@ -272,7 +307,7 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
             return
         try:
             self._this_step()
-            if loss is not None:   # detached: holding the graph until the step would keep its memory
+            if loss is not None:  # detached: holding the graph until the step would keep its memory
                 self._explicit_losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             if not self.records(self._step):
                 return
@@ -320,7 +355,7 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         the recorded trajectory would no longer be the one trained without the recorder.
         """
         update = _export.export_twin(self.model, inputs, self.writer.extra_path, memo={id(self): self})
-        self._submit("model_meta", update)   # the writer owns the store's attributes
+        self._submit("model_meta", update)  # the writer owns the store's attributes
 
     def _take_step(self) -> None:
         """The optimizer is about to update θ_t: snapshot the step if it is recorded, then arm the hooks
@@ -331,7 +366,7 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         self._commit_if_due(now)
         try:
             if self.failed or self._closed or not self.records(step):
-                self._hook_losses.clear()     # loss values of an unrecorded step belong to no record
+                self._hook_losses.clear()  # loss values of an unrecorded step belong to no record
                 self._backward_norms.clear()
                 return
             try:
@@ -340,17 +375,23 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
             except Exception as e:
                 self._fail(e)
         finally:
-            self._arm_step_hooks()      # for the coming step
+            self._arm_step_hooks()  # for the coming step
+
     def _fail(self, e: BaseException) -> None:
         if self.failed:
             return
         self.failed = f"{type(e).__name__}: {e}"
         self._writer_failed = threading.current_thread() is getattr(self, "_thread", None)
         last = self.writer.last_step if hasattr(self, "writer") else None
-        warnings.warn(f"trajscope: recording stopped ({self.failed}). Training continues; the steps committed so far "
-                      f"(last: {last}) stay readable in {self.path}.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"trajscope: recording stopped ({self.failed}). Training continues; the steps committed so far "
+            f"(last: {last}) stay readable in {self.path}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         with self._cv:
             self._cv.notify_all()
+
     def close(self, timeout: float | None = 600.0) -> None:
         """Remove the hooks, write what is queued and stop the writer thread."""
         if self._closed:
@@ -378,7 +419,7 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         except Exception:
             pass
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,10 +1,12 @@
 """The training thread's private copy of a recorded step (:class:`~trajscope.io.records.Snapshot`):
 parameters, buffers, optimizer state and hyperparameters, the step's micro-batches joined, and its loss."""
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,11 +42,17 @@ class Snapshots:
 
     def _snapshot(self, step: int) -> Snapshot:
         if len(self.optimizer.param_groups) != self._n_groups:  # the store describes the groups once
-            raise TrajscopeError("the optimizer's parameter groups changed during the run (add_param_group): "
-                                 "recording stops here; record the rest to a new folder")
-        full = not self.rank      # a rank > 0 records its batch shard and loss only
+            raise TrajscopeError(
+                "the optimizer's parameter groups changed during the run (add_param_group): "
+                "recording stops here; record the rest to a new folder"
+            )
+        full = not self.rank  # a rank > 0 records its batch shard and loss only
         params = pack(self._param_layout, [p for _, p in self._param_items], self._alloc) if full else {}
-        buffers = pack(self._buffer_layout, [b for _, b in self._buffer_items], self._alloc) if self._buffer_items and full else {}
+        buffers = (
+            pack(self._buffer_layout, [b for _, b in self._buffer_items], self._alloc)
+            if self._buffer_items and full
+            else {}
+        )
         state_items: list[tuple[str, torch.Tensor]] = []
         for group in self.optimizer.param_groups if full else ():
             for p in group["params"]:
@@ -69,23 +77,40 @@ class Snapshots:
         self._micro, self._hook_losses, self._explicit_losses = [], [], []
         self._micro_forward, self._unpaired_forwards, self._awaiting_forward = [], [], []
         self._backward_norms.clear()
-        return Snapshot(step=step, loss=loss if loss is not None else math.nan, params=params, buffers=buffers,
-                        hparams=hp if full else None, state_layout=layout, state=state, batch_spec=spec, batch=leaves,
-                        forward=forward, grad_norms=grad_norms)
+        return Snapshot(
+            step=step,
+            loss=loss if loss is not None else math.nan,
+            params=params,
+            buffers=buffers,
+            hparams=hp if full else None,
+            state_layout=layout,
+            state=state,
+            batch_spec=spec,
+            batch=leaves,
+            forward=forward,
+            grad_norms=grad_norms,
+        )
 
-    def _join(self, micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]]) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    def _join(
+        self, micro: list[tuple[Any, list[tuple[str, torch.Tensor]]]]
+    ) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
         """The step's batch: its micro-batches (gradient accumulation) joined along the batch axis."""
         if len(micro) == 1:
             return micro[0]
         spec, first = micro[0]
         joinable = all(s == spec and [k for k, _ in ls] == [k for k, _ in first] for s, ls in micro) and all(
             t.dim() >= 1 and t.shape[1:] == micro[0][1][i][1].shape[1:] and t.dtype == micro[0][1][i][1].dtype
-            for _, ls in micro for i, (_, t) in enumerate(ls))
+            for _, ls in micro
+            for i, (_, t) in enumerate(ls)
+        )
         if not joinable:
             if not self._warned_join:
                 self._warned_join = True
-                warnings.warn("trajscope: the micro-batches of a step differ in structure or trailing shape and "
-                              "cannot be joined: such steps record only their last micro-batch", stacklevel=3)
+                warnings.warn(
+                    "trajscope: the micro-batches of a step differ in structure or trailing shape and "
+                    "cannot be joined: such steps record only their last micro-batch",
+                    stacklevel=3,
+                )
             return micro[-1]
         leaves = [(k, torch.cat([ls[i][1] for _, ls in micro])) for i, (k, _) in enumerate(first)]
         return spec, leaves
@@ -105,7 +130,7 @@ class Snapshots:
         if getattr(self.loss_fn, "reduction", "mean") == "sum":
             return sum(vals)
         sizes = [self._micro_weight(m) for m in micro]
-        if sum(sizes) == 0:   # nothing counted (every label ignored): the plain mean
+        if sum(sizes) == 0:  # nothing counted (every label ignored): the plain mean
             return sum(vals) / k
         return sum(v * n for v, n in zip(vals, sizes)) / sum(sizes)
 
@@ -115,9 +140,11 @@ class Snapshots:
             return self.loss_fn.count(unflatten_batch(micro[0], dict(micro[1]))[1])
         return _batch_size(micro[1])
 
+
 def _batch_size(leaves: list[tuple[str, torch.Tensor]]) -> int:
     """Samples in a micro-batch: the leading size of its first leaf (inputs come first)."""
     return int(leaves[0][1].shape[0]) if leaves and leaves[0][1].dim() else 1
+
 
 def _detached_copy(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):

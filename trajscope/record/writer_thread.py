@@ -1,5 +1,6 @@
 """Writing snapshots to the store: on a background writer thread, or on the training thread with a
 commit timer, and the commit marker's cadence (:data:`_COMMIT_INTERVAL`)."""
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,7 @@ class WriterSide:
             try:
                 self._write(kind, item)
             except Exception as e:
-                self._fail(e)           # what was complete before it is still committed below
+                self._fail(e)  # what was complete before it is still committed below
             if self.failed or time.monotonic() - self._last_commit >= _COMMIT_INTERVAL:
                 self._commit_inline()
             elif self._timer is None:
@@ -160,12 +161,12 @@ class WriterSide:
                     continue
                 self._write(kind, item)
                 if kind == "commit" or time.monotonic() - last_commit >= _COMMIT_INTERVAL:
-                    self.writer.commit()        # before task_done(): flush() returns with it on disk
+                    self.writer.commit()  # before task_done(): flush() returns with it on disk
                     last_commit = time.monotonic()
             except Exception as e:
                 self._fail(e)
                 try:
-                    self.writer.commit()        # records complete before the failure stay readable
+                    self.writer.commit()  # records complete before the failure stay readable
                 except Exception:
                     pass
             finally:
@@ -174,6 +175,7 @@ class WriterSide:
                         self._inflight -= item.nbytes
                         self._cv.notify_all()
                 self._queue.task_done()
+
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> None:
         """Wait until everything queued so far is written and committed (or dropped after a failure)."""
@@ -184,6 +186,7 @@ class WriterSide:
             return
         with self._lock:
             self._commit_inline()
+
 
 def _free_core_for_writer(model: nn.Module) -> bool:
     """Whether a background writer thread would run without preempting training: the model trains

@@ -1,8 +1,10 @@
 """Calling a model on inputs in their recorded form (tensor, tuple/list or dict), optionally with the
 parameters and buffers of a recorded state substituted (``torch.func.functional_call``)."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -8,11 +8,13 @@ for a model f with parameters θ and buffers β on a batch (x, y), with the loss
 train-mode forward of :mod:`trajscope.replay.trainmode`) so that curvature and sharpness take
 one object instead of the argument list ``(model, params, buffers, inputs, targets, loss_fn)``.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from torch import Tensor, nn
 

@@ -5,19 +5,21 @@ buffers, the mini-batch of that update, the loss, the hyperparameters per parame
 the optimizer state before the update. :meth:`Run.model` and :meth:`Run.loss_fn` rebuild a
 callable model and loss for offline replay.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from trajscope.io import specs
 from trajscope.errors import TrajscopeError
+from trajscope.io import specs
 from trajscope.io.reader import TrajectoryReader
 from trajscope.io.records import ForwardState
 from trajscope.trust import TrustPolicy, loss_spec
@@ -30,10 +32,10 @@ class Checkpoint:
     step: int
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
-    batch: Any | None                       # (inputs, targets) as given to Recorder.batch, or None
+    batch: Any | None  # (inputs, targets) as given to Recorder.batch, or None
     loss: float
-    hparams: list[dict[str, Any]]           # per parameter group
-    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # param name -> state
+    hparams: list[dict[str, Any]]  # per parameter group
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # param name -> state
     # what each micro-batch's forward pass used (train flags, RNG state); None: not recorded by this run
     forward: list[ForwardState] | None = None
     # global gradient norms of the step (store.GRAD_NORM_COLUMNS: "stepped", "backward"); NaN: not recorded
@@ -115,10 +117,17 @@ class Run:
     # -- data --------------------------------------------------------------------------------------
     def checkpoint(self, step: int) -> Checkpoint:
         r = self.reader.row_of(step)
-        return Checkpoint(step=int(step), params=self.reader.params(r), buffers=self.reader.buffers(r),
-                          batch=self.reader.batch(r), loss=float(self.reader.losses[r]),
-                          hparams=self.reader.hparams(r), optimizer_state=self.reader.state(r),
-                          forward=self.reader.forward(r), grad_norms=self.reader.grad_norms(r))
+        return Checkpoint(
+            step=int(step),
+            params=self.reader.params(r),
+            buffers=self.reader.buffers(r),
+            batch=self.reader.batch(r),
+            loss=float(self.reader.losses[r]),
+            hparams=self.reader.hparams(r),
+            optimizer_state=self.reader.state(r),
+            forward=self.reader.forward(r),
+            grad_norms=self.reader.grad_norms(r),
+        )
 
     def params(self, step: int) -> dict[str, torch.Tensor]:
         return self.reader.params(self.reader.row_of(step))
@@ -133,8 +142,9 @@ class Run:
         return self.reader.probe()
 
     # -- replay ------------------------------------------------------------------------------------
-    def model(self, spec: str | None = None, kwargs: str | Mapping[str, Any] | None = None, *,
-              trust: bool = False) -> nn.Module:
+    def model(
+        self, spec: str | None = None, kwargs: str | Mapping[str, Any] | None = None, *, trust: bool = False
+    ) -> nn.Module:
         """A module with the recorded architecture (eval mode), checked against the recorded parameters.
 
         ``spec``/``kwargs`` (chosen by the caller) override the recorded import spec. Code named
@@ -156,7 +166,9 @@ class Run:
             model = specs.load_exported(str(path))
         else:
             why = meta.get("export_error") or "no model_spec was given to the Recorder"
-            raise TrajscopeError(f"{self.path} does not say how to rebuild its model ({why}): pass --model package.module:factory")
+            raise TrajscopeError(
+                f"{self.path} does not say how to rebuild its model ({why}): pass --model package.module:factory"
+            )
         self._check_model(model)
         return model.eval()
 
@@ -165,29 +177,39 @@ class Run:
         want = self.param_shapes
         for name, shape in want.items():
             if name not in have:
-                raise TrajscopeError(f"the model has no parameter {name!r} that the run recorded (shape {list(shape)}): "
-                                     f"pass the --model that was trained")
+                raise TrajscopeError(
+                    f"the model has no parameter {name!r} that the run recorded (shape {list(shape)}): "
+                    f"pass the --model that was trained"
+                )
             if have[name] != tuple(shape):
-                raise TrajscopeError(f"parameter {name!r} has shape {list(have[name])} in the model but {list(shape)} "
-                                     f"in the run: pass the --model that was trained")
+                raise TrajscopeError(
+                    f"parameter {name!r} has shape {list(have[name])} in the model but {list(shape)} "
+                    f"in the run: pass the --model that was trained"
+                )
         extra = sorted(set(have) - set(want))
         if extra:
-            raise TrajscopeError(f"the model has parameter {extra[0]!r} that the run did not record: pass the --model that was trained")
+            raise TrajscopeError(
+                f"the model has parameter {extra[0]!r} that the run did not record: pass the --model that was trained"
+            )
 
-    def loss_fn(self, spec: str | None = None, kwargs: str | Mapping[str, Any] | None = None, *,
-                trust: bool = False) -> Callable:
+    def loss_fn(
+        self, spec: str | None = None, kwargs: str | Mapping[str, Any] | None = None, *, trust: bool = False
+    ) -> Callable:
         """The recorded loss (or ``spec``/``kwargs`` chosen by the caller), under :mod:`trajscope.trust`."""
         desc = self.attrs.get("loss")
         if spec is None and desc is not None:
             named = loss_spec(desc)
             if named is None:
-                raise TrajscopeError(f"{self.path}: the run's loss description is malformed ({desc!r}): "
-                                     f"pass --loss package.module:LossClass")
+                raise TrajscopeError(
+                    f"{self.path}: the run's loss description is malformed ({desc!r}): "
+                    f"pass --loss package.module:LossClass"
+                )
             TrustPolicy(self.path, self.attrs, trust).require("loss", named, "--loss package.module:LossClass")
         return specs.build_loss(desc, spec, kwargs)
 
-    def replay_loss(self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None,
-                    train_mode: str = "replay") -> torch.Tensor:
+    def replay_loss(
+        self, ckpt: Checkpoint, model: nn.Module, loss_fn: Callable, batch: Any = None, train_mode: str = "replay"
+    ) -> torch.Tensor:
         """L(θ_t) on the checkpoint's batch (or ``batch``), parameters substituted functionally; train-mode
         layers replayed as the step ran them (``train_mode="replay"``, see
         :mod:`trajscope.replay.trainmode`) or the model in eval mode (``"off"``)."""
@@ -195,8 +217,15 @@ class Run:
 
         inputs, targets = batch if batch is not None else ckpt.batch
         device = next((p.device for p in ckpt.params.values()), torch.device("cpu"))
-        rp, _ = replay.plan(model, ckpt.forward, inputs, device, mode=train_mode, probe=batch is not None,
-                            recorded_sensitive=self.attrs["model"].get("mode_sensitive"))
+        rp, _ = replay.plan(
+            model,
+            ckpt.forward,
+            inputs,
+            device,
+            mode=train_mode,
+            probe=batch is not None,
+            recorded_sensitive=self.attrs["model"].get("mode_sensitive"),
+        )
         with torch.no_grad():
             return loss_fn(rp.forward(model, ckpt.params, ckpt.buffers, inputs), targets)
 

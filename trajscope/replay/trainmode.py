@@ -22,10 +22,12 @@ Masks that cannot be reproduced, said once per run as a WARNING: dropout drawn f
 generator replayed elsewhere, and dropout under ``torch.compile`` (inductor draws its own random
 numbers). There dropout is replayed off and BatchNorm still uses batch statistics.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +52,7 @@ def mode_sensitive(model: nn.Module, recorded: Sequence[str] | None = None) -> l
 def _slice(x: Any, start: int, n: int) -> Any:
     """Samples ``start .. start + n`` of model inputs (a tensor, or tuples/lists/dicts of them)."""
     if isinstance(x, Tensor):
-        return x[start:start + n] if x.dim() else x
+        return x[start : start + n] if x.dim() else x
     if isinstance(x, (tuple, list)):
         return type(x)(_slice(v, start, n) for v in x)
     if isinstance(x, Mapping):
@@ -98,7 +100,7 @@ class Replay:
             return
         model.train(fs.training)
         subs = dict(model.named_modules())
-        for name in fs.differ:        # that module alone (its children are listed when they differ too)
+        for name in fs.differ:  # that module alone (its children are listed when they differ too)
             if name in subs:
                 subs[name].training = not fs.training
         if not self.dropout:
@@ -112,16 +114,18 @@ class Replay:
         flags = {n: m.training for n, m in model.named_modules()}
         try:
             out = False
-            for fs in (self.micro or [None]):
+            for fs in self.micro or [None]:
                 self._flags(model, fs)
-                out |= any(isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
-                           for m in model.modules())
+                out |= any(
+                    isinstance(m, _BatchNorm) and (m.training or m.running_mean is None) for m in model.modules()
+                )
             return out
         finally:
             _restore(model, flags)
 
-    def forward(self, model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                inputs: Any) -> Any:
+    def forward(
+        self, model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], inputs: Any
+    ) -> Any:
         """The model output on ``inputs`` with ``params`` and ``buffers`` substituted, replayed as
         recorded (module docstring). Buffers are copied for every pass, so nothing passed in changes."""
         flags = {n: m.training for n, m in model.named_modules()}
@@ -176,9 +180,18 @@ def _active_dropout(model: nn.Module, micro: Sequence[ForwardState]) -> bool:
         _restore(model, flags)
 
 
-def plan(model: nn.Module, forward: list[ForwardState] | None, inputs: Any, device: str | torch.device, *,
-         mode: str = "replay", exported: bool = False, compiled: bool = False, probe: bool = False,
-         recorded_sensitive: Sequence[str] | None = None) -> tuple[Replay, str | None]:
+def plan(
+    model: nn.Module,
+    forward: list[ForwardState] | None,
+    inputs: Any,
+    device: str | torch.device,
+    *,
+    mode: str = "replay",
+    exported: bool = False,
+    compiled: bool = False,
+    probe: bool = False,
+    recorded_sensitive: Sequence[str] | None = None,
+) -> tuple[Replay, str | None]:
     """The replay of one checkpoint and, where it departs from the forward pass that was trained,
     why (one sentence; None when it does not, or when the model has no BatchNorm/dropout).
 
@@ -193,22 +206,32 @@ def plan(model: nn.Module, forward: list[ForwardState] | None, inputs: Any, devi
     if mode == "off":
         return eval_replay, None
     if not mode_sensitive(model, recorded_sensitive):
-        return eval_replay, None      # the flags change nothing: one pass, as before
+        return eval_replay, None  # the flags change nothing: one pass, as before
     if exported:
-        return eval_replay, ("the model is the exported program, whose train/eval mode was fixed (eval) at export: "
-                             "BatchNorm and dropout are replayed in eval mode (pass --model with the model's factory)")
+        return eval_replay, (
+            "the model is the exported program, whose train/eval mode was fixed (eval) at export: "
+            "BatchNorm and dropout are replayed in eval mode (pass --model with the model's factory)"
+        )
     if probe:
-        return eval_replay, ("the probe batch is replayed in eval mode (BatchNorm on running statistics, dropout "
-                             "off): no forward pass of it was recorded")
+        return eval_replay, (
+            "the probe batch is replayed in eval mode (BatchNorm on running statistics, dropout "
+            "off): no forward pass of it was recorded"
+        )
     if forward is None:
-        return eval_replay, ("the run does not record its forward passes' train/eval flags and RNG state (recorded "
-                             "by an older trajscope): BatchNorm and dropout are replayed in eval mode")
+        return eval_replay, (
+            "the run does not record its forward passes' train/eval flags and RNG state (recorded "
+            "by an older trajscope): BatchNorm and dropout are replayed in eval mode"
+        )
     if not forward:
-        return eval_replay, ("no forward pass of the recorded model was seen for some steps' batches: those steps "
-                             "are replayed in eval mode")
+        return eval_replay, (
+            "no forward pass of the recorded model was seen for some steps' batches: those steps "
+            "are replayed in eval mode"
+        )
     if sum(fs.size for fs in forward) != _batch_size(inputs):
-        return eval_replay, ("the analysed batch is not the one whose forward passes were recorded (a probe, or "
-                             "micro-batches of other sizes): it is replayed in eval mode")
+        return eval_replay, (
+            "the analysed batch is not the one whose forward passes were recorded (a probe, or "
+            "micro-batches of other sizes): it is replayed in eval mode"
+        )
     replay = Replay(list(forward), device=device)
     if _active_dropout(model, forward):
         why = None
@@ -218,6 +241,8 @@ def plan(model: nn.Module, forward: list[ForwardState] | None, inputs: Any, devi
             why = f"its masks were drawn on CUDA and the analysis runs on {device.type}"
         if why:
             replay.dropout = False
-            return replay, (f"dropout cannot be replayed with the masks training used ({why}): it is replayed off "
-                            f"(BatchNorm still uses batch statistics); analyse on the training device to reproduce them")
+            return replay, (
+                f"dropout cannot be replayed with the masks training used ({why}): it is replayed off "
+                f"(BatchNorm still uses batch statistics); analyse on the training device to reproduce them"
+            )
     return replay, None
