@@ -42,7 +42,6 @@ def _steps_text(run: Run) -> str:
 
 def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
     """The tables ``trajscope info`` prints (``analysis``: the analysis store's row, if known)."""
-    a = run.attrs
     overview = Table(title=f"trajscope run {run.path}", show_header=False, title_justify="left")
     overview.add_column("what", style="bold")
     overview.add_column("value")
@@ -57,6 +56,14 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
         overview.add_row(
             "restarts", "; ".join(f"at step {r['at_step']} (dropped {r['dropped_records']})" for r in run.restarts)
         )
+    _training_rows(overview, run)
+    _capture_rows(overview, run, analysis)
+    return [overview, _parameter_table(run)]
+
+
+def _training_rows(overview: Table, run: Run) -> None:
+    """Optimizer, its last hyperparameters, the loss."""
+    a = run.attrs
     opt = a["optimizer"]
     overview.add_row(
         "optimizer", f"{opt['name']} ({len(opt['groups'])} param group{'s' if len(opt['groups']) != 1 else ''})"
@@ -79,6 +86,11 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
         if loss
         else "not recorded (pass --loss to analyze)",
     )
+
+
+def _capture_rows(overview: Table, run: Run, analysis: str | None) -> None:
+    """How the run can be replayed: model capture, ranks, batches, trusted code, probe, size, checksums."""
+    a = run.attrs
     m = a["model"]
     kinds = []
     if m.get("spec"):
@@ -115,6 +127,10 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
     if analysis is not None:
         overview.add_row("analysis", analysis)
 
+
+def _parameter_table(run: Run) -> Table:
+    """Parameters with shape, dtype and the node count of each node layer's weight."""
+    m = run.attrs["model"]
     layers = Table(title="parameters", title_justify="left")
     for col in ("parameter", "shape", "dtype", "nodes"):
         layers.add_column(col, justify="right" if col == "nodes" else "left")
@@ -123,7 +139,7 @@ def summary_tables(run: Run, analysis: str | None = None) -> list[Table]:
     for name, shape in run.param_shapes.items():
         nodes = str(node_counts[name]) if name in node_counts else ""
         layers.add_row(name, "×".join(map(str, shape)) or "scalar", run.param_dtypes[name], nodes)
-    return [overview, layers]
+    return layers
 
 
 def _distributed_text(run: Run, missing: dict[int, np.ndarray]) -> str:

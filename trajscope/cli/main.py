@@ -29,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"trajscope {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    _info_commands(sub)
+    pa = _analyze_command(sub)
+    _selection_options(pa)
+    _label_options(pa)
+    _execution_options(pa)
+    return p
+
+
+def _info_commands(sub: argparse._SubParsersAction) -> None:
+    """``trajscope info`` and ``trajscope verify``."""
     pi = sub.add_parser(
         "info",
         help="summarise a recorded run",
@@ -48,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     pv.add_argument("run", help="run folder (the folder holding trajectory.zarr)")
 
+
+def _analyze_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``trajscope analyze PATH...`` (its option groups are added below)."""
     pa = sub.add_parser(
         "analyze",
         help="analyse recorded runs (per-node curvature, spectra, labels, sharpness)",
@@ -59,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     pa.add_argument(
         "paths", nargs="+", metavar="PATH", help="run folders, or folders of run folders (like a TensorBoard logdir)"
     )
+    return pa
+
+
+def _selection_options(pa: argparse.ArgumentParser) -> None:
+    """What to analyse: layers, steps, batch, curvature kind, train-mode replay."""
     g = pa.add_argument_group("what to analyse")
     g.add_argument(
         "--modules",
@@ -102,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         help="modules that trained in train mode (BatchNorm, dropout): replayed as trained, with batch "
         "statistics and the recorded dropout masks (default), or 'off': the whole model in eval mode",
     )
+
+
+def _label_options(pa: argparse.ArgumentParser) -> None:
+    """The label rules (docs/spec.md §7)."""
     lab = pa.add_argument_group("labels")
     lab.add_argument(
         "--preset",
@@ -148,6 +170,10 @@ def _parser() -> argparse.ArgumentParser:
         default=3,
         help="checkpoints a label must persist to become the stable label (default 3)",
     )
+
+
+def _execution_options(pa: argparse.ArgumentParser) -> None:
+    """Device, precision, the code that replays the run, trust, progress."""
     ex = pa.add_argument_group("execution")
     ex.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ex.add_argument(
@@ -166,7 +192,6 @@ def _parser() -> argparse.ArgumentParser:
         "signed by you: a run is data, trust only runs from people you trust",
     )
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
