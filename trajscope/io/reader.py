@@ -1,6 +1,9 @@
 """The read side of the ``trajectory.zarr`` format (:mod:`trajscope.io.layout`): committed rows
 only, every chunk and index read checked against its CRC32C, and the integrity checks
-(:meth:`TrajectoryReader.check_structure`, :meth:`TrajectoryReader.verify_records`)."""
+(:meth:`TrajectoryReader.check_structure`, :meth:`TrajectoryReader.verify_records`).
+
+Longer than 400 lines because one class answers every read of the format (rows, batches, forward
+states, hyperparameters, integrity): splitting it would scatter the checks each read shares."""
 
 from __future__ import annotations
 

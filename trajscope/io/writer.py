@@ -1,5 +1,7 @@
 """The write side of the ``trajectory.zarr`` format (:mod:`trajscope.io.layout`): records appended
-row by row into shard files, made visible by the atomic commit marker."""
+row by row into shard files, made visible by the atomic commit marker.
+
+Just over 400 lines: one class, the writer, whose append/commit/resume steps share its state."""
 
 from __future__ import annotations
 

@@ -24,6 +24,10 @@ Recorder's other parts are mixins and helpers beside it: :mod:`~trajscope.record
 step), :mod:`~trajscope.record.snapshot` (the step's copy), :mod:`~trajscope.record.writer_thread`
 (writing and commits), :mod:`~trajscope.record.export`, :mod:`~trajscope.record.distributed` and
 :mod:`~trajscope.record.construction` (the file system at construction).
+
+Longer than 400 lines because the public class keeps its whole user-facing surface here (its
+documented arguments, the loop methods and their failure policy); the parts behind it are the
+modules named above.
 """
 
 from __future__ import annotations
