@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from trajscope.curvature.node import node_curvature
-from trajscope.curvature.sharpness import hvp_operator, sharpness
+from trajscope.curvature.sharpness import sharpness
 from trajscope.linalg import eigen
 from trajscope.nodes import find_node_layers, node_matrix
 from trajscope.replay.problem import Problem
@@ -154,7 +154,7 @@ def main() -> None:
     naive_total = sum(naive_layer_t)
 
     # --- sharpness ---------------------------------------------------------------------------
-    mv, dim = hvp_operator(Problem(model, params, {}, x, y, loss_fn))
+    mv, dim = Problem(model, params, {}, x, y, loss_fn).hvp_operator()
 
     def arpack(tol):
         from scipy.sparse.linalg import LinearOperator, eigsh

@@ -1,6 +1,6 @@
 """The curvature entry points on the argument lists the tests are written with.
 
-``node_curvature``, ``sharpness`` and ``hvp_operator`` take a :class:`~trajscope.replay.problem.Problem`;
+``node_curvature`` and ``sharpness`` take a :class:`~trajscope.replay.problem.Problem` (``hvp_operator`` is its method);
 most cases build their model, parameters, batch and loss separately, so these wrappers bind them."""
 
 from __future__ import annotations
@@ -23,5 +23,5 @@ def sharpness(model, params, buffers, inputs, targets, loss_fn, *, replay=None, 
 
 
 def hvp_operator(model, params, buffers, inputs, targets, loss_fn, names=None, replay=None):
-    """:func:`trajscope.curvature.sharpness.hvp_operator` of ``Problem(model, ..., loss_fn, replay)``."""
-    return _sharpness.hvp_operator(Problem(model, params, buffers, inputs, targets, loss_fn, replay), names)
+    """:meth:`trajscope.replay.problem.Problem.hvp_operator` of ``Problem(model, ..., loss_fn, replay)``."""
+    return Problem(model, params, buffers, inputs, targets, loss_fn, replay).hvp_operator(names)

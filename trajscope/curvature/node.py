@@ -66,9 +66,7 @@ def node_curvature(
         raise ValueError(f"kind must be 'ggn' or 'exact', not {kind!r}")
     if method not in ("auto", "gram", "dense"):
         raise ValueError(f"method must be 'auto', 'gram' or 'dense', not {method!r}")
-    leaves = {
-        k: (v.detach().requires_grad_(True) if v.is_floating_point() else v.detach()) for k, v in problem.params.items()
-    }
+    leaves = problem.leaves()
     replay = problem.replay
     coupled = replay is not None and replay.batch_statistics(problem.model)
     # embeddings, attention projections, tied weights: blocks by products w.r.t. the parameter

@@ -25,9 +25,8 @@ size at every step, which cost 3x the products themselves on a 670k-parameter ML
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from torch import Tensor
 from trajscope.linalg.lanczos import _lanczos_max, _NonFinite
 from trajscope.replay.problem import Problem
 
-__all__ = ["SharpnessResult", "hvp_operator", "sharpness"]
+__all__ = ["SharpnessResult", "sharpness"]
 
 # below this many parameters the Hessian is formed densely (Lanczos gains nothing)
 _DENSE_DIM = 32
@@ -60,70 +59,6 @@ def _unit(dim: int, i: int, device: torch.device) -> Tensor:
     return e
 
 
-def hvp_operator(
-    problem: Problem,
-    names: Sequence[str] | None = None,
-) -> tuple[Callable[[Any], Any], int]:
-    r"""The map :math:`v \mapsto \nabla^2_\theta L\, v` on the flattened parameters ``names``.
-
-    The flat layout is the concatenation of ``params[k].flatten()`` for ``k`` in ``names``
-    (default: every floating-point parameter, in ``params`` order); the other parameters are held
-    fixed. The callable takes a 1-D tensor or numpy array of length ``dim`` and returns the same
-    kind (numpy in float64; a tensor in the parameters' dtype). It has attributes ``loss``
-    (the loss, a tensor), ``names`` and ``count`` (products computed so far).
-
-    The gradient graph is built once here (forward + backward with ``create_graph``) and kept
-    alive by the callable; each product is one extra backward pass through it.
-
-    ``problem`` (:class:`~trajscope.replay.problem.Problem`) is evaluated as training did where it
-    has a ``replay`` (train-mode layers, recorded RNG state, per micro-batch), else in one pass
-    in eval mode.
-    """
-    params = problem.params
-    if names is None:
-        names = [k for k, v in params.items() if v.is_floating_point()]
-    names = list(names)
-    leaves = {
-        k: (v.detach().requires_grad_(k in names) if v.is_floating_point() else v.detach()) for k, v in params.items()
-    }
-    xs = [leaves[k] for k in names]
-    sizes = [x.numel() for x in xs]
-    dim = int(sum(sizes))
-    dtype = xs[0].dtype if xs else torch.get_default_dtype()
-    device = xs[0].device if xs else torch.device("cpu")
-    with problem.eval_mode(), torch.enable_grad():
-        loss = problem.loss(problem.forward(leaves))
-        gs = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
-    # products only flow through gradient pieces that still depend on the parameters
-    live = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-
-    def matvec(v):
-        is_np = not isinstance(v, Tensor)
-        vt = torch.as_tensor(np.asarray(v) if is_np else v).reshape(-1).to(device, dtype)
-        matvec.count += 1
-        res: list[Tensor | None] = [None] * len(xs)
-        if live:
-            pieces = [vt[offsets[i] : offsets[i + 1]].view_as(xs[i]) for i in live]
-            with torch.enable_grad():
-                hv = torch.autograd.grad(
-                    [gs[i] for i in live], [xs[i] for i in live], pieces, retain_graph=True, allow_unused=True
-                )
-            for i, h in zip(live, hv):
-                res[i] = h
-        out_v = (
-            torch.cat([(h.detach() if h is not None else torch.zeros_like(x)).reshape(-1) for h, x in zip(res, xs)])
-            if xs
-            else vt.new_zeros(0)
-        )
-        return out_v.to("cpu", torch.float64).numpy() if is_np else out_v
-
-    matvec.count = 0
-    matvec.loss = loss.detach()
-    matvec.names = names
-    return matvec, dim
-
-
 def sharpness(
     problem: Problem,
     *,
@@ -144,14 +79,14 @@ def sharpness(
     parameters: the Hessian is formed with ``dim`` products and solved densely.
 
     Non-finite parameters, loss or products give ``value = nan``; this function does not raise
-    for them. ``problem``: as for :func:`hvp_operator`.
+    for them. ``problem``: as for :meth:`~trajscope.replay.problem.Problem.hvp_operator`.
     """
     nan = SharpnessResult(math.nan, 0, False)
     params = problem.params
     fl = {k: v for k, v in params.items() if v.is_floating_point()}
     if not all(bool(torch.isfinite(v).all()) for v in fl.values()):
         return nan
-    mv, dim = hvp_operator(problem)
+    mv, dim = problem.hvp_operator()
     if dim == 0 or not bool(torch.isfinite(mv.loss).all()):
         return nan
     dev = params[mv.names[0]].device  # the Lanczos vectors live with the parameters
