@@ -17,7 +17,8 @@ from trajscope.dynamics.labels import (
     stable_labels,
 )
 from trajscope.dynamics.motion import motion_from_eigs
-from trajscope.dynamics.updatemap import UpdateRule, node_update_spectra, update_rule
+from trajscope.dynamics.optimizers import UpdateRule, update_rule
+from trajscope.dynamics.updatemap import node_update_spectra
 from trajscope.errors import TrajscopeError
 
 F64 = torch.float64

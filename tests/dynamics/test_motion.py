@@ -77,7 +77,7 @@ def test_motion_fractions_split_the_motion_over_the_map_directions():
     """A block with known eigenvectors (a rotation Q of diag(a)); GD with lr 1: μ = 1 − a."""
     from trajscope.curvature.factors import LayerFactor
     from trajscope.dynamics.motion import motion_fractions
-    from trajscope.dynamics.updatemap import node_map, update_rule
+    from trajscope.dynamics.optimizers import node_map, update_rule
     from trajscope.nodes import NodeLayer
 
     a = torch.tensor([0.5, 1e-4, 2.3], dtype=DT)  # contracting, neutral (δ = 1e-3), unstable (μ = −1.3)

@@ -11,7 +11,8 @@ from torch import nn
 import trajscope
 from tests.helpers.analysis import batches, make_mlp, mlp_spec, node_rows
 from trajscope.cli.main import main
-from trajscope.dynamics.updatemap import node_update_spectra, preconditioner, update_rule
+from trajscope.dynamics.optimizers import preconditioner, update_rule
+from trajscope.dynamics.updatemap import node_update_spectra
 
 SIZES = (3, 4, 2)
 

@@ -11,7 +11,8 @@ from torch import nn
 import trajscope
 from tests.helpers.analysis import linear_spec, make_linear, record
 from tests.helpers.calls import node_curvature
-from trajscope.dynamics.updatemap import node_map, node_update_spectra, update_rule
+from trajscope.dynamics.optimizers import node_map, update_rule
+from trajscope.dynamics.updatemap import node_update_spectra
 
 F64 = torch.float64
 

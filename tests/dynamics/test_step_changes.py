@@ -25,7 +25,7 @@ from tests.helpers.analysis import event_files
 from tests.helpers.calls import node_curvature
 from tests.helpers.references import ref_exact
 from trajscope.cli.main import main
-from trajscope.dynamics.updatemap import step_gradient
+from trajscope.dynamics.stepgrad import step_gradient
 from trajscope.io.results import open_results
 from trajscope.nodes import find_node_layers
 
@@ -587,7 +587,8 @@ def test_clipped_sgd_with_a_bias_group_equals_the_real_step(tmp_path, capsys):
 def test_clipped_adam_uses_the_clipped_gradient(tmp_path, capsys):
     """Adam with coupled decay, every step clipped: the node spectrum equals the one formed by hand on
     D^{1/2}(c·H_i + wd)D^{1/2}, D from the clipped gradient c·∇L (the map's frozen second moment)."""
-    from trajscope.dynamics.updatemap import node_update_spectra, preconditioner, update_rule
+    from trajscope.dynamics.optimizers import preconditioner, update_rule
+    from trajscope.dynamics.updatemap import node_update_spectra
 
     run = tmp_path / "run"
     factors = _train_groups(run, lambda m: torch.optim.Adam(m.parameters(), lr=0.01, weight_decay=0.1))

@@ -32,16 +32,8 @@ from trajscope.dynamics.labels import (
     resolve_delta,
     stable_labels,
 )
-from trajscope.dynamics.updatemap import (
-    NodeSpectra,
-    UpdateRule,
-    adam_preconditioner,
-    node_update_spectra,
-    preconditioner,
-    stability_threshold,
-    update_map_eigenvalues,
-    update_rule,
-)
+from trajscope.dynamics.optimizers import UpdateRule, adam_preconditioner, preconditioner, update_rule
+from trajscope.dynamics.updatemap import NodeSpectra, node_update_spectra, stability_threshold, update_map_eigenvalues
 
 F64 = torch.float64
 

@@ -17,15 +17,9 @@ from trajscope.analysis.selection import horizon, recorded_node_layers
 from trajscope.curvature.node import CurvatureResult, node_curvature
 from trajscope.curvature.sharpness import sharpness as compute_sharpness
 from trajscope.dynamics.labels import resolve_delta
-from trajscope.dynamics.updatemap import (
-    NodeMap,
-    UpdateRule,
-    node_map,
-    preconditioner,
-    stability_threshold,
-    step_gradient,
-    update_rule,
-)
+from trajscope.dynamics.optimizers import NodeMap, UpdateRule, node_map, preconditioner, update_rule
+from trajscope.dynamics.stepgrad import step_gradient
+from trajscope.dynamics.updatemap import stability_threshold
 from trajscope.errors import TrajscopeError
 from trajscope.nodes import NodeLayer, node_matrix
 from trajscope.replay import trainmode as replay_mod
@@ -293,7 +287,7 @@ class Analyser:
 
     def _gradient_check(self, ck: Checkpoint, cr: Any, loss_faithful: bool = True) -> dict[str, float]:
         """The recorded gradient norms of the step against the replayed ‖∇L(θ_t)‖ over the parameters the
-        optimizer steps (:func:`~trajscope.dynamics.updatemap.step_gradient`): the global series of
+        optimizer steps (:func:`~trajscope.dynamics.stepgrad.step_gradient`): the global series of
         :data:`STEP_SERIES` and ``map_factor`` (c_t where clipped, else 1)."""
         names = [n for n in self.group_of if n in cr.grads]
         replayed = math.sqrt(sum(float(cr.grads[n].detach().double().pow(2).sum()) for n in names))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from trajscope.dynamics.updatemap import GRAD_NORM_TOL
+from trajscope.dynamics.stepgrad import GRAD_NORM_TOL
 from trajscope.replay import trainmode as replay_mod
 
 

@@ -20,7 +20,8 @@ from trajscope.curvature.spectra import bias_group_eigvals, node_hessian_extreme
 from trajscope.dynamics.kinematics import node_kinematics
 from trajscope.dynamics.labels import LabelConfig, classify, collapse_reference_norm
 from trajscope.dynamics.motion import map_scale, motion_curvature, motion_fractions, motion_from_eigs
-from trajscope.dynamics.updatemap import NodeMap, NodeSpectra, UpdateRule, node_update_spectra
+from trajscope.dynamics.optimizers import NodeMap, UpdateRule
+from trajscope.dynamics.updatemap import NodeSpectra, node_update_spectra
 from trajscope.nodes import NodeLayer
 
 NOT_COMPUTED = 255  # label code written when a run has no batches (kinematics only)

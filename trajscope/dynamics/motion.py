@@ -28,7 +28,8 @@ from torch import Tensor
 
 from trajscope.curvature.blocks import block_quadratic_forms, dense_blocks
 from trajscope.curvature.factors import LayerFactor
-from trajscope.dynamics.updatemap import NodeMap, UpdateRule, update_map_eigenvalues
+from trajscope.dynamics.optimizers import NodeMap, UpdateRule
+from trajscope.dynamics.updatemap import update_map_eigenvalues
 
 __all__ = ["map_scale", "motion_curvature", "motion_from_eigs", "motion_fractions"]
 

@@ -23,7 +23,7 @@ gd_fallback    θ                  μ = 1 − α λ
 
 λ' = s·λ + wd for the SGD family (s = −1 with ``maximize=True``, else 1); a = α/(1 − β1^t)
 with t = step + 1 the step count the update uses. For Adam/AdamW, λ̃ are the eigenvalues
-of D^{1/2}(s·H_i + coupled_shift·I)D^{1/2} with D = :func:`adam_preconditioner` (the
+of D^{1/2}(s·H_i + coupled_shift·I)D^{1/2} with D = :func:`~trajscope.dynamics.optimizers.adam_preconditioner` (the
 caller forms that block; it already contains the shift). Without a momentum buffer
 (the optimizer's first step) the state is θ alone: SGD-with-momentum steps with
 μ = 1 − αλ', Nesterov with μ = 1 − α(1+β)λ', Adam/AdamW with μ = c − a(1−β1)λ̃.
@@ -58,9 +58,9 @@ zero-curvature direction gives μ = c < 1: decay acts on it.
 A node whose bias sits in another parameter group than its weight row (e.g. no weight decay
 on biases) steps with per-coordinate α_k and wd_k. With the other hyperparameters equal,
 the same blocks hold on the eigenvalues λ̃ of A^{1/2}(s·H_i + diag(wd_k))A^{1/2}, A =
-diag(α_k/α) (times D for Adam), with α the weight group's lr: see :func:`node_map`.
+diag(α_k/α) (times D for Adam), with α the weight group's lr: see :func:`~trajscope.dynamics.optimizers.node_map`.
 
-What else changes the step (:func:`step_gradient`). The recorder keeps, per step, ‖g_stepped‖ (the
+What else changes the step (:func:`~trajscope.dynamics.stepgrad.step_gradient`). The recorder keeps, per step, ‖g_stepped‖ (the
 gradient the optimizer stepped with, at its step pre-hook) and ‖g_backward‖ (as backward accumulated
 it). Against the replayed ‖∇L(θ_t)‖ the *step factor* is c_t = ‖g_stepped‖ / ‖∇L‖:
 
@@ -90,34 +90,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# the rules and the step gradient live in their own modules; their names stay importable from here
-from trajscope.dynamics.optimizers import (
-    KINDS,
-    NodeMap,
-    UpdateRule,
-    adam_preconditioner,
-    node_map,
-    preconditioner,
-    update_rule,
-)
-from trajscope.dynamics.stepgrad import GRAD_NORM_TOL, StepGradient, step_gradient
+from trajscope.dynamics.optimizers import UpdateRule
 
-__all__ = [
-    "UpdateRule",
-    "update_rule",
-    "NodeMap",
-    "node_map",
-    "adam_preconditioner",
-    "preconditioner",
-    "NodeSpectra",
-    "node_update_spectra",
-    "update_map_eigenvalues",
-    "stability_threshold",
-    "KINDS",
-    "GRAD_NORM_TOL",
-    "StepGradient",
-    "step_gradient",
-]
+__all__ = ["NodeSpectra", "node_update_spectra", "update_map_eigenvalues", "stability_threshold"]
 
 
 @dataclass
