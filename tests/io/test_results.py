@@ -183,6 +183,24 @@ def test_no_torch_import():
     run_script(Path(__file__).parent / "no_torch_results.py", check=True, timeout=60, capture_output=False)
 
 
+def test_the_public_path_keeps_its_names(run):
+    """``trajscope.results`` (documented) names what it named before the layout moved, and reads a run."""
+    import trajscope.results as public
+    from trajscope.io import results as fmt
+    from trajscope.io import resultswriter
+
+    assert set(public.__all__) == {
+        "LABELS", "NODE_FLOAT", "NODE_INT", "NODE_U8", "NODE_METRICS", "GLOBAL", "FORMAT_NAME", "FORMAT_VERSION",
+        "STORE_NAME", "UNSET_U8", "UNSET_INT", "ResultsWriter", "Results", "open_results", "results_exist",
+        "discard_partial_stores", "group_name",
+    }  # fmt: skip
+    for name in public.__all__:
+        assert getattr(public, name) is getattr(resultswriter if name == "ResultsWriter" else fmt, name), name
+    res = public.open_results(run)
+    assert isinstance(res, public.Results) and public.results_exist(run)
+    assert list(res.steps) == list(fmt.open_results(run).steps)
+
+
 def test_xarray_style_dimension_names(run):
     root = zarr.open_group(str(run / "analysis.zarr"), mode="r")
     assert tuple(root["steps"].metadata.dimension_names) == ("step",)

@@ -950,7 +950,7 @@ def test_damaged_index_or_file_is_one_line_error(small_store, tmp_path, array, k
 
 
 # Regression test (found in review, fixed): an index offset >= 2**63 (garbage in a damaged index)
-# makes os.pread raise OverflowError, which _read_row does not catch (store.py _read_row: except
+# makes os.pread raise OverflowError, which _read_row does not catch (io/reader.py _read_row: except
 # (OSError, struct.error)); before 8850fcb it was the 'chunk is missing' TrajscopeError
 @pytest.mark.parametrize("off", [2**63, EMPTY - 1])
 def test_index_offset_beyond_off_t_is_one_line_error(small_store, tmp_path, off):

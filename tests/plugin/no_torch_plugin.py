@@ -2,4 +2,8 @@
 
 import sys
 
+import trajscope.results  # noqa: F401 (the imports are what is tested)
+import trajscope_tensorboard.loader  # noqa: F401
+import trajscope_tensorboard.plugin  # noqa: F401
+
 assert "torch" not in sys.modules, "torch imported"

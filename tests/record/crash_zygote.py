@@ -9,8 +9,11 @@ import torch
 
 torch.set_num_threads(1)
 
+import numpy  # noqa: F401 (warm-up: every import the children need is paid once, here)
+import zarr  # noqa: F401
+
 import trajscope
-import trajscope.io.writer
+import trajscope.io.writer  # noqa: F401
 import trajscope.record.recorder
 from tests.helpers.recording import crash_model, crash_optimizer, crash_step
 

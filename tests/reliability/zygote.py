@@ -10,6 +10,12 @@ import torch
 torch.set_num_threads(1)
 import tempfile
 
+import numpy  # noqa: F401 (warm-up: every import the children need is paid once, here)
+import zarr  # noqa: F401
+
+import trajscope  # noqa: F401
+import trajscope.io.writer  # noqa: F401
+import trajscope.record.recorder  # noqa: F401
 from tests.reliability import sigkill_rig
 
 with tempfile.TemporaryDirectory() as d:  # warm up: lazy imports, first torch ops, both writers

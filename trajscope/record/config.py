@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -21,6 +22,7 @@ from trajscope.record.distributed import _process_group
 class RecorderConfig:
     """What a :class:`~trajscope.record.recorder.Recorder` was asked to do, with every default resolved."""
 
+    path: Path  # the run folder
     model: nn.Module  # the bare model (what the replayed model is)
     wrappers: list[str]  # torch.compile / DDP wrapper classes around it, outermost first
     loss_fn: Any
@@ -42,6 +44,7 @@ class RecorderConfig:
 
 
 def configure(
+    path: str | Path,
     model: nn.Module,
     loss_fn: Any,
     *,
@@ -66,6 +69,7 @@ def configure(
         raise ValueError("every must be >= 1")
     if when_behind not in ("wait", "skip"):
         raise ValueError("when_behind must be 'wait' or 'skip'")
+    path = Path(path)
     # torch.compile / DDP wrappers prefix every name (_orig_mod., module.): record the bare model's
     # names, which are what the replayed model has.
     model, wrappers = specs.unwrap_model(model)
@@ -76,6 +80,7 @@ def configure(
     if rank:  # ranks > 0 write their batch shard and loss only, to their own store
         export = False
     return RecorderConfig(
+        path=path,
         model=model,
         wrappers=wrappers,
         loss_fn=loss_fn,

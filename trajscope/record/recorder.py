@@ -153,6 +153,7 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
         loss: Any = None,
     ) -> None:
         cfg = configure(
+            path,
             model,
             loss_fn,
             every=every,
@@ -170,7 +171,7 @@ class Recorder(RunDescription, StepHooks, Snapshots, WriterSide):
             distributed=distributed,
             loss=loss,
         )
-        self.path = Path(path)
+        self.path = cfg.path
         self.model, self._wrappers, self.optimizer, self.loss_fn = cfg.model, cfg.wrappers, optimizer, cfg.loss_fn
         self.rank, self.world_size, self._store = cfg.rank, cfg.world_size, cfg.store
         self.every, self.window, self.export = cfg.every, cfg.window, cfg.export
