@@ -54,7 +54,7 @@ from trajscope.analysis.progress import analysis_progress
 from trajscope.analysis.selection import check_selection, eligible_steps, recorded_node_layers
 from trajscope.dynamics.labels import LabelConfig, StableLabelState
 from trajscope.errors import DamagedRecordError, TrajscopeError
-from trajscope.io.layout import find_runs
+from trajscope.io.layout import find_runs, local_run_path
 from trajscope.io.results import (
     NODE_FLOAT,
     NODE_INT,
@@ -307,7 +307,7 @@ def analyze_many(
         paths = [paths]
     if any(not str(p).strip() for p in paths):
         raise TrajscopeError("an empty path was given: name a run folder or a folder of runs")
-    for p in map(Path, paths):
+    for p in map(local_run_path, paths):
         if not p.exists():
             raise TrajscopeError(f"{p} does not exist: give a run folder or a folder of runs")
     runs = find_runs(paths)

@@ -54,6 +54,7 @@ its uint16 bit pattern (pack name ``bfloat16``) and viewed back, so it round-tri
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,20 @@ def _array_doc(shape: tuple[int, ...], dtype: np.dtype, chunk_shape: list[int], 
         "node_type": "array",
         "storage_transformers": [],
     }
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_run_path(path: str | Path) -> Path:
+    """``path`` as a local folder; a URL (``s3://``, ``gs://``, ``file://`` ...) is refused in one line
+    (``Path`` would fold it into a relative folder named ``s3:``). Run folders are local today."""
+    if isinstance(path, str) and _URL.match(path):
+        raise TrajscopeError(
+            f"{path} is a URL: trajscope records and reads run folders on a local file system only; "
+            "record to a local folder (copy it to or from the object store yourself)"
+        )
+    return Path(path)
 
 
 def _check_version(attrs: Mapping[str, Any], path: Path) -> None:

@@ -18,7 +18,14 @@ import zarr
 
 from trajscope.errors import DamagedRecordError, TrajscopeError
 from trajscope.io.documents import _commit_attrs, _read_group_attrs
-from trajscope.io.layout import CHECKSUM_VERSION, GRAD_NORM_COLUMNS, RECORD_COLUMNS, STORE_NAME, _version
+from trajscope.io.layout import (
+    CHECKSUM_VERSION,
+    GRAD_NORM_COLUMNS,
+    RECORD_COLUMNS,
+    STORE_NAME,
+    _version,
+    local_run_path,
+)
 from trajscope.io.packing import Slot, _from_numpy, pack_sizes, restore_hparams, unflatten_batch, unpack
 from trajscope.io.rankshards import _RankShards
 from trajscope.io.records import ForwardState
@@ -41,7 +48,7 @@ class TrajectoryReader:
     against its CRC32C (format version 3; version 2 stores have none)."""
 
     def __init__(self, run_dir: str | Path, name: str = STORE_NAME) -> None:
-        self.run_dir = Path(run_dir)
+        self.run_dir = local_run_path(run_dir)
         self.path = self.run_dir / name
         if not self.run_dir.exists():
             raise TrajscopeError(

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from trajscope.io import specs
-from trajscope.io.layout import STORE_NAME, shard_store_name
+from trajscope.io.layout import STORE_NAME, local_run_path, shard_store_name
 from trajscope.modelloss import ModelLoss, for_model
 from trajscope.record.describe import model_spec_of
 from trajscope.record.distributed import _process_group
@@ -69,7 +69,7 @@ def configure(
         raise ValueError("every must be >= 1")
     if when_behind not in ("wait", "skip"):
         raise ValueError("when_behind must be 'wait' or 'skip'")
-    path = Path(path)
+    path = local_run_path(path)
     # torch.compile / DDP wrappers prefix every name (_orig_mod., module.): record the bare model's
     # names, which are what the replayed model has.
     model, wrappers = specs.unwrap_model(model)

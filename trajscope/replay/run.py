@@ -20,6 +20,7 @@ from torch import nn
 
 from trajscope.errors import TrajscopeError
 from trajscope.io import specs
+from trajscope.io.layout import local_run_path
 from trajscope.io.reader import TrajectoryReader
 from trajscope.io.records import ForwardState
 from trajscope.trust import TrustPolicy, loss_spec
@@ -54,7 +55,7 @@ class Run:
     """A recorded run folder (see :func:`open_run`)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = local_run_path(path)
         self.reader = TrajectoryReader(self.path)
         self.attrs = self.reader.attrs
         for key in ("model", "optimizer", "cadence"):
