@@ -64,18 +64,18 @@ def test_every_step_damaged_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_checkpoint_whose_analysis_fails_is_a_failed_row_not_an_abort(tmp_path, monkeypatch):
-    from trajscope.analysis import pipeline
+    from trajscope.analysis.checkpoint import Analyser
 
     run = tmp_path / "run"
     simple_run(run, steps=5)
-    real = pipeline._Analyser.checkpoint
+    real = Analyser.checkpoint
 
     def checkpoint(self, step, succ, first_norms):
         if step == 1:
             raise RuntimeError("boom\nsecond line")
         return real(self, step, succ, first_norms)
 
-    monkeypatch.setattr(pipeline._Analyser, "checkpoint", checkpoint)
+    monkeypatch.setattr(Analyser, "checkpoint", checkpoint)
     with pytest.warns(UserWarning, match=r"step 1: RuntimeError: boom; its row is NaN \(global/failed = 1\)"):
         res = trajscope.analyze(run, sharpness=False)[run]
     assert list(res.steps) == [0, 1, 2, 3]

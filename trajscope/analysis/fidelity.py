@@ -13,6 +13,11 @@ from trajscope.dynamics.stepgrad import GRAD_NORM_TOL
 from trajscope.replay import trainmode as replay_mod
 
 
+def _steps_text(steps: Sequence[int]) -> str:
+    """The first five steps, then "..." if there are more."""
+    return ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
+
+
 def train_mode_summary(an: Any, opts: Any) -> dict[str, Any]:
     """How train-mode layers were replayed (results attribute ``train_mode_replay``), with the summary's lines:
     one note saying how, and one WARNING per way the replay departed from training (with its steps)."""
@@ -40,8 +45,7 @@ def train_mode_summary(an: Any, opts: Any) -> dict[str, Any]:
         )
     warn = "" if opts.batch == "probe" else "WARNING: "  # the probe in eval mode is the design, not a departure
     for why, steps in an.replay_issues.items():
-        shown = ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
-        out["notes"].append(f"{warn}{why} (steps {shown})")
+        out["notes"].append(f"{warn}{why} (steps {_steps_text(steps)})")
     return out
 
 
@@ -56,10 +60,9 @@ def loss_fidelity(mismatches: Mapping[int, float]) -> dict[str, Any]:
     worst = max(mismatches.values(), default=math.nan)
     note = None
     if over:
-        shown = ", ".join(map(str, over[:5])) + (", ..." if len(over) > 5 else "")
         note = (
             f"WARNING: the replayed loss differs from the recorded loss by up to {100 * worst:.3g}% at "
-            f"{len(over)} of {len(mismatches)} checkpoints (steps {shown}): the analysis describes another "
+            f"{len(over)} of {len(mismatches)} checkpoints (steps {_steps_text(over)}): the analysis describes another "
             f"function than the one trained (train-mode BatchNorm or dropout, a loss computed differently in "
             f"the loop, micro-batches not all given to rec.batch, or another --model/--loss)"
         )
@@ -72,7 +75,7 @@ def loss_fidelity(mismatches: Mapping[int, float]) -> dict[str, Any]:
     }
 
 
-#: per-step global series of the gradient check (``_Analyser._gradient_check``)
+#: per-step global series of the gradient check (``Analyser._gradient_check``)
 STEP_SERIES = (
     "grad_norm",
     "recorded_grad_norm",
@@ -94,10 +97,6 @@ def earlier_step_rows(prev: Any) -> dict[int, dict[str, float]]:
         for i, st in enumerate(prev.steps)
         if np.isfinite(cols["step_factor"][i])
     }
-
-
-def _steps_text(steps: Sequence[int]) -> str:
-    return ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
 
 
 def grad_fidelity(rows: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:

@@ -70,8 +70,6 @@ from trajscope.io.tbevents import EventWriter
 from trajscope.nodes import NodeLayer
 from trajscope.replay.run import Checkpoint, Run, open_run
 
-_Analyser = Analyser  # its name before the split (tests patch pipeline._Analyser.checkpoint)
-
 __all__ = ["RunSummary", "analyze", "analyze_run", "eligible_steps", "recorded_node_layers", "NOT_COMPUTED"]
 
 
