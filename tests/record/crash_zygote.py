@@ -16,6 +16,7 @@ import trajscope
 import trajscope.io.writer  # noqa: F401
 import trajscope.record.recorder
 from tests.helpers.recording import crash_model, crash_optimizer, crash_step
+from tests.helpers.zygote import serve_forks
 
 
 def child(run_dir, background, steps=5000):
@@ -36,18 +37,11 @@ import tempfile
 with tempfile.TemporaryDirectory() as d:
     child(os.path.join(d, "warmup"), True, steps=3)
     child(os.path.join(d, "warmup2"), False, steps=3)
-print("ready", flush=True)
-for line in sys.stdin:
-    run_dir, mode = line.split()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            child(run_dir, mode == "thread")
-        except BaseException as e:
-            print("child error", repr(e), file=sys.stderr, flush=True)
-            code = 3
-        os._exit(code)
-    print("pid", pid, flush=True)
-    _, status = os.waitpid(pid, 0)
-    print("status", status, flush=True)
+
+
+def _child_of(fields):
+    run_dir, mode = fields
+    return lambda: child(run_dir, mode == "thread")
+
+
+serve_forks(_child_of)

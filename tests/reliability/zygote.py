@@ -16,23 +16,17 @@ import zarr  # noqa: F401
 import trajscope  # noqa: F401
 import trajscope.io.writer  # noqa: F401
 import trajscope.record.recorder  # noqa: F401
+from tests.helpers.zygote import serve_forks
 from tests.reliability import sigkill_rig
 
 with tempfile.TemporaryDirectory() as d:  # warm up: lazy imports, first torch ops, both writers
     for i, bg in enumerate((True, False)):
         sigkill_rig.child(os.path.join(d, f"w{i}"), os.path.join(d, f"w{i}.log"), bg, 1, 1, steps=3)
-print("ready", flush=True)
-for line in sys.stdin:
-    run_dir, log_path, mode, every, window = line.split()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            sigkill_rig.child(run_dir, log_path, mode == "thread", int(every), int(window))
-        except BaseException as e:
-            print("child error", repr(e), file=sys.stderr, flush=True)
-            code = 3
-        os._exit(code)
-    print("pid", pid, flush=True)
-    _, status = os.waitpid(pid, 0)
-    print("status", status, flush=True)
+
+
+def _child_of(fields):
+    run_dir, log_path, mode, every, window = fields
+    return lambda: sigkill_rig.child(run_dir, log_path, mode == "thread", int(every), int(window))
+
+
+serve_forks(_child_of)
